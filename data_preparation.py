@@ -1,0 +1,446 @@
+"""Turn an instruction/reasoning dataset into Qwen chat format, split it, save it, upload it.
+
+    # the built-in offline sample (no network), kept local
+    python data_preparation.py --dataset sample --max-samples 1000 --skip-upload
+
+    # the seed's dataset from the Hub, uploaded to S3 under a timestamped prefix
+    python data_preparation.py --dataset "TuringEnterprises/Turing-Open-Reasoning" --s3-bucket my-bucket --val-size 0.1
+
+    # local files, with an explicit mapping and token-length checks against a tokenizer
+    python data_preparation.py --dataset data/*.jsonl --column-map prompt=user,reply=assistant \
+        --tokenizer Qwen/Qwen2.5-Coder-3B-Instruct --max-seq-length 2048 --skip-upload
+
+The output folder holds a datasets `DatasetDict` (train, validation), `manifest.json` and
+`preview.jsonl`. It appears only once complete; `train_lora.py` refuses a folder without a manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import utils
+from utils import UserError
+
+log = logging.getLogger("reasonforge.data")
+
+DEFAULT_OUTPUT = "./data_cache/processed_reasoning"
+DEFAULT_DATASET = "sample"
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TARGETS = ("system", "user", "assistant", "reasoning", "answer")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+
+# Known flat schemas, tried in order: (columns that must be present, column -> target).
+FLAT_SCHEMAS = [
+    ("alpaca", ("instruction", "output"), {"instruction": "user", "output": "assistant", "system": "system"}),
+    ("question/answer", ("question", "answer"),
+     {"question": "user", "answer": "assistant", "reasoning": "reasoning", "solution": "reasoning", "system": "system"}),
+    ("question/solution", ("question", "solution"), {"question": "user", "solution": "assistant", "system": "system"}),
+    ("problem/solution", ("problem", "solution"),
+     {"problem": "user", "solution": "assistant", "answer": "answer", "system": "system"}),
+    ("prompt/response", ("prompt", "response"), {"prompt": "user", "response": "assistant", "system": "system"}),
+    ("prompt/completion", ("prompt", "completion"), {"prompt": "user", "completion": "assistant", "system": "system"}),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("source")
+    src.add_argument("--dataset", default=DEFAULT_DATASET,
+                     help="Hub id, a .json/.jsonl/.csv/.parquet file, a folder of them, a save_to_disk folder, "
+                          "or 'sample' for the built-in offline set (default: %(default)s)")
+    src.add_argument("--split", default="train", help="source split to read (default: %(default)s)")
+    src.add_argument("--max-samples", type=int, default=None, help="keep at most this many rows (default: all)")
+    src.add_argument("--column-map", default=None,
+                     help="COLUMN=TARGET pairs; targets: system,user,assistant,reasoning,answer "
+                          "(e.g. question=user,answer=assistant)")
+    src.add_argument("--include-code", action="store_true",
+                     help="append a `code` column to the assistant answer as a python block")
+    fmt = p.add_argument_group("formatting")
+    fmt.add_argument("--chat-template", default="qwen3", choices=["qwen3", "qwen2.5", "tokenizer"],
+                     help="template for the rendered `text` column (default: %(default)s)")
+    fmt.add_argument("--system-prompt", default=None, help="system message added to rows that have none")
+    fmt.add_argument("--tokenizer", default=None, help="tokenizer (Hub id or folder) to measure token lengths")
+    fmt.add_argument("--max-seq-length", type=int, default=2048, help="token limit checked with --tokenizer (default: %(default)s)")
+    fmt.add_argument("--long-rows", choices=["drop", "keep"], default="drop",
+                     help="what to do with rows over --max-seq-length (default: %(default)s)")
+    out = p.add_argument_group("output")
+    out.add_argument("--val-size", type=float, default=0.1, help="validation fraction, in (0, 1) (default: %(default)s)")
+    out.add_argument("--seed", type=int, default=42, help="shuffle/split seed (default: %(default)s)")
+    out.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="local output folder (default: %(default)s)")
+    out.add_argument("--s3-bucket", default=None, help="bucket to upload to (needs credentials)")
+    out.add_argument("--s3-prefix", default=None,
+                     help="key prefix (default: datasets/processed_reasoning_<UTC YYYYmmdd_HHMMSS>)")
+    out.add_argument("--skip-upload", action="store_true", help="do not upload to S3")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def validate_args(args) -> None:
+    problems = []
+    if not 0 < args.val_size < 1:
+        problems.append(f"--val-size {args.val_size} must be between 0 and 1 (exclusive), e.g. 0.1")
+    if args.max_samples is not None and args.max_samples < 2:
+        problems.append(f"--max-samples {args.max_samples} must be at least 2 (one row per split)")
+    if args.max_seq_length < 16:
+        problems.append(f"--max-seq-length {args.max_seq_length} is too small; use at least 16")
+    if args.chat_template == "tokenizer" and not args.tokenizer:
+        problems.append("--chat-template tokenizer needs --tokenizer PATH")
+    if args.s3_bucket:
+        utils.validate_bucket_name(args.s3_bucket)
+    if args.s3_prefix is not None and (not args.s3_prefix.strip("/") or ".." in args.s3_prefix.split("/")):
+        problems.append(f"--s3-prefix {args.s3_prefix!r} must be a non-empty path without '..'")
+    if args.column_map:
+        bad = {k: v for k, v in utils.parse_key_value_list(args.column_map, "--column-map").items() if v not in TARGETS}
+        if bad:
+            problems.append(f"--column-map targets {bad} unknown; use {', '.join(TARGETS)}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def check_json_file(path: Path) -> None:
+    """Find the first malformed record of a JSON / JSON-lines file and name its line."""
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(1 << 16).lstrip()
+    if not head:
+        raise UserError(f"dataset file {path} is empty; point --dataset at a file with records")
+    if head.startswith("["):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"malformed JSON in {path} at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        return
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"malformed JSON line in {path} at line {lineno}: {exc.msg}; fix or remove that line") from exc
+            if not isinstance(obj, dict):
+                raise UserError(f"{path} line {lineno} is not a JSON object; each line must be one {{...}} record")
+
+
+def local_data_files(path: Path) -> tuple[str, list[str]]:
+    if path.is_file():
+        kind = FILE_TYPES.get(path.suffix.lower())
+        if kind is None:
+            raise UserError(f"unsupported file type {path.suffix!r} for {path}; use .json, .jsonl, .csv or .parquet")
+        return kind, [str(path)]
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in FILE_TYPES)
+    kinds = {FILE_TYPES[f.suffix.lower()] for f in files}
+    if not files:
+        raise UserError(f"folder {path} holds no .json/.jsonl/.csv/.parquet files and is not a save_to_disk folder")
+    if len(kinds) > 1:
+        raise UserError(f"folder {path} mixes file types {sorted(kinds)}; keep one type per folder")
+    return kinds.pop(), [str(f) for f in files]
+
+
+def load_source(args):
+    """Return (Dataset, source description)."""
+    import datasets
+
+    name = args.dataset
+    if name == "sample":
+        import sample_data
+
+        n = args.max_samples or 3000
+        return datasets.Dataset.from_list(sample_data.sample_rows(n, seed=1234)), "builtin:sample"
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in FILE_TYPES
+    if looks_local:
+        if not path.exists():
+            raise UserError(f"dataset path {name!r} does not exist; pass a file, a folder, a Hub id or 'sample'")
+        return load_local(path, args.split), f"local:{path.resolve()}"
+    try:
+        ds = datasets.load_dataset(name, split=args.split)
+    except ValueError as exc:
+        raise UserError(f"dataset {name!r} has no split {args.split!r}: {utils.first_line(exc)}") from exc
+    except Exception as exc:  # the Hub raises many kinds: offline, gated, missing
+        raise UserError(
+            f"cannot load {name!r} from the Hugging Face Hub ({type(exc).__name__}: {utils.first_line(exc, 200)}); "
+            "check the id and network, or pass a local file / 'sample'"
+        ) from exc
+    return ds, f"hub:{name}"
+
+
+def load_local(path: Path, split: str):
+    import datasets
+
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise UserError(f"{path} has splits {list(loaded)}, not {split!r}; pass --split NAME")
+            return loaded[split]
+        return loaded
+    kind, files = local_data_files(path)
+    if kind == "json":
+        for f in files:
+            check_json_file(Path(f))
+    try:
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as exc:
+        raise UserError(f"cannot read {path} as {kind}: {utils.first_line(exc)}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema detection and conversion to messages
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_schema(columns: list[str], column_map: dict[str, str] | None) -> tuple[str, dict[str, str]]:
+    """Return (schema name, column -> target). Conversation columns map to 'conversation'."""
+    if column_map:
+        missing = [c for c in column_map if c not in columns]
+        if missing:
+            raise UserError(f"--column-map names columns {missing} that are not in the data (columns: {columns})")
+        if "user" not in column_map.values() or "assistant" not in column_map.values():
+            raise UserError("--column-map must map one column to user and one to assistant, e.g. question=user,answer=assistant")
+        return "column-map", dict(column_map)
+    for conv in ("messages", "conversations", "conversation"):
+        if conv in columns:
+            mapping = {conv: "conversation"}
+            if "answer" in columns:
+                mapping["answer"] = "answer"
+            return conv, mapping
+    for name, required, mapping in FLAT_SCHEMAS:
+        if all(c in columns for c in required):
+            m = {c: t for c, t in mapping.items() if c in columns}
+            if name == "question/answer":
+                m["answer"] = "assistant"
+            return name, m
+    text_cols = ", ".join(columns)
+    guess_asst = next((c for c in columns if c.lower() in ("output", "target", "label", "reply", "answer", "response")),
+                      columns[-1] if len(columns) > 1 else "COLUMN_B")
+    guess_user = next((c for c in columns if c != guess_asst), "COLUMN_A")
+    raise UserError(
+        f"unrecognised schema; columns found: {text_cols}. Map them explicitly, e.g. "
+        f"--column-map {guess_user}=user,{guess_asst}=assistant"
+    )
+
+
+def conversation_to_messages(turns) -> list[dict]:
+    out = []
+    for t in turns or []:
+        if "role" in t and t.get("role") is not None:
+            role, content = t["role"], t.get("content")
+        else:
+            role, content = SHAREGPT_ROLES.get(str(t.get("from", "")).lower()), t.get("value")
+        if role not in utils.ROLES:
+            raise UserError(f"conversation turn with unknown role {t.get('role') or t.get('from')!r}; use system/user/assistant")
+        out.append({"role": role, "content": content or "", "reasoning_content": t.get("reasoning_content")})
+    return out
+
+
+def row_to_messages(row: dict, mapping: dict[str, str], args) -> tuple[list[dict], str]:
+    """Return (messages, reference answer) for one row."""
+    reference = ""
+    conv_col = next((c for c, t in mapping.items() if t == "conversation"), None)
+    if conv_col:
+        messages = conversation_to_messages(row[conv_col])
+    else:
+        by_target: dict[str, str] = {}
+        for col, target in mapping.items():
+            value = row.get(col)
+            if value is not None and str(value).strip():
+                by_target.setdefault(target, str(value).strip())
+        user = by_target.get("user", "")
+        if "input" in row and mapping.get("instruction") == "user" and str(row.get("input") or "").strip():
+            user = f"{user}\n\n{str(row['input']).strip()}"
+        assistant = by_target.get("assistant", "")
+        if args.include_code and str(row.get("code") or "").strip():
+            assistant = f"{assistant}\n\n```python\n{str(row['code']).strip()}\n```"
+        if "reasoning" in by_target and mapping.get("answer") == "assistant":
+            assistant = f"Answer: {assistant}"
+        messages = []
+        if by_target.get("system"):
+            messages.append({"role": "system", "content": by_target["system"], "reasoning_content": None})
+        messages.append({"role": "user", "content": user, "reasoning_content": None})
+        messages.append({"role": "assistant", "content": assistant, "reasoning_content": by_target.get("reasoning")})
+    for col, target in mapping.items():
+        if (target == "answer" or col == "answer") and row.get(col) is not None:
+            reference = str(row[col]).strip()
+    if args.system_prompt and (not messages or messages[0]["role"] != "system"):
+        messages.insert(0, {"role": "system", "content": args.system_prompt, "reasoning_content": None})
+    return messages, reference
+
+
+def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
+    """Map rows to messages/text/answer, keeping scalar metadata columns; flag rows to drop."""
+    consumed = set(mapping) | ({"input"} if "instruction" in mapping else set()) | ({"code"} if args.include_code else set())
+    keep = [c for c, f in ds.features.items() if c not in consumed and getattr(f, "dtype", None) in ("string", "int64", "int32", "bool", "float64")]
+
+    def convert(row):
+        messages, reference = row_to_messages(row, mapping, args)
+        roles = [m["role"] for m in messages]
+        reason = ""
+        if "user" not in roles or "assistant" not in roles or any(not m["content"].strip() for m in messages if m["role"] != "system"):
+            reason = "empty_or_missing_turn"
+        text = utils.render_chat(messages, template=template, tokenizer=tokenizer) if not reason else ""
+        n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None and text else -1
+        return {"messages": messages, "text": text, "answer": reference, "n_tokens": n_tokens, "_drop": reason}
+
+    drop_cols = [c for c in ds.column_names if c not in keep]
+    return ds.map(convert, remove_columns=drop_cols, desc="formatting"), keep
+
+
+def filter_rows(ds, args, tokenizer) -> tuple[object, dict[str, int], int]:
+    """Drop empty rows, over-long rows (if asked) and exact duplicates; return counts by reason."""
+    dropped: dict[str, int] = {}
+    too_long = args.max_seq_length if tokenizer is not None else None
+    seen: set[str] = set()
+    keep_idx = []
+    for i, (text, reason, n_tok) in enumerate(zip(ds["text"], ds["_drop"], ds["n_tokens"])):
+        if not reason and too_long and n_tok > too_long and args.long_rows == "drop":
+            reason = "too_long"
+        if not reason:
+            digest = hashlib.sha1(text.encode()).hexdigest()
+            if digest in seen:
+                reason = "duplicate"
+            seen.add(digest)
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            keep_idx.append(i)
+    ds = ds.select(keep_idx).remove_columns(["_drop"])
+    return ds, dropped, dropped.get("duplicate", 0)
+
+
+def token_stats(lengths: list[int], limit: int) -> dict:
+    if not lengths or lengths[0] < 0:
+        return {}
+    s = sorted(lengths)
+    return {"min": s[0], "mean": round(statistics.fmean(s), 1), "p50": s[len(s) // 2], "p95": s[int(0.95 * (len(s) - 1))],
+            "max": s[-1], "over_max_seq_length": sum(1 for x in s if x > limit), "max_seq_length": limit}
+
+
+def content_hash(dd) -> str:
+    h = hashlib.sha256()
+    for split in ("train", "validation"):
+        for text in dd[split]["text"]:
+            h.update(text.encode())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(name: str | None):
+    if not name:
+        return None
+    from transformers import AutoTokenizer
+
+    utils.check_model_path(name, ("tokenizer_config.json", "tokenizer.json"), "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:
+        raise UserError(f"cannot load tokenizer {name!r}: {utils.first_line(exc, 200)}") from exc
+
+
+def prepare(args):
+    """Load, convert, filter and split. Returns (DatasetDict, manifest)."""
+    import datasets
+
+    raw, source = load_source(args)
+    if len(raw) == 0:
+        raise UserError(f"dataset {args.dataset!r} split {args.split!r} is empty")
+    n_input = len(raw)
+    if args.max_samples and len(raw) > args.max_samples:
+        raw = raw.shuffle(seed=args.seed).select(range(args.max_samples))
+    column_map = utils.parse_key_value_list(args.column_map, "--column-map") if args.column_map else None
+    schema, mapping = detect_schema(raw.column_names, column_map)
+    tokenizer = load_tokenizer(args.tokenizer)
+    template = "tokenizer" if args.chat_template == "tokenizer" else args.chat_template
+    template_name, template_source = utils.resolve_chat_template(template, tokenizer)
+    formatted, kept_meta = format_dataset(raw, mapping, args, template_name if template_name != "tokenizer" else "tokenizer", tokenizer)
+    filtered, dropped, n_dupes = filter_rows(formatted, args, tokenizer)
+    n_val = int(round(len(filtered) * args.val_size))
+    if len(filtered) < 2 or n_val < 1 or n_val >= len(filtered):
+        raise UserError(
+            f"{len(filtered)} usable rows with --val-size {args.val_size} leave an empty split; "
+            "use more data or a different --val-size"
+        )
+    split = filtered.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
+    dd = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+    manifest = {
+        "source": source,
+        "split": args.split,
+        "schema": schema,
+        "column_mapping": mapping,
+        "metadata_columns": kept_meta,
+        "arguments": utils.redact_secrets(vars(args)),
+        "counts": {"input_rows": n_input, "sampled_rows": len(raw), "kept_rows": len(filtered),
+                   "train": len(dd["train"]), "validation": len(dd["validation"])},
+        "dropped": dropped,
+        "duplicates_removed": n_dupes,
+        "token_lengths": token_stats(list(filtered["n_tokens"]), args.max_seq_length),
+        "tokenizer": args.tokenizer,
+        "chat_template": {"name": template_name, "sha256": hashlib.sha256(template_source.encode()).hexdigest(),
+                          "source": template_source},
+        "reference_answers": sum(1 for a in filtered["answer"] if a),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest["content_sha256"] = content_hash(dd)
+    return dd, manifest
+
+
+def save(dd, manifest: dict, output_dir: str) -> Path:
+    """Write the dataset, preview and manifest into a scratch folder, then move it into place."""
+    final = Path(output_dir)
+    with utils.atomic_directory(final) as tmp:
+        dd.save_to_disk(str(tmp))
+        preview = [json.dumps({"messages": r["messages"], "text": r["text"], "answer": r["answer"]}, ensure_ascii=False)
+                   for r in dd["train"].select(range(min(5, len(dd["train"]))))]
+        (tmp / "preview.jsonl").write_text("\n".join(preview) + "\n", encoding="utf-8")
+        # Written last: its presence is what marks the folder complete.
+        utils.atomic_write_json(tmp / "manifest.json", manifest)
+    return final
+
+
+def upload(output_dir: Path, args) -> str:
+    prefix = (args.s3_prefix or f"datasets/processed_reasoning_{utils.utc_stamp()}").strip("/")
+    uri = utils.S3Uri(args.s3_bucket, prefix)
+    stats = utils.upload_directory(output_dir, uri, desc="upload")
+    log.info("uploaded %d files (%d unchanged) to %s", stats["uploaded"], stats["skipped"], uri)
+    return str(uri)
+
+
+@utils.cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    utils.setup_logging(args.verbose)
+    validate_args(args)
+    if not args.skip_upload and not args.s3_bucket:
+        log.info("no --s3-bucket given: keeping the dataset local (pass --skip-upload to say so explicitly)")
+    dd, manifest = prepare(args)
+    out = save(dd, manifest, args.output_dir)
+    uri = upload(out, args) if args.s3_bucket and not args.skip_upload else None
+    c = manifest["counts"]
+    print(f"Rows: {c['input_rows']} read, {c['kept_rows']} kept -> train {c['train']}, validation {c['validation']}; "
+          f"dropped {manifest['dropped'] or 'none'}")
+    print(f"Schema: {manifest['schema']}; template: {manifest['chat_template']['name']}")
+    print(f"Saved to: {out.resolve()}")
+    if uri:
+        print(f"S3 URI: {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

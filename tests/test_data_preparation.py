@@ -1,0 +1,212 @@
+"""data_preparation.py through main([...]): schemas, splits, manifest, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import data_preparation as dp
+import utils
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def run(tmp_path, *args, out="out"):
+    target = tmp_path / out
+    code = dp.main(["--skip-upload", "--output-dir", str(target), *args])
+    return code, target
+
+
+def load(out):
+    import datasets
+
+    return datasets.load_from_disk(str(out))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sample_default_outputs(tmp_path):
+    code, out = run(tmp_path, "--dataset", "sample", "--max-samples", "300")
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= {"dataset_dict.json", "train", "validation", "manifest.json", "preview.jsonl"}
+    dd = load(out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(dd["train"]) + len(dd["validation"]) == m["counts"]["kept_rows"]
+    assert m["counts"]["validation"] == round(m["counts"]["kept_rows"] * 0.1)
+    row = dd["train"][0]
+    assert set(row) >= {"messages", "text", "answer", "domain", "sub-domain"}
+    assert row["messages"][-1]["role"] == "assistant" and row["messages"][-1]["reasoning_content"]
+    assert row["text"] == utils.render_chat(row["messages"], template="qwen3")
+    assert row["answer"] and row["messages"][-1]["content"] == f"Answer: {row['answer']}"
+    assert m["content_sha256"] and m["chat_template"]["name"] == "qwen3"
+    assert len((out / "preview.jsonl").read_text().splitlines()) == 5
+
+
+def test_sample_answers_follow_from_worked_steps():
+    import sample_data
+
+    rows = sample_data.sample_rows(70, seed=3)
+    assert len({r["sub-domain"] for r in rows}) == len(sample_data.FAMILIES)
+    for r in rows:
+        assert r["answer"] in r["reasoning"].splitlines()[-1]
+    assert sample_data.sample_rows(20, seed=3) == rows[:20]
+
+
+def test_split_is_deterministic_for_a_seed(tmp_path):
+    _, a = run(tmp_path, "--dataset", "sample", "--max-samples", "200", "--seed", "7", out="a")
+    _, b = run(tmp_path, "--dataset", "sample", "--max-samples", "200", "--seed", "7", out="b")
+    _, c = run(tmp_path, "--dataset", "sample", "--max-samples", "200", "--seed", "8", out="c")
+    ha, hb, hc = (json.loads((x / "manifest.json").read_text())["content_sha256"] for x in (a, b, c))
+    assert ha == hb and ha != hc
+    assert load(a)["validation"]["text"] == load(b)["validation"]["text"]
+
+
+def test_seed_dataset_schema(tmp_path):
+    code, out = run(tmp_path, "--dataset", str(FIXTURES / "turing_open_reasoning_schema.json"), "--include-code")
+    assert code == 0
+    dd = load(out)
+    row = next(r for r in dd["train"]) if len(dd["train"]) else dd["validation"][0]
+    assert set(row) >= {"conversation_id", "domain", "sub-domain", "answer", "messages", "text"}
+    src = {r["conversation_id"]: r for r in json.loads((FIXTURES / "turing_open_reasoning_schema.json").read_text())}
+    orig = src[row["conversation_id"]]
+    assert row["messages"][0] == {"role": "user", "content": orig["question"], "reasoning_content": None}
+    assert row["messages"][1]["content"].startswith(orig["answer"]) and "```python" in row["messages"][1]["content"]
+    assert row["answer"] == orig["answer"]
+    assert json.loads((out / "manifest.json").read_text())["schema"] == "question/answer"
+
+
+SCHEMAS = {
+    "openai-messages": ([{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": f"q{i}"},
+                                       {"role": "assistant", "content": f"a{i}"}]} for i in range(10)], "messages"),
+    "sharegpt": ([{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+                  for i in range(10)], "conversations"),
+    "alpaca": ([{"instruction": f"q{i}", "input": "ctx" if i % 2 else "", "output": f"a{i}"} for i in range(10)], "alpaca"),
+    "qa-reasoning": ([{"question": f"q{i}", "reasoning": f"r{i}", "answer": f"a{i}"} for i in range(10)], "question/answer"),
+    "prompt-response": ([{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)], "prompt/response"),
+    "prompt-completion": ([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)], "prompt/completion"),
+    "problem-solution": ([{"problem": f"q{i}", "solution": f"a{i}"} for i in range(10)], "problem/solution"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_each_schema_is_recognised(tmp_path, name):
+    rows, schema = SCHEMAS[name]
+    src = write_jsonl(tmp_path / "data.jsonl", rows)
+    code, out = run(tmp_path, "--dataset", str(src), "--val-size", "0.2")
+    assert code == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["schema"] == schema and m["counts"]["kept_rows"] == 10
+    dd = load(out)
+    for row in list(dd["train"]) + list(dd["validation"]):
+        users = [x["content"] for x in row["messages"] if x["role"] == "user"]
+        assts = [x for x in row["messages"] if x["role"] == "assistant"]
+        i = users[0].split("\n")[0][1:]
+        assert users[0].startswith(f"q{i}")
+        assert assts[0]["content"].endswith(f"a{i}")
+        if name == "alpaca" and int(i) % 2:
+            assert users[0] == f"q{i}\n\nctx"
+        if name == "qa-reasoning":
+            assert assts[0]["reasoning_content"] == f"r{i}" and row["answer"] == f"a{i}"
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet"])
+def test_csv_and_parquet_and_folder(tmp_path, ext):
+    import pandas as pd
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for part in range(2):
+        df = pd.DataFrame({"prompt": [f"q{part}-{i}" for i in range(6)], "response": [f"a{i}" for i in range(6)]})
+        getattr(df, f"to_{ext}")(folder / f"part{part}.{ext}", index=False)
+    code, out = run(tmp_path, "--dataset", str(folder))
+    assert code == 0 and json.loads((out / "manifest.json").read_text())["counts"]["kept_rows"] == 12
+
+
+def test_save_to_disk_folder_and_column_map(tmp_path):
+    import datasets
+
+    src = tmp_path / "disk"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"ask": [f"q{i}" for i in range(10)], "reply": [f"a{i}" for i in range(10)]})}).save_to_disk(str(src))
+    code, out = run(tmp_path, "--dataset", str(src), "--column-map", "ask=user,reply=assistant", "--system-prompt", "SYS")
+    assert code == 0
+    row = load(out)["train"][0]
+    assert row["messages"][0] == {"role": "system", "content": "SYS", "reasoning_content": None}
+
+
+def test_dedupe_and_empty_rows(tmp_path):
+    rows = [{"question": "same", "answer": "1"}] * 4 + [{"question": f"q{i}", "answer": str(i)} for i in range(8)]
+    rows += [{"question": "no answer", "answer": ""}]
+    code, out = run(tmp_path, "--dataset", str(write_jsonl(tmp_path / "d.jsonl", rows)), "--val-size", "0.25")
+    m = json.loads((out / "manifest.json").read_text())
+    assert code == 0 and m["duplicates_removed"] == 3 and m["dropped"] == {"duplicate": 3, "empty_or_missing_turn": 1}
+    assert m["counts"]["kept_rows"] == 9
+
+
+def test_token_lengths_with_real_tokenizer(tmp_path):
+    from conftest import qwen_tokenizer_dir
+
+    rows = [{"question": "word " * (5 if i % 3 else 200), "answer": str(i)} for i in range(12)]
+    code, out = run(tmp_path, "--dataset", str(write_jsonl(tmp_path / "d.jsonl", rows)), "--tokenizer",
+                    str(qwen_tokenizer_dir()), "--max-seq-length", "64", "--val-size", "0.2")
+    m = json.loads((out / "manifest.json").read_text())
+    assert code == 0 and m["dropped"]["too_long"] == 4 and m["counts"]["kept_rows"] == 8
+    assert m["token_lengths"]["max"] <= 64 and m["token_lengths"]["min"] > 10
+
+
+BAD = [
+    (["--dataset", "{missing}"], "does not exist"),
+    (["--val-size", "1.5"], "--val-size 1.5 must be between 0 and 1"),
+    (["--val-size", "0"], "--val-size 0.0 must be between 0 and 1"),
+    (["--dataset", "{unknown_schema}"], "--column-map text_in=user,label=assistant"),
+    (["--dataset", "{malformed}"], "at line 3"),
+    (["--dataset", "{empty}"], "empty"),
+    (["--dataset", "{tiny}", "--val-size", "0.01"], "leave an empty split"),
+    (["--dataset", "{tiny}", "--column-map", "nope=user,answer=assistant"], "not in the data"),
+    (["--s3-bucket", "Bad_Bucket"], "invalid S3 bucket name"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
+    files = {
+        "missing": tmp_path / "nope.jsonl",
+        "unknown_schema": write_jsonl(tmp_path / "u.jsonl", [{"text_in": "a", "label": "b"}] * 3),
+        "malformed": tmp_path / "m.jsonl",
+        "empty": tmp_path / "e.jsonl",
+        "tiny": write_jsonl(tmp_path / "t.jsonl", [{"question": f"q{i}", "answer": "a"} for i in range(3)]),
+    }
+    files["malformed"].write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": "d"}\n{"question": oops}\n')
+    files["empty"].write_text("")
+    argv = [a.format(**files) for a in argv]
+    if "--dataset" not in argv:
+        argv += ["--dataset", "sample", "--max-samples", "20"]
+    code, out = run(tmp_path, *argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists()
+
+
+def test_interrupted_save_leaves_no_folder(tmp_path, monkeypatch):
+    import datasets
+
+    def boom(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", boom)
+    code, out = run(tmp_path, "--dataset", "sample", "--max-samples", "50")
+    assert code == 130 and not out.exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_rerun_replaces_previous_output_whole(tmp_path):
+    _, out = run(tmp_path, "--dataset", "sample", "--max-samples", "50")
+    (out / "stale.txt").write_text("old")
+    _, out = run(tmp_path, "--dataset", "sample", "--max-samples", "60")
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "manifest.json").read_text())["counts"]["input_rows"] == 60

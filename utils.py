@@ -1,0 +1,758 @@
+"""Shared pieces of the ReasonForge train suite.
+
+Every script imports from here and nothing heavy at import time: torch, transformers, datasets
+and boto3 are imported inside the functions that need them, so `--help` stays instant and a CPU
+machine never imports unsloth.
+
+Sections: errors and atomic files, Qwen chat templates and assistant masking, S3 sync,
+GPU memory, model loading, run metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+log = logging.getLogger("reasonforge")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, logging, atomic outputs
+# ---------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A mistake the user can fix. Scripts print it as one line and exit with code 2."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    # Library chatter (httpx, botocore) is noise next to our one-line step summaries.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cli_entry(main_fn):
+    """Wrap a script's main(argv): user mistakes become one line on stderr and exit code 2."""
+    import functools
+
+    @functools.wraps(main_fn)
+    def wrapper(argv=None) -> int:
+        try:
+            return main_fn(argv) or 0
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that readers see either the old content or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a scratch folder beside `final`; it becomes `final` only if the block completes.
+
+    An existing `final` is replaced only after the new one is complete, so an interrupted run
+    leaves the previous result (or nothing) in place, never a half-written folder.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_SECRET_NAME = re.compile(r"(token|secret|password|passwd|api[_-]?key|access[_-]?key|credential)", re.I)
+
+
+def redact_secrets(obj: Any) -> Any:
+    """Drop values whose key looks like a secret, recursively. Used on everything we persist."""
+    if isinstance(obj, dict):
+        return {
+            k: ("<redacted>" if _SECRET_NAME.search(str(k)) and v not in (None, "", False) else redact_secrets(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [redact_secrets(v) for v in obj]
+    return obj
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "boto3"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def parse_key_value_list(spec: str, flag: str) -> dict[str, str]:
+    """Parse `a=b,c=d` into a dict; `flag` names the option in the error."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" not in part:
+            raise UserError(f"{flag} entry {part!r} is not NAME=VALUE; write it like {flag} question=user,answer=assistant")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if not key or not value:
+            raise UserError(f"{flag} entry {part!r} has an empty side; write it like {flag} question=user")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen chat templates
+# ---------------------------------------------------------------------------------------------
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# Both templates cover system/user/assistant turns (no tool calls). The qwen3 one renders exactly
+# what Qwen3's own template renders for such conversations: a <think> block on assistant turns
+# after the last user message, emptied when there is no reasoning, dropped from earlier turns.
+# Qwen2.5 has no thinking block, so a reasoning field is written in front of the answer.
+QWEN3_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(last_user=messages|length - 1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}"
+    "{%- set content = m.content %}{%- set reasoning = '' %}"
+    "{%- if m.reasoning_content is defined and m.reasoning_content is not none %}"
+    "{%- set reasoning = m.reasoning_content %}"
+    "{%- elif '</think>' in m.content %}"
+    "{%- set content = m.content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- set reasoning = m.content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_user and (loop.last or reasoning) %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- else %}"
+    "{{- '<|im_start|>assistant\\n' + content }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+QWEN25_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\n" + QWEN25_DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}"
+    "{%- if m.reasoning_content is defined and m.reasoning_content %}"
+    "{{- '<|im_start|>assistant\\n' + m.reasoning_content.strip('\\n') + '\\n\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>assistant\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+BUILTIN_TEMPLATES = {"qwen3": QWEN3_TEMPLATE, "qwen2.5": QWEN25_TEMPLATE}
+ROLES = ("system", "user", "assistant")
+
+
+def _jinja_env():
+    # Configured as transformers configures its own, so rendering here and through
+    # tokenizer.apply_chat_template gives the same bytes.
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    return env
+
+
+def resolve_chat_template(template: str | None = None, tokenizer=None) -> tuple[str, str]:
+    """Return (name, jinja source). A built-in name wins; else the tokenizer's own template."""
+    if template and template in BUILTIN_TEMPLATES:
+        return template, BUILTIN_TEMPLATES[template]
+    if template and template not in ("auto", "tokenizer"):
+        raise UserError(f"unknown chat template {template!r}; choose one of {', '.join(BUILTIN_TEMPLATES)} or 'tokenizer'")
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return "tokenizer", tokenizer.chat_template
+    if template == "tokenizer":
+        raise UserError("--chat-template tokenizer needs a tokenizer with a chat template; pass --tokenizer PATH or pick qwen3/qwen2.5")
+    return "qwen3", QWEN3_TEMPLATE
+
+
+def clean_messages(messages: Iterable[dict]) -> list[dict]:
+    """Keep role/content (and reasoning_content when set); arrow stores absent fields as None."""
+    out = []
+    for m in messages:
+        item = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("reasoning_content"):
+            item["reasoning_content"] = m["reasoning_content"]
+        out.append(item)
+    return out
+
+
+def render_chat(
+    messages: list[dict],
+    template: str | None = "qwen3",
+    tokenizer=None,
+    add_generation_prompt: bool = False,
+    enable_thinking: bool | None = None,
+) -> str:
+    """Render messages to text with a built-in Qwen template or a tokenizer's own template."""
+    _, source = resolve_chat_template(template, tokenizer)
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return _compiled_template(source).render(
+        messages=clean_messages(messages), add_generation_prompt=add_generation_prompt, **kwargs
+    )
+
+
+_TEMPLATE_CACHE: dict[str, Any] = {}
+
+
+def _compiled_template(source: str):
+    if source not in _TEMPLATE_CACHE:
+        _TEMPLATE_CACHE[source] = _jinja_env().from_string(source)
+    return _TEMPLATE_CACHE[source]
+
+
+_ASSISTANT_TURN = re.compile(re.escape(IM_START + "assistant\n") + r"(.*?" + re.escape(IM_END) + ")", re.S)
+
+
+def assistant_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans the model must learn: each assistant turn's body and its closing <|im_end|>.
+
+    The `<|im_start|>assistant\\n` header is the generation prompt, so it is context, not target;
+    the closing <|im_end|> is target, so the model learns to stop.
+    """
+    return [m.span(1) for m in _ASSISTANT_TURN.finditer(text)]
+
+
+def tokenize_for_training(text: str, tokenizer, train_on_responses_only: bool = True) -> dict[str, list[int]]:
+    """Tokenize rendered chat text; labels are -100 outside the assistant spans.
+
+    Works on the whole text with character offsets, so token merges at turn boundaries are
+    exactly those of inference-time tokenization.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if not train_on_responses_only:
+        return {"input_ids": ids, "labels": list(ids)}
+    spans = assistant_spans(text)
+    labels, k = [], 0
+    for tok, (start, end) in zip(ids, enc["offset_mapping"]):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        inside = k < len(spans) and spans[k][0] <= start < spans[k][1]
+        labels.append(tok if inside else -100)
+    return {"input_ids": ids, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# S3
+# ---------------------------------------------------------------------------------------------
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    prefix: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def join(self, *parts: str) -> "S3Uri":
+        return S3Uri(self.bucket, "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/")))
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+def validate_bucket_name(bucket: str) -> str:
+    if not _BUCKET_RE.match(bucket or "") or ".." in bucket:
+        raise UserError(
+            f"invalid S3 bucket name {bucket!r}: use 3-63 lowercase letters, digits, '-' or '.', "
+            "starting and ending with a letter or digit"
+        )
+    return bucket
+
+
+def parse_s3_uri(uri: str) -> S3Uri:
+    if not uri.startswith("s3://"):
+        raise UserError(f"{uri!r} is not an S3 URI; write it as s3://BUCKET/PREFIX")
+    bucket, _, prefix = uri[5:].partition("/")
+    validate_bucket_name(bucket)
+    prefix = prefix.strip("/")
+    if any(part in ("..", ".") for part in prefix.split("/")):
+        raise UserError(f"S3 prefix in {uri!r} contains '.' or '..' parts; use a plain path")
+    return S3Uri(bucket, prefix)
+
+
+def s3_client():
+    """A boto3 client with retries and backoff; AWS_ENDPOINT_URL (standard) picks the server."""
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        retries={"max_attempts": int(os.environ.get("RF_S3_MAX_ATTEMPTS", "5")), "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        s3={"addressing_style": "path"} if os.environ.get("AWS_ENDPOINT_URL") else None,
+    )
+    return boto3.session.Session().client("s3", config=cfg)
+
+
+def explain_s3_error(exc: Exception, bucket: str, action: str) -> UserError:
+    """Translate a boto3/botocore failure into one line naming the bucket and the fix."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+
+    where = f"s3://{bucket}"
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return UserError(
+            f"no AWS credentials for {where} ({action}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or AWS_PROFILE, or attach an instance role"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return UserError(f"cannot reach the S3 endpoint for {where} ({action}): check AWS_ENDPOINT_URL / network and retry")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "404") and action != "download":
+            return UserError(f"bucket {bucket!r} does not exist ({action}): create it (aws s3 mb {where}) or fix --s3-bucket")
+        if code == "NoSuchBucket":
+            return UserError(f"bucket {bucket!r} does not exist: check the s3:// URI")
+        if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken"):
+            return UserError(
+                f"S3 rejected the credentials for {where} ({code}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
+        if code in ("AccessDenied", "403", "AllAccessDisabled"):
+            return UserError(f"access denied to {where} ({action}): grant this identity s3:ListBucket/GetObject/PutObject on the bucket")
+        return UserError(f"S3 {action} on {where} failed: {code or exc}")
+    from botocore.exceptions import BotoCoreError
+
+    if isinstance(exc, BotoCoreError):
+        return UserError(f"S3 {action} on {where} failed: {exc}; check the endpoint and retry")
+    return UserError(f"S3 {action} on {where} failed: {exc}")
+
+
+def s3_etag_of_file(path: Path, size: int) -> str:
+    """The ETag S3 gives an object uploaded by `upload_directory`: MD5, or MD5-of-part-MD5s-N."""
+    if size < MULTIPART_THRESHOLD:
+        h = hashlib.md5()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    digests = []
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(MULTIPART_CHUNKSIZE), b""):
+            digests.append(hashlib.md5(block).digest())
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+def list_s3_objects(client, uri: S3Uri) -> dict[str, dict]:
+    """Map of key (relative to the prefix) -> {size, etag} for every object under `uri`."""
+    out = {}
+    prefix = uri.prefix + "/" if uri.prefix else ""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix):]
+            if rel:
+                out[rel] = {"size": obj["Size"], "etag": obj["ETag"].strip('"')}
+    return out
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE, max_concurrency=4)
+
+
+def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "upload", progress: bool = True) -> dict:
+    """Mirror a local folder to s3://bucket/prefix/, skipping objects whose size and ETag match.
+
+    Returns counts of uploaded and skipped files and bytes sent.
+    """
+    from tqdm.auto import tqdm
+
+    uri = parse_s3_uri(uri) if isinstance(uri, str) else uri
+    local_dir = Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    client = s3_client()
+    try:
+        remote = list_s3_objects(client, uri)
+        todo = []
+        for path in files:
+            rel = path.relative_to(local_dir).as_posix()
+            size = path.stat().st_size
+            have = remote.get(rel)
+            if have and have["size"] == size and have["etag"] == s3_etag_of_file(path, size):
+                continue
+            todo.append((path, rel, size))
+        total = sum(size for _, _, size in todo)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress or not todo) as bar:
+            for path, rel, _ in todo:
+                client.upload_file(str(path), uri.bucket, uri.join(rel).prefix, Config=_transfer_config(), Callback=bar.update)
+    except UserError:
+        raise
+    except Exception as exc:  # boto raises many types; each becomes one clear line
+        raise explain_s3_error(exc, uri.bucket, "upload") from exc
+    return {"uploaded": len(todo), "skipped": len(files) - len(todo), "bytes": total}
+
+
+def safe_local_path(root: Path, rel_key: str) -> Path:
+    """Where an S3 key lands under `root`; keys that would escape it are refused."""
+    if not rel_key or rel_key.startswith("/") or "\\" in rel_key or any(p in ("..", "") for p in rel_key.split("/")):
+        raise UserError(f"refusing S3 key {rel_key!r}: it would write outside {root}")
+    target = (root / rel_key).resolve()
+    if root.resolve() not in target.parents:
+        raise UserError(f"refusing S3 key {rel_key!r}: it would write outside {root}")
+    return target
+
+
+def download_prefix(uri: S3Uri | str, local_dir: str | Path, desc: str = "download", progress: bool = True) -> dict:
+    """Fetch every object under s3://bucket/prefix/ into local_dir, skipping unchanged files."""
+    from tqdm.auto import tqdm
+
+    uri = parse_s3_uri(uri) if isinstance(uri, str) else uri
+    local_dir = Path(local_dir)
+    client = s3_client()
+    try:
+        remote = list_s3_objects(client, uri)
+        if not remote:
+            raise UserError(f"nothing found under {uri}: check the bucket and prefix (aws s3 ls {uri}/)")
+        todo = []
+        for rel, meta in sorted(remote.items()):
+            target = safe_local_path(local_dir, rel)
+            if target.is_file() and target.stat().st_size == meta["size"] and s3_etag_of_file(target, meta["size"]) == meta["etag"]:
+                continue
+            todo.append((rel, target, meta["size"]))
+        with tqdm(total=sum(t[2] for t in todo), unit="B", unit_scale=True, desc=desc, disable=not progress or not todo) as bar:
+            for rel, target, _ in todo:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.part")
+                client.download_file(uri.bucket, uri.join(rel).prefix, str(tmp), Config=_transfer_config(), Callback=bar.update)
+                os.replace(tmp, target)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise explain_s3_error(exc, uri.bucket, "download") from exc
+    return {"downloaded": len(todo), "skipped": len(remote) - len(todo)}
+
+
+def s3_put_json(uri: S3Uri, obj: Any) -> None:
+    client = s3_client()
+    try:
+        client.put_object(Bucket=uri.bucket, Key=uri.prefix, Body=json.dumps(obj, indent=2).encode())
+    except Exception as exc:
+        raise explain_s3_error(exc, uri.bucket, "upload") from exc
+
+
+def s3_get_json(uri: S3Uri) -> Any | None:
+    """The JSON object at `uri`, or None where there is none."""
+    from botocore.exceptions import ClientError
+
+    client = s3_client()
+    try:
+        body = client.get_object(Bucket=uri.bucket, Key=uri.prefix)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise explain_s3_error(exc, uri.bucket, "download") from exc
+    except Exception as exc:
+        raise explain_s3_error(exc, uri.bucket, "download") from exc
+    return json.loads(body)
+
+
+def list_s3_subfolders(uri: S3Uri) -> list[str]:
+    client = s3_client()
+    prefix = uri.prefix + "/" if uri.prefix else ""
+    names = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix, Delimiter="/"):
+            names += [p["Prefix"][len(prefix):].strip("/") for p in page.get("CommonPrefixes", [])]
+    except Exception as exc:
+        raise explain_s3_error(exc, uri.bucket, "list") from exc
+    return names
+
+
+def fetch_if_s3(path: str, cache_root: str | Path = "./data_cache/s3") -> Path:
+    """Local path for `path`; an s3:// URI is first mirrored into a cache folder."""
+    if not str(path).startswith("s3://"):
+        return Path(path)
+    uri = parse_s3_uri(str(path))
+    target = Path(cache_root) / uri.bucket / uri.prefix
+    log.info("downloading %s -> %s", uri, target)
+    download_prefix(uri, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU memory
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_memory_stats(device: int | None = None) -> dict[str, float]:
+    """Allocated / reserved / peak / total GiB of the current CUDA device; {} without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    dev = torch.cuda.current_device() if device is None else device
+    gib = 1024**3
+    return {
+        "allocated_gib": torch.cuda.memory_allocated(dev) / gib,
+        "reserved_gib": torch.cuda.memory_reserved(dev) / gib,
+        "peak_gib": torch.cuda.max_memory_reserved(dev) / gib,
+        "total_gib": torch.cuda.get_device_properties(dev).total_memory / gib,
+    }
+
+
+def format_memory_stats(stats: dict[str, float]) -> str:
+    if not stats:
+        return "GPU memory: n/a (no CUDA device)"
+    return (
+        f"GPU memory: {stats['allocated_gib']:.2f} GiB allocated, {stats['reserved_gib']:.2f} reserved, "
+        f"{stats['peak_gib']:.2f} peak of {stats['total_gib']:.1f} GiB"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model loading (training, evaluation and chat share this)
+# ---------------------------------------------------------------------------------------------
+
+RUN_INFO_FILE = "reasonforge.json"  # written beside an adapter: base model, template, backend
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """Return (backend, reason). `auto` takes unsloth when CUDA and the package are present."""
+    has_cuda = cuda_available()
+    if requested == "unsloth":
+        if not has_cuda:
+            raise UserError("--backend unsloth needs a CUDA GPU; use --backend hf (or auto) on this machine")
+        if not unsloth_importable():
+            raise UserError("--backend unsloth needs the gpu extra: pip install -e '.[gpu]'")
+        return "unsloth", "requested"
+    if requested == "hf":
+        return "hf", "requested"
+    if has_cuda and unsloth_importable():
+        return "unsloth", "CUDA GPU and unsloth available"
+    if has_cuda:
+        return "hf", "CUDA GPU found but unsloth is not installed (pip install -e '.[gpu]')"
+    return "hf", "no CUDA GPU: transformers + PEFT in full precision on CPU"
+
+
+def import_unsloth_first() -> None:
+    """Unsloth patches transformers/trl/peft when imported, so it must come before them."""
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import unsloth  # noqa: F401
+
+
+def check_model_path(name: str, needs: tuple[str, ...] = ("config.json", "adapter_config.json"), what: str = "model") -> None:
+    """A path-looking name must be a folder holding one of `needs`; Hub ids pass through."""
+    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
+    if looks_local:
+        p = Path(name).expanduser()
+        if not p.is_dir():
+            raise UserError(f"{what} folder {name!r} does not exist; pass a Hub id or a folder with {needs[0]}")
+        if not any((p / n).is_file() for n in needs):
+            found = ", ".join(sorted(x.name for x in p.iterdir())[:10]) or "nothing"
+            raise UserError(f"{what} folder {name!r} has no {' or '.join(needs)} (found: {found})")
+
+
+def read_adapter_info(path: str | Path) -> dict | None:
+    """Adapter metadata of a folder, or None when it holds no adapter."""
+    path = Path(path)
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    info = json.loads(cfg.read_text())
+    extra = path / RUN_INFO_FILE
+    if extra.is_file():
+        info["reasonforge"] = json.loads(extra.read_text())
+    return info
+
+
+def load_model(
+    model_name: str,
+    *,
+    backend: str = "auto",
+    max_seq_length: int = 2048,
+    load_in_4bit: bool = True,
+    adapter_path: str | Path | None = None,
+    trainable_adapter: bool = False,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load a base model (optionally with a LoRA adapter) and its tokenizer.
+
+    Returns (model, tokenizer, info) where info names the backend, why it was chosen,
+    the dtype and whether 4-bit is on. Training attaches fresh adapters itself (see
+    `train_lora.attach_lora`); evaluation and chat pass `adapter_path`.
+    """
+    backend, reason = choose_backend(backend)
+    check_model_path(model_name)
+    if backend == "unsloth":
+        model, tokenizer, info = _load_unsloth(model_name, max_seq_length, load_in_4bit, dtype, trust_remote_code)
+    else:
+        model, tokenizer, info = _load_hf(model_name, load_in_4bit, dtype, trust_remote_code)
+    info.update(backend=backend, backend_reason=reason, base_model=model_name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable_adapter)
+        info["adapter"] = str(adapter_path)
+    return model, tokenizer, info
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+            "fp32": torch.float32, "float32": torch.float32}[dtype]
+
+
+def _load_unsloth(model_name, max_seq_length, load_in_4bit, dtype, trust_remote_code):
+    import_unsloth_first()
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_name,
+        max_seq_length=max_seq_length,
+        load_in_4bit=load_in_4bit,
+        dtype=None if dtype == "auto" else _torch_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+    )
+    return model, tokenizer, {"dtype": str(getattr(model, "dtype", "")), "load_in_4bit": load_in_4bit}
+
+
+def _load_hf(model_name, load_in_4bit, dtype, trust_remote_code):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _torch_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    quantized = bool(load_in_4bit and torch.cuda.is_available())
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    kwargs["attn_implementation"] = "sdpa"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+    except OSError as exc:
+        raise UserError(f"cannot load model {model_name!r}: {first_line(exc)}") from exc
+    return model, tokenizer, {"dtype": str(torch_dtype).replace("torch.", ""), "load_in_4bit": quantized}
+
+
+def stream_text(text: str, file=None) -> None:
+    (file or sys.stdout).write(text)
+    (file or sys.stdout).flush()
+
+
+def utc_stamp() -> str:
+    return time.strftime("%Y%m%d_%H%M%S", time.gmtime())
