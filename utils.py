@@ -37,13 +37,13 @@ class UserError(Exception):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
+    """Our own lines go to stderr through the suite's logger, leaving the root logger to the host."""
+    logger = logging.getLogger("reasonforge")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
     # Library chatter (httpx, botocore) is noise next to our one-line step summaries.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -443,7 +443,8 @@ def _transfer_config():
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE, max_concurrency=4)
 
 
-def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "upload", progress: bool = True) -> dict:
+def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "upload", progress: bool = True,
+                     exclude: set[str] = frozenset()) -> dict:
     """Mirror a local folder to s3://bucket/prefix/, skipping objects whose size and ETag match.
 
     Returns counts of uploaded and skipped files and bytes sent.
@@ -452,7 +453,7 @@ def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "uploa
 
     uri = parse_s3_uri(uri) if isinstance(uri, str) else uri
     local_dir = Path(local_dir)
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name not in exclude)
     client = s3_client()
     try:
         remote = list_s3_objects(client, uri)

@@ -167,6 +167,9 @@ def build_tiny_qwen(target: Path, seed: int = 0) -> Path:
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
         bos_token_id=None,
+        # Wide initial embeddings: with the default 0.02 a 32-wide model's logits stay near uniform
+        # over the 151k vocabulary and LoRA alone cannot move them far enough to show learning.
+        initializer_range=0.5,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)

@@ -1,0 +1,737 @@
+"""LoRA fine-tuning of a Qwen chat model: Unsloth 4-bit on a GPU, transformers + PEFT elsewhere.
+
+    # the seed's run: dataset from S3, adapter back to S3
+    python train_lora.py --model-name "unsloth/Qwen2.5-Coder-3B-Instruct" \
+      --dataset-path "s3://bucket/datasets/processed_reasoning_20251220_143022" --from-s3 \
+      --output-dir ./checkpoints/qwen3_4b_reasoning --num-epochs 3 --batch-size 2 \
+      --gradient-accumulation-steps 4 --learning-rate 2e-4 --lora-r 16 --lora-alpha 16 --s3-bucket adapters-bucket
+
+    # continue a preempted run on a fresh instance (newest complete checkpoint, local or on S3)
+    python train_lora.py ... --s3-bucket adapters-bucket --run-name my-run --resume-from-checkpoint latest
+
+Output folder: checkpoint-N/, final_model/ (best checkpoint by validation loss), training_config.json,
+training_metrics.json, logs/ (TensorBoard + metrics.jsonl), loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import utils
+from utils import UserError
+
+log = logging.getLogger("reasonforge.train")
+
+DEFAULT_MODEL = "unsloth/Qwen2.5-Coder-3B-Instruct"
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+CHECKPOINT_MARKER = "reasonforge_checkpoint.json"  # written last: a checkpoint without it is incomplete
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model-name", default=DEFAULT_MODEL, help="Hub id or local folder (default: %(default)s)")
+    m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto",
+                   help="unsloth (CUDA) or transformers+PEFT; auto picks and says why (default: %(default)s)")
+    m.add_argument("--max-seq-length", type=int, default=2048, help="tokens per example (default: %(default)s)")
+    m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="load the base in 16-bit on GPU")
+    m.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset-path", default="./data_cache/processed_reasoning",
+                   help="folder from data_preparation.py, or s3:// URI (default: %(default)s)")
+    d.add_argument("--from-s3", action="store_true", help="read --dataset-path from S3 (an s3:// URI, or a key in --s3-bucket)")
+    d.add_argument("--chat-template", default="dataset", choices=["dataset", "qwen3", "qwen2.5", "tokenizer"],
+                   help="template to render messages; 'dataset' uses the one data preparation recorded (default)")
+    d.add_argument("--train-on-responses-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="loss on assistant tokens only (default: on)")
+    d.add_argument("--packing", action="store_true", help="pack short examples into full sequences")
+    t = p.add_argument_group("training")
+    t.add_argument("--num-epochs", type=float, default=3, help="(default: %(default)s)")
+    t.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (default: epochs)")
+    t.add_argument("--batch-size", type=int, default=2, help="per-device micro-batch (default: %(default)s)")
+    t.add_argument("--gradient-accumulation-steps", type=int, default=4, help="(default: %(default)s)")
+    t.add_argument("--learning-rate", type=float, default=2e-4, help="(default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="(default: %(default)s)")
+    t.add_argument("--warmup-steps", type=int, default=5, help="(default: %(default)s)")
+    t.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name (default: %(default)s)")
+    t.add_argument("--optim", default="auto", help="optimizer; auto = adamw_8bit where bitsandbytes works, else adamw_torch")
+    t.add_argument("--seed", type=int, default=3407, help="(default: %(default)s)")
+    t.add_argument("--logging-steps", type=int, default=1, help="(default: %(default)s)")
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora-r", type=int, default=16, help="(default: %(default)s)")
+    lo.add_argument("--lora-alpha", type=int, default=16, help="(default: %(default)s)")
+    lo.add_argument("--lora-dropout", type=float, default=0.0, help="(default: %(default)s)")
+    lo.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated (default: %(default)s)")
+    c = p.add_argument_group("checkpoints and evaluation")
+    c.add_argument("--output-dir", default="./checkpoints/qwen_lora", help="(default: %(default)s)")
+    c.add_argument("--run-name", default=None, help="name on S3 and in logs (default: output folder name)")
+    c.add_argument("--save-steps", type=int, default=100, help="(default: %(default)s)")
+    c.add_argument("--save-total-limit", type=int, default=3, help="(default: %(default)s)")
+    c.add_argument("--eval-steps", type=int, default=None, help="validate every N steps (default: --save-steps)")
+    c.add_argument("--early-stopping-patience", type=int, default=None, help="stop after N evaluations without improvement")
+    c.add_argument("--resume-from-checkpoint", default=None, metavar="PATH|latest",
+                   help="a checkpoint folder, or 'latest' (newest complete one, local or on S3)")
+    c.add_argument("--save-merged", action="store_true", help="also save a 16-bit merged model beside the adapter")
+    u = p.add_argument_group("upload")
+    u.add_argument("--s3-bucket", default=None, help="sync checkpoints and the final adapter to s3://BUCKET/adapters/RUN/")
+    u.add_argument("--skip-s3-upload", action="store_true", help="never upload, even with --s3-bucket")
+    u.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the final adapter to this Hub repo")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def validate_args(args) -> None:
+    problems = []
+    positive = {"--batch-size": args.batch_size, "--gradient-accumulation-steps": args.gradient_accumulation_steps,
+                "--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha, "--save-steps": args.save_steps,
+                "--max-seq-length": args.max_seq_length, "--logging-steps": args.logging_steps}
+    problems += [f"{k} {v} must be a positive integer" for k, v in positive.items() if v < 1]
+    if not (0 < args.learning_rate < 1):
+        problems.append(f"--learning-rate {args.learning_rate} must be in (0, 1), e.g. 2e-4")
+    if args.num_epochs <= 0 and args.max_steps <= 0:
+        problems.append("--num-epochs must be > 0 (or give --max-steps)")
+    if not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora-dropout {args.lora_dropout} must be in [0, 1)")
+    if args.weight_decay < 0 or args.warmup_steps < 0:
+        problems.append("--weight-decay and --warmup-steps must not be negative")
+    if args.eval_steps is not None and (args.eval_steps < 1 or args.save_steps % args.eval_steps):
+        problems.append(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
+                        "(the best checkpoint is chosen among saved ones)")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        problems.append("--save-total-limit must be at least 1")
+    if args.s3_bucket:
+        utils.validate_bucket_name(args.s3_bucket)
+    if args.from_s3 and not args.dataset_path.startswith("s3://") and not args.s3_bucket:
+        problems.append("--from-s3 needs an s3:// --dataset-path (or --s3-bucket to read the key from)")
+    if not args.target_modules.strip(","):
+        problems.append("--target-modules is empty; e.g. " + DEFAULT_TARGETS)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_dataset_path(args) -> Path:
+    path = args.dataset_path
+    if args.from_s3 and not path.startswith("s3://"):
+        path = f"s3://{args.s3_bucket}/{path.strip('/')}"
+    return utils.fetch_if_s3(path)
+
+
+def load_prepared_dataset(path: Path):
+    """Load a data_preparation.py folder; returns (DatasetDict, manifest)."""
+    import datasets
+
+    if not path.is_dir():
+        raise UserError(f"dataset folder {str(path)!r} does not exist; run data_preparation.py first or fix --dataset-path")
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        raise UserError(f"{path} has no manifest.json: it is not a complete data_preparation.py output; prepare it again")
+    try:
+        dd = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise UserError(f"cannot load dataset from {path}: {utils.first_line(exc)}") from exc
+    missing = [s for s in ("train", "validation") if s not in dd]
+    if missing:
+        raise UserError(f"dataset {path} lacks split(s) {missing} (has {list(dd)}); re-run data_preparation.py")
+    for split in ("train", "validation"):
+        if "messages" not in dd[split].column_names:
+            raise UserError(f"split {split!r} of {path} has no 'messages' column (columns: {dd[split].column_names})")
+        if len(dd[split]) == 0:
+            raise UserError(f"split {split!r} of {path} is empty; prepare more data or change --val-size")
+    return dd, json.loads(manifest_file.read_text())
+
+
+def choose_template(args, manifest: dict, tokenizer) -> tuple[str, str]:
+    if args.chat_template == "dataset":
+        recorded = manifest.get("chat_template", {})
+        if recorded.get("source"):
+            return recorded.get("name", "dataset"), recorded["source"]
+        return utils.resolve_chat_template("qwen3")
+    return utils.resolve_chat_template(args.chat_template, tokenizer)
+
+
+def tokenize_splits(dd, tokenizer, template_source: str, args):
+    """Render with the chosen template, tokenize, mask, truncate; drop rows left with no target."""
+    tokenizer.chat_template = template_source
+    limit = args.max_seq_length
+
+    def encode(row):
+        text = utils.render_chat(row["messages"], template=None, tokenizer=tokenizer)
+        enc = utils.tokenize_for_training(text, tokenizer, args.train_on_responses_only)
+        ids, labels = enc["input_ids"][:limit], enc["labels"][:limit]
+        return {"input_ids": ids, "labels": labels, "n_target": sum(1 for x in labels if x != -100),
+                "truncated": len(enc["input_ids"]) > limit}
+
+    out = {}
+    for split in ("train", "validation"):
+        ds = dd[split]
+        ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+        no_target = sum(1 for n in ds["n_target"] if n == 0)
+        if no_target > len(ds) // 2:
+            raise UserError(
+                f"--max-seq-length {limit} is shorter than the prompts: {no_target} of {len(ds)} {split} rows keep no "
+                "answer tokens; raise --max-seq-length"
+            )
+        if no_target:
+            log.warning("%s: dropping %d rows whose answer starts after %d tokens", split, no_target, limit)
+        truncated = sum(ds["truncated"])
+        if truncated:
+            log.warning("%s: %d rows truncated to %d tokens", split, truncated, limit)
+        ds = ds.filter(lambda r: r["n_target"] > 0).remove_columns(["n_target", "truncated"])
+        out[split] = ds
+    return out["train"], out["validation"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_module_names(model) -> list[str]:
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf != "lm_head":
+                names.add(leaf)
+    return sorted(names)
+
+
+def attach_lora(model, info: dict, args):
+    """Wrap the base model with fresh LoRA adapters (Unsloth's or PEFT's path)."""
+    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    available = linear_module_names(model)
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise UserError(f"--target-modules {unknown} not in this model; its linear modules are: {', '.join(available)}")
+    if info["backend"] == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+            bias="none", use_gradient_checkpointing="unsloth", random_state=args.seed, max_seq_length=args.max_seq_length,
+        )
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if info.get("load_in_4bit"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+    return trainable, total
+
+
+def choose_optim(requested: str) -> tuple[str, str]:
+    if requested != "auto":
+        return requested, "requested"
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_8bit", "bitsandbytes available on CUDA"
+    return "adamw_torch", "no CUDA/bitsandbytes, so 8-bit Adam is unavailable"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: completeness, resume, S3 mirror
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def write_checkpoint_marker(ckpt: Path) -> None:
+    files = {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in sorted(ckpt.rglob("*"))
+             if p.is_file() and p.name != CHECKPOINT_MARKER}
+    utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, {"step": checkpoint_step(ckpt), "files": files})
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None when it is complete."""
+    marker = ckpt / CHECKPOINT_MARKER
+    if not marker.is_file():
+        return "no completion marker (interrupted while saving)"
+    files = json.loads(marker.read_text()).get("files", {})
+    for rel, size in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} is {f.stat().st_size} bytes, expected {size} (truncated)"
+    weights = ckpt / "adapter_model.safetensors"
+    if not weights.is_file():
+        return "adapter_model.safetensors is missing"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:
+        return f"adapter_model.safetensors is unreadable ({utils.first_line(exc, 120)})"
+    return None
+
+
+def local_checkpoints(output_dir: Path) -> list[Path]:
+    return sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
+
+
+def s3_run_uri(args) -> utils.S3Uri | None:
+    if not args.s3_bucket or args.skip_s3_upload:
+        return None
+    return utils.S3Uri(args.s3_bucket, f"adapters/{args.run_name}")
+
+
+def upload_checkpoint(ckpt: Path, run_uri: utils.S3Uri) -> None:
+    """Upload a checkpoint with its marker last, so a listing never shows a half-uploaded one as complete."""
+    dest = run_uri.join("checkpoints", ckpt.name)
+    marker = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
+    utils.upload_directory(ckpt, dest, desc=f"s3 {ckpt.name}", progress=False, exclude={CHECKPOINT_MARKER})
+    utils.s3_put_json(dest.join(CHECKPOINT_MARKER), marker)
+
+
+def s3_complete_checkpoints(run_uri: utils.S3Uri) -> list[int]:
+    steps = []
+    for name in utils.list_s3_subfolders(run_uri.join("checkpoints")):
+        step = checkpoint_step(Path(name))
+        if step >= 0 and utils.s3_get_json(run_uri.join("checkpoints", name, CHECKPOINT_MARKER)) is not None:
+            steps.append(step)
+    return sorted(steps)
+
+
+def download_checkpoint(run_uri: utils.S3Uri, step: int, output_dir: Path) -> Path:
+    final = output_dir / f"checkpoint-{step}"
+    with utils.atomic_directory(final) as tmp:
+        utils.download_prefix(run_uri.join("checkpoints", final.name), tmp, desc=f"fetch {final.name}")
+    return final
+
+
+def resolve_resume(args, output_dir: Path) -> str | None:
+    """Turn --resume-from-checkpoint into a complete local checkpoint folder (or None to start fresh)."""
+    spec = args.resume_from_checkpoint
+    if spec is None:
+        return None
+    if spec != "latest":
+        path = Path(spec)
+        if not path.is_dir():
+            raise UserError(f"--resume-from-checkpoint {spec!r} is not a folder; pass a checkpoint-N folder or 'latest'")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"cannot resume from {spec}: {problem}; pick an older checkpoint or 'latest'")
+        return str(path)
+    candidates = {checkpoint_step(p): ("local", p) for p in local_checkpoints(output_dir)}
+    run_uri = s3_run_uri(args)
+    if run_uri is not None:
+        for step in s3_complete_checkpoints(run_uri):
+            candidates.setdefault(step, ("s3", step))
+    for step in sorted(candidates, reverse=True):
+        where, ref = candidates[step]
+        path = ref if where == "local" else download_checkpoint(run_uri, step, output_dir)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            log.info("resuming from %s (%s, step %d)", path, where, step)
+            fetch_best_checkpoint(path, run_uri, output_dir)
+            return str(path)
+        log.warning("skipping %s: %s; trying the previous checkpoint", path, problem)
+    log.warning("--resume-from-checkpoint latest: no complete checkpoint in %s%s; starting from scratch",
+                output_dir, f" or {run_uri}" if run_uri else "")
+    return None
+
+
+def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
+    """The Trainer reloads the best checkpoint at the end; on a fresh instance it must be fetched too."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    best = state.get("best_model_checkpoint")
+    if not best:
+        return
+    local = output_dir / Path(best).name
+    if not local.is_dir() and run_uri is not None:
+        download_checkpoint(run_uri, checkpoint_step(local), output_dir)
+    state["best_model_checkpoint"] = str(local)
+    utils.atomic_write_json(ckpt / "trainer_state.json", state)
+    marker = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
+    marker["files"]["trainer_state.json"] = (ckpt / "trainer_state.json").stat().st_size
+    utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, marker)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def sft_trainer_class():
+    """TRL's SFTTrainer, or a subclass using the model's own loss where TRL's fused head cannot run.
+
+    TRL computes the loss with a chunked Triton kernel; CPU builds of torch ship no Triton, and the
+    model's own cross-entropy over the same labels gives the same token-level mean.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+    from trl.trainer import utils as trl_utils
+
+    if getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None:
+        return SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return PlainLossSFTTrainer
+
+
+def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, optim: str):
+    from trl import SFTConfig
+
+    eval_steps = args.eval_steps or args.save_steps
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(args.output_dir) / "logs")
+    config = SFTConfig(
+        output_dir=args.output_dir, run_name=args.run_name, seed=args.seed, data_seed=args.seed,
+        num_train_epochs=args.num_epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_scheduler_type=args.lr_scheduler,
+        optim=optim, logging_steps=args.logging_steps, report_to=["tensorboard"],
+        eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=False, max_length=args.max_seq_length, packing=args.packing,
+        padding_free=args.packing, dataset_kwargs={"skip_prepare_dataset": not args.packing},
+        gradient_checkpointing=precision["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if precision["gradient_checkpointing"] else None,
+        bf16=precision["bf16"], fp16=precision["fp16"], use_cpu=precision["use_cpu"],
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0, save_only_model=False,
+    )
+    callbacks = [StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl"),
+                 EvalAtEpochEnd(),
+                 CheckpointSync(s3_run_uri(args), write_checkpoint_marker, upload_checkpoint)]
+    if args.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    trainer = sft_trainer_class()(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=callbacks)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # StepLogger prints one readable line per step; the stock printers would dump raw dicts beside it.
+    for stock in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(stock)
+    return trainer
+
+
+def precision_plan(info: dict) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False, "use_cpu": True, "gradient_checkpointing": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    # Unsloth turns on its own offloaded gradient checkpointing in get_peft_model.
+    return {"bf16": bf16, "fp16": not bf16, "use_cpu": False, "gradient_checkpointing": info["backend"] == "hf"}
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class StepLogger(_trainer_callback_base()):
+    """A tqdm bar plus one line per logging step (step/total, loss, lr, tokens/s, memory); JSON lines too."""
+
+    def __init__(self, jsonl_path: Path):
+        self.jsonl_path = jsonl_path
+        self.bar = None
+        self.last = None  # (time, tokens) at the previous log
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True)
+            self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.bar is None or not logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+        if "loss" in logs:
+            rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
+            self.last = (now, tokens)
+            mem = utils.gpu_memory_stats()
+            record.update(tokens_per_s=round(rate, 1), peak_gpu_gib=round(mem.get("peak_gib", 0.0), 3))
+            self.bar.write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+                           f"lr {logs.get('learning_rate', 0):.2e} | {rate:,.0f} tok/s"
+                           + (f" | peak {mem['peak_gib']:.2f} GiB" if mem else ""))
+        elif "eval_loss" in logs:
+            self.bar.write(f"step {state.global_step}/{state.max_steps} | validation loss {logs['eval_loss']:.4f}")
+        with open(self.jsonl_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class EvalAtEpochEnd(_trainer_callback_base()):
+    """Validate (and save, so the result can become the best checkpoint) at every epoch end too."""
+
+    def on_epoch_end(self, args, state, control, **kw):
+        if state.global_step < state.max_steps:
+            control.should_evaluate = True
+            control.should_save = True
+        return control
+
+
+class CheckpointSync(_trainer_callback_base()):
+    """Mark each checkpoint complete once the Trainer has written it, then mirror it to S3."""
+
+    def __init__(self, run_uri, mark, upload):
+        self.run_uri, self.mark, self.upload = run_uri, mark, upload
+
+    def on_save(self, args, state, control, **kw):
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            return
+        self.mark(ckpt)
+        if self.run_uri is not None:
+            self.upload(ckpt, self.run_uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def save_final_model(trainer, tokenizer, args, run_info: dict) -> Path:
+    """Write final_model/ (adapter, tokenizer with the training template, run info) atomically."""
+    final = Path(args.output_dir) / "final_model"
+    with utils.atomic_directory(final) as tmp:
+        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        utils.atomic_write_json(tmp / utils.RUN_INFO_FILE, run_info)
+    if args.save_merged:
+        merged = Path(args.output_dir) / "merged_16bit"
+        with utils.atomic_directory(merged) as tmp:
+            save_merged(trainer.model, tokenizer, tmp, run_info["backend"])
+    return final
+
+
+def save_merged(model, tokenizer, target: Path, backend: str) -> None:
+    if backend == "unsloth":
+        model.save_pretrained_merged(str(target), tokenizer, save_method="merged_16bit")
+        return
+    merged = model.merge_and_unload() if not getattr(model, "is_loaded_in_4bit", False) else None
+    if merged is None:
+        raise UserError("--save-merged with --backend hf in 4-bit is not supported; use the unsloth backend or --no-4bit")
+    merged.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+
+
+def plot_losses(history: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def collect_metrics(trainer, train_result, params: tuple[int, int], runtime: float) -> dict:
+    state = trainer.state
+    history = state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    tokens = state.num_input_tokens_seen
+    return {
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "train_loss_mean": train_result.training_loss,
+        "validation_losses": [{"step": h["step"], "loss": h["eval_loss"]} for h in evals],
+        "best_validation_loss": state.best_metric,
+        "best_checkpoint": state.best_model_checkpoint,
+        "runtime_s": round(runtime, 2),
+        "tokens_seen": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+        "peak_gpu_memory_gib": round(utils.gpu_memory_stats().get("peak_gib", 0.0), 3),
+        "trainable_parameters": params[0],
+        "total_parameters": params[1],
+        "trainable_percent": round(100 * params[0] / max(params[1], 1), 4),
+        "history": history,
+    }
+
+
+def preflight_hub(repo: str | None) -> None:
+    """Fail before training, not after it, when the Hub push cannot work."""
+    if not repo:
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import get_token
+
+    if not get_token():
+        raise UserError(f"--push-to-hub {repo}: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+    try:
+        HfApi().whoami()
+    except Exception as exc:
+        raise UserError(f"--push-to-hub {repo}: the Hub is unreachable or the token is invalid ({type(exc).__name__}); "
+                        "check network and HF_TOKEN, or drop --push-to-hub") from exc
+
+
+def push_to_hub(final: Path, repo: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True, private=True)
+    api.upload_folder(folder_path=str(final), repo_id=repo, commit_message="Upload LoRA adapter (ReasonForge train)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------
+
+
+def print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name):
+    trainable, total = params
+    eff = args.batch_size * args.gradient_accumulation_steps
+    print("=" * 72)
+    print(f"Model:      {args.model_name}  [backend {info['backend']}: {info['backend_reason']}]")
+    print(f"Precision:  {info.get('dtype')}, 4-bit {'on' if info.get('load_in_4bit') else 'off'}")
+    print(f"Dataset:    {args.dataset_path}: train {len(train_ds)} / validation {len(eval_ds)} rows "
+          f"(template {template_name}, loss on {'assistant tokens' if args.train_on_responses_only else 'all tokens'})")
+    print(f"Training:   epochs {args.num_epochs}, max steps {args.max_steps}, batch {args.batch_size} x accum "
+          f"{args.gradient_accumulation_steps} = {eff}, lr {args.learning_rate} ({args.lr_scheduler}), "
+          f"optim {optim} ({optim_reason})")
+    print(f"LoRA:       r {args.lora_r}, alpha {args.lora_alpha}, dropout {args.lora_dropout}, targets {args.target_modules}")
+    print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    print(utils.format_memory_stats(utils.gpu_memory_stats()))
+    print("=" * 72)
+
+
+def training_config(args, info, manifest, template_name, optim) -> dict:
+    cfg = {"arguments": vars(args).copy(), "backend": info["backend"], "backend_reason": info["backend_reason"],
+           "dtype": info.get("dtype"), "load_in_4bit": info.get("load_in_4bit"), "optim": optim,
+           "chat_template": template_name, "dataset_manifest_sha256": manifest.get("content_sha256"),
+           "dataset_source": manifest.get("source"), "versions": utils.library_versions(),
+           "gpu": utils.gpu_memory_stats()}
+    return utils.redact_secrets(cfg)
+
+
+@utils.cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    utils.setup_logging(args.verbose)
+    validate_args(args)
+    args.run_name = args.run_name or Path(args.output_dir).resolve().name
+    output_dir = Path(args.output_dir)
+    preflight_hub(args.push_to_hub)
+
+    dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
+    backend, _ = utils.choose_backend(args.backend)
+    if backend == "unsloth":
+        utils.import_unsloth_first()
+    import torch
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    model, tokenizer, info = utils.load_model(args.model_name, backend=backend, max_seq_length=args.max_seq_length,
+                                              load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
+    print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
+    template_name, template_source = choose_template(args, manifest, tokenizer)
+    train_ds, eval_ds = tokenize_splits(dd, tokenizer, template_source, args)
+    model = attach_lora(model, info, args)
+    params = count_parameters(model)
+    optim, optim_reason = choose_optim(args.optim)
+    print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resume = resolve_resume(args, output_dir)
+    config = training_config(args, info, manifest, template_name, optim)
+    utils.atomic_write_json(output_dir / "training_config.json", config)
+    trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info), optim)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - start
+
+    run_info = {"base_model": args.model_name, "backend": info["backend"], "chat_template": template_name,
+                "max_seq_length": args.max_seq_length, "train_on_responses_only": args.train_on_responses_only,
+                "dataset_manifest_sha256": manifest.get("content_sha256"), "best_checkpoint": trainer.state.best_model_checkpoint,
+                "best_validation_loss": trainer.state.best_metric, "global_step": trainer.state.global_step,
+                "load_in_4bit": info.get("load_in_4bit")}
+    final = save_final_model(trainer, tokenizer, args, run_info)
+    metrics = collect_metrics(trainer, result, params, runtime)
+    utils.atomic_write_json(output_dir / "training_metrics.json", metrics)
+    plotted = plot_losses(metrics["history"], output_dir / "loss_curve.png")
+
+    run_uri = s3_run_uri(args)
+    if run_uri is not None:
+        utils.upload_directory(final, run_uri.join("final_model"), desc="upload final_model")
+        for name in ("training_config.json", "training_metrics.json", "loss_curve.png"):
+            if (output_dir / name).is_file():
+                utils.s3_client().upload_file(str(output_dir / name), run_uri.bucket, run_uri.join(name).prefix)
+    if args.push_to_hub:
+        push_to_hub(final, args.push_to_hub)
+
+    print("=" * 72)
+    print(f"Steps: {metrics['global_step']}, train loss {metrics['train_loss_first']} -> {metrics['train_loss_last']}, "
+          f"best validation loss {metrics['best_validation_loss']} ({Path(str(metrics['best_checkpoint'])).name})")
+    print(f"Runtime {metrics['runtime_s']:.1f} s, {metrics['tokens_per_s']} tokens/s; "
+          f"{utils.format_memory_stats(utils.gpu_memory_stats())}")
+    print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(output_dir / 'loss_curve.png').resolve()}" if plotted else ""))
+    if run_uri is not None:
+        print(f"S3 URI: {run_uri.join('final_model')}")
+    if args.push_to_hub:
+        print(f"Hub: https://huggingface.co/{args.push_to_hub}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
