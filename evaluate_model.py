@@ -1,0 +1,326 @@
+"""Evaluate a fine-tuned adapter: perplexity (base vs tuned), answer accuracy, sample generations.
+
+    # the adapter from train_lora.py against its recorded base, on the validation split
+    python evaluate_model.py --model-path ./checkpoints/qwen3_4b_reasoning/final_model \
+        --dataset-path ./data_cache/processed_reasoning --compute-perplexity --compare-base \
+        --compute-accuracy --generate-samples --num-samples 10
+
+    # everything from S3
+    python evaluate_model.py --model-path s3://adapters-bucket/adapters/my-run/final_model \
+        --dataset-path s3://my-bucket/datasets/processed_reasoning_20251220_143022 --compute-perplexity
+
+Perplexity is exp(total NLL / total target tokens) over assistant tokens, masked exactly as in
+training. With an adapter, the base pass runs on the same loaded model with the adapter disabled.
+The report goes to --output-file (JSON, written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import utils
+from utils import UserError
+
+log = logging.getLogger("reasonforge.eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model-path", required=True, help="adapter or model folder, s3:// URI, or Hub id")
+    m.add_argument("--is-adapter", action="store_true", help="insist that --model-path is an adapter (detected anyway)")
+    m.add_argument("--base-model", default=None, help="base model (default: the one recorded with the adapter)")
+    m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto", help="(default: %(default)s)")
+    m.add_argument("--max-seq-length", type=int, default=2048, help="(default: %(default)s)")
+    m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="load the base in 16-bit on GPU")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset-path", default="./data_cache/processed_reasoning", help="prepared folder or s3:// URI")
+    d.add_argument("--split", default="validation", help="(default: %(default)s)")
+    d.add_argument("--max-eval-samples", type=int, default=None, help="evaluate at most this many rows")
+    d.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    w = p.add_argument_group("what to measure (default: perplexity and samples)")
+    w.add_argument("--compute-perplexity", action="store_true")
+    w.add_argument("--compare-base", action="store_true", help="also measure the base model (adapter disabled)")
+    w.add_argument("--compute-accuracy", action="store_true", help="greedy answers scored against the reference")
+    w.add_argument("--generate-samples", action="store_true")
+    w.add_argument("--num-samples", type=int, default=10, help="(default: %(default)s)")
+    utils.add_generation_flags(p)
+    p.add_argument("--output-file", default="./eval_results/evaluation.json", help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def validate_args(args) -> None:
+    problems = [f"{flag} {v} must be a positive integer" for flag, v in
+                (("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
+                 ("--max-seq-length", args.max_seq_length)) if v < 1]
+    if args.max_eval_samples is not None and args.max_eval_samples < 1:
+        problems.append(f"--max-eval-samples {args.max_eval_samples} must be at least 1")
+    problems += utils.GenerationSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
+                                         args.repetition_penalty).problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    if not (args.compute_perplexity or args.compute_accuracy or args.generate_samples):
+        args.compute_perplexity = args.generate_samples = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer extraction
+# ---------------------------------------------------------------------------------------------
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final answer of a response: \\boxed{...}, else an 'Answer:' line, else the last number."""
+    if "</think>" in text:
+        text = text.split("</think>")[-1]
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    found = re.findall(r"(?:final answer|answer)\s*(?:is)?\s*[:=]?\s*(.+)", text, flags=re.I)
+    if found:
+        return found[-1].strip().rstrip(".").strip()
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?", text)
+    return numbers[-1] if numbers else None
+
+
+_LATEX_NOISE = [r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\displaystyle", "$", "\\%", "%"]
+
+
+def normalize_answer(ans: str | None) -> str:
+    """Canonical text of an answer: LaTeX wrappers, units in \\text/\\mathrm and spacing removed;
+    numbers rendered as numbers (fractions evaluated)."""
+    if ans is None:
+        return ""
+    s = ans.strip()
+    for noise in _LATEX_NOISE:
+        s = s.replace(noise, "")
+    s = re.sub(r"\\(?:text|mathrm|textbf|operatorname)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\d?frac\{([^{}]+)\}\{([^{}]+)\}", r"(\1)/(\2)", s)
+    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
+    s = s.replace("{", "").replace("}", "").replace("\\", "").strip().rstrip(".")
+    number = _as_number(s)
+    if number is None:
+        head = re.match(r"^(-?[\d,]*\.?\d+(?:/\d+)?)\s*[a-zA-Z^ 0-9/]*$", s)  # a number followed by a unit
+        number = _as_number(head.group(1)) if head else None
+    if number is not None:
+        return f"{number:.6g}"
+    return re.sub(r"\s+", "", s).lower()
+
+
+def _as_number(s: str) -> float | None:
+    s = s.replace(",", "").replace(" ", "")
+    m = re.fullmatch(r"\(?(-?\d+(?:\.\d+)?)\)?(?:/\(?(-?\d+(?:\.\d+)?)\)?)?", s)
+    if not m:
+        return None
+    value = float(m.group(1))
+    if m.group(2) is not None:
+        den = float(m.group(2))
+        return None if den == 0 else value / den
+    return value
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    return bool(predicted) and normalize_answer(predicted) == normalize_answer(reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_rows(rows, tokenizer, max_len: int) -> list[dict]:
+    out = []
+    for messages in rows["messages"]:
+        text = utils.render_chat(messages, template=None, tokenizer=tokenizer)
+        enc = utils.tokenize_for_training(text, tokenizer)
+        out.append({k: v[:max_len] for k, v in enc.items()})
+    return [r for r in out if any(l != -100 for l in r["labels"])]
+
+
+def perplexity(model, encoded: list[dict], batch_size: int, pad_id: int, desc: str) -> dict:
+    """exp(sum NLL / sum target tokens); the same shift and mask as the training loss."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    total_nll, total_tokens = 0.0, 0
+    device = model.device
+    with tqdm(total=len(encoded), desc=desc, unit="row") as bar, torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start:start + batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, r in enumerate(batch):
+                n = len(r["input_ids"])
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1).to(device)
+            total_nll += F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum").item()
+            total_tokens += int((shift_labels != -100).sum())
+            bar.update(len(batch))
+            bar.set_postfix(ppl=f"{math.exp(total_nll / max(total_tokens, 1)):.3f}")
+    loss = total_nll / max(total_tokens, 1)
+    return {"perplexity": math.exp(loss), "avg_loss": loss, "tokens": total_tokens, "samples": len(encoded)}
+
+
+def prompt_of(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The conversation up to (not including) its last assistant turn."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = utils.clean_messages(messages[:last])
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": system_prompt})
+    return prompt
+
+
+def accuracy(model, tokenizer, rows, settings, batch_size: int, system_prompt, desc: str) -> dict:
+    prompts = [prompt_of(m, system_prompt) for m in rows["messages"]]
+    outs = utils.generate_batch(model, tokenizer, prompts, settings, batch_size, desc=desc)
+    verdicts = []
+    for out, reference in zip(outs, rows["answer"]):
+        predicted = extract_final_answer(out["response"])
+        verdicts.append({"reference": reference, "predicted": predicted, "correct": answers_match(predicted, reference),
+                         "response": out["response"]})
+    correct = sum(v["correct"] for v in verdicts)
+    return {"accuracy": correct / len(verdicts), "correct": correct, "total": len(verdicts), "verdicts": verdicts}
+
+
+def adapter_off(model):
+    """Context in which the model runs as its base (adapter layers bypassed)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------
+
+
+def load_eval_split(args):
+    import train_lora
+
+    dd, manifest = train_lora.load_prepared_dataset(utils.fetch_if_s3(args.dataset_path))
+    if args.split not in dd:
+        raise UserError(f"split {args.split!r} not in {args.dataset_path} (has {list(dd)}); pass --split")
+    rows = dd[args.split]
+    if args.max_eval_samples:
+        rows = rows.select(range(min(args.max_eval_samples, len(rows))))
+    return rows, manifest
+
+
+def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) -> dict:
+    metrics: dict = {}
+    timings: dict = {}
+    passes = [("finetuned" if has_adapter else "model", False)] + ([("base", True)] if has_adapter and args.compare_base else [])
+    if args.compute_perplexity:
+        encoded = encode_rows(rows, tokenizer, args.max_seq_length)
+        for name, base in passes:
+            t0 = time.perf_counter()
+            with adapter_off(model) if base else contextlib.nullcontext():
+                metrics.setdefault("perplexity", {})[name] = perplexity(model, encoded, args.batch_size,
+                                                                        tokenizer.pad_token_id, f"perplexity ({name})")
+            timings[f"perplexity_{name}_s"] = round(time.perf_counter() - t0, 2)
+        ppl = metrics["perplexity"]
+        if "base" in ppl:
+            ppl["improvement_percent"] = 100 * (ppl["base"]["perplexity"] - ppl["finetuned"]["perplexity"]) / ppl["base"]["perplexity"]
+    if args.compute_accuracy:
+        scored = rows.filter(lambda r: bool(r["answer"])) if "answer" in rows.column_names else rows.select([])
+        if len(scored) == 0:
+            raise UserError(f"--compute-accuracy: no rows of split {args.split!r} have a reference answer "
+                            "(the data-preparation 'answer' column); drop the flag or prepare data with answers")
+        greedy = utils.GenerationSettings(**{**settings.as_dict(), "temperature": 0.0, "repetition_penalty": 1.0})
+        for name, base in passes:
+            t0 = time.perf_counter()
+            with adapter_off(model) if base else contextlib.nullcontext():
+                metrics.setdefault("accuracy", {})[name] = accuracy(model, tokenizer, scored, greedy, args.batch_size,
+                                                                    args.system_prompt, f"answers ({name})")
+            timings[f"accuracy_{name}_s"] = round(time.perf_counter() - t0, 2)
+    return {"metrics": metrics, "timings": timings}
+
+
+def samples(model, tokenizer, rows, args, settings) -> list[dict]:
+    picked = rows.select(range(min(args.num_samples, len(rows))))
+    prompts = [prompt_of(m, args.system_prompt) for m in picked["messages"]]
+    outs = utils.generate_batch(model, tokenizer, prompts, settings, args.batch_size, desc="samples")
+    result = []
+    for prompt, messages, out in zip(prompts, picked["messages"], outs):
+        last = [m for m in messages if m["role"] == "assistant"][-1]
+        truth = (f"<think>\n{last['reasoning_content']}\n</think>\n\n" if last.get("reasoning_content") else "") + last["content"]
+        result.append({"instruction": prompt[-1]["content"], "ground_truth": truth, "generated": out["response"],
+                       "tokens": out["tokens"], "seconds": out["seconds"]})
+    return result
+
+
+def print_summary(report: dict, output_file: Path) -> None:
+    m = report["metrics"]
+    for name, r in m.get("perplexity", {}).items():
+        if isinstance(r, dict):
+            print(f"Perplexity ({name}): {r['perplexity']:.4f} (avg loss {r['avg_loss']:.4f}, {r['tokens']} tokens, "
+                  f"{r['samples']} samples)")
+    if "improvement_percent" in m.get("perplexity", {}):
+        print(f"Perplexity improvement over base: {m['perplexity']['improvement_percent']:.2f}%")
+    for name, r in m.get("accuracy", {}).items():
+        print(f"Answer accuracy ({name}): {r['accuracy']:.3f} ({r['correct']}/{r['total']})")
+    print(f"Report: {output_file.resolve()}")
+
+
+@utils.cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    utils.setup_logging(args.verbose)
+    validate_args(args)
+    settings = utils.generation_settings_from_args(args)
+    backend, _ = utils.choose_backend(args.backend)
+    if backend == "unsloth":
+        utils.import_unsloth_first()
+    base, adapter_dir, adapter_info = utils.resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
+    rows, manifest = load_eval_split(args)
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    t0 = time.perf_counter()
+    model, tokenizer, info = utils.load_model(base, backend=backend, max_seq_length=args.max_seq_length,
+                                              load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
+    model = utils.prepare_for_inference(model, info["backend"])
+    load_s = time.perf_counter() - t0
+    measured = run_measurements(model, tokenizer, rows, args, settings, adapter_dir is not None)
+    report = {
+        "model_path": args.model_path, "base_model": base, "adapter": str(adapter_dir) if adapter_dir else None,
+        "backend": info["backend"], "dataset_path": args.dataset_path, "split": args.split, "rows": len(rows),
+        "dataset_manifest_sha256": manifest.get("content_sha256"),
+        "adapter_dataset_manifest_sha256": adapter_info.get("reasonforge", {}).get("dataset_manifest_sha256"),
+        "generation": settings.as_dict(), "metrics": measured["metrics"],
+        "samples": samples(model, tokenizer, rows, args, settings) if args.generate_samples else [],
+        "timings": {"model_load_s": round(load_s, 2), **measured["timings"]},
+        "memory": utils.gpu_memory_stats(), "versions": utils.library_versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    output_file = Path(args.output_file)
+    utils.atomic_write_json(output_file, utils.redact_secrets(report))
+    print_summary(report, output_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

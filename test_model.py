@@ -1,0 +1,237 @@
+"""Chat with a fine-tuned model: interactive, one instruction, or a batch from a file.
+
+    python test_model.py --model-path ./checkpoints/qwen3_4b_reasoning/final_model --interactive
+    python test_model.py --model-path ./checkpoints/qwen3_4b_reasoning/final_model \
+        --instruction "A train travels at 60 km/h for 2 hours. How far does it go?"
+    python test_model.py --model-path s3://adapters-bucket/adapters/my-run/final_model \
+        --batch --instructions-file prompts.json --output-file ./test_results/inference.json
+
+Interactive commands: `settings` shows the generation settings, `settings NAME VALUE` changes
+one (validated), `reset` clears the conversation, `quit` / `exit` / Ctrl-D leave.
+The instructions file is a JSON list of strings or of objects with an "instruction" field.
+Batch results are appended to OUTPUT.partial.jsonl as they complete, so an interrupted batch
+resumes where it stopped; the final JSON is written when all are done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import utils
+from utils import UserError
+
+log = logging.getLogger("reasonforge.chat")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model-path", required=True, help="adapter or model folder, s3:// URI, or Hub id")
+    m.add_argument("--is-adapter", action="store_true", help="insist that --model-path is an adapter (detected anyway)")
+    m.add_argument("--base-model", default=None, help="base model (default: the one recorded with the adapter)")
+    m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto", help="(default: %(default)s)")
+    m.add_argument("--max-seq-length", type=int, default=2048, help="(default: %(default)s)")
+    m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="load the base in 16-bit on GPU")
+    mode = p.add_argument_group("mode (one of)")
+    mode.add_argument("--interactive", action="store_true", help="chat in the terminal")
+    mode.add_argument("--instruction", default=None, help="answer one instruction")
+    mode.add_argument("--batch", action="store_true", help="answer every instruction of --instructions-file")
+    mode.add_argument("--instructions-file", default=None, help="JSON list of strings or {\"instruction\": ...} objects")
+    mode.add_argument("--batch-size", type=int, default=8, help="prompts per generate call in --batch (default: %(default)s)")
+    utils.add_generation_flags(p)
+    p.add_argument("--output-file", default="./test_results/inference.json", help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def validate_args(args) -> None:
+    modes = [bool(args.interactive), args.instruction is not None, bool(args.batch)]
+    if sum(modes) != 1:
+        raise UserError("choose exactly one of --interactive, --instruction TEXT, --batch --instructions-file FILE")
+    if args.batch and not args.instructions_file:
+        raise UserError("--batch needs --instructions-file FILE (a JSON list of instructions)")
+    if args.instruction is not None and not args.instruction.strip():
+        raise UserError("--instruction is empty; give the text to answer")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be a positive integer")
+    utils.generation_settings_from_args(args)
+
+
+def read_instructions(path: str) -> list[str]:
+    """Parse the instructions file; errors name the position of the offending entry."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"instructions file {path!r} does not exist")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"instructions file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    if not isinstance(data, list):
+        raise UserError(f"instructions file {path} must hold a JSON list, found a {type(data).__name__}")
+    if not data:
+        raise UserError(f"instructions file {path} is an empty list")
+    out = []
+    for i, item in enumerate(data):
+        text = item.get("instruction") if isinstance(item, dict) else item
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"instructions file {path}: entry {i} is not a non-empty string or an object with "
+                            "an \"instruction\" string")
+        out.append(text)
+    return out
+
+
+def conversation(instruction: str, system_prompt: str | None, history: list[dict] | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return msgs + list(history or []) + [{"role": "user", "content": instruction}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+
+def stream_reply(model, tokenizer, messages: list[dict], settings: utils.GenerationSettings) -> dict:
+    """Generate one reply, printing tokens as they arrive."""
+    import torch
+    from transformers import TextStreamer
+
+    prompt = utils.render_chat(messages, template=None, tokenizer=tokenizer, add_generation_prompt=True)
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**enc, streamer=streamer, **settings.generate_kwargs(tokenizer))
+    new = out[0, enc["input_ids"].shape[1]:]
+    return {"response": tokenizer.decode(new, skip_special_tokens=True).strip(), "tokens": int(new.numel()),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def handle_command(line: str, settings: utils.GenerationSettings):
+    """Apply a `settings ...` command; returns the (possibly new) settings and the text to show."""
+    parts = line.replace("=", " ").split()
+    if len(parts) == 1:
+        return settings, "settings: " + ", ".join(f"{k}={v}" for k, v in settings.as_dict().items())
+    if len(parts) != 3:
+        return settings, "usage: settings NAME VALUE (e.g. settings temperature 0.3)"
+    try:
+        new = settings.updated(parts[1], parts[2])
+    except UserError as exc:
+        return settings, f"refused: {exc}"
+    return new, "settings: " + ", ".join(f"{k}={v}" for k, v in new.as_dict().items())
+
+
+def interactive(model, tokenizer, settings: utils.GenerationSettings, system_prompt: str | None):
+    """Run the chat loop; returns (turns, the settings in force at the end)."""
+    history: list[dict] = []
+    turns: list[dict] = []
+    print("Chat ready. Commands: settings [NAME VALUE], reset, quit.", flush=True)
+    while True:
+        try:
+            line = input("\nyou> ")
+        except EOFError:
+            print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.lower() in ("quit", "exit"):
+            break
+        if text.lower() == "reset":
+            history = []
+            print("conversation cleared", flush=True)
+            continue
+        if text.lower().split()[0] == "settings":
+            settings, shown = handle_command(text, settings)
+            print(shown, flush=True)
+            continue
+        print("assistant> ", end="", flush=True)
+        result = stream_reply(model, tokenizer, conversation(text, system_prompt, history), settings)
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": result["response"]}]
+        turns.append({"instruction": text, **result})
+    print("bye", flush=True)
+    return turns, settings
+
+
+def run_batch(model, tokenizer, instructions: list[str], settings, args, output_file: Path) -> list[dict]:
+    """Answer every instruction; finished ones are appended to a JSONL file and skipped on resume."""
+    partial = output_file.with_name(output_file.name + ".partial.jsonl")
+    done: dict[int, dict] = {}
+    if partial.is_file():
+        for line in partial.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by the interruption
+            if rec.get("index", -1) < len(instructions) and instructions[rec["index"]] == rec.get("instruction"):
+                done[rec["index"]] = rec
+        if done:
+            print(f"resuming: {len(done)} of {len(instructions)} instructions already answered in {partial}")
+    todo = [i for i in range(len(instructions)) if i not in done]
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    with open(partial, "a", encoding="utf-8") as fh, tqdm(total=len(instructions), initial=len(done), desc="batch",
+                                                           unit="prompt") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            chunk = todo[start:start + args.batch_size]
+            convs = [conversation(instructions[i], args.system_prompt) for i in chunk]
+            for i, out in zip(chunk, utils.generate_batch(model, tokenizer, convs, settings, args.batch_size, desc=None)):
+                done[i] = {"index": i, "instruction": instructions[i], **out}
+                fh.write(json.dumps(done[i], ensure_ascii=False) + "\n")
+            fh.flush()
+            bar.update(len(chunk))
+    return [done[i] for i in range(len(instructions))]
+
+
+def write_results(output_file: Path, results: list[dict], args, settings, info: dict) -> None:
+    tokens = sum(r["tokens"] for r in results)
+    seconds = sum(r["seconds"] for r in results)
+    utils.atomic_write_json(output_file, {
+        "model_path": args.model_path, "base_model": info.get("base_model"), "backend": info.get("backend"),
+        "generation": settings.as_dict(), "system_prompt": args.system_prompt, "count": len(results),
+        "tokens_generated": tokens, "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+        "results": results, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+
+
+@utils.cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    utils.setup_logging(args.verbose)
+    validate_args(args)
+    settings = utils.generation_settings_from_args(args)
+    instructions = read_instructions(args.instructions_file) if args.batch else None
+    backend, _ = utils.choose_backend(args.backend)
+    if backend == "unsloth":
+        utils.import_unsloth_first()
+    base, adapter_dir, _ = utils.resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    model, tokenizer, info = utils.load_model(base, backend=backend, max_seq_length=args.max_seq_length,
+                                              load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
+    model = utils.prepare_for_inference(model, info["backend"])
+    output_file = Path(args.output_file)
+    if args.interactive:
+        results, settings = interactive(model, tokenizer, settings, args.system_prompt)
+    elif args.batch:
+        results = run_batch(model, tokenizer, instructions, settings, args, output_file)
+    else:
+        print("assistant> ", end="", flush=True)
+        results = [stream_reply(model, tokenizer, conversation(args.instruction, args.system_prompt), settings)]
+        results[0] = {"instruction": args.instruction, **results[0]}
+    write_results(output_file, results, args, settings, info)
+    if args.batch:
+        output_file.with_name(output_file.name + ".partial.jsonl").unlink(missing_ok=True)
+    print(f"\nResults: {output_file.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

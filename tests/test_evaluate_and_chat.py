@@ -1,0 +1,334 @@
+"""evaluate_model.py and test_model.py on the tiny model: honest perplexity, base pass, answers, chat."""
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import data_preparation as dp
+import evaluate_model as ev
+import test_model as tm
+import train_lora
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("evalrun")
+    data = root / "data"
+    assert dp.main(["--dataset", "sample", "--max-samples", "60", "--skip-upload", "--output-dir", str(data)]) == 0
+    out = root / "run"
+    assert train_lora.main(["--model-name", str(tiny_model), "--dataset-path", str(data), "--output-dir", str(out),
+                            "--max-steps", "4", "--save-steps", "4", "--batch-size", "4", "--gradient-accumulation-steps",
+                            "1", "--learning-rate", "1e-2"]) == 0
+    return data, out / "final_model"
+
+
+def test_perplexity_matches_independent_computation(adapter_run, tiny_model, tmp_path):
+    import datasets
+    import torch
+
+    data, adapter = adapter_run
+    report_file = tmp_path / "e.json"
+    assert ev.main(["--model-path", str(adapter), "--dataset-path", str(data), "--compute-perplexity", "--compare-base",
+                    "--max-eval-samples", "5", "--batch-size", "2", "--output-file", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    ppl = report["metrics"]["perplexity"]
+    # Independent: one row at a time, plain loops, no batching or padding.
+    model, tok, _ = utils.load_model(str(tiny_model), backend="hf", adapter_path=adapter)
+    model.eval()
+    rows = datasets.load_from_disk(str(data))["validation"].select(range(5))
+
+    def reference(disable):
+        nll, count = 0.0, 0
+        for messages in rows["messages"]:
+            enc = utils.tokenize_for_training(utils.render_chat(messages, template=None, tokenizer=tok), tok)
+            ids = torch.tensor([enc["input_ids"]])
+            ctx = model.disable_adapter() if disable else torch.no_grad()
+            with ctx, torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            for pos in range(1, len(enc["labels"])):
+                if enc["labels"][pos] != -100:
+                    nll -= logp[pos - 1, enc["labels"][pos]].item()
+                    count += 1
+        return math.exp(nll / count), count
+
+    tuned, n = reference(False)
+    base, _ = reference(True)
+    assert ppl["finetuned"]["tokens"] == n and ppl["finetuned"]["samples"] == 5
+    assert ppl["finetuned"]["perplexity"] == pytest.approx(tuned, rel=1e-4)
+    assert ppl["base"]["perplexity"] == pytest.approx(base, rel=1e-4)
+    assert ppl["base"]["perplexity"] != pytest.approx(ppl["finetuned"]["perplexity"], rel=1e-3)  # base pass really differs
+    assert ppl["improvement_percent"] == pytest.approx(100 * (base - tuned) / base, rel=1e-3)
+    assert report["base_model"] == str(tiny_model) and report["dataset_manifest_sha256"]
+
+
+def test_base_pass_equals_plain_base_model(adapter_run, tiny_model, tmp_path):
+    """The adapter-disabled pass gives what the base model alone gives."""
+    data, _ = adapter_run
+    with_adapter = tmp_path / "a.json"
+    base_only = tmp_path / "b.json"
+    common = ["--dataset-path", str(data), "--compute-perplexity", "--max-eval-samples", "4"]
+    assert ev.main(["--model-path", str(adapter_run[1]), "--compare-base", "--output-file", str(with_adapter), *common]) == 0
+    assert ev.main(["--model-path", str(tiny_model), "--output-file", str(base_only), *common]) == 0
+    a = json.loads(with_adapter.read_text())["metrics"]["perplexity"]["base"]["perplexity"]
+    b = json.loads(base_only.read_text())["metrics"]["perplexity"]["model"]["perplexity"]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_accuracy_and_samples_report(adapter_run, tmp_path):
+    data, adapter = adapter_run
+    out = tmp_path / "r.json"
+    assert ev.main(["--model-path", str(adapter), "--dataset-path", str(data), "--compute-accuracy", "--compare-base",
+                    "--generate-samples", "--num-samples", "2", "--max-eval-samples", "3", "--max-new-tokens", "6",
+                    "--output-file", str(out)]) == 0
+    r = json.loads(out.read_text())
+    acc = r["metrics"]["accuracy"]
+    for name in ("finetuned", "base"):
+        assert acc[name]["total"] == 3 and len(acc[name]["verdicts"]) == 3
+        assert acc[name]["accuracy"] == sum(v["correct"] for v in acc[name]["verdicts"]) / 3
+    assert len(r["samples"]) == 2 and {"instruction", "ground_truth", "generated"} <= set(r["samples"][0])
+    assert r["samples"][0]["ground_truth"].startswith("<think>\n1. ") and "\n</think>\n\nAnswer: " in r["samples"][0]["ground_truth"]
+    assert r["versions"]["transformers"] and r["timings"]["model_load_s"] >= 0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so the total is \\boxed{42}.", "42"),
+    ("\\boxed{\\frac{1}{4}}", "\\frac{1}{4}"),
+    ("<think>\nmaybe 7\n</think>\n\nAnswer: 12", "12"),
+    ("The final answer is 3.5.", "3.5"),
+    ("we get 10 then 20 apples", "20"),
+    ("no number here", None),
+])
+def test_extract_final_answer(text, expected):
+    assert ev.extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize("pred,ref,same", [
+    ("\\frac{1}{4}", "$\\frac{1}{4}$", True),
+    ("0.25", "$\\frac{1}{4}$", True),
+    ("2 s", "$2\\,\\mathrm{s}$", True),
+    ("x = 5", "$x = 5$", True),
+    ("1,000", "1000", True),
+    ("12", "13", False),
+    ("Paris", "paris", True),
+    (None, "3", False),
+])
+def test_answers_match(pred, ref, same):
+    assert ev.answers_match(pred, ref) is same
+
+
+def test_batch_output_file(adapter_run, tmp_path):
+    _, adapter = adapter_run
+    instr = tmp_path / "i.json"
+    instr.write_text(json.dumps(["What is 2 + 2?", {"instruction": "Name a colour."}, "Count to three."]))
+    out = tmp_path / "inf.json"
+    assert tm.main(["--model-path", str(adapter), "--batch", "--instructions-file", str(instr), "--batch-size", "2",
+                    "--max-new-tokens", "5", "--temperature", "0", "--output-file", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["count"] == 3 and [x["instruction"] for x in r["results"]] == ["What is 2 + 2?", "Name a colour.", "Count to three."]
+    assert all(0 < x["tokens"] <= 5 and x["seconds"] >= 0 and isinstance(x["response"], str) for x in r["results"])
+    assert not (tmp_path / "inf.json.partial.jsonl").exists()
+
+
+def test_batched_greedy_equals_one_at_a_time(adapter_run, tiny_model):
+    """Left padding must not change greedy outputs."""
+    _, adapter = adapter_run
+    model, tok, _ = utils.load_model(str(tiny_model), backend="hf", adapter_path=adapter)
+    model.eval()
+    convs = [[{"role": "user", "content": q}] for q in ("Hi", "What is the capital of France and why?", "2+2?")]
+    greedy = utils.GenerationSettings(temperature=0, max_new_tokens=6, repetition_penalty=1.0)
+    batched = utils.generate_batch(model, tok, convs, greedy, batch_size=3, desc=None)
+    single = [utils.generate_batch(model, tok, [c], greedy, batch_size=1, desc=None)[0] for c in convs]
+    assert [b["response"] for b in batched] == [s["response"] for s in single]
+
+
+def test_batch_resumes_without_redoing(adapter_run, tmp_path, monkeypatch):
+    _, adapter = adapter_run
+    instr = tmp_path / "i.json"
+    instr.write_text(json.dumps([f"question {i}" for i in range(4)]))
+    out = tmp_path / "inf.json"
+    partial = tmp_path / "inf.json.partial.jsonl"
+    partial.write_text(json.dumps({"index": 1, "instruction": "question 1", "response": "KEPT", "tokens": 1, "seconds": 0.1})
+                       + "\n{\"index\": 2, \"instr")  # second line cut off by the interruption
+    seen = []
+    original = utils.generate_batch
+
+    def spy(model, tok, convs, *a, **k):
+        seen.extend(c[-1]["content"] for c in convs)
+        return original(model, tok, convs, *a, **k)
+
+    monkeypatch.setattr(utils, "generate_batch", spy)
+    assert tm.main(["--model-path", str(adapter), "--batch", "--instructions-file", str(instr), "--max-new-tokens", "3",
+                    "--output-file", str(out)]) == 0
+    assert sorted(seen) == ["question 0", "question 2", "question 3"]
+    results = json.loads(out.read_text())["results"]
+    assert results[1]["response"] == "KEPT" and [r["index"] for r in results] == [0, 1, 2, 3]
+
+
+def test_interactive_through_a_pty(adapter_run, tmp_path):
+    """Drive the chat in a pseudo-terminal: settings (bad and good), two turns, reset, quit."""
+    import pexpect
+
+    _, adapter = adapter_run
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    child = pexpect.spawn(sys.executable, [str(ROOT / "test_model.py"), "--model-path", str(adapter), "--interactive",
+                                           "--max-new-tokens", "4", "--output-file", str(tmp_path / "chat.json")],
+                          env=env, encoding="utf-8", timeout=120)
+    child.expect("you> ")
+    child.sendline("settings")
+    child.expect(r"temperature=0\.7.*repetition_penalty=1\.1")
+    child.sendline("settings top_p 7")
+    child.expect("refused: top_p 7.0 must be in")
+    child.expect("you> ")
+    child.sendline("settings temperature 0")
+    child.expect(r"temperature=0\.0")
+    child.sendline("first question")
+    child.expect("assistant> ")
+    child.expect("you> ")
+    child.sendline("second question")
+    child.expect("you> ")
+    child.sendline("reset")
+    child.expect("conversation cleared")
+    child.sendline("quit")
+    child.expect("bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    turns = json.loads((tmp_path / "chat.json").read_text())["results"]
+    assert [t["instruction"] for t in turns] == ["first question", "second question"]
+    assert json.loads((tmp_path / "chat.json").read_text())["generation"]["temperature"] == 0.0
+
+
+def test_chat_history_is_kept_across_turns(adapter_run, tiny_model, monkeypatch, capsys):
+    _, adapter = adapter_run
+    model, tok, _ = utils.load_model(str(tiny_model), backend="hf", adapter_path=adapter)
+    seen = []
+    monkeypatch.setattr(tm, "stream_reply", lambda m, t, msgs, s: seen.append(msgs) or {"response": f"r{len(seen)}", "tokens": 1, "seconds": 0})
+    lines = iter(["one", "two", "reset", "three"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None  # Ctrl-D
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    turns, _ = tm.interactive(model, tok, utils.GenerationSettings(), "SYS")
+    assert [t["instruction"] for t in turns] == ["one", "two", "three"]
+    assert [m["content"] for m in seen[1]] == ["SYS", "one", "r1", "two"]
+    assert [m["content"] for m in seen[2]] == ["SYS", "three"]  # reset cleared the history; Ctrl-D ended the loop
+
+
+BAD_EVAL = [
+    (["--model-path", "{tmp}/none"], "does not exist"),
+    (["--model-path", "{noweights}", "--is-adapter"], "no adapter_model.safetensors"),
+    (["--model-path", "{plain}", "--is-adapter"], "has no adapter_config.json"),
+    (["--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+    (["--compute-accuracy", "--dataset-path", "{noanswers}"], "no rows of split 'validation' have a reference answer"),
+    (["--split", "test"], "split 'test' not in"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_EVAL)
+def test_evaluate_bad_input(adapter_run, tmp_path, capsys, extra, message):
+    data, adapter = adapter_run
+    files = {"tmp": tmp_path, "noweights": tmp_path / "nw", "plain": tmp_path / "plain", "noanswers": tmp_path / "na"}
+    files["noweights"].mkdir()
+    (files["noweights"] / "adapter_config.json").write_text("{}")
+    files["plain"].mkdir()
+    (files["plain"] / "config.json").write_text("{}")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(10)))
+    assert dp.main(["--dataset", str(rows), "--skip-upload", "--output-dir", str(files["noanswers"])]) == 0
+    argv = ["--model-path", str(adapter), "--dataset-path", str(data), "--output-file", str(tmp_path / "o.json")]
+    argv += [e.format(**files) for e in extra]
+    capsys.readouterr()
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err[-2:]
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_mismatched_base_model(adapter_run, tmp_path, capsys):
+    from conftest import build_tiny_qwen
+    from transformers import Qwen2Config
+
+    other = tmp_path / "other"
+    build_tiny_qwen(other)
+    cfg = json.loads((other / "config.json").read_text())
+    _, adapter = adapter_run
+    # Same architecture, other width: the adapter's matrices cannot fit.
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    wide = Qwen2ForCausalLM(Qwen2Config(**{**{k: v for k, v in cfg.items() if k in Qwen2Config().to_dict()},
+                                          "hidden_size": 48, "intermediate_size": 96}))
+    wide.save_pretrained(str(other))
+    assert tm.main(["--model-path", str(adapter), "--base-model", str(other), "--instruction", "hi",
+                    "--output-file", str(tmp_path / "o.json")]) == 2
+    assert "does not fit base model" in capsys.readouterr().err
+
+
+BAD_CHAT = [
+    (["--batch", "--instructions-file", "{notlist}"], "must hold a JSON list, found a dict"),
+    (["--batch", "--instructions-file", "{badentry}"], "entry 1 is not a non-empty string"),
+    (["--batch", "--instructions-file", "{broken}"], "is not valid JSON (line 2"),
+    (["--batch"], "--batch needs --instructions-file"),
+    (["--instruction", "x", "--interactive"], "choose exactly one of"),
+    (["--instruction", "x", "--temperature", "-1"], "--temperature -1.0 must be between 0"),
+    (["--instruction", "x", "--max-new-tokens", "0"], "--max-new-tokens 0 must be between 1"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_CHAT)
+def test_chat_bad_input(adapter_run, tmp_path, capsys, extra, message):
+    _, adapter = adapter_run
+    files = {"notlist": tmp_path / "a.json", "badentry": tmp_path / "b.json", "broken": tmp_path / "c.json"}
+    files["notlist"].write_text('{"instruction": "x"}')
+    files["badentry"].write_text('["ok", {"prompt": "wrong key"}]')
+    files["broken"].write_text('[\n"a",,\n]')
+    argv = ["--model-path", str(adapter), "--output-file", str(tmp_path / "o.json")] + [e.format(**files) for e in extra]
+    assert tm.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err[-2:]
+
+
+@pytest.mark.s3
+def test_s3_model_and_dataset_paths(adapter_run, s3_env, tmp_path, monkeypatch):
+    data, adapter = adapter_run
+    monkeypatch.chdir(tmp_path)
+    utils.upload_directory(adapter, utils.S3Uri(s3_env, "adapters/r/final_model"), progress=False)
+    utils.upload_directory(data, utils.S3Uri(s3_env, "datasets/d"), progress=False)
+    out = tmp_path / "e.json"
+    assert ev.main(["--model-path", f"s3://{s3_env}/adapters/r/final_model", "--dataset-path", f"s3://{s3_env}/datasets/d",
+                    "--compute-perplexity", "--max-eval-samples", "3", "--output-file", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["perplexity"]["finetuned"]["samples"] == 3
+    assert tm.main(["--model-path", f"s3://{s3_env}/adapters/r/final_model", "--instruction", "hi", "--max-new-tokens", "3",
+                    "--output-file", str(tmp_path / "c.json")]) == 0
+
+
+@pytest.mark.gpu
+def test_unsloth_evaluate_and_chat(tmp_path, sample_dataset):
+    model = os.environ.get("RF_GPU_TEST_MODEL")
+    if not model:
+        pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
+    run = tmp_path / "run"
+    assert train_lora.main(["--model-name", model, "--dataset-path", str(sample_dataset), "--output-dir", str(run),
+                            "--max-steps", "4", "--save-steps", "4", "--backend", "unsloth"]) == 0
+    out = tmp_path / "e.json"
+    assert ev.main(["--model-path", str(run / "final_model"), "--dataset-path", str(sample_dataset), "--backend", "unsloth",
+                    "--compute-perplexity", "--compare-base", "--compute-accuracy", "--max-eval-samples", "8",
+                    "--max-new-tokens", "32", "--output-file", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["backend"] == "unsloth" and math.isfinite(r["metrics"]["perplexity"]["finetuned"]["perplexity"])
+    assert r["metrics"]["perplexity"]["base"]["perplexity"] != r["metrics"]["perplexity"]["finetuned"]["perplexity"]
+    instr = tmp_path / "i.json"
+    instr.write_text(json.dumps([f"What is {i} + {i}?" for i in range(16)]))
+    assert tm.main(["--model-path", str(run / "final_model"), "--backend", "unsloth", "--batch", "--instructions-file",
+                    str(instr), "--max-new-tokens", "32", "--output-file", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["count"] == 16
