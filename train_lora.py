@@ -234,6 +234,20 @@ def attach_lora(model, info: dict, args):
     return get_peft_model(model, config)
 
 
+PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2",
+                     "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
+
+
+def check_packing(args, model, info: dict) -> None:
+    """Packed rows share one sequence; only varlen attention keeps them from attending to each other."""
+    if not args.packing or info["backend"] == "unsloth":
+        return
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in PACKING_ATTENTION:
+        raise UserError(f"--packing with attention {impl!r} would let packed rows attend to each other; "
+                        "use the unsloth backend on a GPU, install flash-attn, or drop --packing")
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
@@ -683,6 +697,7 @@ def main(argv=None) -> int:
     model, tokenizer, info = utils.load_model(args.model_name, backend=backend, max_seq_length=args.max_seq_length,
                                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
     print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
+    check_packing(args, model, info)
     template_name, template_source = choose_template(args, manifest, tokenizer)
     train_ds, eval_ds = tokenize_splits(dd, tokenizer, template_source, args)
     model = attach_lora(model, info, args)

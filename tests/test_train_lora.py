@@ -214,6 +214,7 @@ BAD = [
     (["--learning-rate", "5"], "--learning-rate 5.0 must be in (0, 1)"),
     (["--save-steps", "10", "--eval-steps", "3"], "must be a multiple of --eval-steps"),
     (["--backend", "unsloth"], "needs a CUDA GPU"),
+    (["--packing"], "would let packed rows attend to each other"),
 ]
 
 
