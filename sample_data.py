@@ -20,7 +20,7 @@ def _shopping(r: random.Random) -> tuple[str, list[str], int]:
     pa, pb, na, nb = r.randint(2, 15), r.randint(1, 9), r.randint(2, 9), r.randint(2, 12)
     cost_a, cost_b = pa * na, pb * nb
     total = cost_a + cost_b
-    bill = next(b for b in (20, 50, 100, 200) if b >= total)
+    bill = next(b for b in (20, 50, 100, 200, 500) if b >= total)  # total is at most 15*9 + 9*12 = 243
     q = (f"A shop sells {a_many} for ${pa} each and {b_many} for ${pb} each. {name} buys {na} {a_many} "
          f"and {nb} {b_many} and pays with a ${bill} bill. How much change, in dollars, does {name} get?")
     steps = [f"The {a_many} cost {na} x ${pa} = ${cost_a}.", f"The {b_many} cost {nb} x ${pb} = ${cost_b}.",
@@ -40,7 +40,7 @@ def _distance(r: random.Random) -> tuple[str, list[str], int]:
 
 def _discount(r: random.Random) -> tuple[str, list[str], int]:
     pct = r.choice([10, 20, 25, 50])
-    price = r.randint(2, 40) * (100 // {10: 10, 20: 5, 25: 4, 50: 2}[pct])
+    price = r.randint(2, 200) * (100 // {10: 10, 20: 5, 25: 4, 50: 2}[pct])
     coupon = r.randint(1, 9)
     off = price * pct // 100
     final = price - off - coupon
@@ -53,7 +53,7 @@ def _discount(r: random.Random) -> tuple[str, list[str], int]:
 
 def _ages(r: random.Random) -> tuple[str, list[str], int]:
     name = r.choice(NAMES)
-    son, k, years = r.randint(3, 15), r.randint(2, 5), r.randint(2, 12)
+    son, k, years = r.randint(3, 40), r.randint(2, 6), r.randint(1, 30)
     total = (k + 1) * son + 2 * years
     q = (f"{name} is {k} times as old as their child. In {years} years, the sum of their ages will be {total}. "
          "How old is the child now?")
@@ -75,7 +75,7 @@ def _boxes(r: random.Random) -> tuple[str, list[str], int]:
 
 
 def _series(r: random.Random) -> tuple[str, list[str], int]:
-    a, d, n = r.randint(1, 20), r.randint(1, 9), r.randint(5, 20)
+    a, d, n = r.randint(1, 50), r.randint(1, 15), r.randint(5, 30)
     last = a + (n - 1) * d
     total = n * (a + last) // 2
     q = (f"A runner runs {a} km in week 1 and adds {d} km every week. How many kilometres has she run in total "
@@ -87,7 +87,7 @@ def _series(r: random.Random) -> tuple[str, list[str], int]:
 
 
 def _path_area(r: random.Random) -> tuple[str, list[str], int]:
-    length, width, w = r.randint(5, 30), r.randint(3, 20), r.randint(1, 3)
+    length, width, w = r.randint(5, 60), r.randint(3, 40), r.randint(1, 5)
     outer_l, outer_w = length + 2 * w, width + 2 * w
     area = outer_l * outer_w - length * width
     q = (f"A rectangular garden is {length} m by {width} m. A path {w} m wide runs all the way around it. "

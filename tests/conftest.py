@@ -64,6 +64,7 @@ def _weed_binary() -> str:
 class S3Server:
     def __init__(self, workdir: Path):
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
         ports = _free_ports(11)
         self.ports = dict(zip(["master", "volume", "filer", "s3", "admin"], ports[:5]))
@@ -112,6 +113,8 @@ class S3Server:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
 
 
 @pytest.fixture(scope="session")
