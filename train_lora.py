@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name (default: %(default)s)")
     t.add_argument("--optim", default="auto", help="optimizer; auto = adamw_8bit where bitsandbytes works, else adamw_torch")
     t.add_argument("--seed", type=int, default=3407, help="(default: %(default)s)")
+    t.add_argument("--gradient-checkpointing", choices=["auto", "unsloth", "on", "off"], default="auto",
+                   help="auto: Unsloth's offloaded checkpointing on that backend, plain checkpointing on other "
+                        "GPUs, off on CPU (default: %(default)s)")
     t.add_argument("--logging-steps", type=int, default=1, help="(default: %(default)s)")
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora-r", type=int, default=16, help="(default: %(default)s)")
@@ -222,12 +225,13 @@ def attach_lora(model, info: dict, args):
 
         return FastLanguageModel.get_peft_model(
             model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-            bias="none", use_gradient_checkpointing="unsloth", random_state=args.seed, max_seq_length=args.max_seq_length,
+            bias="none", use_gradient_checkpointing={"auto": "unsloth", "unsloth": "unsloth", "on": True, "off": False}[
+                args.gradient_checkpointing], random_state=args.seed, max_seq_length=args.max_seq_length,
         )
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if info.get("load_in_4bit"):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing != "off",
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
@@ -456,14 +460,15 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, op
     return trainer
 
 
-def precision_plan(info: dict) -> dict:
+def precision_plan(info: dict, checkpointing: str = "auto") -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        return {"bf16": False, "fp16": False, "use_cpu": True, "gradient_checkpointing": False}
+        return {"bf16": False, "fp16": False, "use_cpu": True, "gradient_checkpointing": checkpointing == "on"}
     bf16 = torch.cuda.is_bf16_supported()
-    # Unsloth turns on its own offloaded gradient checkpointing in get_peft_model.
-    return {"bf16": bf16, "fp16": not bf16, "use_cpu": False, "gradient_checkpointing": info["backend"] == "hf"}
+    # Unsloth sets up its own checkpointing in get_peft_model; the Trainer must not add another layer of it.
+    hf_ckpt = info["backend"] == "hf" and checkpointing != "off"
+    return {"bf16": bf16, "fp16": not bf16, "use_cpu": False, "gradient_checkpointing": hf_ckpt}
 
 
 def _trainer_callback_base():
@@ -709,7 +714,7 @@ def main(argv=None) -> int:
     resume = resolve_resume(args, output_dir)
     config = training_config(args, info, manifest, template_name, optim)
     utils.atomic_write_json(output_dir / "training_config.json", config)
-    trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info), optim)
+    trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info, args.gradient_checkpointing), optim)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
