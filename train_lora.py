@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name (default: %(default)s)")
     t.add_argument("--optim", default="auto", help="optimizer; auto = adamw_8bit where bitsandbytes works, else adamw_torch")
     t.add_argument("--seed", type=int, default=3407, help="(default: %(default)s)")
+    t.add_argument("--auto-batch", action="store_true",
+                   help="pick micro-batch and checkpointing from the GPU's free memory, keeping the effective batch")
+    t.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="treat the GPU as having this much memory (caps this process to it); default: what is free")
     t.add_argument("--gradient-checkpointing", choices=["auto", "unsloth", "on", "off"], default="auto",
                    help="auto: Unsloth's offloaded checkpointing on that backend, plain checkpointing on other "
                         "GPUs, off on CPU (default: %(default)s)")
@@ -250,6 +254,64 @@ def check_packing(args, model, info: dict) -> None:
     if impl not in PACKING_ATTENTION:
         raise UserError(f"--packing with attention {impl!r} would let packed rows attend to each other; "
                         "use the unsloth backend on a GPU, install flash-attn, or drop --packing")
+
+
+# Activation memory per token, calibrated on the lent H100 with a Qwen2.5-3B-shaped model at sequence
+# length 2048 under Unsloth (benchmarks/RESULTS.md): 2.66 MiB per token without checkpointing,
+# 0.17 MiB with Unsloth's offloaded checkpointing; scaled here by layer count and widths.
+def activation_bytes_per_token(config, checkpointing: bool) -> float:
+    layers, hidden, inter = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+    if checkpointing:
+        return layers * 2 * hidden * 1.2
+    return layers * 2 * (10.5 * hidden + 1.6 * inter)
+
+
+def plan_auto_batch(config, seq_len: int, effective: int, budget_gib: float, base_gib: float) -> dict:
+    """Largest micro-batch (a divisor of the effective batch) that fits, preferring no checkpointing.
+
+    Keeps 15% of the budget free for allocator fragmentation and transient buffers.
+    """
+    usable = 0.85 * budget_gib
+    divisors = [d for d in range(effective, 0, -1) if effective % d == 0]
+    for checkpointing in (False, True):
+        per_sample = activation_bytes_per_token(config, checkpointing) * seq_len / 2**30
+        for micro in divisors:
+            predicted = base_gib + micro * per_sample
+            if predicted <= usable:
+                return {"batch_size": micro, "gradient_accumulation_steps": effective // micro,
+                        "gradient_checkpointing": "unsloth" if checkpointing else "off",
+                        "predicted_peak_gib": round(predicted, 2), "budget_gib": round(budget_gib, 2)}
+    return {"batch_size": 1, "gradient_accumulation_steps": effective, "gradient_checkpointing": "unsloth",
+            "predicted_peak_gib": round(base_gib + activation_bytes_per_token(config, True) * seq_len / 2**30, 2),
+            "budget_gib": round(budget_gib, 2)}
+
+
+def apply_auto_batch(args, model, info: dict) -> dict | None:
+    """Resolve --auto-batch (and --gpu-memory-gib) into batch size, accumulation and checkpointing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        if args.auto_batch:
+            log.info("--auto-batch: no GPU, keeping batch %d x %d", args.batch_size, args.gradient_accumulation_steps)
+        return None
+    free, total = torch.cuda.mem_get_info()
+    if args.gpu_memory_gib:
+        fraction = min(1.0, args.gpu_memory_gib * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(fraction)
+    if not args.auto_batch:
+        return None
+    used = torch.cuda.memory_allocated() / 2**30
+    budget = args.gpu_memory_gib if args.gpu_memory_gib else used + free / 2**30
+    effective = args.batch_size * args.gradient_accumulation_steps
+    plan = plan_auto_batch(model.config, args.max_seq_length, effective, budget, base_gib=used + 0.5)
+    if info["backend"] != "unsloth" and plan["gradient_checkpointing"] == "unsloth":
+        plan["gradient_checkpointing"] = "on"
+    args.batch_size, args.gradient_accumulation_steps = plan["batch_size"], plan["gradient_accumulation_steps"]
+    args.gradient_checkpointing = plan["gradient_checkpointing"]
+    print(f"auto-batch: {plan['budget_gib']} GiB budget -> micro-batch {args.batch_size} x accumulation "
+          f"{args.gradient_accumulation_steps} (effective {effective}), checkpointing {args.gradient_checkpointing}, "
+          f"predicted peak {plan['predicted_peak_gib']} GiB")
+    return plan
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -703,6 +765,7 @@ def main(argv=None) -> int:
                                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
     print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
     check_packing(args, model, info)
+    auto_plan = apply_auto_batch(args, model, info)
     template_name, template_source = choose_template(args, manifest, tokenizer)
     train_ds, eval_ds = tokenize_splits(dd, tokenizer, template_source, args)
     model = attach_lora(model, info, args)
@@ -713,6 +776,7 @@ def main(argv=None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     resume = resolve_resume(args, output_dir)
     config = training_config(args, info, manifest, template_name, optim)
+    config["auto_batch_plan"] = auto_plan
     utils.atomic_write_json(output_dir / "training_config.json", config)
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info, args.gradient_checkpointing), optim)
     if torch.cuda.is_available():

@@ -142,9 +142,12 @@ def worker_suite(opts) -> dict:
             "--gradient-checkpointing", opts.checkpointing]
     if opts.packing:
         argv.append("--packing")
+    if opts.auto_batch:
+        argv += ["--auto-batch"] + (["--gpu-memory-gib", str(opts.gpu_memory_gib)] if opts.gpu_memory_gib else [])
     args = train_lora.build_parser().parse_args(argv)
     args.run_name = "bench"
     model, tok, info = utils.load_model(opts.model, backend="unsloth", max_seq_length=SEQ)
+    plan = train_lora.apply_auto_batch(args, model, info)
     model = train_lora.attach_lora(model, info, args)
     rows = load_rows(opts.data)
     store: dict = {}
@@ -153,7 +156,7 @@ def worker_suite(opts) -> dict:
                                        "adamw_8bit")
     trainer.add_callback(timing_callback(opts.warmup, store))
     trainer.train()
-    return finish(store, trainer, model)
+    return {**finish(store, trainer, model), "plan": plan}
 
 
 def finish(store: dict, trainer, model) -> dict:
@@ -187,7 +190,46 @@ def worker_matmul(_opts) -> dict:
     return {"bf16_tflops": 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12}
 
 
-WORKERS = {"baseline": worker_baseline, "suite": worker_suite, "matmul": worker_matmul}
+def worker_inference(opts) -> dict:
+    """test_model.py --batch's generation path, batched against one prompt at a time, and
+    evaluate_model.py's perplexity pass, on the same loaded model."""
+    import utils
+
+    utils.import_unsloth_first()
+    import torch
+
+    import evaluate_model
+
+    model, tok, info = utils.load_model(opts.model, backend="unsloth", max_seq_length=SEQ)
+    model = utils.prepare_for_inference(model, info["backend"])
+    rng = random.Random(0)
+    words = ["train", "price", "apple", "garden", "runner", "machine", "ticket", "answer", "total", "step"]
+    convs = [[{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))}]
+             for _ in range(opts.prompts)]
+    settings = utils.GenerationSettings(temperature=0, max_new_tokens=opts.new_tokens, repetition_penalty=1.0)
+    utils.generate_batch(model, tok, convs[:2], settings, batch_size=2, desc=None)  # warm-up
+    out = {}
+    for name, bs in (("batched", opts.prompts), ("one_at_a_time", 1)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res = utils.generate_batch(model, tok, convs, settings, batch_size=bs, desc=None)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        tokens = sum(r["tokens"] for r in res)
+        out[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    rows = fixed_rows(64, 1024)
+    t0 = time.perf_counter()
+    ppl = evaluate_model.perplexity(model, rows, 8, tok.pad_token_id, "perplexity")
+    torch.cuda.synchronize()
+    out["perplexity"] = {"tokens": ppl["tokens"], "seconds": time.perf_counter() - t0,
+                         "target_tokens_per_s": ppl["tokens"] / (time.perf_counter() - t0),
+                         "input_tokens_per_s": 64 * 1024 / (time.perf_counter() - t0)}
+    out["batched_speedup"] = out["batched"]["tokens_per_s"] / out["one_at_a_time"]["tokens_per_s"]
+    out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return out
+
+
+WORKERS = {"baseline": worker_baseline, "suite": worker_suite, "matmul": worker_matmul, "inference": worker_inference}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="steps not timed (default: %(default)s)")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--grid", action="store_true", help="also time fixed micro-batch / checkpointing combinations")
     # worker-only options
     p.add_argument("--worker", default=None)
     p.add_argument("--model", default=None)
@@ -228,6 +271,10 @@ def main(argv=None) -> int:
     p.add_argument("--accum", type=int, default=ACCUM)
     p.add_argument("--checkpointing", default="unsloth")
     p.add_argument("--packing", type=int, default=0)
+    p.add_argument("--auto-batch", type=int, default=0)
+    p.add_argument("--gpu-memory-gib", type=float, default=0)
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
     opts = p.parse_args(argv)
     if opts.worker:
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
@@ -255,14 +302,29 @@ def orchestrate(opts) -> int:
         data.write_text(json.dumps(fixed_rows(rows_needed, SEQ)))
         results["baseline"] = run_worker("baseline", data=data, **common)
         results["suite"] = run_worker("suite", data=data, checkpointing="unsloth", **common)
-        for micro, ckpt in [(8, "off"), (4, "off"), (8, "unsloth")]:
-            results[f"suite_mb{micro}_{ckpt}"] = run_worker("suite", data=data, micro=micro, accum=MICRO * ACCUM // micro,
-                                                            checkpointing=ckpt, **common)
+        if opts.grid:
+            for micro, ckpt in [(8, "off"), (4, "off"), (8, "unsloth")]:
+                results[f"suite_mb{micro}_{ckpt}"] = run_worker("suite", data=data, micro=micro,
+                                                                accum=MICRO * ACCUM // micro, checkpointing=ckpt, **common)
+    if "autobatch" in opts.parts:
+        data = tmp / "fixed.json"
+        data.write_text(json.dumps(fixed_rows(rows_needed, SEQ)))
+        results["suite_auto"] = run_worker("suite", data=data, auto_batch=1, **common)
+        results["suite_auto_24gib"] = run_worker("suite", data=data, auto_batch=1, gpu_memory_gib=24, **common)
+        if "suite" not in results:
+            results["suite"] = run_worker("suite", data=data, checkpointing="unsloth", **common)
+        ref = results["suite"].get("losses", [])
+        for name in ("suite_auto", "suite_auto_24gib"):
+            got = results[name].get("losses", [])
+            if ref and got:
+                results[name]["max_rel_loss_diff_vs_suite"] = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
     if "varlen" in opts.parts:
         data = tmp / "varlen.json"
         data.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
         results["varlen_padded"] = run_worker("suite", data=data, packing=0, **common)
         results["varlen_packed"] = run_worker("suite", data=data, packing=1, **common)
+    if "inference" in opts.parts:
+        results["inference"] = run_worker("inference", model=model_dir, prompts=opts.prompts, new_tokens=opts.new_tokens)
     (out / f"bench_{opts.shape}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "losses"} if isinstance(v, dict) else v
                       for k, v in results.items()}, indent=1))

@@ -262,3 +262,34 @@ def test_unsloth_4bit_trains_saves_reloads(tmp_path, sample_dataset):
     ids = tok("<|im_start|>user\nHi<|im_end|>\n", return_tensors="pt").input_ids.to(m.device)
     with torch.no_grad():
         assert torch.isfinite(m(input_ids=ids).logits).all()
+
+
+def test_micro_batching_does_not_change_the_loss_curve(tmp_path, tiny_model, sample_dataset):
+    """What --auto-batch changes (micro-batch x accumulation at the same product) leaves the
+    per-step losses as they were: the loss is a token-level mean over the whole effective batch."""
+    curves = []
+    for micro, accum in ((2, 4), (8, 1)):
+        out = tmp_path / f"mb{micro}"
+        code = train_lora.main(["--model-name", str(tiny_model), "--dataset-path", str(sample_dataset), "--output-dir",
+                                str(out), "--max-steps", "5", "--save-steps", "5", "--batch-size", str(micro),
+                                "--gradient-accumulation-steps", str(accum), "--learning-rate", "5e-3", "--seed", "2"])
+        assert code == 0
+        history = json.loads((out / "training_metrics.json").read_text())["history"]
+        curves.append([h["loss"] for h in history if "loss" in h])
+    assert len(curves[0]) == 5
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_auto_batch_plan_keeps_effective_batch_and_budget():
+    from transformers import Qwen2Config
+
+    shape = Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                        num_key_value_heads=2)
+    roomy = train_lora.plan_auto_batch(shape, 2048, 8, budget_gib=79, base_gib=2.5)
+    small = train_lora.plan_auto_batch(shape, 2048, 8, budget_gib=24, base_gib=2.5)
+    tiny = train_lora.plan_auto_batch(shape, 2048, 8, budget_gib=6, base_gib=2.5)
+    assert (roomy["batch_size"], roomy["gradient_checkpointing"]) == (8, "off")
+    assert small["gradient_checkpointing"] == "off" and small["predicted_peak_gib"] <= 0.85 * 24
+    assert tiny["gradient_checkpointing"] == "unsloth"
+    for plan in (roomy, small, tiny):
+        assert plan["batch_size"] * plan["gradient_accumulation_steps"] == 8
