@@ -266,24 +266,29 @@ def activation_bytes_per_token(config, checkpointing: bool) -> float:
     return layers * 2 * (10.5 * hidden + 1.6 * inter)
 
 
-def plan_auto_batch(config, seq_len: int, effective: int, budget_gib: float, base_gib: float) -> dict:
-    """Largest micro-batch (a divisor of the effective batch) that fits, preferring no checkpointing.
+# Cost of one optimizer step, in token-equivalents: every micro-batch pass pays a fixed price for
+# dequantising the 4-bit weights (about 5,500 tokens' worth on the H100, fitted to the measured
+# grid in benchmarks/RESULTS.md), paid twice with checkpointing (the recompute dequantises again),
+# and checkpointing's recompute adds about a third to the per-token work.
+DEQUANT_TOKENS, RECOMPUTE_FACTOR = 5500, 1.33
 
-    Keeps 15% of the budget free for allocator fragmentation and transient buffers.
-    """
+
+def plan_auto_batch(config, seq_len: int, effective: int, budget_gib: float, base_gib: float) -> dict:
+    """The fastest (micro-batch, checkpointing) that fits the budget, micro-batch dividing the
+    effective batch. Keeps 15% of the budget free for fragmentation and transient buffers."""
     usable = 0.85 * budget_gib
-    divisors = [d for d in range(effective, 0, -1) if effective % d == 0]
+    options = []
     for checkpointing in (False, True):
         per_sample = activation_bytes_per_token(config, checkpointing) * seq_len / 2**30
-        for micro in divisors:
+        for micro in (d for d in range(effective, 0, -1) if effective % d == 0):
             predicted = base_gib + micro * per_sample
-            if predicted <= usable:
-                return {"batch_size": micro, "gradient_accumulation_steps": effective // micro,
-                        "gradient_checkpointing": "unsloth" if checkpointing else "off",
-                        "predicted_peak_gib": round(predicted, 2), "budget_gib": round(budget_gib, 2)}
-    return {"batch_size": 1, "gradient_accumulation_steps": effective, "gradient_checkpointing": "unsloth",
-            "predicted_peak_gib": round(base_gib + activation_bytes_per_token(config, True) * seq_len / 2**30, 2),
-            "budget_gib": round(budget_gib, 2)}
+            passes = (effective // micro) * (2 if checkpointing else 1)
+            cost = passes * DEQUANT_TOKENS + effective * seq_len * (RECOMPUTE_FACTOR if checkpointing else 1.0)
+            options.append((predicted > usable, cost, micro, checkpointing, predicted))
+    over, _, micro, checkpointing, predicted = min(options, key=lambda o: (o[0], o[0] and o[4], o[1]))
+    return {"batch_size": micro, "gradient_accumulation_steps": effective // micro,
+            "gradient_checkpointing": "unsloth" if checkpointing else "off", "predicted_peak_gib": round(predicted, 2),
+            "budget_gib": round(budget_gib, 2), "fits": not over}
 
 
 def apply_auto_batch(args, model, info: dict) -> dict | None:

@@ -306,16 +306,16 @@ def orchestrate(opts) -> int:
             for micro, ckpt in [(8, "off"), (4, "off"), (8, "unsloth")]:
                 results[f"suite_mb{micro}_{ckpt}"] = run_worker("suite", data=data, micro=micro,
                                                                 accum=MICRO * ACCUM // micro, checkpointing=ckpt, **common)
-    if "autobatch" in opts.parts:
+    if "auto" in opts.parts:  # auto80, auto24, or both through "autobatch"
         data = tmp / "fixed.json"
         data.write_text(json.dumps(fixed_rows(rows_needed, SEQ)))
-        results["suite_auto"] = run_worker("suite", data=data, auto_batch=1, **common)
-        results["suite_auto_24gib"] = run_worker("suite", data=data, auto_batch=1, gpu_memory_gib=24, **common)
-        if "suite" not in results:
-            results["suite"] = run_worker("suite", data=data, checkpointing="unsloth", **common)
-        ref = results["suite"].get("losses", [])
+        if "auto80" in opts.parts or "autobatch" in opts.parts:
+            results["suite_auto"] = run_worker("suite", data=data, auto_batch=1, **common)
+        if "auto24" in opts.parts or "autobatch" in opts.parts:
+            results["suite_auto_24gib"] = run_worker("suite", data=data, auto_batch=1, gpu_memory_gib=24, **common)
+        ref = results.get("suite", {}).get("losses", [])
         for name in ("suite_auto", "suite_auto_24gib"):
-            got = results[name].get("losses", [])
+            got = results.get(name, {}).get("losses", [])
             if ref and got:
                 results[name]["max_rel_loss_diff_vs_suite"] = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
     if "varlen" in opts.parts:

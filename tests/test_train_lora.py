@@ -289,7 +289,9 @@ def test_auto_batch_plan_keeps_effective_batch_and_budget():
     small = train_lora.plan_auto_batch(shape, 2048, 8, budget_gib=24, base_gib=2.5)
     tiny = train_lora.plan_auto_batch(shape, 2048, 8, budget_gib=6, base_gib=2.5)
     assert (roomy["batch_size"], roomy["gradient_checkpointing"]) == (8, "off")
-    assert small["gradient_checkpointing"] == "off" and small["predicted_peak_gib"] <= 0.85 * 24
-    assert tiny["gradient_checkpointing"] == "unsloth"
+    # At 24 GB only micro-batch 2 fits without checkpointing; one checkpointed pass of 8 is cheaper.
+    assert (small["batch_size"], small["gradient_checkpointing"]) == (8, "unsloth")
+    assert small["predicted_peak_gib"] <= 0.85 * 24
+    assert tiny["gradient_checkpointing"] == "unsloth" and tiny["predicted_peak_gib"] <= 0.85 * 6
     for plan in (roomy, small, tiny):
-        assert plan["batch_size"] * plan["gradient_accumulation_steps"] == 8
+        assert plan["batch_size"] * plan["gradient_accumulation_steps"] == 8 and plan["fits"]
