@@ -237,6 +237,10 @@ WORKERS = {"baseline": worker_baseline, "suite": worker_suite, "matmul": worker_
 # ---------------------------------------------------------------------------------------------
 
 
+_RESULTS_FILE: Path | None = None
+_RESULTS: dict = {}
+
+
 def run_worker(name: str, **kw) -> dict:
     cmd = [sys.executable, __file__, "--worker", name] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     t0 = time.time()
@@ -247,6 +251,9 @@ def run_worker(name: str, **kw) -> dict:
         print(f"[{name}] failed:\n{tail}", file=sys.stderr)
         return {"error": tail[-500:]}
     result = json.loads(lines[-1][7:])
+    _RESULTS.setdefault("runs", []).append({"worker": name, **{k: str(v) for k, v in kw.items()}, **result})
+    if _RESULTS_FILE is not None:  # kept current, so a run cut short still leaves what it measured
+        _RESULTS_FILE.write_text(json.dumps(_RESULTS, indent=2))
     print(f"[{name} {kw.get('micro', '')}x{kw.get('accum', '')} ckpt={kw.get('checkpointing', '')} "
           f"packing={kw.get('packing', '')}] {result.get('tokens_per_s', 0):,.0f} tok/s, "
           f"peak {result.get('peak_reserved_gib', 0):.2f} GiB ({time.time() - t0:.0f} s)", flush=True)
@@ -294,7 +301,11 @@ def orchestrate(opts) -> int:
         make_model.build(opts.shape, model_dir)
     results: dict = {"shape": opts.shape, "seq": SEQ, "micro": MICRO, "accum": ACCUM, "steps": opts.steps,
                      "warmup": opts.warmup}
+    global _RESULTS_FILE
+    _RESULTS_FILE = out / f"bench_{opts.shape}_runs.json"
     results["gpu"] = run_worker("matmul")
+    if "inference" in opts.parts:
+        results["inference"] = run_worker("inference", model=model_dir, prompts=opts.prompts, new_tokens=opts.new_tokens)
     rows_needed = (opts.steps + 1) * MICRO * ACCUM * 4
     common = dict(model=model_dir, tmp=tmp / "run", warmup=opts.warmup, steps=opts.steps)
     if "fixed" in opts.parts:
@@ -323,8 +334,6 @@ def orchestrate(opts) -> int:
         data.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
         results["varlen_padded"] = run_worker("suite", data=data, packing=0, **common)
         results["varlen_packed"] = run_worker("suite", data=data, packing=1, **common)
-    if "inference" in opts.parts:
-        results["inference"] = run_worker("inference", model=model_dir, prompts=opts.prompts, new_tokens=opts.new_tokens)
     (out / f"bench_{opts.shape}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "losses"} if isinstance(v, dict) else v
                       for k, v in results.items()}, indent=1))
