@@ -183,7 +183,8 @@ def tokenize_splits(dd, tokenizer, template_source: str, args):
     out = {}
     for split in ("train", "validation"):
         ds = dd[split]
-        ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+        # In memory: no cache files written into the prepared dataset folder (shared by every rank).
+        ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {split}", keep_in_memory=True)
         no_target = sum(1 for n in ds["n_target"] if n == 0)
         if no_target > len(ds) // 2:
             raise UserError(
@@ -195,7 +196,7 @@ def tokenize_splits(dd, tokenizer, template_source: str, args):
         truncated = sum(ds["truncated"])
         if truncated:
             log.warning("%s: %d rows truncated to %d tokens", split, truncated, limit)
-        ds = ds.filter(lambda r: r["n_target"] > 0).remove_columns(["n_target", "truncated"])
+        ds = ds.filter(lambda r: r["n_target"] > 0, keep_in_memory=True).remove_columns(["n_target", "truncated"])
         out[split] = ds
     return out["train"], out["validation"]
 
@@ -508,7 +509,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, op
         gradient_checkpointing_kwargs={"use_reentrant": False} if precision["gradient_checkpointing"] else None,
         bf16=precision["bf16"], fp16=precision["fp16"], use_cpu=precision["use_cpu"],
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, save_only_model=False,
+        dataloader_num_workers=0, save_only_model=False, ddp_find_unused_parameters=False,
     )
     callbacks = [StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl"),
                  EvalAtEpochEnd(),
@@ -723,16 +724,16 @@ def push_to_hub(final: Path, repo: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name):
+def print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name, processes=1):
     trainable, total = params
-    eff = args.batch_size * args.gradient_accumulation_steps
+    eff = args.batch_size * args.gradient_accumulation_steps * processes
     print("=" * 72)
     print(f"Model:      {args.model_name}  [backend {info['backend']}: {info['backend_reason']}]")
     print(f"Precision:  {info.get('dtype')}, 4-bit {'on' if info.get('load_in_4bit') else 'off'}")
     print(f"Dataset:    {args.dataset_path}: train {len(train_ds)} / validation {len(eval_ds)} rows "
           f"(template {template_name}, loss on {'assistant tokens' if args.train_on_responses_only else 'all tokens'})")
     print(f"Training:   epochs {args.num_epochs}, max steps {args.max_steps}, batch {args.batch_size} x accum "
-          f"{args.gradient_accumulation_steps} = {eff}, lr {args.learning_rate} ({args.lr_scheduler}), "
+          f"{args.gradient_accumulation_steps}{f' x {processes} processes' if processes > 1 else ''} = {eff}, lr {args.learning_rate} ({args.lr_scheduler}), "
           f"optim {optim} ({optim_reason})")
     print(f"LoRA:       r {args.lora_r}, alpha {args.lora_alpha}, dropout {args.lora_dropout}, targets {args.target_modules}")
     print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
@@ -749,47 +750,29 @@ def training_config(args, info, manifest, template_name, optim) -> dict:
     return utils.redact_secrets(cfg)
 
 
-@utils.cli_entry
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    utils.setup_logging(args.verbose)
-    validate_args(args)
-    args.run_name = args.run_name or Path(args.output_dir).resolve().name
-    output_dir = Path(args.output_dir)
-    backend, _ = utils.choose_backend(args.backend)
-    if backend == "unsloth":
-        utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
-    preflight_hub(args.push_to_hub)
-
-    dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
+def distributed_state():
+    """Accelerate's process state: rank 0 alone prints, writes and uploads under accelerate/torchrun."""
     import torch
-    from transformers import set_seed
+    from accelerate import PartialState
 
-    set_seed(args.seed)
-    model, tokenizer, info = utils.load_model(args.model_name, backend=backend, max_seq_length=args.max_seq_length,
-                                              load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
-    print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
-    check_packing(args, model, info)
-    auto_plan = apply_auto_batch(args, model, info)
-    template_name, template_source = choose_template(args, manifest, tokenizer)
-    train_ds, eval_ds = tokenize_splits(dd, tokenizer, template_source, args)
-    model = attach_lora(model, info, args)
-    params = count_parameters(model)
-    optim, optim_reason = choose_optim(args.optim)
-    print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name)
+    # On CPU, torchrun/accelerate workers only form a (gloo) group when told they run on CPU.
+    return PartialState(cpu=not torch.cuda.is_available())
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resume = resolve_resume(args, output_dir)
-    config = training_config(args, info, manifest, template_name, optim)
-    config["auto_batch_plan"] = auto_plan
-    utils.atomic_write_json(output_dir / "training_config.json", config)
-    trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info, args.gradient_checkpointing), optim)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    runtime = time.perf_counter() - start
 
+def resume_on_all_ranks(args, output_dir: Path, state) -> str | None:
+    """Rank 0 finds (and, from S3, downloads) the checkpoint; the others wait and take the same one."""
+    resume = resolve_resume(args, output_dir) if state.is_main_process else None
+    state.wait_for_everyone()
+    if not state.is_main_process and args.resume_from_checkpoint:
+        complete = [p for p in local_checkpoints(output_dir) if checkpoint_problem(p) is None]
+        resume = str(complete[-1]) if args.resume_from_checkpoint == "latest" and complete else (
+            args.resume_from_checkpoint if args.resume_from_checkpoint != "latest" else None)
+    return resume
+
+
+def finish_run(trainer, tokenizer, args, info, manifest, template_name, result, params, runtime) -> None:
+    """Rank 0: final adapter, metrics, plot, uploads and the closing summary."""
+    output_dir = Path(args.output_dir)
     run_info = {"base_model": args.model_name, "backend": info["backend"], "chat_template": template_name,
                 "max_seq_length": args.max_seq_length, "train_on_responses_only": args.train_on_responses_only,
                 "dataset_manifest_sha256": manifest.get("content_sha256"), "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -819,6 +802,55 @@ def main(argv=None) -> int:
         print(f"S3 URI: {run_uri.join('final_model')}")
     if args.push_to_hub:
         print(f"Hub: https://huggingface.co/{args.push_to_hub}")
+
+
+@utils.cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    utils.setup_logging(args.verbose)
+    validate_args(args)
+    args.run_name = args.run_name or Path(args.output_dir).resolve().name
+    output_dir = Path(args.output_dir)
+    backend, _ = utils.choose_backend(args.backend)
+    if backend == "unsloth":
+        utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
+    state = distributed_state()
+    main_rank = state.is_main_process
+    preflight_hub(args.push_to_hub)
+
+    dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
+    import torch
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    model, tokenizer, info = utils.load_model(args.model_name, backend=backend, max_seq_length=args.max_seq_length,
+                                              load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
+    if main_rank:
+        print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
+    check_packing(args, model, info)
+    auto_plan = apply_auto_batch(args, model, info)
+    template_name, template_source = choose_template(args, manifest, tokenizer)
+    train_ds, eval_ds = tokenize_splits(dd, tokenizer, template_source, args)
+    model = attach_lora(model, info, args)
+    params = count_parameters(model)
+    optim, optim_reason = choose_optim(args.optim)
+    if main_rank:
+        print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name, state.num_processes)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    resume = resume_on_all_ranks(args, output_dir, state)
+    if main_rank:
+        config = training_config(args, info, manifest, template_name, optim)
+        config.update(auto_batch_plan=auto_plan, processes=state.num_processes)
+        utils.atomic_write_json(output_dir / "training_config.json", config)
+    trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info, args.gradient_checkpointing), optim)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - start
+    if main_rank:
+        finish_run(trainer, tokenizer, args, info, manifest, template_name, result, params, runtime)
+    state.wait_for_everyone()
     return 0
 
 
