@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import re
@@ -34,13 +33,7 @@ log = logging.getLogger("reasonforge.eval")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m = p.add_argument_group("model")
-    m.add_argument("--model-path", required=True, help="adapter or model folder, s3:// URI, or Hub id")
-    m.add_argument("--is-adapter", action="store_true", help="insist that --model-path is an adapter (detected anyway)")
-    m.add_argument("--base-model", default=None, help="base model (default: the one recorded with the adapter)")
-    m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto", help="(default: %(default)s)")
-    m.add_argument("--max-seq-length", type=int, default=2048, help="(default: %(default)s)")
-    m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="load the base in 16-bit on GPU")
+    utils.add_inference_model_flags(p)
     d = p.add_argument_group("data")
     d.add_argument("--dataset-path", default="./data_cache/processed_reasoning", help="prepared folder or s3:// URI")
     d.add_argument("--split", default="validation", help="(default: %(default)s)")
@@ -291,28 +284,18 @@ def main(argv=None) -> int:
     utils.setup_logging(args.verbose)
     validate_args(args)
     settings = utils.generation_settings_from_args(args)
-    backend, _ = utils.choose_backend(args.backend)
-    if backend == "unsloth":
-        utils.import_unsloth_first()
-    base, adapter_dir, adapter_info = utils.resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
     rows, manifest = load_eval_split(args)
-    from transformers import set_seed
-
-    set_seed(args.seed)
-    t0 = time.perf_counter()
-    model, tokenizer, info = utils.load_model(base, backend=backend, max_seq_length=args.max_seq_length,
-                                              load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
-    model = utils.prepare_for_inference(model, info["backend"])
-    load_s = time.perf_counter() - t0
-    measured = run_measurements(model, tokenizer, rows, args, settings, adapter_dir is not None)
+    model, tokenizer, info, adapter_info = utils.load_for_inference(args)
+    has_adapter = "adapter" in info
+    measured = run_measurements(model, tokenizer, rows, args, settings, has_adapter)
     report = {
-        "model_path": args.model_path, "base_model": base, "adapter": str(adapter_dir) if adapter_dir else None,
+        "model_path": args.model_path, "base_model": info["base_model"], "adapter": info.get("adapter"),
         "backend": info["backend"], "dataset_path": args.dataset_path, "split": args.split, "rows": len(rows),
         "dataset_manifest_sha256": manifest.get("content_sha256"),
         "adapter_dataset_manifest_sha256": adapter_info.get("reasonforge", {}).get("dataset_manifest_sha256"),
         "generation": settings.as_dict(), "metrics": measured["metrics"],
         "samples": samples(model, tokenizer, rows, args, settings) if args.generate_samples else [],
-        "timings": {"model_load_s": round(load_s, 2), **measured["timings"]},
+        "timings": {"model_load_s": info["load_s"], **measured["timings"]},
         "memory": utils.gpu_memory_stats(), "versions": utils.library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -30,13 +30,7 @@ log = logging.getLogger("reasonforge.chat")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m = p.add_argument_group("model")
-    m.add_argument("--model-path", required=True, help="adapter or model folder, s3:// URI, or Hub id")
-    m.add_argument("--is-adapter", action="store_true", help="insist that --model-path is an adapter (detected anyway)")
-    m.add_argument("--base-model", default=None, help="base model (default: the one recorded with the adapter)")
-    m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto", help="(default: %(default)s)")
-    m.add_argument("--max-seq-length", type=int, default=2048, help="(default: %(default)s)")
-    m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="load the base in 16-bit on GPU")
+    utils.add_inference_model_flags(p)
     mode = p.add_argument_group("mode (one of)")
     mode.add_argument("--interactive", action="store_true", help="chat in the terminal")
     mode.add_argument("--instruction", default=None, help="answer one instruction")
@@ -207,16 +201,7 @@ def main(argv=None) -> int:
     validate_args(args)
     settings = utils.generation_settings_from_args(args)
     instructions = read_instructions(args.instructions_file) if args.batch else None
-    backend, _ = utils.choose_backend(args.backend)
-    if backend == "unsloth":
-        utils.import_unsloth_first()
-    base, adapter_dir, _ = utils.resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
-    from transformers import set_seed
-
-    set_seed(args.seed)
-    model, tokenizer, info = utils.load_model(base, backend=backend, max_seq_length=args.max_seq_length,
-                                              load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
-    model = utils.prepare_for_inference(model, info["backend"])
+    model, tokenizer, info, _ = utils.load_for_inference(args)
     output_file = Path(args.output_file)
     if args.interactive:
         results, settings = interactive(model, tokenizer, settings, args.system_prompt)

@@ -846,6 +846,36 @@ class GenerationSettings:
         return kw
 
 
+def add_inference_model_flags(parser) -> None:
+    """The model flags evaluate_model.py and test_model.py share."""
+    m = parser.add_argument_group("model")
+    m.add_argument("--model-path", required=True, help="adapter or model folder, s3:// URI, or Hub id")
+    m.add_argument("--is-adapter", action="store_true", help="insist that --model-path is an adapter (detected anyway)")
+    m.add_argument("--base-model", default=None, help="base model (default: the one recorded with the adapter)")
+    m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto", help="(default: %(default)s)")
+    m.add_argument("--max-seq-length", type=int, default=2048, help="(default: %(default)s)")
+    m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="load the base in 16-bit on GPU")
+
+
+def load_for_inference(args):
+    """Resolve --model-path (adapter, base, s3://) and load it ready for generation.
+
+    Returns (model, tokenizer, info, adapter metadata); info["load_s"] is the load time.
+    """
+    backend, _ = choose_backend(args.backend)
+    if backend == "unsloth":
+        import_unsloth_first()
+    base, adapter_dir, adapter_info = resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    t0 = time.perf_counter()
+    model, tokenizer, info = load_model(base, backend=backend, max_seq_length=args.max_seq_length,
+                                        load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
+    info["load_s"] = round(time.perf_counter() - t0, 2)
+    return prepare_for_inference(model, info["backend"]), tokenizer, info, adapter_info
+
+
 def add_generation_flags(parser) -> None:
     g = parser.add_argument_group("generation")
     d = GenerationSettings()

@@ -264,7 +264,7 @@ def test_mismatched_base_model(adapter_run, tmp_path, capsys):
     cfg = json.loads((other / "config.json").read_text())
     _, adapter = adapter_run
     # Same architecture, other width: the adapter's matrices cannot fit.
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     wide = Qwen2ForCausalLM(Qwen2Config(**{**{k: v for k, v in cfg.items() if k in Qwen2Config().to_dict()},
                                           "hidden_size": 48, "intermediate_size": 96}))

@@ -1,6 +1,5 @@
 """S3 sync against a real SeaweedFS server on loopback (credentials enforced)."""
 
-import json
 import os
 
 import pytest
