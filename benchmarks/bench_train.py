@@ -95,15 +95,17 @@ def timing_callback(warmup: int, store: dict):
 
 # Kernel-name patterns, first match wins: where a step's GPU time goes.
 KERNEL_CATEGORIES = [
-    ("dequantise 4-bit", r"dequant|kdequantize|nf4|fp4"),
+    ("dequantise 4-bit", r"dequant|nf4|fp4"),
     ("attention", r"flash|fmha|attention|attn|sdpa|cudnn"),
-    ("loss (lm head cross-entropy)", r"cross_entropy|crossentropy|log_softmax|logsumexp|nll_loss|_cce"),
-    ("optimizer", r"optimizer|adam|kpreconditionoptimizer|multi_tensor|foreach"),
-    ("copies (offload, host<->device)", r"memcpy|memset|copy_kernel|dtoh|htod"),
+    ("loss (lm head cross-entropy)", r"cross_entropy|crossentropy|log_softmax|logsumexp|nll_loss|_cce|^_fl_|^_(forward|backward)_kernel$"),
+    ("optimizer", r"optimizer|adam|multi_tensor|foreach"),
+    ("host<->device copies (offload)", r"memcpy htod|memcpy dtoh|pinned"),
     ("matmul", r"gemm|xmma|cutlass|nvjet|sm90_|sm80_|cublas|matmul|splitk|gemv"),
-    ("triton (fused norm, rope, swiglu, lora)", r"triton|_fwd_kernel|_bwd_kernel|rms|rope|swiglu|geglu"),
+    ("triton (fused norm, rope, swiglu, lora)", r"triton|_fwd_kernel|_bwd_kernel|_fg_kernel|rms|rope|swiglu|geglu"),
+    ("dtype casts and device copies", r"copy_kernel|memcpy dtod|memset|_to_copy"),
     ("elementwise and reductions", r"elementwise|vectorized|reduce|unrolled|cat|index|fill|where|mul|add"),
 ]
+GPU_EVENT_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def categorise_kernel(name: str) -> str:
@@ -116,19 +118,42 @@ def categorise_kernel(name: str) -> str:
     return "other"
 
 
-def summarise_kernels(kernels: list[tuple[str, float, int]], wall_ms: float, top: int = 15) -> dict:
-    """(name, total device ms, calls) per kernel -> time per category, top kernels, GPU busy share."""
+def analyse_trace(path: str, top: int = 15) -> dict:
+    """A Chrome trace of one optimizer step -> GPU time per category, the top kernels, and how much
+    of the step the GPU sat idle (gaps between kernels: time the CPU took to issue work)."""
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        events = [e for e in json.load(fh)["traceEvents"] if e.get("cat") in GPU_EVENT_KINDS and "dur" in e]
+    if not events:
+        raise ValueError(f"{path}: no GPU kernels in the trace")
+    per_kernel: dict[str, list] = {}
+    for e in events:
+        acc = per_kernel.setdefault(e["name"], [0.0, 0])
+        acc[0] += e["dur"] / 1000
+        acc[1] += 1
+    events.sort(key=lambda e: e["ts"])
+    busy_us, gaps, cur_start, cur_end = 0.0, [], events[0]["ts"], events[0]["ts"] + events[0]["dur"]
+    for e in events[1:]:
+        if e["ts"] > cur_end:
+            busy_us += cur_end - cur_start
+            gaps.append(e["ts"] - cur_end)
+            cur_start = e["ts"]
+        cur_end = max(cur_end, e["ts"] + e["dur"])
+    busy_us += cur_end - cur_start
+    span_ms = (cur_end - events[0]["ts"]) / 1000
     by_cat: dict[str, float] = {}
-    for name, ms, _calls in kernels:
-        label = categorise_kernel(name)
-        by_cat[label] = by_cat.get(label, 0.0) + ms
-    busy = sum(ms for _, ms, _ in kernels)
-    ordered = sorted(by_cat.items(), key=lambda kv: -kv[1])
-    return {"wall_ms": wall_ms, "kernel_ms": busy, "launches": sum(c for *_, c in kernels),
-            "categories": [{"category": k, "ms": v, "share_of_kernel_time": v / busy if busy else 0.0}
-                           for k, v in ordered],
-            "top_kernels": [{"name": n[:120], "ms": ms, "calls": c, "category": categorise_kernel(n)}
-                            for n, ms, c in sorted(kernels, key=lambda k: -k[1])[:top]]}
+    for name, (ms, _) in per_kernel.items():
+        by_cat[categorise_kernel(name)] = by_cat.get(categorise_kernel(name), 0.0) + ms
+    kernel_ms = sum(by_cat.values())
+    return {"span_ms": span_ms, "gpu_busy_ms": busy_us / 1000, "gpu_idle_share": 1 - busy_us / 1000 / span_ms,
+            "kernel_ms": kernel_ms, "launches": len(events), "idle_gaps": len(gaps),
+            "idle_in_gaps_under_200us_ms": sum(g for g in gaps if g < 200) / 1000,
+            "categories": [{"category": k, "ms": v, "share_of_kernel_time": v / kernel_ms}
+                           for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])],
+            "top_kernels": [{"name": n[:120], "ms": v[0], "calls": v[1], "category": categorise_kernel(n)}
+                            for n, v in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
 def profile_callback(warmup: int, store: dict):
@@ -146,7 +171,6 @@ def profile_callback(warmup: int, store: dict):
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
                 self.prof.start()
-                store["p0"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             import torch
@@ -154,17 +178,9 @@ def profile_callback(warmup: int, store: dict):
             if self.prof is None or "profile" in store:
                 return
             torch.cuda.synchronize()
-            wall_ms = (time.perf_counter() - store["p0"]) * 1000
             self.prof.stop()
-            kernels = []
-            for ev in self.prof.key_averages():
-                if str(ev.device_type).endswith("CUDA"):
-                    ms = getattr(ev, "self_device_time_total", None)
-                    ms = (ms if ms is not None else ev.self_cuda_time_total) / 1000
-                    kernels.append((ev.key, ms, ev.count))
-            store["profile"] = summarise_kernels(kernels, wall_ms)
-            if store.get("trace"):
-                self.prof.export_chrome_trace(store["trace"])
+            self.prof.export_chrome_trace(store["trace"])
+            store["profile"] = analyse_trace(store["trace"])
             control.should_training_stop = True
 
     return Profile()
@@ -198,7 +214,7 @@ def worker_baseline(opts) -> dict:
                     gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=SEQ, seed=0,
                     include_num_input_tokens_seen="non_padding", dataset_kwargs={"skip_prepare_dataset": True},
                     remove_unused_columns=False, padding_free=False, packing=False, disable_tqdm=True)
-    store: dict = {"trace": opts.trace_file}
+    store: dict = {"trace": opts.trace_file or str(Path(opts.tmp) / "trace.json.gz")}
     torch.cuda.reset_peak_memory_stats()
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=load_rows(opts.data), processing_class=tok,
                          callbacks=[measure_callback(opts, store)])
@@ -228,7 +244,7 @@ def worker_suite(opts) -> dict:
     plan = train_lora.apply_auto_batch(args, model, info)
     model = train_lora.attach_lora(model, info, args)
     rows = load_rows(opts.data)
-    store: dict = {"trace": opts.trace_file}
+    store: dict = {"trace": opts.trace_file or str(Path(opts.tmp) / "trace.json.gz")}
     torch.cuda.reset_peak_memory_stats()
     trainer = train_lora.build_trainer(model, tok, rows, rows.select(range(2)), args,
                                        train_lora.precision_plan(info, args.gradient_checkpointing), "adamw_8bit")
@@ -325,17 +341,18 @@ _RESULTS_FILE: Path | None = None
 _RESULTS: dict = {}
 
 
-def run_worker(name: str, **kw) -> dict:
+def run_worker(name: str, env: dict | None = None, **kw) -> dict:
     cmd = [sys.executable, __file__, "--worker", name] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr)[-3000:]
         print(f"[{name}] failed:\n{tail}", file=sys.stderr)
         return {"error": tail[-500:]}
     result = json.loads(lines[-1][7:])
-    _RESULTS.setdefault("runs", []).append({"worker": name, **{k: str(v) for k, v in kw.items()}, **result})
+    _RESULTS.setdefault("runs", []).append({"worker": name, "env": env or {}, **{k: str(v) for k, v in kw.items()},
+                                            **result})
     if _RESULTS_FILE is not None:  # kept current, so a run cut short still leaves what it measured
         _RESULTS_FILE.write_text(json.dumps(_RESULTS, indent=2))
     print(f"[{name} {kw.get('micro', '')}x{kw.get('accum', '')} ckpt={kw.get('checkpointing', '')} "
@@ -349,12 +366,14 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="qwen2.5-3b")
     p.add_argument("--model-dir", default=None, help="reuse a model folder (default: build one under /tmp)")
     p.add_argument("--parts", default="fixed",
-                   help="comma list of profile, fixed, auto80, auto24, autobatch, varlen, inference")
+                   help="comma list of profile, fixed, envpair, auto80, auto24, autobatch, varlen, inference")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="steps not timed (default: %(default)s)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--repeats", type=int, default=1, help="alternated baseline/suite pairs in `fixed`")
     p.add_argument("--trace", action="store_true", help="with `profile`: also write Chrome traces to --out")
+    p.add_argument("--variant-env", default="", help="for `envpair`: environment settings (KEY=VALUE,...) to time "
+                   "the suite default under, e.g. TORCHINDUCTOR_CPP_WRAPPER=1")
     p.add_argument("--grid", action="store_true", help="also time fixed micro-batch / checkpointing combinations")
     # worker-only options
     p.add_argument("--worker", default=None)
@@ -401,9 +420,15 @@ def orchestrate(opts) -> int:
     data.write_text(json.dumps(fixed_rows(rows_needed, SEQ)))
     if "profile" in opts.parts:
         for name, kw in (("baseline", {}), ("suite", {"checkpointing": "unsloth"})):
-            trace = out / f"trace_{opts.shape}_{name}.json.gz" if opts.trace else ""
+            trace = out / f"trace_{opts.shape}_{name}.json.gz" if opts.trace else tmp / f"trace_{name}.json.gz"
             got = run_worker(name, data=data, profile=1, trace_file=trace, **kw, **common)
             results[f"profile_{name}"] = got.get("profile", got)
+    if "envpair" in opts.parts:  # the suite default with and without --variant-env, alternated
+        env = dict(item.split("=", 1) for item in opts.variant_env.split(",") if item)
+        results["variant_env"] = env
+        for i in range(opts.repeats):
+            results[f"suite_r{i + 1}"] = run_worker("suite", data=data, checkpointing="unsloth", **common)
+            results[f"suite_env_r{i + 1}"] = run_worker("suite", env=env, data=data, checkpointing="unsloth", **common)
     if "fixed" in opts.parts:
         for i in range(opts.repeats):  # alternated, so drift in clocks or neighbours hits both sides
             suffix = f"_r{i + 1}" if opts.repeats > 1 else ""
@@ -474,6 +499,12 @@ def add_derived(results: dict) -> None:
         got = value.get("losses", []) if isinstance(value, dict) and key != "suite" else []
         if ref and got and key.startswith(("suite", "baseline")):
             value["max_rel_loss_diff_vs_suite"] = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
+    env_pairs = [(results[k], results["suite_env" + k[5:]]) for k in sorted(results)
+                 if k.startswith("suite_r") and "tokens_per_s" in results[k]
+                 and "tokens_per_s" in results.get("suite_env" + k[5:], {})]
+    if env_pairs:
+        speed = [e["tokens_per_s"] / d["tokens_per_s"] for d, e in env_pairs]
+        results["variant_env_vs_default"] = {"speed_ratios": speed, "speed_median": statistics.median(speed)}
     if "tokens_per_s" in results.get("varlen_padded", {}) and "tokens_per_s" in results.get("varlen_packed", {}):
         results["packing_vs_padding"] = results["varlen_packed"]["tokens_per_s"] / results["varlen_padded"]["tokens_per_s"]
 
@@ -496,6 +527,9 @@ def markdown_report(results: dict) -> str:
         lines += ["", "Suite default against the baseline of the same repeat: speed "
                   + ", ".join(f"{r:.2f}x" for r in pair["speed_ratios"]) + f" (median {pair['speed_median']:.2f}x); "
                   "peak allocated memory " + ", ".join(f"{r:.2f}x" for r in pair["memory_ratios"]) + "."]
+    if "variant_env_vs_default" in results:
+        lines += ["", f"Suite default under {results.get('variant_env')} against without, per repeat: "
+                  + ", ".join(f"{r:.2f}x" for r in results["variant_env_vs_default"]["speed_ratios"]) + "."]
     if "packing_vs_padding" in results:
         lines += ["", f"Variable length: packing {results['packing_vs_padding']:.2f}x the effective tokens/s of padding."]
     inf = results.get("inference", {})
@@ -507,8 +541,9 @@ def markdown_report(results: dict) -> str:
         prof = results.get(key)
         if not prof or "categories" not in prof:
             continue
-        lines += ["", f"Where one optimizer step's GPU time goes ({key[8:]}): wall {prof['wall_ms']:,.0f} ms, kernels "
-                  f"{prof['kernel_ms']:,.0f} ms in {prof['launches']:,} launches.", "",
+        lines += ["", f"Where one traced optimizer step's GPU time goes ({key[8:]}): {prof['span_ms']:,.0f} ms from "
+                  f"first to last kernel, GPU busy {prof['gpu_busy_ms']:,.0f} ms ({1 - prof['gpu_idle_share']:.0%}), "
+                  f"{prof['launches']:,} kernels and copies; the profiler itself slows the CPU side.", "",
                   "| category | ms | share of kernel time |", "| --- | ---: | ---: |"]
         lines += [f"| {c['category']} | {c['ms']:,.1f} | {c['share_of_kernel_time']:.1%} |" for c in prof["categories"]]
     return "\n".join(lines) + "\n"

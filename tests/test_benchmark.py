@@ -1,5 +1,6 @@
 """The benchmark's bookkeeping, on CPU: parameter counts, kernel categories, ratios and the report."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -35,9 +36,14 @@ def test_published_sizes():
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "matmul"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
-    ("Memcpy DtoH (Device -> Pinned)", "copies (offload, host<->device)"),
+    ("Memcpy DtoH (Device -> Pinned)", "host<->device copies (offload)"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at::Ten", "dtype casts and device copies"),
+    ("triton_poi_fused__to_copy_add_mul_rsub_sigmoid_2", "triton (fused norm, rope, swiglu, lora)"),
     ("_cross_entropy_forward", "loss (lm head cross-entropy)"),
+    ("_fl_backward_kernel", "loss (lm head cross-entropy)"),
+    ("_backward_kernel", "loss (lm head cross-entropy)"),
     ("void kOptimizer32bit2State<__nv_bfloat16, 1>", "optimizer"),
+    ("void kOptimizerStatic8bit2StateBlockwise<__nv_bfloat16, 2048, 8>", "optimizer"),
     ("_rms_layernorm_backward", "triton (fused norm, rope, swiglu, lora)"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise and reductions"),
     ("some_unknown_kernel_xyz", "other"),
@@ -46,13 +52,28 @@ def test_kernel_categories(name, category):
     assert bench_train.categorise_kernel(name) == category
 
 
-def test_summarise_kernels_adds_up():
-    kernels = [("kDequantizeBlockwise", 30.0, 100), ("nvjet_tst_x", 60.0, 200), ("mystery", 10.0, 1)]
-    got = bench_train.summarise_kernels(kernels, wall_ms=150.0)
-    assert got["kernel_ms"] == 100.0 and got["launches"] == 301
-    assert [c["category"] for c in got["categories"]] == ["matmul", "dequantise 4-bit", "other"]
-    assert got["categories"][0]["share_of_kernel_time"] == pytest.approx(0.6)
-    assert got["top_kernels"][0]["name"] == "nvjet_tst_x"
+def test_trace_analysis_adds_up(tmp_path):
+    import gzip
+
+    # three kernels on one stream and a copy overlapping the second: busy 0-30 and 40-100 us
+    events = [{"cat": "kernel", "name": "kDequantizeBlockwise", "ts": 0, "dur": 30},
+              {"cat": "kernel", "name": "nvjet_tst_x", "ts": 40, "dur": 50},
+              {"cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "ts": 60, "dur": 40},
+              {"cat": "kernel", "name": "nvjet_tst_x", "ts": 100, "dur": 0},
+              {"cat": "gpu_user_annotation", "name": "Optimizer.step#AdamW.step", "ts": 0, "dur": 100},
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500}]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    got = bench_train.analyse_trace(str(path))
+    assert got["span_ms"] == pytest.approx(0.1) and got["gpu_busy_ms"] == pytest.approx(0.09)
+    assert got["gpu_idle_share"] == pytest.approx(0.1) and got["idle_gaps"] == 1
+    assert got["launches"] == 4 and got["kernel_ms"] == pytest.approx(0.12)
+    assert [c["category"] for c in got["categories"]] == ["matmul", "host<->device copies (offload)", "dequantise 4-bit"]
+    assert got["top_kernels"][0] == {"name": "nvjet_tst_x", "ms": pytest.approx(0.05), "calls": 2, "category": "matmul"}
+    (tmp_path / "empty.json").write_text(json.dumps({"traceEvents": events[-2:]}))
+    with pytest.raises(ValueError, match="no GPU kernels"):
+        bench_train.analyse_trace(str(tmp_path / "empty.json"))
 
 
 def _run(tps, mem, losses=(2.0, 1.9)):
@@ -89,3 +110,12 @@ def test_report_without_baseline_or_with_a_failed_run():
     assert "default_vs_baseline" not in results and "vs_baseline" not in results["suite"]
     assert results["packing_vs_padding"] == pytest.approx(2.5)
     assert "packing 2.50x" in bench_train.markdown_report(results)
+
+
+def test_environment_variant_is_compared_with_the_default_of_its_repeat():
+    results = {"suite_r1": _run(10000, 3.0), "suite_env_r1": _run(12000, 3.0, (2.0, 1.9)),
+               "suite_r2": _run(9000, 3.0), "suite_env_r2": _run(9900, 3.0), "variant_env": {"X": "1"}}
+    bench_train.add_derived(results)
+    assert results["variant_env_vs_default"]["speed_ratios"] == pytest.approx([1.2, 1.1])
+    assert results["suite_env_r1"]["max_rel_loss_diff_vs_suite"] == 0.0
+    assert "{'X': '1'} against without, per repeat: 1.20x, 1.10x." in bench_train.markdown_report(results)
