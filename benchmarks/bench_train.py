@@ -230,6 +230,8 @@ def worker_suite(opts) -> dict:
 
     import train_lora
 
+    train_lora.configure_compiler("unsloth")
+
     argv = ["--model-name", opts.model, "--backend", "unsloth", "--max-seq-length", str(SEQ), "--batch-size",
             str(opts.micro), "--gradient-accumulation-steps", str(opts.accum), "--max-steps", str(opts.steps),
             "--save-steps", "1000000", "--optim", "adamw_8bit", "--output-dir", opts.tmp, "--seed", "0",

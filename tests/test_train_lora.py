@@ -295,3 +295,28 @@ def test_auto_batch_plan_keeps_effective_batch_and_budget():
     assert tiny["gradient_checkpointing"] == "unsloth" and tiny["predicted_peak_gib"] <= 0.85 * 6
     for plan in (roomy, small, tiny):
         assert plan["batch_size"] * plan["gradient_accumulation_steps"] == 8 and plan["fits"]
+
+
+def test_configure_compiler_turns_on_the_cpp_wrapper_only_where_it_can(monkeypatch):
+    import torch._inductor.config as inductor
+
+    import train_lora
+
+    monkeypatch.setattr(inductor, "cpp_wrapper", False)
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    assert train_lora.configure_compiler("hf") == "no compiled graphs on this backend"
+    assert inductor.cpp_wrapper is False
+
+    monkeypatch.setattr(train_lora.shutil, "which", lambda name: None)
+    assert "no C++ compiler found" in train_lora.configure_compiler("unsloth")
+    assert inductor.cpp_wrapper is False
+
+    monkeypatch.setattr(train_lora.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang++" else None)
+    assert train_lora.configure_compiler("unsloth").startswith("C++ wrapper on (clang++")
+    assert inductor.cpp_wrapper is True
+
+    monkeypatch.setattr(inductor, "cpp_wrapper", False)
+    monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "0")  # the user's choice wins
+    assert train_lora.configure_compiler("unsloth") == "TORCHINDUCTOR_CPP_WRAPPER=0 as set"
+    assert inductor.cpp_wrapper is False
