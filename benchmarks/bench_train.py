@@ -368,7 +368,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="qwen2.5-3b")
     p.add_argument("--model-dir", default=None, help="reuse a model folder (default: build one under /tmp)")
     p.add_argument("--parts", default="fixed",
-                   help="comma list of profile, fixed, envpair, auto80, auto24, autobatch, varlen, inference")
+                   help="comma list of profile, fixed, envpair, auto80, auto24, autobatch, varlen, packplan, "
+                        "inference")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="steps not timed (default: %(default)s)")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -450,6 +451,11 @@ def orchestrate(opts) -> int:
         vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
         results["varlen_padded"] = run_worker("suite", data=vdata, packing=0, **common)
         results["varlen_packed"] = run_worker("suite", data=vdata, packing=1, **common)
+    if "packplan" in opts.parts:  # packed micro-batch size: one 2,048-token row per pass, or --auto-batch's plan
+        vdata = tmp / "varlen.json"
+        vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
+        results["varlen_packed_mb1"] = run_worker("suite", data=vdata, packing=1, micro=1, accum=MICRO * ACCUM, **common)
+        results["varlen_packed_auto"] = run_worker("suite", data=vdata, packing=1, auto_batch=1, **common)
     add_derived(results)
     (out / f"bench_{opts.shape}.json").write_text(json.dumps(results, indent=2))
     table = markdown_report(results)
