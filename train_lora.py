@@ -267,11 +267,13 @@ def activation_bytes_per_token(config, checkpointing: bool) -> float:
     return layers * 2 * (10.5 * hidden + 1.6 * inter)
 
 
-# Cost of one optimizer step, in token-equivalents: every micro-batch pass pays a fixed price for
-# dequantising the 4-bit weights (about 5,500 tokens' worth on the H100, fitted to the measured
-# grid in benchmarks/RESULTS.md), paid twice with checkpointing (the recompute dequantises again),
-# and checkpointing's recompute adds about a third to the per-token work.
-DEQUANT_TOKENS, RECOMPUTE_FACTOR = 5500, 1.33
+# Cost of one optimizer step, in token-equivalents: every micro-batch pass pays a fixed price
+# (about 5,500 tokens' worth on the H100, fitted to the measured grid in benchmarks/RESULTS.md),
+# twice with checkpointing since the recompute is a second forward, and checkpointing's recompute
+# adds about a third to the per-token work. A profile later showed the fixed price is mostly
+# kernel-launch time, not dequantisation. It was fitted with Python launchers; the alternatives
+# have not been re-timed with the C++ ones (configure_compiler), which make passes cheaper.
+PASS_COST_TOKENS, RECOMPUTE_FACTOR = 5500, 1.33
 
 
 def plan_auto_batch(config, seq_len: int, effective: int, budget_gib: float, base_gib: float) -> dict:
@@ -284,7 +286,7 @@ def plan_auto_batch(config, seq_len: int, effective: int, budget_gib: float, bas
         for micro in (d for d in range(effective, 0, -1) if effective % d == 0):
             predicted = base_gib + micro * per_sample
             passes = (effective // micro) * (2 if checkpointing else 1)
-            cost = passes * DEQUANT_TOKENS + effective * seq_len * (RECOMPUTE_FACTOR if checkpointing else 1.0)
+            cost = passes * PASS_COST_TOKENS + effective * seq_len * (RECOMPUTE_FACTOR if checkpointing else 1.0)
             options.append((predicted > usable, cost, micro, checkpointing, predicted))
     over, _, micro, checkpointing, predicted = min(options, key=lambda o: (o[0], o[0] and o[4], o[1]))
     return {"batch_size": micro, "gradient_accumulation_steps": effective // micro,
