@@ -331,7 +331,7 @@ def count_parameters(model) -> tuple[int, int]:
 def configure_compiler(backend: str) -> str:
     """Turn on Inductor's C++ wrapper for the graphs Unsloth compiles, and say why or why not.
 
-    At micro-batch 2 on an H100 the GPU sat idle about half of each step waiting for Python to launch
+    At micro-batch 2 on an H100 the GPU sat idle about 40% of each step waiting for Python to launch
     some 36,000 kernels; the C++ wrapper launches a compiled graph's kernels without the Python
     loop: 1.42x and 1.58x tokens/s at the same memory and loss curve (benchmarks/RESULTS.md).
     """
