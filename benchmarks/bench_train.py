@@ -8,8 +8,12 @@ micro-batch 2, gradient accumulation 4, LoRA r 16 on the seven projections, adam
 
 - baseline: transformers + bitsandbytes NF4 (double quantisation, bf16 compute) + PEFT + SDPA
   + gradient checkpointing + TRL SFTTrainer, written out here on purpose;
-- suite: the functions train_lora.py runs (utils.load_model, attach_lora, build_trainer);
+- suite: the functions train_lora.py runs (configure_compiler, utils.load_model, attach_lora,
+  build_trainer);
 - suite-auto: the same with --auto-batch's plan.
+
+`--parts profile` traces one optimizer step of each with torch.profiler and reports where the
+GPU time goes and how long the GPU sat idle; see benchmarks/RESULTS.md for every part.
 
 After warm-up steps it reports tokens/s, seconds per optimizer step, peak GPU memory, an MFU
 estimate (4 x parameters FLOPs per token for a forward plus input-gradient pass, over the bf16
@@ -404,6 +408,12 @@ def main(argv=None) -> int:
 def orchestrate(opts) -> int:
     import make_model
 
+    parts = set(opts.parts.split(","))
+    if "envpair" in parts and not opts.variant_env:
+        sys.exit("error: --parts envpair compares the default with and without --variant-env; pass e.g. "
+                 "--variant-env TORCHINDUCTOR_CPP_WRAPPER=0")
+    if {"envpair", "fixed"} <= parts:
+        sys.exit("error: envpair and fixed both time the default under the same names; run them in separate calls")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))

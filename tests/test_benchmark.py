@@ -119,3 +119,11 @@ def test_environment_variant_is_compared_with_the_default_of_its_repeat():
     assert results["variant_env_vs_default"]["speed_ratios"] == pytest.approx([1.2, 1.1])
     assert results["suite_env_r1"]["max_rel_loss_diff_vs_suite"] == 0.0
     assert "{'X': '1'} against without, per repeat: 1.20x, 1.10x." in bench_train.markdown_report(results)
+
+
+def test_envpair_needs_a_variant_and_its_own_call(tmp_path):
+    with pytest.raises(SystemExit, match="pass e.g. --variant-env"):
+        bench_train.main(["--parts", "envpair", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="separate calls"):
+        bench_train.main(["--parts", "fixed,envpair", "--variant-env", "X=1", "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []  # refused before building a model or writing results
