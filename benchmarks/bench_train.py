@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -113,8 +114,6 @@ GPU_EVENT_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def categorise_kernel(name: str) -> str:
-    import re
-
     low = name.lower()
     for label, pattern in KERNEL_CATEGORIES:
         if re.search(pattern, low):
@@ -147,16 +146,17 @@ def analyse_trace(path: str, top: int = 15) -> dict:
         cur_end = max(cur_end, e["ts"] + e["dur"])
     busy_us += cur_end - cur_start
     span_ms = (cur_end - events[0]["ts"]) / 1000
+    category = {name: categorise_kernel(name) for name in per_kernel}
     by_cat: dict[str, float] = {}
     for name, (ms, _) in per_kernel.items():
-        by_cat[categorise_kernel(name)] = by_cat.get(categorise_kernel(name), 0.0) + ms
+        by_cat[category[name]] = by_cat.get(category[name], 0.0) + ms
     kernel_ms = sum(by_cat.values())
     return {"span_ms": span_ms, "gpu_busy_ms": busy_us / 1000, "gpu_idle_share": 1 - busy_us / 1000 / span_ms,
             "kernel_ms": kernel_ms, "launches": len(events), "idle_gaps": len(gaps),
             "idle_in_gaps_under_200us_ms": sum(g for g in gaps if g < 200) / 1000,
             "categories": [{"category": k, "ms": v, "share_of_kernel_time": v / kernel_ms}
                            for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])],
-            "top_kernels": [{"name": n[:120], "ms": v[0], "calls": v[1], "category": categorise_kernel(n)}
+            "top_kernels": [{"name": n[:120], "ms": v[0], "calls": v[1], "category": category[n]}
                             for n, v in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 

@@ -134,21 +134,27 @@ def test_masking_in_training_rows(tiny_model, repeated_dataset):
     assert tok.decode(row["input_ids"]) == utils.render_chat(msgs, template="qwen3")
 
 
-def test_interrupted_run_resumes_to_same_result(tmp_path, tiny_model, repeated_dataset, monkeypatch):
-    common = ("--max-steps", "10", "--seed", "11")
-    code, full = train(tmp_path, tiny_model, repeated_dataset, *common, out="full")
-    assert code == 0
+def interrupt_after_step(monkeypatch, step: int):
+    """Make training stop like Ctrl-C once `step` has been logged; returns a function that undoes it."""
     original = train_lora.StepLogger.on_step_end
 
     def crash(self, args, state, control, **kw):
         original(self, args, state, control, **kw)
-        if state.global_step == 6:
+        if state.global_step == step:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_lora.StepLogger, "on_step_end", crash)
+    return lambda: monkeypatch.setattr(train_lora.StepLogger, "on_step_end", original)
+
+
+def test_interrupted_run_resumes_to_same_result(tmp_path, tiny_model, repeated_dataset, monkeypatch):
+    common = ("--max-steps", "10", "--seed", "11")
+    code, full = train(tmp_path, tiny_model, repeated_dataset, *common, out="full")
+    assert code == 0
+    restore = interrupt_after_step(monkeypatch, 6)
     code, part = train(tmp_path, tiny_model, repeated_dataset, *common, out="part")
     assert code == 130 and not (part / "final_model").exists()
-    monkeypatch.setattr(train_lora.StepLogger, "on_step_end", original)
+    restore()
     code, part = train(tmp_path, tiny_model, repeated_dataset, *common, "--resume-from-checkpoint", "latest", out="part")
     assert code == 0
     a = json.loads((full / "training_metrics.json").read_text())
@@ -176,14 +182,7 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, tiny_model, repeated_d
 @pytest.mark.s3
 def test_checkpoints_sync_to_s3_and_resume_into_empty_folder(tmp_path, tiny_model, repeated_dataset, s3_env, monkeypatch):
     common = ("--max-steps", "8", "--s3-bucket", s3_env, "--run-name", "drill")
-    original = train_lora.StepLogger.on_step_end
-
-    def crash(self, args, state, control, **kw):
-        original(self, args, state, control, **kw)
-        if state.global_step == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_lora.StepLogger, "on_step_end", crash)
+    restore = interrupt_after_step(monkeypatch, 5)
     code, out = train(tmp_path, tiny_model, repeated_dataset, *common)
     assert code == 130
     run_uri = utils.S3Uri(s3_env, "adapters/drill")
@@ -191,7 +190,7 @@ def test_checkpoints_sync_to_s3_and_resume_into_empty_folder(tmp_path, tiny_mode
     import shutil
 
     shutil.rmtree(out)  # the instance is gone
-    monkeypatch.setattr(train_lora.StepLogger, "on_step_end", original)
+    restore()
     code, out = train(tmp_path, tiny_model, repeated_dataset, *common, "--resume-from-checkpoint", "latest")
     assert code == 0
     metrics = json.loads((out / "training_metrics.json").read_text())
