@@ -257,6 +257,91 @@ def check_packing(args, model, info: dict) -> None:
                         "use the unsloth backend on a GPU, install flash-attn, or drop --packing")
 
 
+def flash_varlen_available() -> bool:
+    import torch
+
+    return (torch.cuda.is_available() and torch.version.hip is None
+            and torch.cuda.get_device_capability()[0] >= 8
+            and getattr(torch.backends.cuda, "is_flash_attention_available", lambda: False)()
+            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
+def flash_varlen_attention():
+    """torch.nn.attention.varlen.varlen_attn's call, on the flash kernel every CUDA torch build ships.
+
+    torch's own varlen_attn takes grouped-query heads only from 2.12 on; the aten flash op under it
+    has taken cumulative sequence lengths and fewer K/V heads for much longer.
+    """
+    import torch
+
+    forward_op, backward_op = torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward
+
+    class FlashVarlen(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right):
+            out, lse, seed, offset, _ = forward_op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale,
+                                                   window_size_left=left, window_size_right=right)
+            ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, seed, offset)
+            ctx.settings = (max_q, max_k, causal, scale, left, right)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            q, k, v, cu_q, cu_k, out, lse, seed, offset = ctx.saved_tensors
+            max_q, max_k, causal, scale, left, right = ctx.settings
+            dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal,
+                                     seed, offset, scale=scale, window_size_left=left, window_size_right=right)
+            return dq, dk, dv, *([None] * 8)
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    enable_gqa=False):
+        if key.shape[1] != query.shape[1] and not enable_gqa:
+            raise ValueError("key/value have fewer heads than query; pass enable_gqa=True")
+        cu_seq_k = cu_seq_q if cu_seq_k is None else cu_seq_k
+        # (-1, 0) is plain causal; any other window is passed through as the kernel's local window.
+        causal = tuple(window_size) == (-1, 0)
+        left, right = (-1, -1) if causal else window_size
+        return FlashVarlen.apply(query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), causal, scale,
+                                 left, right)
+
+    return varlen_attn
+
+
+def route_packed_attention(dispatch, kernel_available: bool, make_kernel=None) -> str:
+    """Say how Unsloth keeps packed rows apart, first giving it a varlen kernel where it would split.
+
+    Without flash-attn or xformers, Unsloth 2026.10 separates packed rows with torch's varlen_attn,
+    which it takes from torch 2.12 on; under older torch it runs one SDPA call per run of equal-length
+    documents. At chat-like lengths that is a dozen small calls per layer where a fixed-length row
+    makes one, and the packed step was 2.2x slower per token than fixed rows (benchmarks/RESULTS.md).
+    """
+    if getattr(dispatch, "HAS_FLASH_ATTENTION", False):
+        return "flash-attn varlen"
+    if getattr(dispatch, "HAS_XFORMERS", False):
+        return "xformers block-diagonal"
+    if getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None:
+        return "torch varlen_attn"
+    if not hasattr(dispatch, "_TORCH_VARLEN_ATTN") or not getattr(dispatch, "_SDPA_PACKED_SEGMENTS", False):
+        return "SDPA per document (this Unsloth has no varlen hook)"
+    if os.environ.get("UNSLOTH_TORCH_VARLEN", "1").lower() in ("0", "false", "no", "off"):
+        return "SDPA per document (UNSLOTH_TORCH_VARLEN=0 as set)"
+    if not kernel_available:
+        return "SDPA per document (no flash kernel for this GPU in torch)"
+    dispatch._TORCH_VARLEN_ATTN = (make_kernel or flash_varlen_attention)()
+    dispatch._LEAN_VARLEN = False  # its lean path needs torch >= 2.12 helpers; ours is already one aten call
+    return "torch flash varlen, one call per layer (UNSLOTH_TORCH_VARLEN=0 turns it off)"
+
+
+def configure_packed_attention(args, model, info: dict) -> str:
+    if not args.packing:
+        return "not packing"
+    if info["backend"] != "unsloth":
+        return f"{model.config._attn_implementation} varlen (transformers)"
+    from unsloth.utils import attention_dispatch
+
+    return route_packed_attention(attention_dispatch, flash_varlen_available())
+
+
 # Activation memory per token, calibrated on the lent H100 with a Qwen2.5-3B-shaped model at sequence
 # length 2048 under Unsloth (benchmarks/RESULTS.md): 2.66 MiB per token without checkpointing,
 # 0.17 MiB with Unsloth's offloaded checkpointing; scaled here by layer count and widths.
@@ -753,6 +838,12 @@ def print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, 
     print(f"Model:      {args.model_name}  [backend {info['backend']}: {info['backend_reason']}]")
     print(f"Precision:  {info.get('dtype')}, 4-bit {'on' if info.get('load_in_4bit') else 'off'}; "
           f"compiled graphs: {info.get('compiler', 'n/a')}")
+    if args.packing:
+        print(f"Packing:    best-fit rows of {args.max_seq_length} tokens; attention {info.get('packed_attention')}")
+        if info["backend"] == "unsloth" and not args.auto_batch:
+            # Unsloth keeps packed layers out of its compiled blocks, so each pass pays eager launch cost.
+            print("            packed passes are launch-bound: --auto-batch (fewer, larger passes) measured "
+                  "2.8x the tokens/s on an H100")
     print(f"Dataset:    {args.dataset_path}: train {len(train_ds)} / validation {len(eval_ds)} rows "
           f"(template {template_name}, loss on {'assistant tokens' if args.train_on_responses_only else 'all tokens'})")
     print(f"Training:   epochs {args.num_epochs}, max steps {args.max_steps}, batch {args.batch_size} x accum "
@@ -767,7 +858,7 @@ def print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, 
 def training_config(args, info, manifest, template_name, optim) -> dict:
     cfg = {"arguments": vars(args).copy(), "backend": info["backend"], "backend_reason": info["backend_reason"],
            "dtype": info.get("dtype"), "load_in_4bit": info.get("load_in_4bit"), "compiler": info.get("compiler"),
-           "optim": optim,
+           "packed_attention": info.get("packed_attention"), "optim": optim,
            "chat_template": template_name, "dataset_manifest_sha256": manifest.get("content_sha256"),
            "dataset_source": manifest.get("source"), "versions": utils.library_versions(),
            "gpu": utils.gpu_memory_stats()}
@@ -854,6 +945,7 @@ def main(argv=None) -> int:
     if main_rank:
         print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
     check_packing(args, model, info)
+    info["packed_attention"] = configure_packed_attention(args, model, info)
     auto_plan = apply_auto_batch(args, model, info)
     template_name, template_source = choose_template(args, manifest, tokenizer)
     train_ds, eval_ds = tokenize_splits(dd, tokenizer, template_source, args)

@@ -8,12 +8,14 @@ micro-batch 2, gradient accumulation 4, LoRA r 16 on the seven projections, adam
 
 - baseline: transformers + bitsandbytes NF4 (double quantisation, bf16 compute) + PEFT + SDPA
   + gradient checkpointing + TRL SFTTrainer, written out here on purpose;
-- suite: the functions train_lora.py runs (configure_compiler, utils.load_model, attach_lora,
-  build_trainer);
+- suite: the functions train_lora.py runs (configure_compiler, utils.load_model,
+  configure_packed_attention, attach_lora, build_trainer);
 - suite-auto: the same with --auto-batch's plan.
 
 `--parts profile` traces one optimizer step of each with torch.profiler and reports where the
-GPU time goes and how long the GPU sat idle; see benchmarks/RESULTS.md for every part.
+GPU time goes and how long the GPU sat idle (`profilepacked`: one packed step of the suite);
+`varlen` and `packplan` time padded against packed rows of variable length; see
+benchmarks/RESULTS.md for every part.
 
 After warm-up steps it reports tokens/s, seconds per optimizer step, peak GPU memory, an MFU
 estimate (4 x parameters FLOPs per token for a forward plus input-gradient pass, over the bf16
@@ -88,14 +90,27 @@ def timing_callback(warmup: int, store: dict):
             if state.global_step == warmup:
                 torch.cuda.synchronize()
                 store["t0"], store["tok0"] = time.perf_counter(), state.num_input_tokens_seen
+                store["graphs0"] = compiled_graphs()
 
         def on_step_end(self, args, state, control, **kw):
             import torch
 
             torch.cuda.synchronize()
-            store["t1"], store["tok1"], store["steps"] = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+            now = time.perf_counter()
+            if state.global_step > warmup:  # per-step times show compilation or stalls inside the window
+                store.setdefault("step_seconds", []).append(round(now - store["t1"], 4))
+            store["t1"], store["tok1"], store["steps"] = now, state.num_input_tokens_seen, state.global_step
+            store["graphs1"] = compiled_graphs()
 
     return Timer()
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far; a rise inside the timed window means
+    shapes are still changing and the window pays compilation."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 # Kernel-name patterns, first match wins: where a step's GPU time goes.
@@ -247,6 +262,7 @@ def worker_suite(opts) -> dict:
     args = train_lora.build_parser().parse_args(argv)
     args.run_name = "bench"
     model, tok, info = utils.load_model(opts.model, backend="unsloth", max_seq_length=SEQ)
+    route = train_lora.configure_packed_attention(args, model, info)
     plan = train_lora.apply_auto_batch(args, model, info)
     model = train_lora.attach_lora(model, info, args)
     rows = load_rows(opts.data)
@@ -256,7 +272,7 @@ def worker_suite(opts) -> dict:
                                        train_lora.precision_plan(info, args.gradient_checkpointing), "adamw_8bit")
     trainer.add_callback(measure_callback(opts, store))
     trainer.train()
-    return {**finish(store, trainer, model), "plan": plan}
+    return {**finish(store, trainer, model), "plan": plan, "packed_attention": route}
 
 
 def measure_callback(opts, store: dict):
@@ -276,7 +292,8 @@ def finish(store: dict, trainer, model) -> dict:
     return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "steps_measured": measured_steps,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "losses": losses, "parameters": n_params}
+            "losses": losses, "parameters": n_params, "step_seconds": store.get("step_seconds", []),
+            "graphs_compiled_while_timed": store.get("graphs1", 0) - store.get("graphs0", 0)}
 
 
 def worker_matmul(_opts) -> dict:
@@ -372,7 +389,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="qwen2.5-3b")
     p.add_argument("--model-dir", default=None, help="reuse a model folder (default: build one under /tmp)")
     p.add_argument("--parts", default="fixed",
-                   help="comma list of profile, fixed, envpair, auto80, auto24, autobatch, varlen, packplan, "
+                   help="comma list of profile, profilepacked, fixed, envpair, auto80, auto24, autobatch, varlen, packplan, "
                         "inference")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="steps not timed (default: %(default)s)")
@@ -431,11 +448,17 @@ def orchestrate(opts) -> int:
     common = dict(model=model_dir, tmp=tmp / "run", warmup=opts.warmup, steps=opts.steps)
     data = tmp / "fixed.json"
     data.write_text(json.dumps(fixed_rows(rows_needed, SEQ)))
-    if "profile" in opts.parts:
+    if "profile" in parts:
         for name, kw in (("baseline", {}), ("suite", {"checkpointing": "unsloth"})):
             trace = out / f"trace_{opts.shape}_{name}.json.gz" if opts.trace else tmp / f"trace_{name}.json.gz"
             got = run_worker(name, data=data, profile=1, trace_file=trace, **kw, **common)
             results[f"profile_{name}"] = got.get("profile", got)
+    if "profilepacked" in parts:  # one packed step on variable-length rows
+        vdata = tmp / "varlen.json"
+        vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
+        trace = out / f"trace_{opts.shape}_suite_packed.json.gz" if opts.trace else tmp / "trace_suite_packed.json.gz"
+        got = run_worker("suite", data=vdata, packing=1, profile=1, trace_file=trace, **common)
+        results["profile_suite_packed"] = got.get("profile", got)
     if "envpair" in opts.parts:  # the suite default with and without --variant-env, alternated
         env = dict(item.split("=", 1) for item in opts.variant_env.split(",") if item)
         results["variant_env"] = env
@@ -461,11 +484,16 @@ def orchestrate(opts) -> int:
         vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
         results["varlen_padded"] = run_worker("suite", data=vdata, packing=0, **common)
         results["varlen_packed"] = run_worker("suite", data=vdata, packing=1, **common)
-    if "packplan" in opts.parts:  # packed micro-batch size: one 2,048-token row per pass, or --auto-batch's plan
+        # Unsloth's own route under torch < 2.12: one SDPA call per run of equal-length documents
+        results["varlen_packed_per_document"] = run_worker("suite", env={"UNSLOTH_TORCH_VARLEN": "0"}, data=vdata,
+                                                           packing=1, **common)
+    if "packplan" in opts.parts:  # padded against packed again, both under --auto-batch's plan
         vdata = tmp / "varlen.json"
         vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
-        results["varlen_packed_mb1"] = run_worker("suite", data=vdata, packing=1, micro=1, accum=MICRO * ACCUM, **common)
+        results["varlen_padded_auto"] = run_worker("suite", data=vdata, packing=0, auto_batch=1, **common)
         results["varlen_packed_auto"] = run_worker("suite", data=vdata, packing=1, auto_batch=1, **common)
+        results["varlen_packed_auto_24gib"] = run_worker("suite", data=vdata, packing=1, auto_batch=1,
+                                                         gpu_memory_gib=24, **common)
     add_derived(results)
     (out / f"bench_{opts.shape}.json").write_text(json.dumps(results, indent=2))
     table = markdown_report(results)
@@ -525,6 +553,14 @@ def add_derived(results: dict) -> None:
         results["variant_env_vs_default"] = {"speed_ratios": speed, "speed_median": statistics.median(speed)}
     if "tokens_per_s" in results.get("varlen_padded", {}) and "tokens_per_s" in results.get("varlen_packed", {}):
         results["packing_vs_padding"] = results["varlen_packed"]["tokens_per_s"] / results["varlen_padded"]["tokens_per_s"]
+    if "tokens_per_s" in results.get("varlen_padded_auto", {}) and "tokens_per_s" in results.get("varlen_packed_auto", {}):
+        results["packing_vs_padding_auto"] = (results["varlen_packed_auto"]["tokens_per_s"]
+                                              / results["varlen_padded_auto"]["tokens_per_s"])
+    per_doc, packed = results.get("varlen_packed_per_document", {}), results.get("varlen_packed", {})
+    if "tokens_per_s" in per_doc and "tokens_per_s" in packed:
+        results["packed_varlen_vs_per_document"] = {
+            "speed": packed["tokens_per_s"] / per_doc["tokens_per_s"],
+            "max_rel_loss_diff": max(abs(a - b) / abs(a) for a, b in zip(per_doc["losses"], packed["losses"]))}
 
 
 def markdown_report(results: dict) -> str:
@@ -550,12 +586,18 @@ def markdown_report(results: dict) -> str:
                   + ", ".join(f"{r:.2f}x" for r in results["variant_env_vs_default"]["speed_ratios"]) + "."]
     if "packing_vs_padding" in results:
         lines += ["", f"Variable length: packing {results['packing_vs_padding']:.2f}x the effective tokens/s of padding."]
+    if "packing_vs_padding_auto" in results:
+        lines += ["", f"Under --auto-batch on both sides: packing {results['packing_vs_padding_auto']:.2f}x padding."]
+    if "packed_varlen_vs_per_document" in results:
+        cmp = results["packed_varlen_vs_per_document"]
+        lines += ["", f"Packed rows, one varlen call per layer against one SDPA call per document: {cmp['speed']:.2f}x; "
+                  f"per-step losses within {cmp['max_rel_loss_diff']:.1e} relative."]
     inf = results.get("inference", {})
     if "batched_speedup" in inf:
         lines += ["", f"Inference: batched {inf['batched']['tokens_per_s']:.1f} tokens/s against one at a time "
                   f"{inf['one_at_a_time']['tokens_per_s']:.1f} ({inf['batched_speedup']:.1f}x); perplexity pass "
                   f"{inf['perplexity']['input_tokens_per_s']:,.0f} input tokens/s."]
-    for key in ("profile_baseline", "profile_suite"):
+    for key in ("profile_baseline", "profile_suite", "profile_suite_packed"):
         prof = results.get(key)
         if not prof or "categories" not in prof:
             continue

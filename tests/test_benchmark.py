@@ -112,6 +112,19 @@ def test_report_without_baseline_or_with_a_failed_run():
     assert "packing 2.50x" in bench_train.markdown_report(results)
 
 
+def test_packed_routes_and_plans_are_compared_within_the_run():
+    results = {"varlen_padded": _run(2600, 3.0), "varlen_packed": _run(6500, 2.8, (2.0, 1.9)),
+               "varlen_packed_per_document": _run(5000, 2.8, (2.0, 1.8)),
+               "varlen_padded_auto": _run(7000, 44.0), "varlen_packed_auto": _run(17500, 41.0)}
+    bench_train.add_derived(results)
+    cmp = results["packed_varlen_vs_per_document"]
+    assert cmp["speed"] == pytest.approx(1.3) and cmp["max_rel_loss_diff"] == pytest.approx(0.1 / 1.8)
+    assert results["packing_vs_padding_auto"] == pytest.approx(2.5)
+    report = bench_train.markdown_report(results)
+    assert "one varlen call per layer against one SDPA call per document: 1.30x" in report
+    assert "Under --auto-batch on both sides: packing 2.50x padding." in report
+
+
 def test_environment_variant_is_compared_with_the_default_of_its_repeat():
     results = {"suite_r1": _run(10000, 3.0), "suite_env_r1": _run(12000, 3.0, (2.0, 1.9)),
                "suite_r2": _run(9000, 3.0), "suite_env_r2": _run(9900, 3.0), "variant_env": {"X": "1"}}

@@ -1,6 +1,7 @@
 """train_lora.py on CPU with a tiny random Qwen model and the real Qwen tokenizer."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,125 @@ def test_unsloth_4bit_trains_saves_reloads(tmp_path, sample_dataset):
     ids = tok("<|im_start|>user\nHi<|im_end|>\n", return_tensors="pt").input_ids.to(m.device)
     with torch.no_grad():
         assert torch.isfinite(m(input_ids=ids).logits).all()
+
+
+def _packed_attention_inputs(lengths, heads=16, kv_heads=2, dim=128):
+    import itertools
+
+    import torch
+
+    torch.manual_seed(0)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda", dtype=torch.int32)
+    return q, k, v, cu
+
+
+def _attention_reference(q, k, v, spans):
+    """fp32 causal SDPA over each (start, end) span, concatenated."""
+    import torch
+    import torch.nn.functional as F
+
+    outs = []
+    for start, end in spans:
+        qs, ks, vs = (x[start:end].transpose(0, 1).float()[None] for x in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.gpu
+def test_flash_varlen_matches_attention_per_document():
+    """The kernel train_lora gives Unsloth for packed rows: output and all three gradients against fp32
+    attention computed document by document, at Qwen2.5-3B's head layout (16 query, 2 K/V heads)."""
+    import torch
+
+    if not train_lora.flash_varlen_available():
+        pytest.skip("torch has no flash kernel for this GPU")
+    lengths = [300, 57, 1024, 300, 411, 1]
+    q, k, v, cu = _packed_attention_inputs(lengths)
+    out = train_lora.flash_varlen_attention()(q, k, v, cu, cu, max(lengths), max(lengths), window_size=(-1, 0),
+                                              enable_gqa=True)
+    grad = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    ref = _attention_reference(q, k, v, spans)
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), grad.float())]
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    errors = [rel(g, w) for g, w in zip(got, want)]
+    assert max(errors) < 2e-2, errors
+    # the same row attended as one causal sequence differs far beyond that: the check can tell leaks
+    leaked = _attention_reference(q, k, v, [(0, sum(lengths))])
+    assert rel(out, leaked) > 10 * max(errors)
+
+
+@pytest.mark.gpu
+def test_packed_unsloth_training_runs_one_varlen_call_per_layer(tmp_path, sample_dataset, monkeypatch):
+    import os
+
+    model = os.environ.get("RF_GPU_TEST_MODEL")
+    if not model:
+        pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
+    utils.import_unsloth_first()
+    from unsloth.utils import attention_dispatch as dispatch
+
+    if dispatch._TORCH_VARLEN_ATTN is not None or dispatch.HAS_XFORMERS or dispatch.HAS_FLASH_ATTENTION:
+        pytest.skip("this torch/Unsloth already has a varlen route of its own")
+    for name in ("_TORCH_VARLEN_ATTN", "_LEAN_VARLEN"):  # put Unsloth back as it was afterwards
+        monkeypatch.setattr(dispatch, name, getattr(dispatch, name))
+    calls, make_kernel = [], train_lora.flash_varlen_attention
+
+    def counted():
+        kernel = make_kernel()
+        return lambda *a, **kw: calls.append(a[3].numel() - 1) or kernel(*a, **kw)
+
+    monkeypatch.setattr(train_lora, "flash_varlen_attention", counted)
+    code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--packing", "--max-seq-length", "512",
+                      "--max-steps", "3", "--batch-size", "1")
+    assert code == 0
+    cfg = json.loads((out / "training_config.json").read_text())
+    assert cfg["packed_attention"].startswith("torch flash varlen")
+    layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    assert len(calls) >= 3 * layers and max(calls) > 1  # every layer, and rows holding several documents
+    history = json.loads((out / "training_metrics.json").read_text())["history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+def test_packed_attention_route_installs_a_kernel_only_where_unsloth_would_split():
+    from types import SimpleNamespace
+
+    def dispatch(**kw):
+        return SimpleNamespace(**{"HAS_FLASH_ATTENTION": False, "HAS_XFORMERS": False, "_TORCH_VARLEN_ATTN": None,
+                                  "_LEAN_VARLEN": False, "_SDPA_PACKED_SEGMENTS": True, **kw})
+
+    kernel = object()
+    for ready, route in ((dict(HAS_FLASH_ATTENTION=True), "flash-attn varlen"),
+                         (dict(HAS_XFORMERS=True), "xformers block-diagonal"),
+                         (dict(_TORCH_VARLEN_ATTN=print), "torch varlen_attn")):
+        d = dispatch(**ready)
+        assert train_lora.route_packed_attention(d, True, lambda: kernel) == route
+        assert d._TORCH_VARLEN_ATTN is not kernel
+    d = dispatch()
+    assert "no flash kernel" in train_lora.route_packed_attention(d, False, lambda: kernel)
+    assert d._TORCH_VARLEN_ATTN is None
+    assert train_lora.route_packed_attention(d, True, lambda: kernel).startswith("torch flash varlen")
+    assert d._TORCH_VARLEN_ATTN is kernel and d._LEAN_VARLEN is False
+    old = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False)  # an Unsloth without the hook
+    assert "no varlen hook" in train_lora.route_packed_attention(old, True, lambda: kernel)
+
+
+def test_packed_attention_route_respects_unsloth_switch(monkeypatch):
+    from types import SimpleNamespace
+
+    d = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False, _TORCH_VARLEN_ATTN=None,
+                        _SDPA_PACKED_SEGMENTS=True)
+    monkeypatch.setenv("UNSLOTH_TORCH_VARLEN", "0")
+    assert "UNSLOTH_TORCH_VARLEN=0" in train_lora.route_packed_attention(d, True, object)
+    assert d._TORCH_VARLEN_ATTN is None
 
 
 def test_micro_batching_does_not_change_the_loss_curve(tmp_path, tiny_model, sample_dataset):
