@@ -277,34 +277,40 @@ def _packed_attention_inputs(lengths, heads=16, kv_heads=2, dim=128):
     return q, k, v, cu
 
 
-def _attention_reference(q, k, v, spans):
-    """fp32 causal SDPA over each (start, end) span, concatenated."""
+def _attention_reference(q, k, v, spans, window=None):
+    """fp32 causal SDPA over each (start, end) span, concatenated; `window` keeps the last N keys."""
     import torch
     import torch.nn.functional as F
 
     outs = []
     for start, end in spans:
         qs, ks, vs = (x[start:end].transpose(0, 1).float()[None] for x in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1))
+        pos = torch.arange(end - start, device=q.device)
+        keep = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - (window or end))
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, enable_gqa=True)
+        outs.append(out[0].transpose(0, 1))
     return torch.cat(outs)
 
 
 @pytest.mark.gpu
-def test_flash_varlen_matches_attention_per_document():
+@pytest.mark.parametrize("window", [None, 128])
+def test_flash_varlen_matches_attention_per_document(window):
     """The kernel train_lora gives Unsloth for packed rows: output and all three gradients against fp32
-    attention computed document by document, at Qwen2.5-3B's head layout (16 query, 2 K/V heads)."""
+    attention computed document by document, at Qwen2.5-3B's head layout (16 query, 2 K/V heads),
+    causal and with a sliding window as Unsloth spells it ((window - 1, 0))."""
     import torch
 
     if not train_lora.flash_varlen_available():
         pytest.skip("torch has no flash kernel for this GPU")
     lengths = [300, 57, 1024, 300, 411, 1]
     q, k, v, cu = _packed_attention_inputs(lengths)
-    out = train_lora.flash_varlen_attention()(q, k, v, cu, cu, max(lengths), max(lengths), window_size=(-1, 0),
+    spelled = (-1, 0) if window is None else (window - 1, 0)
+    out = train_lora.flash_varlen_attention()(q, k, v, cu, cu, max(lengths), max(lengths), window_size=spelled,
                                               enable_gqa=True)
     grad = torch.randn_like(out)
     got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
     spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
-    ref = _attention_reference(q, k, v, spans)
+    ref = _attention_reference(q, k, v, spans, window)
     want = [ref, *torch.autograd.grad(ref, (q, k, v), grad.float())]
 
     def rel(a, b):
@@ -313,7 +319,7 @@ def test_flash_varlen_matches_attention_per_document():
     errors = [rel(g, w) for g, w in zip(got, want)]
     assert max(errors) < 2e-2, errors
     # the same row attended as one causal sequence differs far beyond that: the check can tell leaks
-    leaked = _attention_reference(q, k, v, [(0, sum(lengths))])
+    leaked = _attention_reference(q, k, v, [(0, sum(lengths))], window)
     assert rel(out, leaked) > 10 * max(errors)
 
 
