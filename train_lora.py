@@ -267,7 +267,7 @@ def flash_varlen_available() -> bool:
 
 
 def flash_varlen_attention():
-    """torch.nn.attention.varlen.varlen_attn's call, on the flash kernel every CUDA torch build ships.
+    """torch.nn.attention.varlen.varlen_attn's call, on torch's own flash kernel.
 
     torch's own varlen_attn takes grouped-query heads only from 2.12 on; the aten flash op under it
     has taken cumulative sequence lengths and fewer K/V heads for much longer.
@@ -312,8 +312,8 @@ def route_packed_attention(dispatch, kernel_available: bool, make_kernel=None) -
 
     Without flash-attn or xformers, Unsloth 2026.10 separates packed rows with torch's varlen_attn,
     which it takes from torch 2.12 on; under older torch it runs one SDPA call per run of equal-length
-    documents. At chat-like lengths that is a dozen small calls per layer where a fixed-length row
-    makes one, and the packed step was 2.2x slower per token than fixed rows (benchmarks/RESULTS.md).
+    documents, about eight small calls per layer at chat-like lengths. One varlen call instead gave
+    1.35x and 1.46x the packed tokens/s on an H100 with torch 2.11 (benchmarks/RESULTS.md).
     """
     if getattr(dispatch, "HAS_FLASH_ATTENTION", False):
         return "flash-attn varlen"
@@ -321,8 +321,10 @@ def route_packed_attention(dispatch, kernel_available: bool, make_kernel=None) -
         return "xformers block-diagonal"
     if getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None:
         return "torch varlen_attn"
-    if not hasattr(dispatch, "_TORCH_VARLEN_ATTN") or not getattr(dispatch, "_SDPA_PACKED_SEGMENTS", False):
-        return "SDPA per document (this Unsloth has no varlen hook)"
+    if not hasattr(dispatch, "_TORCH_VARLEN_ATTN"):
+        return "Unsloth's own (this Unsloth has no varlen hook)"
+    if not getattr(dispatch, "_SDPA_PACKED_SEGMENTS", False):
+        return "SDPA over a dense block-diagonal mask (UNSLOTH_SDPA_PACKED_SEGMENTS=0 as set)"
     if os.environ.get("UNSLOTH_TORCH_VARLEN", "1").lower() in ("0", "false", "no", "off"):
         return "SDPA per document (UNSLOTH_TORCH_VARLEN=0 as set)"
     if not kernel_available:

@@ -377,6 +377,9 @@ def test_packed_attention_route_installs_a_kernel_only_where_unsloth_would_split
     assert d._TORCH_VARLEN_ATTN is kernel and d._LEAN_VARLEN is False
     old = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False)  # an Unsloth without the hook
     assert "no varlen hook" in train_lora.route_packed_attention(old, True, lambda: kernel)
+    dense = dispatch(_SDPA_PACKED_SEGMENTS=False)  # Unsloth would not call a varlen kernel at all
+    assert "dense block-diagonal mask" in train_lora.route_packed_attention(dense, True, lambda: kernel)
+    assert dense._TORCH_VARLEN_ATTN is None
 
 
 def test_packed_attention_route_respects_unsloth_switch(monkeypatch):
