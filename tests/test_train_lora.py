@@ -363,9 +363,11 @@ def test_packed_attention_route_installs_a_kernel_only_where_unsloth_would_split
         return SimpleNamespace(**{"HAS_FLASH_ATTENTION": False, "HAS_XFORMERS": False, "_TORCH_VARLEN_ATTN": None,
                                   "_LEAN_VARLEN": False, "_SDPA_PACKED_SEGMENTS": True, **kw})
 
-    kernel = object()
+    kernel = SimpleNamespace(reasonforge_flash_varlen=True)
     for ready, route in ((dict(HAS_FLASH_ATTENTION=True), "flash-attn varlen"),
                          (dict(HAS_XFORMERS=True), "xformers block-diagonal"),
+                         (dict(HAS_XFORMERS=True, _NATIVE_BEATS_XFORMERS=True, _TORCH_VARLEN_ATTN=print),
+                          "torch varlen_attn"),  # torch >= 2.12: Unsloth prefers torch's varlen to xformers
                          (dict(_TORCH_VARLEN_ATTN=print), "torch varlen_attn")):
         d = dispatch(**ready)
         assert train_lora.route_packed_attention(d, True, lambda: kernel) == route
@@ -375,6 +377,8 @@ def test_packed_attention_route_installs_a_kernel_only_where_unsloth_would_split
     assert d._TORCH_VARLEN_ATTN is None
     assert train_lora.route_packed_attention(d, True, lambda: kernel).startswith("torch flash varlen")
     assert d._TORCH_VARLEN_ATTN is kernel and d._LEAN_VARLEN is False
+    assert train_lora.route_packed_attention(d, True, lambda: object()).startswith("torch flash varlen")  # again
+    assert d._TORCH_VARLEN_ATTN is kernel
     old = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False)  # an Unsloth without the hook
     assert "no varlen hook" in train_lora.route_packed_attention(old, True, lambda: kernel)
     dense = dispatch(_SDPA_PACKED_SEGMENTS=False)  # Unsloth would not call a varlen kernel at all
