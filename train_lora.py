@@ -308,6 +308,9 @@ def flash_varlen_attention():
     return varlen_attn
 
 
+INSTALLED_ROUTE = "torch flash varlen, one call per layer (UNSLOTH_TORCH_VARLEN=0 turns it off)"
+
+
 def route_packed_attention(dispatch, kernel_available: bool, make_kernel=None) -> str:
     """Say how Unsloth keeps packed rows apart, first giving it a varlen kernel where it would split.
 
@@ -337,9 +340,6 @@ def route_packed_attention(dispatch, kernel_available: bool, make_kernel=None) -
     dispatch._TORCH_VARLEN_ATTN = (make_kernel or flash_varlen_attention)()
     dispatch._LEAN_VARLEN = False  # its lean path needs torch >= 2.12 helpers; ours is already one aten call
     return INSTALLED_ROUTE
-
-
-INSTALLED_ROUTE = "torch flash varlen, one call per layer (UNSLOTH_TORCH_VARLEN=0 turns it off)"
 
 
 def configure_packed_attention(args, model, info: dict) -> str:

@@ -61,12 +61,16 @@ def fixed_rows(n: int, seq: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def varlen_rows(n: int, seq: int, seed: int = 0) -> list[dict]:
+def chat_length(rng: random.Random, seq: int) -> int:
     """Chat-like lengths: log-normal around 450 tokens, clipped to [64, seq]."""
+    return int(min(seq, max(64, rng.lognormvariate(math.log(450), 0.7))))
+
+
+def varlen_rows(n: int, seq: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        length = int(min(seq, max(64, rng.lognormvariate(math.log(450), 0.7))))
+        length = chat_length(rng, seq)
         ids = [rng.randrange(1000, 150000) for _ in range(length)]
         cut = length // 3
         rows.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
@@ -448,14 +452,15 @@ def orchestrate(opts) -> int:
     common = dict(model=model_dir, tmp=tmp / "run", warmup=opts.warmup, steps=opts.steps)
     data = tmp / "fixed.json"
     data.write_text(json.dumps(fixed_rows(rows_needed, SEQ)))
+    vdata = tmp / "varlen.json"  # the same variable-length rows for every part that packs or pads
+    if parts & {"profilepacked", "varlen", "packplan"}:
+        vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
     if "profile" in parts:
         for name, kw in (("baseline", {}), ("suite", {"checkpointing": "unsloth"})):
             trace = out / f"trace_{opts.shape}_{name}.json.gz" if opts.trace else tmp / f"trace_{name}.json.gz"
             got = run_worker(name, data=data, profile=1, trace_file=trace, **kw, **common)
             results[f"profile_{name}"] = got.get("profile", got)
     if "profilepacked" in parts:  # one packed step on variable-length rows
-        vdata = tmp / "varlen.json"
-        vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
         trace = out / f"trace_{opts.shape}_suite_packed.json.gz" if opts.trace else tmp / "trace_suite_packed.json.gz"
         got = run_worker("suite", data=vdata, packing=1, profile=1, trace_file=trace, **common)
         results["profile_suite_packed"] = got.get("profile", got)
@@ -479,17 +484,13 @@ def orchestrate(opts) -> int:
             results["suite_auto"] = run_worker("suite", data=data, auto_batch=1, **common)
         if "auto24" in opts.parts or "autobatch" in opts.parts:
             results["suite_auto_24gib"] = run_worker("suite", data=data, auto_batch=1, gpu_memory_gib=24, **common)
-    if "varlen" in opts.parts:
-        vdata = tmp / "varlen.json"
-        vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
+    if "varlen" in parts:
         results["varlen_padded"] = run_worker("suite", data=vdata, packing=0, **common)
         results["varlen_packed"] = run_worker("suite", data=vdata, packing=1, **common)
         # Unsloth's own route under torch < 2.12: one SDPA call per run of equal-length documents
         results["varlen_packed_per_document"] = run_worker("suite", env={"UNSLOTH_TORCH_VARLEN": "0"}, data=vdata,
                                                            packing=1, **common)
-    if "packplan" in opts.parts:  # padded against packed again, both under --auto-batch's plan
-        vdata = tmp / "varlen.json"
-        vdata.write_text(json.dumps(varlen_rows(rows_needed * 4, SEQ)))
+    if "packplan" in parts:  # padded against packed again, both under --auto-batch's plan
         results["varlen_padded_auto"] = run_worker("suite", data=vdata, packing=0, auto_batch=1, **common)
         results["varlen_packed_auto"] = run_worker("suite", data=vdata, packing=1, auto_batch=1, **common)
         results["varlen_packed_auto_24gib"] = run_worker("suite", data=vdata, packing=1, auto_batch=1,

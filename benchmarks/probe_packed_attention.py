@@ -11,7 +11,6 @@ against one varlen call, twice each (the first pass includes warm-up). It reads 
 """
 
 import inspect
-import math
 import random
 import sys
 import time
@@ -26,16 +25,16 @@ import torch  # noqa: E402
 from unsloth.utils import attention_dispatch as dispatch  # noqa: E402
 
 import train_lora  # noqa: E402
+from bench_train import chat_length  # noqa: E402
 
 HEADS, KV_HEADS, DIM, LAYERS, ROW = 16, 2, 128, 36, 4096
 
 
 def chat_lengths(total: int, seed: int = 0) -> list[int]:
-    """The benchmark's length distribution (log-normal around 450), cut to fill one row."""
+    """The benchmark's length distribution, cut to fill one row."""
     rng, lengths = random.Random(seed), []
     while sum(lengths) < total:
-        n = int(min(2048, max(64, rng.lognormvariate(math.log(450), 0.7))))
-        lengths.append(min(n, total - sum(lengths)))
+        lengths.append(min(chat_length(rng, 2048), total - sum(lengths)))
     return lengths
 
 
