@@ -20,9 +20,11 @@ import argparse
 import hashlib
 import json
 import logging
+import random
 import statistics
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import utils
@@ -64,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--include-code", action="store_true",
                      help="append a `code` column to the assistant answer as a python block")
     fmt = p.add_argument_group("formatting")
-    fmt.add_argument("--chat-template", default="qwen3", choices=["qwen3", "qwen2.5", "tokenizer"],
-                     help="template for the rendered `text` column (default: %(default)s)")
+    fmt.add_argument("--chat-template", default="auto", choices=list(utils.TEMPLATE_CHOICES),
+                     help="template of the `text` preview column; auto = --tokenizer's own template, else qwen2.5 "
+                          "for the preview. Training renders the stored messages with the model's own template "
+                          "(default: %(default)s)")
     fmt.add_argument("--system-prompt", default=None, help="system message added to rows that have none")
     fmt.add_argument("--tokenizer", default=None, help="tokenizer (Hub id or folder) to measure token lengths")
     fmt.add_argument("--max-seq-length", type=int, default=2048, help="token limit checked with --tokenizer (default: %(default)s)")
@@ -280,7 +284,9 @@ def row_to_messages(row: dict, mapping: dict[str, str], args) -> tuple[list[dict
 
 
 def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
-    """Map rows to messages/text/answer, keeping scalar metadata columns; flag rows to drop."""
+    """Map rows to messages/text/answer, keeping scalar metadata columns; flag rows to drop.
+
+    `template` is the jinja source of the `text` preview."""
     consumed = set(mapping) | ({"input"} if "instruction" in mapping else set()) | ({"code"} if args.include_code else set())
     keep = [c for c, f in ds.features.items() if c not in consumed and getattr(f, "dtype", None) in ("string", "int64", "int32", "bool", "float64")]
 
@@ -290,7 +296,7 @@ def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
         reason = ""
         if "user" not in roles or "assistant" not in roles or any(not m["content"].strip() for m in messages if m["role"] != "system"):
             reason = "empty_or_missing_turn"
-        text = utils.render_chat(messages, template=template, tokenizer=tokenizer) if not reason else ""
+        text = render_preview(messages, template, tokenizer) if not reason else ""
         n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None and text else -1
         return {"messages": messages, "text": text, "answer": reference, "n_tokens": n_tokens, "_drop": reason}
 
@@ -304,11 +310,11 @@ def filter_rows(ds, args, tokenizer) -> tuple[object, dict[str, int], int]:
     too_long = args.max_seq_length if tokenizer is not None else None
     seen: set[str] = set()
     keep_idx = []
-    for i, (text, reason, n_tok) in enumerate(zip(ds["text"], ds["_drop"], ds["n_tokens"])):
+    for i, (messages, reason, n_tok) in enumerate(zip(ds["messages"], ds["_drop"], ds["n_tokens"])):
         if not reason and too_long and n_tok > too_long and args.long_rows == "drop":
             reason = "too_long"
         if not reason:
-            digest = hashlib.sha1(text.encode()).hexdigest()
+            digest = hashlib.sha1(json.dumps(utils.clean_messages(messages), sort_keys=True).encode()).hexdigest()
             if digest in seen:
                 reason = "duplicate"
             seen.add(digest)
@@ -328,11 +334,76 @@ def token_stats(lengths: list[int], limit: int) -> dict:
             "max": s[-1], "over_max_seq_length": sum(1 for x in s if x > limit), "max_seq_length": limit}
 
 
+def preview_template(args, tokenizer) -> tuple[str, str]:
+    """The template of the `text` preview: the tokenizer's own where one is given, else the one named,
+    else qwen2.5 (the seed model's family). A named one that does not fit the tokenizer is warned about."""
+    if args.chat_template == "auto" and tokenizer is None:
+        return "qwen2.5 (preview only)", utils.QWEN25_TEMPLATE
+    name, source = utils.resolve_chat_template(args.chat_template, tokenizer)
+    misfit = utils.template_misfit(source, tokenizer) if tokenizer is not None else None
+    if misfit:
+        log.warning("--chat-template %s does not fit --tokenizer %s: %s", name, args.tokenizer, misfit)
+    return name, source
+
+
+def render_preview(messages: list[dict], template_source: str, tokenizer) -> str:
+    if tokenizer is not None:
+        return tokenizer.apply_chat_template(utils.clean_messages(messages, template_source),
+                                             chat_template=template_source, tokenize=False)
+    return utils._compiled_template(template_source).render(messages=utils.clean_messages(messages, template_source),
+                                                             add_generation_prompt=False)
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """What makes two rows the same question: their user turns, case-folded, whitespace collapsed."""
+    users = "\n".join(m["content"] for m in messages if m["role"] == "user")
+    return " ".join(unicodedata.normalize("NFKC", users).casefold().split())
+
+
+def split_by_prompt(all_messages: list[list[dict]], val_size: float, seed: int) -> tuple[list[int], list[int], dict]:
+    """Train/validation indices such that no prompt lands on both sides.
+
+    Rows are grouped by prompt_key; whole groups are drawn at random into validation until it holds
+    round(n * val_size) rows. Returns the indices and the counts the manifest records.
+    """
+    groups: dict[str, list[int]] = {}
+    raw_prompts: dict[str, set[str]] = {}
+    for i, messages in enumerate(all_messages):
+        key = prompt_key(messages)
+        groups.setdefault(key, []).append(i)
+        raw_prompts.setdefault(key, set()).add("\n".join(m["content"] for m in messages if m["role"] == "user"))
+    n, target = len(all_messages), int(round(len(all_messages) * val_size))
+    if n < 2 or target < 1 or len(groups) < 2:
+        raise UserError(f"{n} usable rows ({len(groups)} distinct prompts) with --val-size {val_size} leave an empty "
+                        "split; use more data or a different --val-size")
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    val: list[int] = []
+    for key in keys:
+        if len(val) + len(groups[key]) <= target:
+            val += groups[key]
+        if len(val) >= target:
+            break
+    if not val:  # every group is larger than the target: take the smallest one
+        val = list(min(groups.values(), key=len))
+    chosen = set(val)
+    train = [i for key in keys for i in groups[key] if i not in chosen]
+    if not train:
+        raise UserError(f"{n} rows share too few prompts to leave a train split; use more data or a smaller --val-size")
+    overlap = {prompt_key(all_messages[i]) for i in train} & {prompt_key(all_messages[i]) for i in val}
+    stats = {"prompt_groups": len(groups),
+             "rows_sharing_a_prompt": sum(len(g) for g in groups.values() if len(g) > 1),
+             "near_duplicate_prompts": sum(len(v) - 1 for v in raw_prompts.values()),
+             "validation_prompts_also_in_train": len(overlap)}
+    return train, val, stats
+
+
 def content_hash(dd) -> str:
+    """A digest of what training reads (messages and answers), independent of the preview's template."""
     h = hashlib.sha256()
     for split in ("train", "validation"):
-        for text in dd[split]["text"]:
-            h.update(text.encode())
+        for messages, answer in zip(dd[split]["messages"], dd[split]["answer"]):
+            h.update(json.dumps([utils.clean_messages(messages), answer], sort_keys=True).encode())
             h.update(b"\0")
     return h.hexdigest()
 
@@ -367,18 +438,11 @@ def prepare(args):
     column_map = utils.parse_key_value_list(args.column_map, "--column-map") if args.column_map else None
     schema, mapping = detect_schema(raw.column_names, column_map)
     tokenizer = load_tokenizer(args.tokenizer)
-    template = "tokenizer" if args.chat_template == "tokenizer" else args.chat_template
-    template_name, template_source = utils.resolve_chat_template(template, tokenizer)
-    formatted, kept_meta = format_dataset(raw, mapping, args, template_name if template_name != "tokenizer" else "tokenizer", tokenizer)
+    template_name, template_source = preview_template(args, tokenizer)
+    formatted, kept_meta = format_dataset(raw, mapping, args, template_source, tokenizer)
     filtered, dropped, n_dupes = filter_rows(formatted, args, tokenizer)
-    n_val = int(round(len(filtered) * args.val_size))
-    if len(filtered) < 2 or n_val < 1 or n_val >= len(filtered):
-        raise UserError(
-            f"{len(filtered)} usable rows with --val-size {args.val_size} leave an empty split; "
-            "use more data or a different --val-size"
-        )
-    split = filtered.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
-    dd = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+    train_idx, val_idx, split_stats = split_by_prompt(filtered["messages"], args.val_size, args.seed)
+    dd = datasets.DatasetDict({"train": filtered.select(train_idx), "validation": filtered.select(val_idx)})
     manifest = {
         "source": source,
         "split": args.split,
@@ -392,8 +456,10 @@ def prepare(args):
         "duplicates_removed": n_dupes,
         "token_lengths": token_stats(list(filtered["n_tokens"]), args.max_seq_length),
         "tokenizer": args.tokenizer,
+        "split_by_prompt": split_stats,
+        # The preview's template only: training renders `messages` with the model's own template.
         "chat_template": {"name": template_name, "sha256": hashlib.sha256(template_source.encode()).hexdigest(),
-                          "source": template_source},
+                          "source": template_source, "explicit": args.chat_template in utils.BUILTIN_TEMPLATES},
         "reference_answers": sum(1 for a in filtered["answer"] if a),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

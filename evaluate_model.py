@@ -20,12 +20,12 @@ import argparse
 import contextlib
 import logging
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
 import utils
+from reasonforge import answers
 from utils import UserError
 
 log = logging.getLogger("reasonforge.eval")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def validate_args(args) -> None:
     problems = [f"{flag} {v} must be a positive integer" for flag, v in
                 (("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
-                 ("--max-seq-length", args.max_seq_length)) if v < 1]
+                 ("--max-seq-length", args.max_seq_length)) if v is not None and v < 1]
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         problems.append(f"--max-eval-samples {args.max_eval_samples} must be at least 1")
     problems += utils.GenerationSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
@@ -67,88 +67,30 @@ def validate_args(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Answer extraction
-# ---------------------------------------------------------------------------------------------
-
-
-def _last_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The final answer of a response: \\boxed{...}, else an 'Answer:' line, else the last number."""
-    if "</think>" in text:
-        text = text.split("</think>")[-1]
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    found = re.findall(r"(?:final answer|answer)\s*(?:is)?\s*[:=]?\s*(.+)", text, flags=re.I)
-    if found:
-        return found[-1].strip().rstrip(".").strip()
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?", text)
-    return numbers[-1] if numbers else None
-
-
-_LATEX_NOISE = [r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\displaystyle", "$", "\\%", "%"]
-
-
-def normalize_answer(ans: str | None) -> str:
-    """Canonical text of an answer: LaTeX wrappers, units in \\text/\\mathrm and spacing removed;
-    numbers rendered as numbers (fractions evaluated)."""
-    if ans is None:
-        return ""
-    s = ans.strip()
-    for noise in _LATEX_NOISE:
-        s = s.replace(noise, "")
-    s = re.sub(r"\\(?:text|mathrm|textbf|operatorname)\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\d?frac\{([^{}]+)\}\{([^{}]+)\}", r"(\1)/(\2)", s)
-    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
-    s = s.replace("{", "").replace("}", "").replace("\\", "").strip().rstrip(".")
-    number = _as_number(s)
-    if number is None:
-        head = re.match(r"^(-?[\d,]*\.?\d+(?:/\d+)?)\s*[a-zA-Z^ 0-9/]*$", s)  # a number followed by a unit
-        number = _as_number(head.group(1)) if head else None
-    if number is not None:
-        return f"{number:.6g}"
-    return re.sub(r"\s+", "", s).lower()
-
-
-def _as_number(s: str) -> float | None:
-    s = s.replace(",", "").replace(" ", "")
-    m = re.fullmatch(r"\(?(-?\d+(?:\.\d+)?)\)?(?:/\(?(-?\d+(?:\.\d+)?)\)?)?", s)
-    if not m:
-        return None
-    value = float(m.group(1))
-    if m.group(2) is not None:
-        den = float(m.group(2))
-        return None if den == 0 else value / den
-    return value
-
-
-def answers_match(predicted: str | None, reference: str) -> bool:
-    return bool(predicted) and normalize_answer(predicted) == normalize_answer(reference)
-
-
-# ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_rows(rows, tokenizer, max_len: int) -> list[dict]:
-    out = []
+def encode_rows(rows, tokenizer, args) -> tuple[list[dict], dict]:
+    """Rows as training saw them: the same rendering and mask, and the same --long-rows policy
+    (dropped rows are not scored; cut rows are scored on what is left). Returns (rows, counts)."""
+    out, over = [], 0
     for messages in rows["messages"]:
-        text = utils.render_chat(messages, template=None, tokenizer=tokenizer)
-        enc = utils.tokenize_for_training(text, tokenizer)
-        out.append({k: v[:max_len] for k, v in enc.items()})
-    return [r for r in out if any(l != -100 for l in r["labels"])]
+        enc = utils.encode_conversation(messages, tokenizer, args.train_on_responses_only)
+        if len(enc["input_ids"]) > args.max_seq_length:
+            over += 1
+            if args.long_rows == "drop":
+                continue
+            enc = {k: v[:args.max_seq_length] for k, v in enc.items()}
+        if any(label != -100 for label in enc["labels"]):
+            out.append(enc)
+    if over:
+        log.warning("%d of %d rows are longer than --max-seq-length %d: %s (as in training, --long-rows %s)",
+                    over, len(rows), args.max_seq_length, "not scored" if args.long_rows == "drop" else "cut",
+                    args.long_rows)
+    if not out:
+        raise UserError(f"no row of the split fits --max-seq-length {args.max_seq_length}; raise it")
+    return out, {"rows": len(rows), "over_max_seq_length": over, "scored": len(out)}
 
 
 def perplexity(model, encoded: list[dict], batch_size: int, pad_id: int, desc: str) -> dict:
@@ -193,11 +135,14 @@ def accuracy(model, tokenizer, rows, settings, batch_size: int, system_prompt, d
     outs = utils.generate_batch(model, tokenizer, prompts, settings, batch_size, desc=desc)
     verdicts = []
     for out, reference in zip(outs, rows["answer"]):
-        predicted = extract_final_answer(out["response"])
-        verdicts.append({"reference": reference, "predicted": predicted, "correct": answers_match(predicted, reference),
+        predicted = answers.final_answer(out["response"])
+        verdicts.append({"reference": reference, "predicted": predicted,
+                         "correct": answers.answers_match(predicted, reference), "stopped": out["stopped"],
                          "response": out["response"]})
     correct = sum(v["correct"] for v in verdicts)
-    return {"accuracy": correct / len(verdicts), "correct": correct, "total": len(verdicts), "verdicts": verdicts}
+    return {"accuracy": correct / len(verdicts), "correct": correct, "total": len(verdicts),
+            "no_answer": sum(v["predicted"] is None for v in verdicts),
+            "hit_max_new_tokens": sum(not v["stopped"] for v in verdicts), "verdicts": verdicts}
 
 
 def adapter_off(model):
@@ -227,7 +172,7 @@ def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) 
     timings: dict = {}
     passes = [("finetuned" if has_adapter else "model", False)] + ([("base", True)] if has_adapter and args.compare_base else [])
     if args.compute_perplexity:
-        encoded = encode_rows(rows, tokenizer, args.max_seq_length)
+        encoded, metrics["perplexity_rows"] = encode_rows(rows, tokenizer, args)
         for name, base in passes:
             t0 = time.perf_counter()
             with adapter_off(model) if base else contextlib.nullcontext():
@@ -274,7 +219,8 @@ def print_summary(report: dict, output_file: Path) -> None:
     if "improvement_percent" in m.get("perplexity", {}):
         print(f"Perplexity improvement over base: {m['perplexity']['improvement_percent']:.2f}%")
     for name, r in m.get("accuracy", {}).items():
-        print(f"Answer accuracy ({name}): {r['accuracy']:.3f} ({r['correct']}/{r['total']})")
+        print(f"Answer accuracy ({name}): {r['accuracy']:.3f} ({r['correct']}/{r['total']}; "
+              f"{r['no_answer']} without an answer, {r['hit_max_new_tokens']} cut at --max-new-tokens)")
     print(f"Report: {output_file.resolve()}")
 
 
@@ -294,6 +240,8 @@ def main(argv=None) -> int:
         "dataset_manifest_sha256": manifest.get("content_sha256"),
         "adapter_dataset_manifest_sha256": adapter_info.get("reasonforge", {}).get("dataset_manifest_sha256"),
         "generation": settings.as_dict(), "metrics": measured["metrics"],
+        "settings": {name: getattr(args, name) for name in utils.RECORDED_DEFAULTS},
+        "settings_source": args.settings_source,
         "samples": samples(model, tokenizer, rows, args, settings) if args.generate_samples else [],
         "timings": {"model_load_s": info["load_s"], **measured["timings"]},
         "memory": utils.gpu_memory_stats(), "versions": utils.library_versions(),

@@ -100,10 +100,11 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: utils.Generat
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**enc, streamer=streamer, **settings.generate_kwargs(tokenizer))
-    new = out[0, enc["input_ids"].shape[1]:]
-    return {"response": tokenizer.decode(new, skip_special_tokens=True).strip(), "tokens": int(new.numel()),
-            "seconds": round(time.perf_counter() - t0, 3)}
+        kwargs = settings.generate_kwargs(tokenizer, model)
+        out = model.generate(**enc, streamer=streamer, **kwargs)
+    ids, stopped = utils.reply_tokens(out[0, enc["input_ids"].shape[1]:], set(kwargs["eos_token_id"]))
+    return {"response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids),
+            "seconds": round(time.perf_counter() - t0, 3), "stopped": stopped}
 
 
 def handle_command(line: str, settings: utils.GenerationSettings):

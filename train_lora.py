@@ -47,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset-path", default="./data_cache/processed_reasoning",
                    help="folder from data_preparation.py, or s3:// URI (default: %(default)s)")
     d.add_argument("--from-s3", action="store_true", help="read --dataset-path from S3 (an s3:// URI, or a key in --s3-bucket)")
-    d.add_argument("--chat-template", default="dataset", choices=["dataset", "qwen3", "qwen2.5", "tokenizer"],
-                   help="template to render messages; 'dataset' uses the one data preparation recorded (default)")
+    d.add_argument("--chat-template", default="auto", choices=["auto", "dataset", "qwen3", "qwen2.5", "tokenizer"],
+                   help="template to render messages: auto = the model's own (its tokenizer's, else the built-in of "
+                        "its family); dataset = the one data preparation recorded, refused if it does not fit the "
+                        "model; qwen3/qwen2.5 = that built-in, as asked (default: %(default)s)")
+    d.add_argument("--long-rows", choices=["drop", "truncate"], default="drop",
+                   help="rows longer than --max-seq-length: drop them (counted on the banner), or cut them, "
+                        "losing their end and <|im_end|> (default: %(default)s)")
     d.add_argument("--train-on-responses-only", action=argparse.BooleanOptionalAction, default=True,
                    help="loss on assistant tokens only (default: on)")
     d.add_argument("--packing", action="store_true", help="pack short examples into full sequences")
@@ -160,45 +165,63 @@ def load_prepared_dataset(path: Path):
 
 
 def choose_template(args, manifest: dict, tokenizer) -> tuple[str, str]:
-    if args.chat_template == "dataset":
+    """(name, jinja source) of the template training renders with; see --chat-template."""
+    requested = args.chat_template
+    if requested == "dataset":
         recorded = manifest.get("chat_template", {})
-        if recorded.get("source"):
+        if recorded.get("source") and "preview" not in str(recorded.get("name")):
+            misfit = utils.template_misfit(recorded["source"], tokenizer)
+            if misfit:
+                raise UserError(
+                    f"the dataset's recorded template {recorded.get('name')!r} does not fit {args.model_name}: {misfit}; "
+                    f"use --chat-template auto (the model's own), or --chat-template {recorded.get('name')} to insist")
             return recorded.get("name", "dataset"), recorded["source"]
-        return utils.resolve_chat_template("qwen3")
-    return utils.resolve_chat_template(args.chat_template, tokenizer)
+        log.info("the dataset records no template of its own (only a preview's); using the model's")
+        requested = "auto"
+    name, source = utils.resolve_chat_template(requested, tokenizer)
+    misfit = utils.template_misfit(source, tokenizer)
+    if misfit and requested in utils.BUILTIN_TEMPLATES:
+        log.warning("--chat-template %s does not fit %s (%s); using it because it was named", name, args.model_name, misfit)
+    return name, source
 
 
 def tokenize_splits(dd, tokenizer, template_source: str, args):
-    """Render with the chosen template, tokenize, mask, truncate; drop rows left with no target."""
+    """Render with the chosen template, tokenize and mask; rows over --max-seq-length are dropped
+    (or cut with --long-rows truncate) and rows left with no target are dropped.
+
+    Returns (train, validation, counts per split for the banner and training_config.json).
+    """
     tokenizer.chat_template = template_source
     limit = args.max_seq_length
 
     def encode(row):
-        text = utils.render_chat(row["messages"], template=None, tokenizer=tokenizer)
-        enc = utils.tokenize_for_training(text, tokenizer, args.train_on_responses_only)
+        enc = utils.encode_conversation(row["messages"], tokenizer, args.train_on_responses_only)
         ids, labels = enc["input_ids"][:limit], enc["labels"][:limit]
         return {"input_ids": ids, "labels": labels, "n_target": sum(1 for x in labels if x != -100),
-                "truncated": len(enc["input_ids"]) > limit}
+                "n_tokens": len(enc["input_ids"])}
 
-    out = {}
+    out, counts = {}, {"policy": args.long_rows, "max_seq_length": limit}
     for split in ("train", "validation"):
         ds = dd[split]
         # In memory: no cache files written into the prepared dataset folder (shared by every rank).
         ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {split}", keep_in_memory=True)
-        no_target = sum(1 for n in ds["n_target"] if n == 0)
-        if no_target > len(ds) // 2:
+        over = [n > limit for n in ds["n_tokens"]]
+        no_target = [n == 0 for n in ds["n_target"]]
+        keep = [not (o and args.long_rows == "drop") and not z for o, z in zip(over, no_target)]
+        counts[split] = {"rows": len(ds), "over_max_seq_length": sum(over), "kept": sum(keep),
+                         "longest_tokens": max(ds["n_tokens"]), "no_answer_tokens": sum(no_target)}
+        if not any(keep):
+            shortest = min(ds["n_tokens"])
             raise UserError(
-                f"--max-seq-length {limit} is shorter than the prompts: {no_target} of {len(ds)} {split} rows keep no "
-                "answer tokens; raise --max-seq-length"
-            )
-        if no_target:
-            log.warning("%s: dropping %d rows whose answer starts after %d tokens", split, no_target, limit)
-        truncated = sum(ds["truncated"])
-        if truncated:
-            log.warning("%s: %d rows truncated to %d tokens", split, truncated, limit)
-        ds = ds.filter(lambda r: r["n_target"] > 0, keep_in_memory=True).remove_columns(["n_target", "truncated"])
+                f"--max-seq-length {limit} is shorter than every {split} row (shortest {shortest} tokens); "
+                f"raise --max-seq-length to at least {shortest}" + (" or pass --long-rows truncate" if args.long_rows == "drop" else ""))
+        if sum(over):
+            verb = "dropping" if args.long_rows == "drop" else "cutting (their answers lose the end and <|im_end|>)"
+            log.warning("%s: %s %d of %d rows longer than --max-seq-length %d (longest %d tokens)",
+                        split, verb, sum(over), len(ds), limit, counts[split]["longest_tokens"])
+        ds = ds.select([i for i, k in enumerate(keep) if k]).remove_columns(["n_target", "n_tokens"])
         out[split] = ds
-    return out["train"], out["validation"]
+    return out["train"], out["validation"], counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,24 +609,49 @@ def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
 
 
 def sft_trainer_class():
-    """TRL's SFTTrainer, or a subclass using the model's own loss where TRL's fused head cannot run.
-
-    TRL computes the loss with a chunked Triton kernel; CPU builds of torch ship no Triton, and the
-    model's own cross-entropy over the same labels gives the same token-level mean.
-    """
+    """TRL's SFTTrainer with a token-weighted validation loss (see below), using the model's own loss
+    where TRL's fused head cannot run: CPU builds of torch ship no Triton for TRL's chunked kernel,
+    and the model's cross-entropy over the same labels gives the same token-level mean."""
+    import torch
     from transformers import Trainer
     from trl import SFTTrainer
     from trl.trainer import utils as trl_utils
 
-    if getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None:
-        return SFTTrainer
+    fused_head = getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
 
-    class PlainLossSFTTrainer(SFTTrainer):
+    class ReasonForgeSFTTrainer(SFTTrainer):
+        """The stock eval_loss is a mean of per-batch means, so a batch of short answers weighs as
+        much as one of long answers and the number moves with the eval batch size. The best
+        checkpoint is chosen here on sum(NLL) / sum(target tokens) instead: the quantity
+        evaluate_model.py reports as log-perplexity."""
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if fused_head:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
-    return PlainLossSFTTrainer
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            if loss is not None and "labels" in inputs:
+                # The batch loss is a mean over its shifted target tokens; times their count it is their NLL.
+                targets = (inputs["labels"][..., 1:] != -100).sum().to(loss.device)
+                self._eval_sums += torch.stack([loss.detach().float() * targets, targets.float()])
+            return loss, logits, labels
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            self._eval_sums = torch.zeros(2, device=self.args.device)
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            nll, tokens = self.accelerator.reduce(self._eval_sums, reduction="sum").tolist()
+            if tokens > 0:
+                output.metrics[f"{metric_key_prefix}_loss"] = nll / tokens
+                output.metrics[f"{metric_key_prefix}_target_tokens"] = int(tokens)
+            return output
+
+    return ReasonForgeSFTTrainer
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, optim: str):
@@ -856,6 +904,12 @@ def print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, 
                   "about 2.7x the tokens/s on an H100")
     print(f"Dataset:    {args.dataset_path}: train {len(train_ds)} / validation {len(eval_ds)} rows "
           f"(template {template_name}, loss on {'assistant tokens' if args.train_on_responses_only else 'all tokens'})")
+    rows = info.get("rows", {})
+    over = {k: rows[k]["over_max_seq_length"] for k in ("train", "validation") if rows.get(k, {}).get("over_max_seq_length")}
+    if over:
+        verb = "dropped" if args.long_rows == "drop" else "cut to fit"
+        print(f"Long rows:  {', '.join(f'{n} {k}' for k, n in over.items())} rows over {args.max_seq_length} tokens "
+              f"{verb} (--long-rows {args.long_rows})")
     print(f"Training:   epochs {args.num_epochs}, max steps {args.max_steps}, batch {args.batch_size} x accum "
           f"{args.gradient_accumulation_steps}{f' x {processes} processes' if processes > 1 else ''} = {eff}, lr {args.learning_rate} ({args.lr_scheduler}), "
           f"optim {optim} ({optim_reason})")
@@ -868,7 +922,7 @@ def print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, 
 def training_config(args, info, manifest, template_name, optim) -> dict:
     cfg = {"arguments": vars(args).copy(), "backend": info["backend"], "backend_reason": info["backend_reason"],
            "dtype": info.get("dtype"), "load_in_4bit": info.get("load_in_4bit"), "compiler": info.get("compiler"),
-           "packed_attention": info.get("packed_attention"), "optim": optim,
+           "packed_attention": info.get("packed_attention"), "optim": optim, "rows": info.get("rows"),
            "chat_template": template_name, "dataset_manifest_sha256": manifest.get("content_sha256"),
            "dataset_source": manifest.get("source"), "versions": utils.library_versions(),
            "gpu": utils.gpu_memory_stats()}
@@ -900,6 +954,7 @@ def finish_run(trainer, tokenizer, args, info, manifest, template_name, result, 
     output_dir = Path(args.output_dir)
     run_info = {"base_model": args.model_name, "backend": info["backend"], "chat_template": template_name,
                 "max_seq_length": args.max_seq_length, "train_on_responses_only": args.train_on_responses_only,
+                "long_rows": args.long_rows,
                 "dataset_manifest_sha256": manifest.get("content_sha256"), "best_checkpoint": trainer.state.best_model_checkpoint,
                 "best_validation_loss": trainer.state.best_metric, "global_step": trainer.state.global_step,
                 "load_in_4bit": info.get("load_in_4bit")}
@@ -958,7 +1013,8 @@ def main(argv=None) -> int:
     info["packed_attention"] = configure_packed_attention(args, model, info)
     auto_plan = apply_auto_batch(args, model, info)
     template_name, template_source = choose_template(args, manifest, tokenizer)
-    train_ds, eval_ds = tokenize_splits(dd, tokenizer, template_source, args)
+    train_ds, eval_ds, row_counts = tokenize_splits(dd, tokenizer, template_source, args)
+    info["rows"] = row_counts
     model = attach_lora(model, info, args)
     params = count_parameters(model)
     optim, optim_reason = choose_optim(args.optim)

@@ -239,43 +239,103 @@ def _jinja_env():
     return env
 
 
-def resolve_chat_template(template: str | None = None, tokenizer=None) -> tuple[str, str]:
-    """Return (name, jinja source). A built-in name wins; else the tokenizer's own template."""
-    if template and template in BUILTIN_TEMPLATES:
+TEMPLATE_CHOICES = ("auto", "qwen3", "qwen2.5", "tokenizer")
+
+
+def single_token(tokenizer, text: str) -> bool:
+    """Whether `text` is one token of the vocabulary (how Qwen3 holds <think>, and Qwen2.5 does not)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return len(ids) == 1
+
+
+def template_family(tokenizer) -> str | None:
+    """The built-in template that fits a tokenizer: qwen3 where <think> is one token, qwen2.5 for
+    other ChatML vocabularies, None where <|im_start|> is not a token at all."""
+    if single_token(tokenizer, "<think>"):
+        return "qwen3"
+    if single_token(tokenizer, IM_START):
+        return "qwen2.5"
+    return None
+
+
+def template_misfit(source: str, tokenizer) -> str | None:
+    """Why a template does not fit a tokenizer, or None. A thinking template on a vocabulary
+    without <think> trains six ordinary tokens before every answer; the reverse drops the thinking
+    block the model was tuned to expect."""
+    wants_think = "<think>" in source
+    has_think = single_token(tokenizer, "<think>")
+    if wants_think and not has_think:
+        return "it writes <think> blocks but <think> is not a token of this model"
+    if has_think and not wants_think:
+        return "this model has a <think> token but the template never writes a thinking block"
+    if IM_START in source and not single_token(tokenizer, IM_START):
+        return "it is a ChatML template but <|im_start|> is not a token of this model"
+    return None
+
+
+def resolve_chat_template(template: str | None = "auto", tokenizer=None) -> tuple[str, str]:
+    """Return (name, jinja source) for a --chat-template value.
+
+    `auto` is the model's own template: the tokenizer's chat_template where it has one, else the
+    built-in one of its family. A built-in name is taken as asked (the caller warns on a misfit).
+    """
+    template = template or "auto"
+    if template in BUILTIN_TEMPLATES:
         return template, BUILTIN_TEMPLATES[template]
-    if template and template not in ("auto", "tokenizer"):
-        raise UserError(f"unknown chat template {template!r}; choose one of {', '.join(BUILTIN_TEMPLATES)} or 'tokenizer'")
+    if template not in ("auto", "tokenizer"):
+        raise UserError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATE_CHOICES)}")
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return "tokenizer", tokenizer.chat_template
+        return "model", tokenizer.chat_template
     if template == "tokenizer":
-        raise UserError("--chat-template tokenizer needs a tokenizer with a chat template; pass --tokenizer PATH or pick qwen3/qwen2.5")
-    return "qwen3", QWEN3_TEMPLATE
+        raise UserError("--chat-template tokenizer needs a tokenizer with a chat template; pass --tokenizer PATH "
+                        "or use --chat-template auto")
+    if tokenizer is None:
+        raise UserError("--chat-template auto needs the model's tokenizer to find its template")
+    family = template_family(tokenizer)
+    if family is None:
+        raise UserError("the model's tokenizer has no chat template and is not a Qwen (ChatML) vocabulary; "
+                        "pass --chat-template qwen2.5 or qwen3 only if it really is one")
+    return family, BUILTIN_TEMPLATES[family]
 
 
-def clean_messages(messages: Iterable[dict]) -> list[dict]:
-    """Keep role/content (and reasoning_content when set); arrow stores absent fields as None."""
+def clean_messages(messages: Iterable[dict], template_source: str | None = None) -> list[dict]:
+    """Keep role/content (and reasoning_content when set); arrow stores absent fields as None.
+
+    A template that knows nothing of reasoning_content (Qwen2.5's, SmolLM2's) would silently drop
+    it, so there the reasoning is written in front of the answer, as the qwen2.5 built-in does.
+    """
+    keeps_reasoning = template_source is None or "reasoning_content" in template_source
     out = []
     for m in messages:
         item = {"role": m["role"], "content": m.get("content") or ""}
-        if m.get("reasoning_content"):
-            item["reasoning_content"] = m["reasoning_content"]
+        reasoning = m.get("reasoning_content")
+        if reasoning and keeps_reasoning:
+            item["reasoning_content"] = reasoning
+        elif reasoning and m["role"] == "assistant":
+            item["content"] = reasoning.strip("\n") + "\n\n" + item["content"]
         out.append(item)
     return out
 
 
 def render_chat(
     messages: list[dict],
-    template: str | None = "qwen3",
+    template: str | None = None,
     tokenizer=None,
     add_generation_prompt: bool = False,
     enable_thinking: bool | None = None,
 ) -> str:
-    """Render messages to text with a built-in Qwen template or a tokenizer's own template."""
-    _, source = resolve_chat_template(template, tokenizer)
+    """Render messages to text: with a tokenizer, through its own apply_chat_template (so the bytes
+    are the model's by construction); without one, a built-in template by name."""
+    if template is None and getattr(tokenizer, "chat_template", None):
+        source = tokenizer.chat_template
+    else:
+        _, source = resolve_chat_template(template, tokenizer)
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return _compiled_template(source).render(
-        messages=clean_messages(messages), add_generation_prompt=add_generation_prompt, **kwargs
-    )
+    msgs = clean_messages(messages, source)
+    if tokenizer is not None:
+        return tokenizer.apply_chat_template(msgs, chat_template=source, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **kwargs)
+    return _compiled_template(source).render(messages=msgs, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 _TEMPLATE_CACHE: dict[str, Any] = {}
@@ -317,6 +377,12 @@ def tokenize_for_training(text: str, tokenizer, train_on_responses_only: bool = 
         inside = k < len(spans) and spans[k][0] <= start < spans[k][1]
         labels.append(tok if inside else -100)
     return {"input_ids": ids, "labels": labels}
+
+
+def encode_conversation(messages: list[dict], tokenizer, train_on_responses_only: bool = True) -> dict[str, list[int]]:
+    """One conversation as input ids and labels, rendered with the tokenizer's (training's) template.
+    Training and evaluate_model.py's perplexity share it, so both see the same tokens and mask."""
+    return tokenize_for_training(render_chat(messages, tokenizer=tokenizer), tokenizer, train_on_responses_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -835,15 +901,47 @@ class GenerationSettings:
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.LIMITS}
 
-    def generate_kwargs(self, tokenizer) -> dict:
+    def generate_kwargs(self, tokenizer, model=None) -> dict:
         sample = self.temperature > 0
         kw = {"max_new_tokens": self.max_new_tokens, "do_sample": sample, "repetition_penalty": self.repetition_penalty,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+              "eos_token_id": stop_token_ids(tokenizer, model), "pad_token_id": tokenizer.pad_token_id}
         if sample:
             kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:
             kw.update(temperature=None, top_p=None, top_k=None)
         return kw
+
+
+# A ChatML reply ends at <|im_end|>; <|im_start|> or <|endoftext|> after it would be a model
+# running on into a turn nobody asked for, so they stop generation too.
+CHATML_STOPS = (IM_END, IM_START, "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a reply: the model's generation_config eos ids (Qwen lists two), the
+    tokenizer's eos and the ChatML turn markers that are single tokens of this vocabulary."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured if isinstance(configured, (list, tuple)) else [configured]):
+        if value is not None:
+            ids.append(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    for marker in CHATML_STOPS:
+        if single_token(tokenizer, marker):
+            ids.append(tokenizer.convert_tokens_to_ids(marker))
+    return list(dict.fromkeys(ids))
+
+
+def reply_tokens(row, stops: set[int]) -> tuple[list[int], bool]:
+    """(the generated ids before the first stop id, whether a stop id came): padding after the
+    stop is dropped, and a reply without one ran out of --max-new-tokens."""
+    out = []
+    for tok in row.tolist():
+        if tok in stops:
+            return out, True
+        out.append(tok)
+    return out, False
 
 
 def add_inference_model_flags(parser) -> None:
@@ -853,8 +951,10 @@ def add_inference_model_flags(parser) -> None:
     m.add_argument("--is-adapter", action="store_true", help="insist that --model-path is an adapter (detected anyway)")
     m.add_argument("--base-model", default=None, help="base model (default: the one recorded with the adapter)")
     m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto", help="(default: %(default)s)")
-    m.add_argument("--max-seq-length", type=int, default=2048, help="(default: %(default)s)")
-    m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="load the base in 16-bit on GPU")
+    m.add_argument("--max-seq-length", type=int, default=None,
+                   help="token limit (default: the one training recorded beside the adapter, else 2048)")
+    m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", default=None,
+                   help="load the base in 16-bit on GPU (default: as training did, else 4-bit)")
 
 
 def load_for_inference(args):
@@ -866,6 +966,7 @@ def load_for_inference(args):
     if backend == "unsloth":
         import_unsloth_first()
     base, adapter_dir, adapter_info = resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
+    apply_recorded_settings(args, adapter_info.get("reasonforge", {}))
     from transformers import set_seed
 
     set_seed(args.seed)
@@ -874,6 +975,24 @@ def load_for_inference(args):
                                         load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
     info["load_s"] = round(time.perf_counter() - t0, 2)
     return prepare_for_inference(model, info["backend"]), tokenizer, info, adapter_info
+
+
+# What training records beside the adapter that evaluation and chat must use the same way, with
+# the value assumed where nothing is recorded (a plain model, an adapter from elsewhere).
+RECORDED_DEFAULTS = {"max_seq_length": 2048, "load_in_4bit": True, "train_on_responses_only": True, "long_rows": "drop"}
+
+
+def apply_recorded_settings(args, run_info: dict) -> None:
+    """Fill the flags the user left unset from the adapter's run info, so evaluation measures the
+    rows, mask and precision training used; a flag given on the command line wins."""
+    chosen = {}
+    for name, fallback in RECORDED_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, run_info.get(name, fallback))
+            chosen[name] = "recorded" if name in run_info else "default"
+        else:
+            chosen[name] = "flag"
+    args.settings_source = chosen
 
 
 def add_generation_flags(parser) -> None:
@@ -907,35 +1026,33 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
                    batch_size: int = 8, desc: str | None = "generating") -> list[dict]:
     """Generate one reply per conversation, batched with left padding.
 
-    Returns per conversation {response, tokens, seconds}; seconds is the batch's wall time shared
-    out by generated tokens.
+    Returns per conversation {response, tokens, seconds, stopped}; seconds is the batch's wall time
+    shared out by generated tokens; stopped is False where the reply hit --max-new-tokens.
     """
     import torch
     from tqdm.auto import tqdm
 
     tokenizer.padding_side = "left"
-    kwargs = settings.generate_kwargs(tokenizer)
-    results: list[dict] = []
+    kwargs = settings.generate_kwargs(tokenizer, model)
+    stops = set(kwargs["eos_token_id"])
     order = sorted(range(len(conversations)), key=lambda i: -len(str(conversations[i])))  # similar lengths together
     by_index: dict[int, dict] = {}
     with tqdm(total=len(conversations), desc=desc, unit="prompt", disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            prompts = [render_chat(conversations[i], template=None, tokenizer=tokenizer, add_generation_prompt=True) for i in idx]
+            prompts = [render_chat(conversations[i], tokenizer=tokenizer, add_generation_prompt=True) for i in idx]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = model.generate(**enc, **kwargs)
             seconds = time.perf_counter() - t0
-            new = out[:, enc["input_ids"].shape[1]:]
-            counts = [int(((row != tokenizer.pad_token_id) & (row != -1)).sum()) for row in new]
-            total = max(sum(counts), 1)
-            for i, row, n in zip(idx, new, counts):
-                text = tokenizer.decode(row, skip_special_tokens=True).strip()
-                by_index[i] = {"response": text, "tokens": n, "seconds": round(seconds * n / total, 4)}
+            replies = [reply_tokens(row, stops) for row in out[:, enc["input_ids"].shape[1]:]]
+            total = max(sum(len(ids) for ids, _ in replies), 1)
+            for i, (ids, stopped) in zip(idx, replies):
+                by_index[i] = {"response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids),
+                               "seconds": round(seconds * len(ids) / total, 4), "stopped": stopped}
             bar.update(len(idx))
-    results = [by_index[i] for i in range(len(conversations))]
-    return results
+    return [by_index[i] for i in range(len(conversations))]
 
 
 def utc_stamp() -> str:

@@ -159,12 +159,39 @@ def qwen_tokenizer():
     return AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir()))
 
 
-def build_tiny_qwen(target: Path, seed: int = 0) -> Path:
+def build_qwen25_tokenizer(target: Path) -> Path:
+    """A Qwen2.5 tokenizer made from the real Qwen3 one: Qwen2.5's vocabulary is Qwen3's without the
+    four tokens Qwen3 added (<tool_response>, </tool_response>, <think>, </think>, ids 151665-151668),
+    and its chat template writes no thinking block and a default system prompt."""
+    import json
+
+    import utils
+
+    src = qwen_tokenizer_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] < 151665]
+    (target / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {k: v for k, v in cfg["added_tokens_decoder"].items() if int(k) < 151665}
+    cfg["chat_template"] = utils.QWEN25_TEMPLATE
+    (target / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for name in ("vocab.json", "merges.txt"):
+        (target / name).write_bytes((src / name).read_bytes())
+    return target
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer_dir(tmp_path_factory) -> Path:
+    return build_qwen25_tokenizer(tmp_path_factory.mktemp("qwen25-tokenizer"))
+
+
+def build_tiny_qwen(target: Path, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
     """A 2-layer random Qwen2 model with the real Qwen tokenizer, saved as a Hub-style folder."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir()))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir or qwen_tokenizer_dir()))
     config = Qwen2Config(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
@@ -184,6 +211,28 @@ def build_tiny_qwen(target: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25(tmp_path_factory, qwen25_tokenizer_dir) -> Path:
+    """The seed's model family (Qwen2.5: no <think> token, a default system prompt), tiny and random."""
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen25") / "model", tokenizer_dir=qwen25_tokenizer_dir)
+
+
+def demo_model_or_skip(target: Path) -> Path:
+    """SmolLM2-135M-Instruct, a real chat model, exported from the demo extra (skips without it)."""
+    import importlib.util
+
+    import utils
+
+    if importlib.util.find_spec(utils.DEMO_MODEL_PACKAGE) is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the real-model checks need the demo extra: pip install -e '.[demo]'")
+    return utils.export_demo_model(target)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    return demo_model_or_skip(tmp_path_factory.mktemp("smollm2") / "model")
 
 
 @pytest.fixture(scope="session")

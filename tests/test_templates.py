@@ -87,3 +87,58 @@ def test_mask_off_trains_everything(qwen_tokenizer):
 def test_unknown_template_is_user_error():
     with pytest.raises(utils.UserError, match="unknown chat template"):
         utils.render_chat(CONVERSATIONS[0], template="llama")
+
+
+def test_template_family_and_misfit(qwen_tokenizer, qwen25_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    qwen25 = AutoTokenizer.from_pretrained(str(qwen25_tokenizer_dir))
+    assert utils.template_family(qwen_tokenizer) == "qwen3" and utils.template_family(qwen25) == "qwen2.5"
+    assert utils.template_misfit(utils.QWEN3_TEMPLATE, qwen_tokenizer) is None
+    assert utils.template_misfit(utils.QWEN25_TEMPLATE, qwen25) is None
+    assert "<think> is not a token" in utils.template_misfit(utils.QWEN3_TEMPLATE, qwen25)
+    assert "never writes a thinking block" in utils.template_misfit(utils.QWEN25_TEMPLATE, qwen_tokenizer)
+
+
+def test_auto_is_the_tokenizers_own_else_its_familys(qwen_tokenizer, qwen25_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    assert utils.resolve_chat_template("auto", qwen_tokenizer) == ("model", qwen_tokenizer.chat_template)
+    bare = AutoTokenizer.from_pretrained(str(qwen25_tokenizer_dir))
+    bare.chat_template = None
+    assert utils.resolve_chat_template("auto", bare) == ("qwen2.5", utils.QWEN25_TEMPLATE)
+    with pytest.raises(utils.UserError, match="needs the model's tokenizer"):
+        utils.resolve_chat_template("auto", None)
+
+
+def test_reasoning_is_kept_by_templates_that_do_not_know_it():
+    """A template without reasoning_content (Qwen2.5's real one, SmolLM2's) would drop the worked
+    steps; they are written in front of the answer instead."""
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Answer: 4", "reasoning_content": "2+2=4"}]
+    plain = "{% for m in messages %}{{ m.role }}:{{ m.content }}|{% endfor %}"
+    assert utils.clean_messages(msgs, plain)[1]["content"] == "2+2=4\n\nAnswer: 4"
+    assert utils.clean_messages(msgs, utils.QWEN3_TEMPLATE)[1] == msgs[1]
+
+
+def test_stop_ids_cover_the_models_eos_and_chatml_markers(qwen_tokenizer):
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[151645, 151643]))
+    tok = qwen_tokenizer
+    ids = utils.stop_token_ids(tok, model)
+    assert {151645, 151643, tok.convert_tokens_to_ids("<|im_start|>")} <= set(ids)
+
+
+def test_reply_is_cut_at_the_first_stop_even_when_the_tokenizer_eos_is_endoftext(qwen_tokenizer):
+    """A tokenizer whose eos is <|endoftext|> used to let replies read 'Hello!<|im_end|>\\n<|endoftext|>'
+    and run on into an invented turn; the reply ends at <|im_end|>."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer.name_or_path)
+    tok.eos_token = "<|endoftext|>"
+    generated = tok("Hello!<|im_end|>\n<|im_start|>user\nmore<|im_end|><|endoftext|>", add_special_tokens=False)["input_ids"]
+    ids, stopped = utils.reply_tokens(torch.tensor(generated), set(utils.stop_token_ids(tok)))
+    assert tok.decode(ids) == "Hello!" and stopped
+    ids, stopped = utils.reply_tokens(torch.tensor(generated[:2]), set(utils.stop_token_ids(tok)))
+    assert not stopped

@@ -67,8 +67,10 @@ def test_output_layout_and_contents(trained_run, tiny_model):
     for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "chat_template.jinja", "reasonforge.json"):
         assert (final / f).is_file(), f
     info = json.loads((final / "reasonforge.json").read_text())
-    assert info["base_model"] == str(tiny_model) and info["chat_template"] == "qwen3"
-    assert (final / "chat_template.jinja").read_text() == utils.QWEN3_TEMPLATE
+    assert info["base_model"] == str(tiny_model) and info["chat_template"] == "model"
+    # The model's own template, byte for byte: what its tokenizer shipped with.
+    assert (final / "chat_template.jinja").read_text() == (tiny_model / "chat_template.jinja").read_text()
+    assert info["max_seq_length"] == 2048 and info["long_rows"] == "drop" and info["train_on_responses_only"] is True
     cfg = json.loads((out / "training_config.json").read_text())
     assert cfg["backend"] == "hf" and cfg["arguments"]["lora_r"] == 8 and cfg["versions"]["trl"]
     assert cfg["optim"] == "adamw_torch" and cfg["dataset_manifest_sha256"]
@@ -128,11 +130,12 @@ def test_masking_in_training_rows(tiny_model, repeated_dataset):
     dd, manifest = train_lora.load_prepared_dataset(repeated_dataset)
     args = train_lora.build_parser().parse_args(["--max-seq-length", "256"])
     name, source = train_lora.choose_template(args, manifest, tok)
-    train_ds, _ = train_lora.tokenize_splits(dd, tok, source, args)
+    train_ds, _, counts = train_lora.tokenize_splits(dd, tok, source, args)
+    assert name == "model" and counts["train"]["over_max_seq_length"] == 0
     row, msgs = train_ds[0], dd["train"][0]["messages"]
     target = tok.decode([t for t in row["labels"] if t != -100])
     assert target == f"<think>\n\n</think>\n\n{msgs[-1]['content']}<|im_end|>"
-    assert tok.decode(row["input_ids"]) == utils.render_chat(msgs, template="qwen3")
+    assert tok.decode(row["input_ids"]) == tok.apply_chat_template(utils.clean_messages(msgs), tokenize=False)
 
 
 def interrupt_after_step(monkeypatch, step: int):
@@ -209,7 +212,7 @@ BAD = [
     (["--dataset-path", "{nomanifest}"], "no manifest.json"),
     (["--model-name", "{tmp}/no-model"], "does not exist"),
     (["--target-modules", "q_proj,qkv_fused"], "its linear modules are"),
-    (["--max-seq-length", "16"], "shorter than the prompts"),
+    (["--max-seq-length", "16"], "is shorter than every train row"),
     (["--resume-from-checkpoint", "{tmp}/missing-ckpt"], "is not a folder"),
     (["--learning-rate", "5"], "--learning-rate 5.0 must be in (0, 1)"),
     (["--save-steps", "10", "--eval-steps", "3"], "must be a multiple of --eval-steps"),

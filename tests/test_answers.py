@@ -1,0 +1,57 @@
+"""The answer scorer: every pair from the correctness report, and the extraction rules."""
+
+import pytest
+
+from reasonforge.answers import answers_match, final_answer
+
+# (predicted, reference): the wrong answers the old regex scorer accepted, then right ones it refused.
+WRONG = [
+    ("\\boxed{2^{10}}", "2"), ("2^{10}", "2"), ("10^6", "10"), ("3\\sqrt{2}", "3"), ("2x", "2"), ("2 x", "2"),
+    ("(1, 2)", "12"), ("1234567", "1234568"), ("\\frac{1}{3}", "0.333"), ("12", "13"), ("-0.5", "0.5"),
+    ("[0, 1)", "[0, 1]"), ("yes", "no"),
+]
+RIGHT = [
+    ("-\\frac{1}{2}", "-0.5"), ("\\dfrac{1}{2}", "\\frac12"), ("50\\%", "0.5"), ("\\frac{1}{4}", "$\\frac{1}{4}$"),
+    ("0.25", "$\\frac{1}{4}$"), ("2 s", "$2\\,\\mathrm{s}$"), ("x = 5", "$x = 5$"), ("1,000", "1000"),
+    ("3.0", "3"), ("120 km", "120"), ("5 \\text{ m/s}", "5"), ("12 apples", "12"), ("(1,2)", "(1, 2)"),
+    ("\\sqrt{8}", "2\\sqrt{2}"), ("6.02e23", "6.02 \\times 10^{23}"), ("Paris", "paris"), ("Mitochondria.", "mitochondria"),
+]
+
+
+@pytest.mark.parametrize("predicted,reference", WRONG)
+def test_wrong_answers_are_refused(predicted, reference):
+    assert answers_match(predicted, reference) is False
+
+
+@pytest.mark.parametrize("predicted,reference", RIGHT)
+def test_equal_values_are_accepted(predicted, reference):
+    assert answers_match(predicted, reference) is True
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("so the total is \\boxed{42}.", "42"),
+    ("\\boxed{\\frac{1}{4}}", "\\frac{1}{4}"),
+    ("We get \\boxed{2^{10}} in the end", "2^{10}"),
+    ("<think>\nmaybe 7\n</think>\n\nAnswer: 12", "12"),
+    ("<think>\nhm\n</think>\n\nAnswer: $\\frac{1}{2}$.", "\\frac{1}{2}"),
+    ("The final answer is 3.5.", "3.5"),
+    ("Final answer: **12**", "12"),
+    ("#### 72", "72"),
+    ("we get 10 then 20 apples", "20"),
+    ("no number here", None),
+    # A thinking block cut off by --max-new-tokens has no answer, not its last number.
+    ("<think>\nfirst 3, then 4, then", None),
+    ("", None),
+])
+def test_final_answer(response, expected):
+    assert final_answer(response) == expected
+
+
+def test_no_answer_never_matches():
+    assert answers_match(None, "3") is False and answers_match("3", "") is False and answers_match("", "3") is False
+
+
+def test_extraction_then_match_end_to_end():
+    assert answers_match(final_answer("Adding: 2 + 3 = 5. Answer: 5 m"), "5")
+    assert not answers_match(final_answer("The answer is \\boxed{2^{10}}."), "2")
+    assert not answers_match(final_answer("<think>the answer is 1024"), "1024")
