@@ -455,3 +455,37 @@ def test_configure_compiler_turns_on_the_cpp_wrapper_only_where_it_can(monkeypat
     monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "0")  # the user's choice wins
     assert train_lora.configure_compiler("unsloth") == "TORCHINDUCTOR_CPP_WRAPPER=0 as set"
     assert inductor.cpp_wrapper is False
+
+
+@pytest.mark.gpu
+def test_unsloth_micro_batching_keeps_losses_token_weighted(tmp_path, sample_dataset, capfd):
+    """On the Unsloth backend, 2 x 4 and 8 x 1 give the same per-step losses on rows of different
+    lengths: each micro-batch loss is divided by the target tokens of the whole effective batch
+    (num_items_in_batch), not averaged per micro-batch. The validation loss the Trainer picks the best
+    checkpoint on is the one evaluate_model.py reports."""
+    import os
+
+    import evaluate_model
+
+    model = os.environ.get("RF_GPU_TEST_MODEL")
+    if not model:
+        pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
+    curves, runs = [], []
+    for micro, accum in ((2, 4), (8, 1)):
+        code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--max-steps", "4", "--save-steps", "4",
+                          "--eval-steps", "4", "--batch-size", str(micro), "--gradient-accumulation-steps", str(accum),
+                          "--learning-rate", "2e-4", "--seed", "2", out=f"mb{micro}")
+        assert code == 0
+        history = json.loads((out / "training_metrics.json").read_text())["history"]
+        curves.append([h["loss"] for h in history if "loss" in h])
+        runs.append(out)
+    print("per-step losses 2x4:", curves[0], "8x1:", curves[1])
+    assert len(curves[0]) == 4 and curves[0] == pytest.approx(curves[1], rel=1e-3)
+    report = tmp_path / "e.json"
+    assert evaluate_model.main(["--model-path", str(runs[1] / "final_model"), "--dataset-path", str(sample_dataset),
+                                "--backend", "unsloth", "--compute-perplexity", "--batch-size", "8",
+                                "--output-file", str(report)]) == 0
+    reported = json.loads(report.read_text())["metrics"]["perplexity"]["finetuned"]["avg_loss"]
+    trainer = json.loads((runs[1] / "training_metrics.json").read_text())["best_validation_loss"]
+    print("validation loss: trainer", trainer, "evaluate_model", reported)
+    assert trainer == pytest.approx(reported, rel=2e-3)
