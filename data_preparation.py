@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("source")
     src.add_argument("--dataset", default=DEFAULT_DATASET,
                      help="Hub id, a .json/.jsonl/.csv/.parquet file, a folder of them, a save_to_disk folder, "
-                          "or 'sample' for the built-in offline set (default: %(default)s)")
+                          "or 'sample' / 'sample-easy' for a built-in offline set: multi-step or one-step word "
+                          "problems (default: %(default)s)")
     src.add_argument("--split", default="train", help="source split to read (default: %(default)s)")
     src.add_argument("--max-samples", type=int, default=None, help="keep at most this many rows (default: all)")
     src.add_argument("--column-map", default=None,
@@ -158,11 +159,11 @@ def load_source(args):
     import datasets
 
     name = args.dataset
-    if name == "sample":
+    if name in ("sample", "sample-easy"):
         import sample_data
 
         n = args.max_samples or 3000
-        return datasets.Dataset.from_list(sample_data.sample_rows(n, seed=1234)), "builtin:sample"
+        return datasets.Dataset.from_list(sample_data.sample_rows(n, seed=1234, level=name)), f"builtin:{name}"
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in FILE_TYPES
     if looks_local:

@@ -1,4 +1,4 @@
-"""The built-in offline sample: multi-step word problems with worked solutions.
+"""The built-in offline samples: word problems with worked solutions, multi-step or one-step.
 
 Generated, not downloaded, so the whole pipeline runs on a machine with no network. Every row is
 a pure function of (seed, index): the same seed always gives the same rows, and every final
@@ -98,16 +98,43 @@ def _path_area(r: random.Random) -> tuple[str, list[str], int]:
     return q, steps, area
 
 
+def _more(r: random.Random) -> tuple[str, list[str], int]:
+    name, (_, many) = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    q = f"{name} has {a} {many} and gets {b} more. How many {many} does {name} have now?"
+    return q, [f"{a} + {b} = {a + b}."], a + b
+
+
+def _left(r: random.Random) -> tuple[str, list[str], int]:
+    name, (_, many) = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(10, 19), r.randint(1, 9)
+    q = f"{name} has {a} {many} and gives {b} away. How many {many} are left?"
+    return q, [f"{a} - {b} = {a - b}."], a - b
+
+
+def _groups(r: random.Random) -> tuple[str, list[str], int]:
+    (_, many) = r.choice(ITEMS)
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    q = f"There are {a} boxes with {b} {many} in each box. How many {many} are there in all?"
+    return q, [f"{a} x {b} = {a * b}."], a * b
+
+
 FAMILIES = [("shopping", _shopping), ("distance", _distance), ("discount", _discount), ("ages", _ages),
             ("packing", _boxes), ("series", _series), ("geometry", _path_area)]
+# One-step problems a 135M chat model can learn to answer in a CPU-sized run: the offline demo's
+# data, so that its base-versus-tuned accuracy shows fine-tuning doing something measurable.
+EASY_FAMILIES = [("addition", _more), ("subtraction", _left), ("multiplication", _groups)]
+LEVELS = {"sample": FAMILIES, "sample-easy": EASY_FAMILIES}
 
 
-def sample_rows(n: int = 3000, seed: int = 1234) -> list[dict]:
-    """`n` rows with columns question, reasoning, answer, domain, sub-domain."""
+def sample_rows(n: int = 3000, seed: int = 1234, level: str = "sample") -> list[dict]:
+    """`n` rows with columns question, reasoning, answer, domain, sub-domain; `level` picks the
+    multi-step word problems (`sample`) or the one-step ones (`sample-easy`)."""
+    families = LEVELS[level]
     rows = []
     for i in range(n):
-        r = random.Random(f"{seed}:{i}")
-        family, make = FAMILIES[i % len(FAMILIES)]
+        r = random.Random(f"{seed}:{level}:{i}" if level != "sample" else f"{seed}:{i}")
+        family, make = families[i % len(families)]
         question, steps, answer = make(r)
         reasoning = "\n".join(f"{k}. {s}" for k, s in enumerate(steps, 1))
         rows.append({"question": question, "reasoning": reasoning, "answer": str(answer),
