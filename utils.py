@@ -36,12 +36,30 @@ class UserError(Exception):
     """A mistake the user can fix. Scripts print it as one line and exit with code 2."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time, so a redirected or captured stderr gets our lines."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Our own lines go to stderr through the suite's logger, leaving the root logger to the host."""
     logger = logging.getLogger("reasonforge")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Unsloth (and any library calling logging.basicConfig) gives the root logger a handler of its
+    # own; propagating there printed every line a second time in its format.
+    logger.propagate = False
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     # Library chatter (httpx, botocore) is noise next to our one-line step summaries.
