@@ -52,7 +52,12 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Our own lines go to stderr through the suite's logger, leaving the root logger to the host."""
+    """Our own lines go to stderr through the suite's logger, leaving the root logger to the host.
+
+    Without `verbose`, transformers' warnings are held back except its weight-loading report:
+    the rest land in the middle of a streamed reply or a progress bar, and the ones we have met
+    are advisories about library internals that a user cannot act on.
+    """
     logger = logging.getLogger("reasonforge")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     # Unsloth (and any library calling logging.basicConfig) gives the root logger a handler of its
@@ -65,6 +70,15 @@ def setup_logging(verbose: bool = False) -> None:
     # Library chatter (httpx, botocore) is noise next to our one-line step summaries.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers reads this when it first sets up its logger; importing it here to set the level
+    # directly would come before unsloth's import, which has to be first.
+    os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
+    # Missing or unexpected weights in a checkpoint are worth seeing in every run.
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.WARNING)
 
 
 def cli_entry(main_fn):
@@ -708,7 +722,20 @@ def load_model(
     if adapter_path is not None:
         model, tokenizer = _attach_saved_adapter(model, tokenizer, Path(adapter_path), model_name, trainable_adapter)
         info["adapter"] = str(adapter_path)
+    no_bpe_cleanup(tokenizer)
     return model, tokenizer, info
+
+
+def no_bpe_cleanup(tokenizer) -> None:
+    """Turn off clean_up_tokenization_spaces on a BPE tokenizer; decoding gives the same text.
+
+    transformers 5 never applies that cleanup to BPE (it would strip spaces before punctuation),
+    but a tokenizer saved with it on (GGUF exports, and adapters trained from them) warns about
+    it on its first decode, in the middle of the first streamed reply.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
 
 
 def _attach_saved_adapter(model, tokenizer, adapter_path: Path, base_name: str, trainable: bool):
@@ -999,6 +1026,7 @@ def export_demo_model(target: str | Path) -> Path:
     model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
     model.config.bos_token_id = model.generation_config.bos_token_id = None
+    no_bpe_cleanup(tok)
     with atomic_directory(target) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))

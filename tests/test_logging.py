@@ -1,11 +1,14 @@
-"""Each log line is printed once, even after a library has given the root logger a handler."""
+"""Console output: each log line printed once, library warnings kept out of replies."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import data_preparation as dp
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # setup_logging; a CPU machine has no unsloth, so this does the same at the same point.
 SCRIPT = """
 import logging, sys
+import utils
 setup = utils.setup_logging
 def setup_then_root_handler(verbose=False):
     setup(verbose)
@@ -37,3 +41,14 @@ def test_a_warning_is_printed_once(tmp_path, tiny_model):
     assert len(events) == 1, events
     assert " WARNING train: " in events[0] and "[reasonforge" not in proc.stderr
 
+
+def test_tokenizer_saved_with_bpe_cleanup_loads_without_it(tiny_model, tmp_path):
+    # GGUF exports save clean_up_tokenization_spaces=True; transformers ignores it for BPE and
+    # warns about it on the first decode, which is in the middle of the first streamed reply.
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    _, tokenizer, _ = utils.load_model(str(folder), backend="hf")
+    assert tokenizer.clean_up_tokenization_spaces is False
+    assert tokenizer.decode(tokenizer("a , b .")["input_ids"]) == "a , b ."
