@@ -105,6 +105,11 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
+def sig4(value) -> str:
+    """A number for people: four significant digits (12.31, 8.111, 6.585e+06); JSON keeps them all."""
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see either the old content or the whole new one."""
     path = Path(path)
