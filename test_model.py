@@ -6,8 +6,10 @@
     python test_model.py --model-path s3://adapters-bucket/adapters/my-run/final_model \
         --batch --instructions-file prompts.json --output-file ./test_results/inference.json
 
-Interactive commands: `settings` shows the generation settings, `settings NAME VALUE` changes
-one (validated), `reset` clears the conversation, `quit` / `exit` / Ctrl-D leave.
+Interactive commands: `settings` asks for max_new_tokens and temperature in turn (Enter keeps
+a value, Ctrl-D cancels), `settings NAME VALUE` changes any one (temperature, top_p, top_k,
+max_new_tokens, repetition_penalty), `reset` clears the conversation, `quit` / `exit` / Ctrl-D
+leave.
 The instructions file is a JSON list of strings or of objects with an "instruction" field.
 Batch results are appended to OUTPUT.partial.jsonl as they complete, so an interrupted batch
 resumes where it stopped; the final JSON is written when all are done.
@@ -106,13 +108,38 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: utils.Generat
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+# The seed's dialog asks these, in this order; `settings NAME VALUE` reaches the others.
+DIALOG_SETTINGS = ("max_new_tokens", "temperature")
+
+
+def settings_dialog(settings: utils.GenerationSettings, ask=input):
+    """Ask for each of DIALOG_SETTINGS with its current value; Enter keeps it, a refused value is
+    asked again, and Ctrl-D or Ctrl-C leaves every setting as it was. Returns (settings, text)."""
+    new = settings
+    try:
+        for name in DIALOG_SETTINGS:
+            while True:
+                raw = ask(f"New {name} [{getattr(new, name)}]: ").strip()
+                if not raw:
+                    break
+                try:
+                    new = new.updated(name, raw)
+                    break
+                except UserError as exc:
+                    print(f"refused: {exc}", flush=True)
+    except (EOFError, KeyboardInterrupt):
+        return settings, "\nsettings unchanged"
+    values = ", ".join(f"{k}={getattr(new, k)}" for k in DIALOG_SETTINGS)
+    return new, f"Settings {'updated' if new != settings else 'unchanged'}: {values}"
+
+
 def handle_command(line: str, settings: utils.GenerationSettings):
     """Apply a `settings ...` command; returns the (possibly new) settings and the text to show."""
     parts = line.replace("=", " ").split()
     if len(parts) == 1:
-        return settings, "settings: " + ", ".join(f"{k}={v}" for k, v in settings.as_dict().items())
+        return settings_dialog(settings)
     if len(parts) != 3:
-        return settings, "usage: settings NAME VALUE (e.g. settings temperature 0.3)"
+        return settings, "usage: settings (asks for each), or settings NAME VALUE (e.g. settings temperature 0.3)"
     try:
         new = settings.updated(parts[1], parts[2])
     except UserError as exc:
@@ -124,7 +151,7 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
     """Run the chat loop; returns (turns, the settings in force at the end)."""
     history: list[dict] = []
     turns: list[dict] = []
-    print("Chat ready. Commands: settings [NAME VALUE], reset, quit.", flush=True)
+    print("Chat ready. Commands: settings, settings NAME VALUE, reset, quit.", flush=True)
     while True:
         try:
             line = input("\nyou> ")

@@ -877,7 +877,7 @@ class GenerationSettings:
         try:
             value = kind(raw)
         except ValueError:
-            raise UserError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+            raise UserError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}") from None
         if not ok(value):
             raise UserError(f"{name} {value} must be {rule}")
         return GenerationSettings(**{**self.as_dict(), name: value})

@@ -171,18 +171,24 @@ def test_batch_resumes_without_redoing(adapter_run, tmp_path, monkeypatch):
     assert results[1]["response"] == "KEPT" and [r["index"] for r in results] == [0, 1, 2, 3]
 
 
+def spawn_chat(adapter, tmp_path, *extra):
+    import pexpect
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return pexpect.spawn(sys.executable, [str(ROOT / "test_model.py"), "--model-path", str(adapter), "--interactive",
+                                          "--output-file", str(tmp_path / "chat.json"), *extra],
+                         env=env, encoding="utf-8", timeout=120)
+
+
 def test_interactive_through_a_pty(adapter_run, tmp_path):
-    """Drive the chat in a pseudo-terminal: settings (bad and good), two turns, reset, quit."""
+    """Drive the chat in a pseudo-terminal: settings NAME VALUE (bad and good), two turns, reset, quit."""
     import pexpect
 
     _, adapter = adapter_run
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    child = pexpect.spawn(sys.executable, [str(ROOT / "test_model.py"), "--model-path", str(adapter), "--interactive",
-                                           "--max-new-tokens", "4", "--output-file", str(tmp_path / "chat.json")],
-                          env=env, encoding="utf-8", timeout=120)
+    child = spawn_chat(adapter, tmp_path, "--max-new-tokens", "4")
     child.expect("you> ")
-    child.sendline("settings")
-    child.expect(r"temperature=0\.7.*repetition_penalty=1\.1")
+    child.sendline("settings top_p 0.8")
+    child.expect(r"temperature=0\.7, top_p=0\.8.*repetition_penalty=1\.1")
     child.sendline("settings top_p 7")
     child.expect("refused: top_p 7.0 must be in")
     child.expect("you> ")
@@ -203,6 +209,20 @@ def test_interactive_through_a_pty(adapter_run, tmp_path):
     turns = json.loads((tmp_path / "chat.json").read_text())["results"]
     assert [t["instruction"] for t in turns] == ["first question", "second question"]
     assert json.loads((tmp_path / "chat.json").read_text())["generation"]["temperature"] == 0.0
+
+
+def test_settings_dialog_keeps_refuses_and_cancels(capsys):
+    answers = iter(["", "9", "0.2"])
+    new, shown = tm.settings_dialog(utils.GenerationSettings(), ask=lambda prompt: next(answers))
+    assert (new.max_new_tokens, new.temperature) == (512, 0.2)
+    assert shown == "Settings updated: max_new_tokens=512, temperature=0.2"
+    assert "refused: temperature 9.0 must be between 0 (greedy) and 5" in capsys.readouterr().out
+
+    def ctrl_d(prompt):
+        raise EOFError
+
+    same, shown = tm.settings_dialog(new, ask=ctrl_d)
+    assert same is new and shown.strip() == "settings unchanged"
 
 
 def test_chat_history_is_kept_across_turns(adapter_run, tiny_model, monkeypatch, capsys):
