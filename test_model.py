@@ -9,7 +9,8 @@
 Interactive commands: `settings` asks for max_new_tokens and temperature in turn (Enter keeps
 a value, Ctrl-D cancels), `settings NAME VALUE` changes any one (temperature, top_p, top_k,
 max_new_tokens, repetition_penalty), `reset` clears the conversation, `quit` / `exit` / Ctrl-D
-leave.
+leave. Ctrl-C while a reply is being written stops that reply and keeps it out of the
+conversation.
 The instructions file is a JSON list of strings or of objects with an "instruction" field.
 Batch results are appended to OUTPUT.partial.jsonl as they complete, so an interrupted batch
 resumes where it stopped; the final JSON is written when all are done.
@@ -92,17 +93,48 @@ def conversation(instruction: str, system_prompt: str | None, history: list[dict
 # ---------------------------------------------------------------------------------------------
 
 
-def stream_reply(model, tokenizer, messages: list[dict], settings: utils.GenerationSettings) -> dict:
-    """Generate one reply, printing tokens as they arrive."""
-    import torch
+class ReplyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generation; `result` holds what was written of the reply until then."""
+
+    def __init__(self, result: dict):
+        super().__init__()
+        self.result = result
+
+
+def collecting_streamer(tokenizer):
+    """A TextStreamer that also keeps the text and token count, so a stopped reply is not lost."""
     from transformers import TextStreamer
+
+    class CollectingStreamer(TextStreamer):
+        text, tokens = "", 0
+
+        def put(self, value):
+            if not self.next_tokens_are_prompt:
+                self.tokens += int(value.numel())
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            self.text += text
+            super().on_finalized_text(text, stream_end)
+
+    return CollectingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def stream_reply(model, tokenizer, messages: list[dict], settings: utils.GenerationSettings) -> dict:
+    """Generate one reply, printing tokens as they arrive; Ctrl-C raises ReplyInterrupted."""
+    import torch
 
     prompt = utils.render_chat(messages, template=None, tokenizer=tokenizer, add_generation_prompt=True)
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = collecting_streamer(tokenizer)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**enc, streamer=streamer, **settings.generate_kwargs(tokenizer))
+    try:
+        with torch.inference_mode():
+            out = model.generate(**enc, streamer=streamer, **settings.generate_kwargs(tokenizer))
+    except KeyboardInterrupt:
+        streamer.end()  # prints the words still held back, so the screen shows what the partial reply is
+        raise ReplyInterrupted({"response": streamer.text.strip(), "tokens": streamer.tokens,
+                                "seconds": round(time.perf_counter() - t0, 3)}) from None
     new = out[0, enc["input_ids"].shape[1]:]
     return {"response": tokenizer.decode(new, skip_special_tokens=True).strip(), "tokens": int(new.numel()),
             "seconds": round(time.perf_counter() - t0, 3)}
@@ -147,11 +179,23 @@ def handle_command(line: str, settings: utils.GenerationSettings):
     return new, "settings: " + ", ".join(f"{k}={v}" for k, v in new.as_dict().items())
 
 
+def chat_turn(model, tokenizer, text: str, system_prompt: str | None, history: list[dict], settings) -> dict:
+    """One reply; a Ctrl-C while it is written stops it and marks it interrupted."""
+    print("assistant> ", end="", flush=True)
+    try:
+        result = stream_reply(model, tokenizer, conversation(text, system_prompt, history), settings)
+    except KeyboardInterrupt as exc:
+        partial = exc.result if isinstance(exc, ReplyInterrupted) else {"response": "", "tokens": 0, "seconds": 0.0}
+        print("[reply stopped; it is left out of the conversation]", flush=True)
+        return {"instruction": text, **partial, "interrupted": True}
+    return {"instruction": text, **result}
+
+
 def interactive(model, tokenizer, settings: utils.GenerationSettings, system_prompt: str | None):
     """Run the chat loop; returns (turns, the settings in force at the end)."""
     history: list[dict] = []
     turns: list[dict] = []
-    print("Chat ready. Commands: settings, settings NAME VALUE, reset, quit.", flush=True)
+    print("Chat ready. Commands: settings, settings NAME VALUE, reset, quit; Ctrl-C stops a reply.", flush=True)
     while True:
         try:
             line = input("\nyou> ")
@@ -171,10 +215,10 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
             settings, shown = handle_command(text, settings)
             print(shown, flush=True)
             continue
-        print("assistant> ", end="", flush=True)
-        result = stream_reply(model, tokenizer, conversation(text, system_prompt, history), settings)
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": result["response"]}]
-        turns.append({"instruction": text, **result})
+        turn = chat_turn(model, tokenizer, text, system_prompt, history, settings)
+        if not turn.get("interrupted"):
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": turn["response"]}]
+        turns.append(turn)
     print("bye", flush=True)
     return turns, settings
 

@@ -225,6 +225,31 @@ def test_settings_dialog_keeps_refuses_and_cancels(capsys):
     assert same is new and shown.strip() == "settings unchanged"
 
 
+def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, capsys):
+    seen = []
+
+    def reply(model, tok, messages, settings):
+        seen.append([m["content"] for m in messages])
+        if len(seen) == 2:
+            raise tm.ReplyInterrupted({"response": "half a", "tokens": 2, "seconds": 0.1})
+        return {"response": f"r{len(seen)}", "tokens": 1, "seconds": 0.0}
+
+    lines = iter(["one", "two", "three"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(tm, "stream_reply", reply)
+    monkeypatch.setattr("builtins.input", fake_input)
+    turns, _ = tm.interactive(None, None, utils.GenerationSettings(), None)
+    assert seen[2] == ["one", "r1", "three"]  # the stopped reply is not in the history
+    assert turns[1] == {"instruction": "two", "response": "half a", "tokens": 2, "seconds": 0.1, "interrupted": True}
+    assert "[reply stopped" in capsys.readouterr().out
+
+
 def test_chat_history_is_kept_across_turns(adapter_run, tiny_model, monkeypatch, capsys):
     _, adapter = adapter_run
     model, tok, _ = utils.load_model(str(tiny_model), backend="hf", adapter_path=adapter)
