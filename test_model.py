@@ -10,7 +10,8 @@ Interactive commands: `settings` asks for max_new_tokens and temperature in turn
 a value, Ctrl-D cancels), `settings NAME VALUE` changes any one (temperature, top_p, top_k,
 max_new_tokens, repetition_penalty), `reset` clears the conversation, `quit` / `exit` / Ctrl-D
 leave. Ctrl-C while a reply is being written stops that reply and keeps it out of the
-conversation.
+conversation. Each session's turns are written as they happen to
+OUTPUT_FOLDER/chat_<UTC stamp>.jsonl (OUTPUT_FOLDER: the folder of --output-file).
 The instructions file is a JSON list of strings or of objects with an "instruction" field.
 Batch results are appended to OUTPUT.partial.jsonl as they complete, so an interrupted batch
 resumes where it stopped; the final JSON is written when all are done.
@@ -19,6 +20,7 @@ resumes where it stopped; the final JSON is written when all are done.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -179,6 +181,32 @@ def handle_command(line: str, settings: utils.GenerationSettings):
     return new, "settings: " + ", ".join(f"{k}={v}" for k, v in new.as_dict().items())
 
 
+class Transcript:
+    """A chat session as JSON lines: one session line, then a line per turn (and per reset),
+    flushed as each is written so a crash or a closed terminal keeps everything said so far."""
+
+    def __init__(self, folder: Path, session: dict):
+        folder = folder.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = utils.utc_stamp()
+        for n in itertools.count(1):
+            self.path = folder / (f"chat_{stamp}.jsonl" if n == 1 else f"chat_{stamp}_{n}.jsonl")
+            try:
+                self._fh = open(self.path, "x", encoding="utf-8")  # never append to another session's file
+                break
+            except FileExistsError:
+                continue
+        self.write({"type": "session", **session})
+
+    def write(self, record: dict) -> None:
+        record = {**record, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
 def chat_turn(model, tokenizer, text: str, system_prompt: str | None, history: list[dict], settings) -> dict:
     """One reply; a Ctrl-C while it is written stops it and marks it interrupted."""
     print("assistant> ", end="", flush=True)
@@ -191,11 +219,13 @@ def chat_turn(model, tokenizer, text: str, system_prompt: str | None, history: l
     return {"instruction": text, **result}
 
 
-def interactive(model, tokenizer, settings: utils.GenerationSettings, system_prompt: str | None):
+def interactive(model, tokenizer, settings: utils.GenerationSettings, system_prompt: str | None,
+                transcript: Transcript | None = None):
     """Run the chat loop; returns (turns, the settings in force at the end)."""
     history: list[dict] = []
     turns: list[dict] = []
-    print("Chat ready. Commands: settings, settings NAME VALUE, reset, quit; Ctrl-C stops a reply.", flush=True)
+    saved = f" (transcript: {transcript.path})" if transcript else ""
+    print("Chat ready. Commands: settings, settings NAME VALUE, reset, quit; Ctrl-C stops a reply." + saved, flush=True)
     while True:
         try:
             line = input("\nyou> ")
@@ -209,6 +239,8 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
             break
         if text.lower() == "reset":
             history = []
+            if transcript:
+                transcript.write({"type": "reset"})
             print("conversation cleared", flush=True)
             continue
         if text.lower().split()[0] == "settings":
@@ -219,8 +251,23 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
         if not turn.get("interrupted"):
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": turn["response"]}]
         turns.append(turn)
-    print("bye", flush=True)
+        if transcript:
+            transcript.write({"type": "turn", "turn": len(turns), **turn, "interrupted": bool(turn.get("interrupted")),
+                              "generation": settings.as_dict()})
+    print("bye" + saved, flush=True)
     return turns, settings
+
+
+def run_interactive(model, tokenizer, settings, args, info: dict, output_file: Path):
+    """The chat with its transcript beside --output-file; returns (turns, final settings)."""
+    transcript = Transcript(output_file.parent, {
+        "model_path": args.model_path, "base_model": info.get("base_model"), "adapter": info.get("adapter"),
+        "backend": info.get("backend"), "system_prompt": args.system_prompt, "generation": settings.as_dict(),
+    })
+    try:
+        return interactive(model, tokenizer, settings, args.system_prompt, transcript)
+    finally:
+        transcript.close()
 
 
 def run_batch(model, tokenizer, instructions: list[str], settings, args, output_file: Path) -> list[dict]:
@@ -275,7 +322,7 @@ def main(argv=None) -> int:
     model, tokenizer, info, _ = utils.load_for_inference(args)
     output_file = Path(args.output_file)
     if args.interactive:
-        results, settings = interactive(model, tokenizer, settings, args.system_prompt)
+        results, settings = run_interactive(model, tokenizer, settings, args, info, output_file)
     elif args.batch:
         results = run_batch(model, tokenizer, instructions, settings, args, output_file)
     else:
