@@ -214,8 +214,8 @@ def print_summary(report: dict, output_file: Path) -> None:
     m = report["metrics"]
     for name, r in m.get("perplexity", {}).items():
         if isinstance(r, dict):
-            print(f"Perplexity ({name}): {r['perplexity']:.4f} (avg loss {r['avg_loss']:.4f}, {r['tokens']} tokens, "
-                  f"{r['samples']} samples)")
+            print(f"Perplexity ({name}): {utils.sig4(r['perplexity'])} (avg loss {utils.sig4(r['avg_loss'])}, "
+                  f"{r['tokens']} tokens, {r['samples']} samples)")
     if "improvement_percent" in m.get("perplexity", {}):
         print(f"Perplexity improvement over base: {m['perplexity']['improvement_percent']:.2f}%")
     for name, r in m.get("accuracy", {}).items():

@@ -6,8 +6,12 @@
     python test_model.py --model-path s3://adapters-bucket/adapters/my-run/final_model \
         --batch --instructions-file prompts.json --output-file ./test_results/inference.json
 
-Interactive commands: `settings` shows the generation settings, `settings NAME VALUE` changes
-one (validated), `reset` clears the conversation, `quit` / `exit` / Ctrl-D leave.
+Interactive commands: `settings` asks for max_new_tokens and temperature in turn (Enter keeps
+a value, Ctrl-D cancels), `settings NAME VALUE` changes any one (temperature, top_p, top_k,
+max_new_tokens, repetition_penalty), `reset` clears the conversation, `quit` / `exit` / Ctrl-D
+leave. Ctrl-C while a reply is being written stops that reply and keeps it out of the
+conversation. Each session's turns are written as they happen to
+OUTPUT_FOLDER/chat_<UTC stamp>.jsonl (OUTPUT_FOLDER: the folder of --output-file).
 The instructions file is a JSON list of strings or of objects with an "instruction" field.
 Batch results are appended to OUTPUT.partial.jsonl as they complete, so an interrupted batch
 resumes where it stopped; the final JSON is written when all are done.
@@ -16,6 +20,7 @@ resumes where it stopped; the final JSON is written when all are done.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -90,30 +95,86 @@ def conversation(instruction: str, system_prompt: str | None, history: list[dict
 # ---------------------------------------------------------------------------------------------
 
 
-def stream_reply(model, tokenizer, messages: list[dict], settings: utils.GenerationSettings) -> dict:
-    """Generate one reply, printing tokens as they arrive."""
-    import torch
+class ReplyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generation; `result` holds what was written of the reply until then."""
+
+    def __init__(self, result: dict):
+        super().__init__()
+        self.result = result
+
+
+def collecting_streamer(tokenizer):
+    """A TextStreamer that also keeps the text and token count, so a stopped reply is not lost."""
     from transformers import TextStreamer
+
+    class CollectingStreamer(TextStreamer):
+        text, tokens = "", 0
+
+        def put(self, value):
+            if not self.next_tokens_are_prompt:
+                self.tokens += int(value.numel())
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            self.text += text
+            super().on_finalized_text(text, stream_end)
+
+    return CollectingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def stream_reply(model, tokenizer, messages: list[dict], settings: utils.GenerationSettings) -> dict:
+    """Generate one reply, printing tokens as they arrive; Ctrl-C raises ReplyInterrupted."""
+    import torch
 
     prompt = utils.render_chat(messages, template=None, tokenizer=tokenizer, add_generation_prompt=True)
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = collecting_streamer(tokenizer)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        kwargs = settings.generate_kwargs(tokenizer, model)
-        out = model.generate(**enc, streamer=streamer, **kwargs)
+    kwargs = settings.generate_kwargs(tokenizer, model)
+    try:
+        with torch.inference_mode():
+            out = model.generate(**enc, streamer=streamer, **kwargs)
+    except KeyboardInterrupt:
+        streamer.end()  # prints the words still held back, so the screen shows what the partial reply is
+        raise ReplyInterrupted({"response": streamer.text.strip(), "tokens": streamer.tokens,
+                                "seconds": round(time.perf_counter() - t0, 3)}) from None
     ids, stopped = utils.reply_tokens(out[0, enc["input_ids"].shape[1]:], set(kwargs["eos_token_id"]))
     return {"response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids),
             "seconds": round(time.perf_counter() - t0, 3), "stopped": stopped}
+
+
+# The seed's dialog asks these, in this order; `settings NAME VALUE` reaches the others.
+DIALOG_SETTINGS = ("max_new_tokens", "temperature")
+
+
+def settings_dialog(settings: utils.GenerationSettings, ask=input):
+    """Ask for each of DIALOG_SETTINGS with its current value; Enter keeps it, a refused value is
+    asked again, and Ctrl-D or Ctrl-C leaves every setting as it was. Returns (settings, text)."""
+    new = settings
+    try:
+        for name in DIALOG_SETTINGS:
+            while True:
+                raw = ask(f"New {name} [{getattr(new, name)}]: ").strip()
+                if not raw:
+                    break
+                try:
+                    new = new.updated(name, raw)
+                    break
+                except UserError as exc:
+                    print(f"refused: {exc}", flush=True)
+    except (EOFError, KeyboardInterrupt):
+        return settings, "\nsettings unchanged"
+    values = ", ".join(f"{k}={getattr(new, k)}" for k in DIALOG_SETTINGS)
+    return new, f"Settings {'updated' if new != settings else 'unchanged'}: {values}"
 
 
 def handle_command(line: str, settings: utils.GenerationSettings):
     """Apply a `settings ...` command; returns the (possibly new) settings and the text to show."""
     parts = line.replace("=", " ").split()
     if len(parts) == 1:
-        return settings, "settings: " + ", ".join(f"{k}={v}" for k, v in settings.as_dict().items())
+        return settings_dialog(settings)
     if len(parts) != 3:
-        return settings, "usage: settings NAME VALUE (e.g. settings temperature 0.3)"
+        return settings, "usage: settings (asks for each), or settings NAME VALUE (e.g. settings temperature 0.3)"
     try:
         new = settings.updated(parts[1], parts[2])
     except UserError as exc:
@@ -121,11 +182,51 @@ def handle_command(line: str, settings: utils.GenerationSettings):
     return new, "settings: " + ", ".join(f"{k}={v}" for k, v in new.as_dict().items())
 
 
-def interactive(model, tokenizer, settings: utils.GenerationSettings, system_prompt: str | None):
+class Transcript:
+    """A chat session as JSON lines: one session line, then a line per turn (and per reset),
+    flushed as each is written so a crash or a closed terminal keeps everything said so far."""
+
+    def __init__(self, folder: Path, session: dict):
+        folder = folder.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = utils.utc_stamp()
+        for n in itertools.count(1):
+            self.path = folder / (f"chat_{stamp}.jsonl" if n == 1 else f"chat_{stamp}_{n}.jsonl")
+            try:
+                self._fh = open(self.path, "x", encoding="utf-8")  # never append to another session's file
+                break
+            except FileExistsError:
+                continue
+        self.write({"type": "session", **session})
+
+    def write(self, record: dict) -> None:
+        record = {**record, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def chat_turn(model, tokenizer, text: str, system_prompt: str | None, history: list[dict], settings) -> dict:
+    """One reply; a Ctrl-C while it is written stops it and marks it interrupted."""
+    print("assistant> ", end="", flush=True)
+    try:
+        result = stream_reply(model, tokenizer, conversation(text, system_prompt, history), settings)
+    except KeyboardInterrupt as exc:
+        partial = exc.result if isinstance(exc, ReplyInterrupted) else {"response": "", "tokens": 0, "seconds": 0.0}
+        print("[reply stopped; it is left out of the conversation]", flush=True)
+        return {"instruction": text, **partial, "interrupted": True}
+    return {"instruction": text, **result}
+
+
+def interactive(model, tokenizer, settings: utils.GenerationSettings, system_prompt: str | None,
+                transcript: Transcript | None = None):
     """Run the chat loop; returns (turns, the settings in force at the end)."""
     history: list[dict] = []
     turns: list[dict] = []
-    print("Chat ready. Commands: settings [NAME VALUE], reset, quit.", flush=True)
+    saved = f" (transcript: {transcript.path})" if transcript else ""
+    print("Chat ready. Commands: settings, settings NAME VALUE, reset, quit; Ctrl-C stops a reply." + saved, flush=True)
     while True:
         try:
             line = input("\nyou> ")
@@ -139,18 +240,35 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
             break
         if text.lower() == "reset":
             history = []
+            if transcript:
+                transcript.write({"type": "reset"})
             print("conversation cleared", flush=True)
             continue
         if text.lower().split()[0] == "settings":
             settings, shown = handle_command(text, settings)
             print(shown, flush=True)
             continue
-        print("assistant> ", end="", flush=True)
-        result = stream_reply(model, tokenizer, conversation(text, system_prompt, history), settings)
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": result["response"]}]
-        turns.append({"instruction": text, **result})
-    print("bye", flush=True)
+        turn = chat_turn(model, tokenizer, text, system_prompt, history, settings)
+        if not turn.get("interrupted"):
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": turn["response"]}]
+        turns.append(turn)
+        if transcript:
+            transcript.write({"type": "turn", "turn": len(turns), **turn, "interrupted": bool(turn.get("interrupted")),
+                              "generation": settings.as_dict()})
+    print("bye" + saved, flush=True)
     return turns, settings
+
+
+def run_interactive(model, tokenizer, settings, args, info: dict, output_file: Path):
+    """The chat with its transcript beside --output-file; returns (turns, final settings)."""
+    transcript = Transcript(output_file.parent, {
+        "model_path": args.model_path, "base_model": info.get("base_model"), "adapter": info.get("adapter"),
+        "backend": info.get("backend"), "system_prompt": args.system_prompt, "generation": settings.as_dict(),
+    })
+    try:
+        return interactive(model, tokenizer, settings, args.system_prompt, transcript)
+    finally:
+        transcript.close()
 
 
 def run_batch(model, tokenizer, instructions: list[str], settings, args, output_file: Path) -> list[dict]:
@@ -205,7 +323,7 @@ def main(argv=None) -> int:
     model, tokenizer, info, _ = utils.load_for_inference(args)
     output_file = Path(args.output_file)
     if args.interactive:
-        results, settings = interactive(model, tokenizer, settings, args.system_prompt)
+        results, settings = run_interactive(model, tokenizer, settings, args, info, output_file)
     elif args.batch:
         results = run_batch(model, tokenizer, instructions, settings, args, output_file)
     else:

@@ -973,8 +973,9 @@ def finish_run(trainer, tokenizer, args, info, manifest, template_name, result, 
         push_to_hub(final, args.push_to_hub)
 
     print("=" * 72)
-    print(f"Steps: {metrics['global_step']}, train loss {metrics['train_loss_first']} -> {metrics['train_loss_last']}, "
-          f"best validation loss {metrics['best_validation_loss']} ({Path(str(metrics['best_checkpoint'])).name})")
+    print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
+          f"{utils.sig4(metrics['train_loss_last'])}, best validation loss {utils.sig4(metrics['best_validation_loss'])} "
+          f"({Path(str(metrics['best_checkpoint'])).name})")
     print(f"Runtime {metrics['runtime_s']:.1f} s, {metrics['tokens_per_s']} tokens/s; "
           f"{utils.format_memory_stats(utils.gpu_memory_stats())}")
     print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(output_dir / 'loss_curve.png').resolve()}" if plotted else ""))

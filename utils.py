@@ -36,17 +36,49 @@ class UserError(Exception):
     """A mistake the user can fix. Scripts print it as one line and exit with code 2."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time, so a redirected or captured stderr gets our lines."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Our own lines go to stderr through the suite's logger, leaving the root logger to the host."""
+    """Our own lines go to stderr through the suite's logger, leaving the root logger to the host.
+
+    Without `verbose`, transformers' warnings are held back except its weight-loading report:
+    the rest land in the middle of a streamed reply or a progress bar, and the ones we have met
+    are advisories about library internals that a user cannot act on.
+    """
     logger = logging.getLogger("reasonforge")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Unsloth (and any library calling logging.basicConfig) gives the root logger a handler of its
+    # own; propagating there printed every line a second time in its format.
+    logger.propagate = False
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     # Library chatter (httpx, botocore) is noise next to our one-line step summaries.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers reads this when it first sets up its logger; importing it here to set the level
+    # directly would come before unsloth's import, which has to be first.
+    os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
+    # Missing or unexpected weights in a checkpoint are worth seeing in every run.
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.WARNING)
 
 
 def cli_entry(main_fn):
@@ -71,6 +103,11 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (or its type), for one-line errors."""
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def sig4(value) -> str:
+    """A number for people: four significant digits (12.31, 8.111, 6.585e+06); JSON keeps them all."""
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -756,7 +793,20 @@ def load_model(
     if adapter_path is not None:
         model, tokenizer = _attach_saved_adapter(model, tokenizer, Path(adapter_path), model_name, trainable_adapter)
         info["adapter"] = str(adapter_path)
+    no_bpe_cleanup(tokenizer)
     return model, tokenizer, info
+
+
+def no_bpe_cleanup(tokenizer) -> None:
+    """Turn off clean_up_tokenization_spaces on a BPE tokenizer; decoding gives the same text.
+
+    transformers 5 never applies that cleanup to BPE (it would strip spaces before punctuation),
+    but a tokenizer saved with it on (GGUF exports, and adapters trained from them) warns about
+    it on its first decode, in the middle of the first streamed reply.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
 
 
 def _attach_saved_adapter(model, tokenizer, adapter_path: Path, base_name: str, trainable: bool):
@@ -893,7 +943,7 @@ class GenerationSettings:
         try:
             value = kind(raw)
         except ValueError:
-            raise UserError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+            raise UserError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}") from None
         if not ok(value):
             raise UserError(f"{name} {value} must be {rule}")
         return GenerationSettings(**{**self.as_dict(), name: value})
@@ -1098,6 +1148,7 @@ def export_demo_model(target: str | Path) -> Path:
     model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
     model.config.bos_token_id = model.generation_config.bos_token_id = None
+    no_bpe_cleanup(tok)
     with atomic_directory(target) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -145,18 +146,24 @@ def test_batch_resumes_without_redoing(adapter_run, tmp_path, monkeypatch):
     assert results[1]["response"] == "KEPT" and [r["index"] for r in results] == [0, 1, 2, 3]
 
 
+def spawn_chat(adapter, tmp_path, *extra):
+    import pexpect
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return pexpect.spawn(sys.executable, [str(ROOT / "test_model.py"), "--model-path", str(adapter), "--interactive",
+                                          "--output-file", str(tmp_path / "chat.json"), *extra],
+                         env=env, encoding="utf-8", timeout=120)
+
+
 def test_interactive_through_a_pty(adapter_run, tmp_path):
-    """Drive the chat in a pseudo-terminal: settings (bad and good), two turns, reset, quit."""
+    """Drive the chat in a pseudo-terminal: settings NAME VALUE (bad and good), two turns, reset, quit."""
     import pexpect
 
     _, adapter = adapter_run
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    child = pexpect.spawn(sys.executable, [str(ROOT / "test_model.py"), "--model-path", str(adapter), "--interactive",
-                                           "--max-new-tokens", "4", "--output-file", str(tmp_path / "chat.json")],
-                          env=env, encoding="utf-8", timeout=120)
+    child = spawn_chat(adapter, tmp_path, "--max-new-tokens", "4")
     child.expect("you> ")
-    child.sendline("settings")
-    child.expect(r"temperature=0\.7.*repetition_penalty=1\.1")
+    child.sendline("settings top_p 0.8")
+    child.expect(r"temperature=0\.7, top_p=0\.8.*repetition_penalty=1\.1")
     child.sendline("settings top_p 7")
     child.expect("refused: top_p 7.0 must be in")
     child.expect("you> ")
@@ -177,6 +184,134 @@ def test_interactive_through_a_pty(adapter_run, tmp_path):
     turns = json.loads((tmp_path / "chat.json").read_text())["results"]
     assert [t["instruction"] for t in turns] == ["first question", "second question"]
     assert json.loads((tmp_path / "chat.json").read_text())["generation"]["temperature"] == 0.0
+
+
+def test_settings_dialog_as_the_seed_shows_it(adapter_run, tmp_path):
+    """The seed's `settings` dialog in a pseudo-terminal; its values drive the next reply, no library
+    warning lands inside that reply, Ctrl-C stops a reply but not the session, Ctrl-D cancels."""
+    import pexpect
+
+    _, trained = adapter_run
+    # Saved with clean_up_tokenization_spaces on, as the GGUF demo export was: transformers then
+    # warned in the middle of the first streamed reply.
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained, adapter)
+    config = json.loads((adapter / "tokenizer_config.json").read_text())
+    (adapter / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    child = spawn_chat(adapter, tmp_path)
+    child.expect(r"\(transcript: (\S+\.jsonl)\)")
+    transcript = Path(child.match.group(1))
+    child.expect("you> ")
+    child.sendline("settings")
+    child.expect_exact("New max_new_tokens [512]: ")
+    child.sendline("256")
+    child.expect_exact("New temperature [0.7]: ")
+    child.sendline("hot")
+    child.expect_exact("refused: temperature must be a number, got 'hot'")
+    child.expect_exact("New temperature [0.7]: ")
+    child.sendline("0")
+    child.expect_exact("Settings updated: max_new_tokens=256, temperature=0.0")
+    child.expect("you> ")
+    child.sendline("What is 2 + 2?")
+    child.expect_exact("assistant> ")
+    child.expect("you> ")
+    reply = child.before
+    for noise in ("ignoring", "warning", "warn", "[transformers]"):
+        assert noise not in reply.lower(), reply
+
+    child.sendline("settings max_new_tokens 1500")
+    child.expect("you> ")
+    child.sendline("Count to one thousand.")
+    child.expect_exact("assistant> ")
+    child.expect(r"\S")  # the reply has started
+    child.sendintr()
+    child.expect_exact("[reply stopped; it is left out of the conversation]")
+    child.expect("you> ")
+    child.sendline("settings")
+    child.expect_exact("New max_new_tokens [1500]: ")
+    child.sendeof()
+    child.expect_exact("settings unchanged")
+    child.expect("you> ")
+    child.sendline("quit")
+    child.expect_exact(f"bye (transcript: {transcript})")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+    records = [json.loads(line) for line in transcript.read_text().splitlines()]
+    assert records[0]["type"] == "session" and records[0]["model_path"] == str(adapter)
+    first, stopped = [r for r in records if r["type"] == "turn"]
+    assert first["instruction"] == "What is 2 + 2?" and not first["interrupted"]
+    assert first["generation"]["max_new_tokens"] == 256 and first["generation"]["temperature"] == 0.0
+    assert 0 < first["tokens"] <= 256
+    assert stopped["interrupted"] and 0 < stopped["tokens"] < 1500 and stopped["generation"]["max_new_tokens"] == 1500
+
+
+def test_settings_dialog_keeps_refuses_and_cancels(capsys):
+    answers = iter(["", "9", "0.2"])
+    new, shown = tm.settings_dialog(utils.GenerationSettings(), ask=lambda prompt: next(answers))
+    assert (new.max_new_tokens, new.temperature) == (512, 0.2)
+    assert shown == "Settings updated: max_new_tokens=512, temperature=0.2"
+    assert "refused: temperature 9.0 must be between 0 (greedy) and 5" in capsys.readouterr().out
+
+    def ctrl_d(prompt):
+        raise EOFError
+
+    same, shown = tm.settings_dialog(new, ask=ctrl_d)
+    assert same is new and shown.strip() == "settings unchanged"
+
+
+def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, capsys):
+    seen = []
+
+    def reply(model, tok, messages, settings):
+        seen.append([m["content"] for m in messages])
+        if len(seen) == 2:
+            raise tm.ReplyInterrupted({"response": "half a", "tokens": 2, "seconds": 0.1})
+        return {"response": f"r{len(seen)}", "tokens": 1, "seconds": 0.0}
+
+    lines = iter(["one", "two", "three"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(tm, "stream_reply", reply)
+    monkeypatch.setattr("builtins.input", fake_input)
+    turns, _ = tm.interactive(None, None, utils.GenerationSettings(), None)
+    assert seen[2] == ["one", "r1", "three"]  # the stopped reply is not in the history
+    assert turns[1] == {"instruction": "two", "response": "half a", "tokens": 2, "seconds": 0.1, "interrupted": True}
+    assert "[reply stopped" in capsys.readouterr().out
+
+
+def test_chat_transcript_records_each_turn(adapter_run, tmp_path, monkeypatch, capsys):
+    _, adapter = adapter_run
+    out_dir = tmp_path / "results"
+    script = iter(["first question", "settings temperature 0", "second question", "reset", "quit"])
+    written_before_second = []
+
+    def fake_input(prompt=""):
+        line = next(script)
+        if line == "second question":  # the first turn must already be on disk
+            written_before_second.extend(next(out_dir.glob("chat_*.jsonl")).read_text().splitlines())
+        return line
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert tm.main(["--model-path", str(adapter), "--interactive", "--max-new-tokens", "3", "--system-prompt", "Be brief.",
+                    "--output-file", str(out_dir / "chat.json")]) == 0
+    files = list(out_dir.glob("chat_*.jsonl"))
+    assert len(files) == 1 and capsys.readouterr().out.count(f"(transcript: {files[0]})") == 2  # at start and at bye
+    records = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert len(written_before_second) == 2
+    assert [r["type"] for r in records] == ["session", "turn", "turn", "reset"]
+    session, first, second = records[:3]
+    assert session["model_path"] == str(adapter) and session["system_prompt"] == "Be brief." and session["base_model"]
+    assert [first["instruction"], second["instruction"]] == ["first question", "second question"]
+    assert first["generation"]["temperature"] == 0.7 and second["generation"]["temperature"] == 0.0
+    for turn in (first, second):
+        assert isinstance(turn["response"], str) and 0 < turn["tokens"] <= 3 and turn["seconds"] >= 0
 
 
 def test_chat_history_is_kept_across_turns(adapter_run, tiny_model, monkeypatch, capsys):
