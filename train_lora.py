@@ -992,7 +992,7 @@ def main(argv=None) -> int:
     validate_args(args)
     args.run_name = args.run_name or Path(args.output_dir).resolve().name
     output_dir = Path(args.output_dir)
-    backend, _ = utils.choose_backend(args.backend)
+    backend, backend_reason = utils.choose_backend(args.backend)
     if backend == "unsloth":
         utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
     compiler_note = configure_compiler(backend)
@@ -1007,7 +1007,7 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     model, tokenizer, info = utils.load_model(args.model_name, backend=backend, max_seq_length=args.max_seq_length,
                                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
-    info["compiler"] = compiler_note
+    info.update(compiler=compiler_note, backend_reason=backend_reason)
     if main_rank:
         print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
     check_packing(args, model, info)

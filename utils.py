@@ -1012,7 +1012,7 @@ def load_for_inference(args):
 
     Returns (model, tokenizer, info, adapter metadata); info["load_s"] is the load time.
     """
-    backend, _ = choose_backend(args.backend)
+    backend, backend_reason = choose_backend(args.backend)
     if backend == "unsloth":
         import_unsloth_first()
     base, adapter_dir, adapter_info = resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
@@ -1023,7 +1023,7 @@ def load_for_inference(args):
     t0 = time.perf_counter()
     model, tokenizer, info = load_model(base, backend=backend, max_seq_length=args.max_seq_length,
                                         load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
-    info["load_s"] = round(time.perf_counter() - t0, 2)
+    info.update(load_s=round(time.perf_counter() - t0, 2), backend_reason=backend_reason)
     return prepare_for_inference(model, info["backend"]), tokenizer, info, adapter_info
 
 
