@@ -16,6 +16,7 @@ training_metrics.json, logs/ (TensorBoard + metrics.jsonl), loss_curve.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -468,6 +469,11 @@ def checkpoint_step(path: Path) -> int:
 
 
 def write_checkpoint_marker(ckpt: Path) -> None:
+    # A copy of the run's resolved settings travels with the checkpoint, so a resume on a fresh
+    # instance (checkpoint fetched from S3, no training_config.json beside it) can still compare.
+    config = ckpt.parent / "training_config.json"
+    if config.is_file():
+        shutil.copyfile(config, ckpt / "training_config.json")
     files = {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in sorted(ckpt.rglob("*"))
              if p.is_file() and p.name != CHECKPOINT_MARKER}
     utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, {"step": checkpoint_step(ckpt), "files": files})
@@ -578,6 +584,122 @@ def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
     marker = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
     marker["files"]["trainer_state.json"] = (ckpt / "trainer_state.json").stat().st_size
     utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, marker)
+
+
+# What a resume cannot change: the adapter's shape, the tokens the checkpoint was trained on, and
+# the optimizer whose state it holds. Loading it under other values crashes (shapes, optimizer
+# state) or quietly trains on other data than the first part of the run.
+FIXED_ON_RESUME = {"model_name": "--model-name", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha",
+                   "lora_dropout": "--lora-dropout", "target_modules": "--target-modules",
+                   "max_seq_length": "--max-seq-length", "packing": "--packing"}
+# What a resume can change, and what the change does. In transformers 5.17 the restored optimizer
+# brings back its param groups (learning rate, weight decay) and the restored LambdaLR its base
+# learning rates, while the schedule's shape (warmup, decay, total steps) is rebuilt from this run's
+# arguments; the data position is recomputed as global_step % steps-per-epoch.
+RESHAPED = ("; the schedule's shape is rebuilt on the checkpoint's base learning rate from the second resumed step "
+            "on (the first uses the rate the checkpoint's schedule had reached)")
+CHANGEABLE_ON_RESUME = {
+    "learning_rate": ("--learning-rate", "kept", "the restored optimizer and scheduler keep {old}'s schedule"),
+    "weight_decay": ("--weight-decay", "kept", "the restored optimizer keeps weight decay {old}"),
+    "warmup_steps": ("--warmup-steps", "applied", "takes effect" + RESHAPED),
+    "lr_scheduler": ("--lr-scheduler", "applied", "takes effect" + RESHAPED),
+    "max_steps": ("--max-steps", "applied", "takes effect: training ends at the new length" + RESHAPED),
+    "num_epochs": ("--num-epochs", "applied", "takes effect: training ends at the new length" + RESHAPED),
+    "seed": ("--seed", "applied", "takes effect on the data order: the shuffle follows --seed, so rows of the "
+                                  "current epoch are repeated or skipped"),
+    "train_on_responses_only": ("--train-on-responses-only", "applied", "takes effect: the loss now covers other tokens"),
+    "save_steps": ("--save-steps", "applied", "takes effect"),
+    "eval_steps": ("--eval-steps", "applied", "takes effect"),
+    "logging_steps": ("--logging-steps", "applied", "takes effect"),
+    "save_total_limit": ("--save-total-limit", "applied", "takes effect"),
+    "early_stopping_patience": ("--early-stopping-patience", "applied", "takes effect"),
+    "gradient_checkpointing": ("--gradient-checkpointing", "applied", "takes effect (memory and speed only)"),
+    "load_in_4bit": ("4-bit loading", "applied", "takes effect: the base weights are loaded at the new precision"),
+}
+
+
+def _setting(config: dict, key: str):
+    value = config.get("arguments", {}).get(key)
+    if key == "target_modules" and isinstance(value, str):
+        return sorted(t.strip() for t in value.split(",") if t.strip())
+    return value
+
+
+def _shown(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def recorded_config(ckpt: Path, output_dir: Path) -> dict | None:
+    """The settings `ckpt` was trained with: its own copy, else (older checkpoints) the run's."""
+    for path in (ckpt / "training_config.json", output_dir / "training_config.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def resume_differences(config: dict, recorded: dict) -> tuple[list[str], list[dict]]:
+    """(settings that forbid the resume, notes on settings that differ but may), each in words."""
+    refused = [f"{flag} {_shown(_setting(config, key))} (checkpoint: {_shown(_setting(recorded, key))})"
+               for key, flag in FIXED_ON_RESUME.items() if _setting(config, key) != _setting(recorded, key)]
+    for key, flag in (("optim", "--optim"), ("dataset_manifest_sha256", "dataset content"),
+                      ("chat_template_sha256" if "chat_template_sha256" in recorded else "chat_template", "chat template")):
+        now, then = config.get(key), recorded.get(key)
+        if now is not None and then is not None and now != then:
+            shown = (now[:12], then[:12]) if key.endswith("sha256") else (now, then)
+            refused.append(f"{flag} {shown[0]} (checkpoint: {shown[1]})")
+    notes = []
+
+    def batch(cfg):  # (shown, effective) of micro-batch x accumulation x processes
+        micro, accum = _setting(cfg, "batch_size") or 0, _setting(cfg, "gradient_accumulation_steps") or 0
+        procs = cfg.get("processes") or 1
+        return f"{micro} x {accum}" + (f" x {procs}" if procs > 1 else ""), micro * accum * procs
+
+    (new_shown, new_effective), (old_shown, old_effective) = batch(config), batch(recorded)
+    if new_shown != old_shown and old_effective:
+        effect = ("takes effect; same effective batch, so the loss curve continues unchanged" if new_effective == old_effective
+                  else "takes effect, but the position in the data is recomputed from the step count, so rows of "
+                       "the current epoch are repeated or skipped")
+        notes.append({"setting": "effective batch", "checkpoint": old_effective, "now": new_effective, "effect": effect,
+                      "text": f"batch (--batch-size x --gradient-accumulation-steps x processes) {new_shown} differs "
+                              f"from the checkpoint's {old_shown}: {effect}"})
+    for key, (flag, kind, effect) in CHANGEABLE_ON_RESUME.items():
+        now, then = _setting(config, key), _setting(recorded, key)
+        if key not in recorded.get("arguments", {}) or now == then:
+            continue
+        effect = effect.format(old=then)
+        notes.append({"setting": key, "checkpoint": then, "now": now, "kept": kind == "kept", "effect": effect,
+                      "text": f"{flag} {now} differs from the checkpoint's {then}: {effect}"})
+    return refused, notes
+
+
+def check_resume_settings(config: dict, ckpt: Path, output_dir: Path, announce: bool = True) -> dict:
+    """Refuse a resume whose settings cannot apply to `ckpt`; say what the others do.
+
+    Returns the config to record: values the checkpoint keeps regardless (learning rate, weight
+    decay) are recorded as the checkpoint's, so training_config.json says what actually ran.
+    """
+    recorded = recorded_config(ckpt, output_dir)
+    if recorded is None:
+        if announce:
+            log.warning("%s records no settings (training_config.json): resuming without comparing them", ckpt)
+        return config
+    refused, notes = resume_differences(config, recorded)
+    if refused:
+        raise UserError(
+            f"cannot resume from {ckpt}: {'; '.join(refused)}. These fix the adapter's shape, its data or its "
+            "optimizer state: resume with the checkpoint's values, or start a new run (a new --output-dir "
+            "without --resume-from-checkpoint)"
+        )
+    config = json.loads(json.dumps(config, default=str))
+    for note in notes:
+        if announce:
+            log.warning(note.pop("text"))
+        else:
+            note.pop("text")
+        if note.get("kept"):
+            config["arguments"][note["setting"]] = note["checkpoint"]
+    config["resumed_from"] = {"checkpoint": str(ckpt), "step": checkpoint_step(ckpt), "differences": notes}
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -966,9 +1088,12 @@ def main(argv=None) -> int:
         print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name, state.num_processes)
         output_dir.mkdir(parents=True, exist_ok=True)
     resume = resume_on_all_ranks(args, output_dir, state)
+    config = training_config(args, info, manifest, template_name, optim)
+    config.update(auto_batch_plan=auto_plan, processes=state.num_processes,
+                  chat_template_sha256=hashlib.sha256(template_source.encode()).hexdigest())
+    if resume:  # every rank checks, so that all of them refuse together
+        config = check_resume_settings(config, Path(resume), output_dir, announce=main_rank)
     if main_rank:
-        config = training_config(args, info, manifest, template_name, optim)
-        config.update(auto_batch_plan=auto_plan, processes=state.num_processes)
         utils.atomic_write_json(output_dir / "training_config.json", config)
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info, args.gradient_checkpointing), optim)
     if torch.cuda.is_available():
