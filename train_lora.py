@@ -20,8 +20,10 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume-from-checkpoint", default=None, metavar="PATH|latest",
                    help="a checkpoint folder, or 'latest' (newest complete one, local or on S3)")
     c.add_argument("--save-merged", action="store_true", help="also save a 16-bit merged model beside the adapter")
+    c.add_argument("--sigterm-deadline-s", type=float, default=90,
+                   help="on SIGTERM a checkpoint is saved at the end of the current step; exit without one if "
+                        "none has begun after this many seconds (spot instances get 120) (default: %(default)s)")
     u = p.add_argument_group("upload")
     u.add_argument("--s3-bucket", default=None, help="sync checkpoints and the final adapter to s3://BUCKET/adapters/RUN/")
     u.add_argument("--skip-s3-upload", action="store_true", help="never upload, even with --s3-bucket")
@@ -112,6 +117,8 @@ def validate_args(args) -> None:
     if args.eval_steps is not None and (args.eval_steps < 1 or args.save_steps % args.eval_steps):
         problems.append(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
                         "(the best checkpoint is chosen among saved ones)")
+    if args.sigterm_deadline_s <= 0:
+        problems.append(f"--sigterm-deadline-s {args.sigterm_deadline_s} must be positive, e.g. 90")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         problems.append("--save-total-limit must be at least 1")
     if args.s3_bucket:
@@ -855,6 +862,176 @@ class CheckpointSync(_trainer_callback_base()):
 
 
 # ---------------------------------------------------------------------------------------------
+# Preemption: SIGTERM saves a checkpoint at the current step, then stops
+# ---------------------------------------------------------------------------------------------
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+
+
+class _EvaluationStopped(BaseException):
+    """Raised out of a validation pass that SIGTERM cut short; train_or_stop saves and stops."""
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """This run's command line with `--resume-from-checkpoint latest` in place of any resume flag."""
+    args, skip = [], False
+    for a in (sys.argv[1:] if argv is None else list(argv)):
+        if skip:
+            skip = False
+        elif a == "--resume-from-checkpoint":
+            skip = True
+        elif not a.startswith("--resume-from-checkpoint="):
+            args.append(a)
+    script = sys.argv[0] if sys.argv[0].endswith("train_lora.py") else "train_lora.py"
+    launcher = ["python"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])}"]
+    return shlex.join([*launcher, script, *args, "--resume-from-checkpoint", "latest"])
+
+
+class PreemptionGuard:
+    """What SIGTERM does to this process.
+
+    Outside the training loop it raises utils.Terminated at once (nothing is half-written there
+    that a scratch folder does not clean up). Inside it, the handler only records the request:
+    tensors and files are mid-update, so StopOnSigterm asks the Trainer to save at the next safe
+    point (end of the step, end or inside of a validation pass, right after a checkpoint upload)
+    and then stops. A step can outlast the notice (the first one compiles for minutes on a fresh
+    GPU instance), so a watchdog exits on its own once `deadline_s` passes with no save begun.
+    """
+
+    def __init__(self, args, argv, output_dir: Path, deadline_s: float, main_rank: bool = True):
+        self.argv, self.output_dir, self.deadline_s, self.main_rank = argv, output_dir, deadline_s, main_rank
+        self.run_uri = s3_run_uri(args)
+        self.phase = "setup"  # then "training", then "finishing"
+        self.requested = False
+        self.saving = False
+
+    def install(self) -> None:
+        """Take over SIGTERM from cli_entry's handler (which puts the original back when main returns)."""
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.phase == "setup":
+            raise utils.Terminated(self.message(None, "before the training loop began"))
+        if self.phase == "finishing":
+            raise utils.Terminated(self.message(None, "after the last step, before the final outputs were complete"))
+        if self.requested:
+            return
+        self.requested = True
+        if self.main_rank:
+            print(f"SIGTERM: saving a checkpoint at the next safe point (end of this step or validation batch), "
+                  f"then stopping (watchdog: {self.deadline_s:g} s)", file=sys.stderr, flush=True)
+        watchdog = threading.Timer(self.deadline_s, self.expire)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def expire(self) -> None:
+        if self.saving:
+            return  # a checkpoint is being written: cutting it short would gain nothing
+        if self.main_rank:
+            print(self.message(None, f"no checkpoint could begin within {self.deadline_s:g} s (a step was still "
+                                     "running)"), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(SIGTERM_EXIT)  # the main thread is busy in a step; no exception can reach it in time
+
+    def stop_requested(self) -> bool:
+        """The request, agreed by every rank: they must stop at the same step or the collectives hang."""
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([int(self.requested)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = bool(flag.item())
+        return self.requested
+
+    def newest_complete(self) -> Path | None:
+        done = [p for p in local_checkpoints(self.output_dir) if checkpoint_problem(p) is None]
+        return done[-1] if done else None
+
+    def message(self, saved: Path | None, why: str = "") -> str:
+        if not self.main_rank:
+            return "stopped by SIGTERM"
+        if saved is not None:
+            where = f"{saved}" + (f" and {self.run_uri.join('checkpoints', saved.name)}" if self.run_uri else "")
+            head = f"stopped by SIGTERM at step {checkpoint_step(saved)}: checkpoint saved to {where}"
+        else:
+            newest = self.newest_complete()
+            head = (f"stopped by SIGTERM {why}; " + (f"the newest complete checkpoint is {newest}" if newest else
+                                                     "no checkpoint of this run exists yet"))
+        return f"{head}\nresume with:\n  {resume_command(self.argv)}"
+
+
+class StopOnSigterm(_trainer_callback_base()):
+    """Turn a SIGTERM request into a Trainer checkpoint (model, optimizer, scheduler, RNG) and a stop.
+
+    Added after CheckpointSync, so on_save runs once the checkpoint is marked complete and uploaded.
+    A request that arrives during an upload is served by that very checkpoint.
+    """
+
+    def __init__(self, guard: PreemptionGuard):
+        self.guard = guard
+        self.first_step = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.first_step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.first_step and self.guard.stop_requested():
+            # Nothing trained in this process yet: the checkpoint resumed from (if any) is the state.
+            raise utils.Terminated(self.guard.message(None, f"before step {state.global_step + 1} began"))
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.guard.stop_requested():
+            self.guard.saving = True
+            control.should_save = True
+            control.should_evaluate = False  # the validation due now would only delay the save
+        return control
+
+    def on_prediction_step(self, args, state, control, **kw):
+        if self.guard.stop_requested():
+            self.guard.saving = True
+            raise _EvaluationStopped
+
+    def on_evaluate(self, args, state, control, **kw):
+        if self.guard.stop_requested():
+            self.guard.saving = True
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kw):
+        if self.guard.stop_requested():
+            # Raised rather than should_training_stop: the Trainer's wrap-up would reload the best
+            # checkpoint and, with --save-total-limit 1, delete the one just written.
+            raise utils.Terminated(self.guard.message(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+
+
+def train_or_stop(trainer, resume: str | None, guard: PreemptionGuard):
+    """trainer.train(), with SIGTERM served as a checkpoint and utils.Terminated."""
+    guard.phase = "training"
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except _EvaluationStopped:
+        # The step's weights, optimizer and scheduler are whole; only the validation pass was cut
+        # short, so the checkpoint is the one the step's end would have written.
+        trainer._save_checkpoint(trainer.model, trial=None)
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+        raise  # not reached: StopOnSigterm.on_save raises Terminated
+    finally:
+        guard.phase = "finishing"
+    if guard.requested:
+        # The signal came after the last step (while the Trainer wrapped up); the final outputs
+        # might not finish within the notice, and the newest checkpoint is the resume point.
+        raise utils.Terminated(guard.message(None, "after the last step, before the final outputs were complete"))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
 
@@ -1064,6 +1241,8 @@ def main(argv=None) -> int:
     compiler_note = configure_compiler(backend)
     state = distributed_state()
     main_rank = state.is_main_process
+    guard = PreemptionGuard(args, argv, output_dir, args.sigterm_deadline_s, main_rank)
+    guard.install()
     preflight_hub(args.push_to_hub)
 
     dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
@@ -1096,10 +1275,11 @@ def main(argv=None) -> int:
     if main_rank:
         utils.atomic_write_json(output_dir / "training_config.json", config)
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info, args.gradient_checkpointing), optim)
+    trainer.add_callback(StopOnSigterm(guard))  # last, so that its on_save follows CheckpointSync's upload
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_or_stop(trainer, resume, guard)
     runtime = time.perf_counter() - start
     if main_rank:
         finish_run(trainer, tokenizer, args, info, manifest, template_name, result, params, runtime)
