@@ -122,7 +122,7 @@ def test_wrong_shapes_refused_with_one_line(tmp_path, capsys, name):
     code, out = run(tmp_path, "--dataset", str(write_jsonl(tmp_path / "d.jsonl", rows)))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and message in err[-1], err[-3:]
-    assert "Traceback" not in "\n".join(err)
+    assert len([line for line in err if line.startswith("error:")]) == 1 and "Traceback" not in "\n".join(err)
     assert not out.exists()
 
 

@@ -48,6 +48,7 @@ def test_adapter_shape_change_refused_before_config_is_written(run_copy, tiny_mo
                   "--max-seq-length", "1024", "--max-steps", "6")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"error: cannot resume from {run_copy / 'checkpoint-4'}: "), err[-3:]
+    assert len([line for line in err if line.startswith("error:")]) == 1
     assert "--lora-r 8 (checkpoint: 16)" in err[-1]
     assert "--target-modules q_proj,v_proj (checkpoint: down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj)" in err[-1]
     assert "--max-seq-length 1024 (checkpoint: 2048)" in err[-1] and "start a new run" in err[-1]
