@@ -20,7 +20,9 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import random
+import re
 import statistics
 import sys
 import time
@@ -38,6 +40,12 @@ FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "par
 TARGETS = ("system", "user", "assistant", "reasoning", "answer")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+
+# Qwen's special tokens are all spelled <|name|>. Inside a message they are tokenized as the real
+# markers, so `<|im_end|><|im_start|>system` in a user turn would open a system turn in training.
+# (<think> is an ordinary added token that the data may use.)
+CONTROL_TOKEN = re.compile(r"<\|[a-z_]+\|>")
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # OpenAI chat / responses spellings
 
 # Known flat schemas, tried in order: (columns that must be present, column -> target).
 FLAT_SCHEMAS = [
@@ -115,8 +123,39 @@ def validate_args(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+UTF_BOMS = [(b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+             (b"\xfe\xff", "utf-16")]
+
+
+def check_utf8(path: Path) -> None:
+    """Refuse a text file that is not UTF-8, naming where it breaks and how to convert it."""
+    import codecs
+
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        for bom, encoding in UTF_BOMS:
+            if head.startswith(bom):
+                raise UserError(f"{path} is {encoding.upper()} text, not UTF-8; convert it: "
+                                f"iconv -f {encoding} -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)}")
+        fh.seek(0)
+        decoder, offset, lineno = codecs.getincrementaldecoder("utf-8")(), 0, 1
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                bad = offset + exc.start
+                lineno += block[:exc.start].count(b"\n")
+                raise UserError(
+                    f"{path} is not UTF-8 (byte 0x{block[exc.start]:02x} at line {lineno}, byte offset {bad}); convert it, "
+                    f"e.g. iconv -f latin1 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)} (latin1 or cp1252 for Western text)"
+                ) from None
+            offset += len(block)
+            lineno += block.count(b"\n")
+
+
 def check_json_file(path: Path) -> None:
     """Find the first malformed record of a JSON / JSON-lines file and name its line."""
+    check_utf8(path)
     with open(path, encoding="utf-8") as fh:
         head = fh.read(1 << 16).lstrip()
     if not head:
@@ -126,6 +165,9 @@ def check_json_file(path: Path) -> None:
             json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise UserError(f"malformed JSON in {path} at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        except RecursionError:
+            raise UserError(f"{path} nests JSON arrays/objects deeper than the parser allows (about "
+                            f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten the data") from None
         return
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -135,6 +177,9 @@ def check_json_file(path: Path) -> None:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"malformed JSON line in {path} at line {lineno}: {exc.msg}; fix or remove that line") from exc
+            except RecursionError:
+                raise UserError(f"{path} line {lineno} nests JSON arrays/objects deeper than the parser allows (about "
+                                f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten or remove it") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path} line {lineno} is not a JSON object; each line must be one {{...}} record")
 
@@ -196,6 +241,9 @@ def load_local(path: Path, split: str):
     if kind == "json":
         for f in files:
             check_json_file(Path(f))
+    elif kind == "csv":
+        for f in files:
+            check_utf8(Path(f))
     try:
         return datasets.load_dataset(kind, data_files=files, split="train")
     except Exception as exc:
@@ -238,17 +286,102 @@ def detect_schema(columns: list[str], column_map: dict[str, str] | None) -> tupl
     )
 
 
+class NonTextContent(UserError):
+    """A turn holds image/audio parts; format_dataset counts such rows before refusing them."""
+
+    def __init__(self, kinds: list[str]):
+        super().__init__(f"a turn holds non-text content parts ({', '.join(kinds)}); this pipeline trains text-only models")
+        self.kinds = kinds
+
+
+def _preview(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def cell_text(value, where: str) -> str:
+    """The text of one cell or content value. None and NaN are missing (""); 3.0 is "3".
+
+    Parquet stores a numeric column with gaps as floats, so an answer of 3 arrives as 3.0 and a
+    missing one as NaN; str() would train the model on "3.0" and "nan".
+    """
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, (str, int)):  # bool is an int: True stays "True"
+        return str(value)
+    raise UserError(f"{where} holds a {type(value).__name__} ({_preview(value)}), not text; "
+                    "map a text column, or turn the value into text before preparing the data")
+
+
+def content_text(content, where: str) -> str:
+    """Text of a message's content: a string, a number, or OpenAI-style content parts.
+
+    Text parts are joined without a separator, as Qwen's own (vision) chat templates render them.
+    """
+    if not isinstance(content, list):
+        return cell_text(content, where)
+    texts, other = [], []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and (part.get("type") in TEXT_PART_TYPES or (part.get("type") is None and "text" in part)):
+            texts.append(cell_text(part.get("text"), where))
+        else:
+            other.append(str(part.get("type")) if isinstance(part, dict) else type(part).__name__)
+    if other:
+        raise NonTextContent(other)
+    return "".join(texts)
+
+
 def conversation_to_messages(turns) -> list[dict]:
+    if isinstance(turns, (str, dict)):
+        raise UserError(f"a conversation is a {type(turns).__name__} ({_preview(turns)}), not a list of turns; "
+                        'write it as [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
     out = []
-    for t in turns or []:
+    for i, t in enumerate(turns or []):
+        if not isinstance(t, dict):
+            raise UserError(f"conversation turn {i} is a {type(t).__name__} ({_preview(t)}), not an object; "
+                            'write each turn as {"role": "user", "content": "..."} (or ShareGPT\'s "from"/"value")')
         if "role" in t and t.get("role") is not None:
             role, content = t["role"], t.get("content")
         else:
             role, content = SHAREGPT_ROLES.get(str(t.get("from", "")).lower()), t.get("value")
         if role not in utils.ROLES:
             raise UserError(f"conversation turn with unknown role {t.get('role') or t.get('from')!r}; use system/user/assistant")
-        out.append({"role": role, "content": content or "", "reasoning_content": t.get("reasoning_content")})
+        reasoning = t.get("reasoning_content")
+        out.append({"role": role, "content": content_text(content, f"a {role} turn's content"),
+                    "reasoning_content": cell_text(reasoning, f"a {role} turn's reasoning_content") if reasoning is not None else None})
     return out
+
+
+def has_control_tokens(messages: list[dict]) -> bool:
+    return any(CONTROL_TOKEN.search(m.get(k) or "") for m in messages for k in ("content", "reasoning_content"))
+
+
+def check_column_types(features, mapping: dict[str, str]) -> None:
+    """Refuse columns whose values cannot become message text, naming the column and the fix."""
+    import datasets
+
+    for col, target in mapping.items():
+        feature = features.get(col)
+        if feature is None or isinstance(feature, datasets.Json):
+            continue  # a column of mixed types: each value is checked as it is converted
+        if target == "conversation":
+            inner = getattr(feature, "feature", None)
+            if isinstance(feature, datasets.Value):
+                raise UserError(f"column {col!r} holds {feature.dtype} values, not lists of turns; each row needs "
+                                '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
+            if isinstance(inner, datasets.Value):
+                raise UserError(f"column {col!r} holds turns as plain {inner.dtype}s, with no roles; write each turn as "
+                                '{"role": "user", "content": "..."}, or map flat columns with --column-map')
+        elif not isinstance(feature, datasets.Value):
+            kind = "list" if hasattr(feature, "feature") else "struct" if isinstance(feature, dict) else type(feature).__name__
+            raise UserError(f"column {col!r} holds {kind} values but is mapped to {target}, which needs text; "
+                            "map a text column instead, or turn that column into text before preparing the data")
 
 
 def row_to_messages(row: dict, mapping: dict[str, str], args) -> tuple[list[dict], str]:
@@ -260,15 +393,17 @@ def row_to_messages(row: dict, mapping: dict[str, str], args) -> tuple[list[dict
     else:
         by_target: dict[str, str] = {}
         for col, target in mapping.items():
-            value = row.get(col)
-            if value is not None and str(value).strip():
-                by_target.setdefault(target, str(value).strip())
+            value = cell_text(row.get(col), f"column {col!r}").strip()
+            if value:
+                by_target.setdefault(target, value)
         user = by_target.get("user", "")
-        if "input" in row and mapping.get("instruction") == "user" and str(row.get("input") or "").strip():
-            user = f"{user}\n\n{str(row['input']).strip()}"
+        extra_input = cell_text(row.get("input"), "column 'input'").strip() if "input" in row else ""
+        if extra_input and mapping.get("instruction") == "user":
+            user = f"{user}\n\n{extra_input}"
         assistant = by_target.get("assistant", "")
-        if args.include_code and str(row.get("code") or "").strip():
-            assistant = f"{assistant}\n\n```python\n{str(row['code']).strip()}\n```"
+        code = cell_text(row.get("code"), "column 'code'").strip() if args.include_code else ""
+        if code:
+            assistant = f"{assistant}\n\n```python\n{code}\n```"
         if "reasoning" in by_target and mapping.get("answer") == "assistant":
             assistant = f"Answer: {assistant}"
         messages = []
@@ -278,7 +413,7 @@ def row_to_messages(row: dict, mapping: dict[str, str], args) -> tuple[list[dict
         messages.append({"role": "assistant", "content": assistant, "reasoning_content": by_target.get("reasoning")})
     for col, target in mapping.items():
         if (target == "answer" or col == "answer") and row.get(col) is not None:
-            reference = str(row[col]).strip()
+            reference = cell_text(row[col], f"column {col!r}").strip()
     if args.system_prompt and (not messages or messages[0]["role"] != "system"):
         messages.insert(0, {"role": "system", "content": args.system_prompt, "reasoning_content": None})
     return messages, reference
@@ -291,18 +426,36 @@ def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
     consumed = set(mapping) | ({"input"} if "instruction" in mapping else set()) | ({"code"} if args.include_code else set())
     keep = [c for c, f in ds.features.items() if c not in consumed and getattr(f, "dtype", None) in ("string", "int64", "int32", "bool", "float64")]
 
+    check_column_types(ds.features, mapping)
+
     def convert(row):
-        messages, reference = row_to_messages(row, mapping, args)
+        try:
+            messages, reference = row_to_messages(row, mapping, args)
+        except NonTextContent as exc:
+            return {"messages": [], "text": "", "answer": "", "n_tokens": -1, "_drop": "non_text:" + ",".join(exc.kinds)}
         roles = [m["role"] for m in messages]
         reason = ""
         if "user" not in roles or "assistant" not in roles or any(not m["content"].strip() for m in messages if m["role"] != "system"):
             reason = "empty_or_missing_turn"
+        elif has_control_tokens(messages):
+            reason = "control_tokens"
         text = render_preview(messages, template, tokenizer) if not reason else ""
         n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None and text else -1
         return {"messages": messages, "text": text, "answer": reference, "n_tokens": n_tokens, "_drop": reason}
 
     drop_cols = [c for c in ds.column_names if c not in keep]
-    return ds.map(convert, remove_columns=drop_cols, desc="formatting"), keep
+    out = ds.map(convert, remove_columns=drop_cols, desc="formatting")
+    refuse_non_text(out["_drop"])
+    return out, keep
+
+
+def refuse_non_text(reasons: list[str]) -> None:
+    """Image/audio turns would train the model to answer about media it never sees: refuse, counted."""
+    media = [r.split(":", 1)[1] for r in reasons if r.startswith("non_text:")]
+    if media:
+        kinds = sorted({k for r in media for k in r.split(",")})
+        raise UserError(f"{len(media)} of {len(reasons)} rows hold non-text content parts ({', '.join(kinds)}); "
+                        "this pipeline trains text-only chat models: remove those rows or their non-text parts first")
 
 
 def filter_rows(ds, args, tokenizer) -> tuple[object, dict[str, int], int]:

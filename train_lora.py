@@ -16,11 +16,14 @@ training_metrics.json, logs/ (TensorBoard + metrics.jsonl), loss_curve.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume-from-checkpoint", default=None, metavar="PATH|latest",
                    help="a checkpoint folder, or 'latest' (newest complete one, local or on S3)")
     c.add_argument("--save-merged", action="store_true", help="also save a 16-bit merged model beside the adapter")
+    c.add_argument("--sigterm-deadline-s", type=float, default=90,
+                   help="on SIGTERM a checkpoint is saved at the end of the current step; exit without one if "
+                        "none has begun after this many seconds (spot instances get 120) (default: %(default)s)")
     u = p.add_argument_group("upload")
     u.add_argument("--s3-bucket", default=None, help="sync checkpoints and the final adapter to s3://BUCKET/adapters/RUN/")
     u.add_argument("--skip-s3-upload", action="store_true", help="never upload, even with --s3-bucket")
@@ -116,6 +122,8 @@ def validate_args(args) -> None:
     if args.eval_steps is not None and (args.eval_steps < 1 or args.save_steps % args.eval_steps):
         problems.append(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
                         "(the best checkpoint is chosen among saved ones)")
+    if args.sigterm_deadline_s <= 0:
+        problems.append(f"--sigterm-deadline-s {args.sigterm_deadline_s} must be positive, e.g. 90")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         problems.append("--save-total-limit must be at least 1")
     if args.s3_bucket:
@@ -491,6 +499,11 @@ def checkpoint_step(path: Path) -> int:
 
 
 def write_checkpoint_marker(ckpt: Path) -> None:
+    # A copy of the run's resolved settings travels with the checkpoint, so a resume on a fresh
+    # instance (checkpoint fetched from S3, no training_config.json beside it) can still compare.
+    config = ckpt.parent / "training_config.json"
+    if config.is_file():
+        shutil.copyfile(config, ckpt / "training_config.json")
     files = {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in sorted(ckpt.rglob("*"))
              if p.is_file() and p.name != CHECKPOINT_MARKER}
     utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, {"step": checkpoint_step(ckpt), "files": files})
@@ -601,6 +614,122 @@ def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
     marker = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
     marker["files"]["trainer_state.json"] = (ckpt / "trainer_state.json").stat().st_size
     utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, marker)
+
+
+# What a resume cannot change: the adapter's shape, the tokens the checkpoint was trained on, and
+# the optimizer whose state it holds. Loading it under other values crashes (shapes, optimizer
+# state) or quietly trains on other data than the first part of the run.
+FIXED_ON_RESUME = {"model_name": "--model-name", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha",
+                   "lora_dropout": "--lora-dropout", "target_modules": "--target-modules",
+                   "max_seq_length": "--max-seq-length", "packing": "--packing"}
+# What a resume can change, and what the change does. In transformers 5.17 the restored optimizer
+# brings back its param groups (learning rate, weight decay) and the restored LambdaLR its base
+# learning rates, while the schedule's shape (warmup, decay, total steps) is rebuilt from this run's
+# arguments; the data position is recomputed as global_step % steps-per-epoch.
+RESHAPED = ("; the schedule's shape is rebuilt on the checkpoint's base learning rate from the second resumed step "
+            "on (the first uses the rate the checkpoint's schedule had reached)")
+CHANGEABLE_ON_RESUME = {
+    "learning_rate": ("--learning-rate", "kept", "the restored optimizer and scheduler keep {old}'s schedule"),
+    "weight_decay": ("--weight-decay", "kept", "the restored optimizer keeps weight decay {old}"),
+    "warmup_steps": ("--warmup-steps", "applied", "takes effect" + RESHAPED),
+    "lr_scheduler": ("--lr-scheduler", "applied", "takes effect" + RESHAPED),
+    "max_steps": ("--max-steps", "applied", "takes effect: training ends at the new length" + RESHAPED),
+    "num_epochs": ("--num-epochs", "applied", "takes effect: training ends at the new length" + RESHAPED),
+    "seed": ("--seed", "applied", "takes effect on the data order: the shuffle follows --seed, so rows of the "
+                                  "current epoch are repeated or skipped"),
+    "train_on_responses_only": ("--train-on-responses-only", "applied", "takes effect: the loss now covers other tokens"),
+    "save_steps": ("--save-steps", "applied", "takes effect"),
+    "eval_steps": ("--eval-steps", "applied", "takes effect"),
+    "logging_steps": ("--logging-steps", "applied", "takes effect"),
+    "save_total_limit": ("--save-total-limit", "applied", "takes effect"),
+    "early_stopping_patience": ("--early-stopping-patience", "applied", "takes effect"),
+    "gradient_checkpointing": ("--gradient-checkpointing", "applied", "takes effect (memory and speed only)"),
+    "load_in_4bit": ("4-bit loading", "applied", "takes effect: the base weights are loaded at the new precision"),
+}
+
+
+def _setting(config: dict, key: str):
+    value = config.get("arguments", {}).get(key)
+    if key == "target_modules" and isinstance(value, str):
+        return sorted(t.strip() for t in value.split(",") if t.strip())
+    return value
+
+
+def _shown(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def recorded_config(ckpt: Path, output_dir: Path) -> dict | None:
+    """The settings `ckpt` was trained with: its own copy, else (older checkpoints) the run's."""
+    for path in (ckpt / "training_config.json", output_dir / "training_config.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def resume_differences(config: dict, recorded: dict) -> tuple[list[str], list[dict]]:
+    """(settings that forbid the resume, notes on settings that differ but may), each in words."""
+    refused = [f"{flag} {_shown(_setting(config, key))} (checkpoint: {_shown(_setting(recorded, key))})"
+               for key, flag in FIXED_ON_RESUME.items() if _setting(config, key) != _setting(recorded, key)]
+    for key, flag in (("optim", "--optim"), ("dataset_manifest_sha256", "dataset content"),
+                      ("chat_template_sha256" if "chat_template_sha256" in recorded else "chat_template", "chat template")):
+        now, then = config.get(key), recorded.get(key)
+        if now is not None and then is not None and now != then:
+            shown = (now[:12], then[:12]) if key.endswith("sha256") else (now, then)
+            refused.append(f"{flag} {shown[0]} (checkpoint: {shown[1]})")
+    notes = []
+
+    def batch(cfg):  # (shown, effective) of micro-batch x accumulation x processes
+        micro, accum = _setting(cfg, "batch_size") or 0, _setting(cfg, "gradient_accumulation_steps") or 0
+        procs = cfg.get("processes") or 1
+        return f"{micro} x {accum}" + (f" x {procs}" if procs > 1 else ""), micro * accum * procs
+
+    (new_shown, new_effective), (old_shown, old_effective) = batch(config), batch(recorded)
+    if new_shown != old_shown and old_effective:
+        effect = ("takes effect; same effective batch, so the loss curve continues unchanged" if new_effective == old_effective
+                  else "takes effect, but the position in the data is recomputed from the step count, so rows of "
+                       "the current epoch are repeated or skipped")
+        notes.append({"setting": "effective batch", "checkpoint": old_effective, "now": new_effective, "effect": effect,
+                      "text": f"batch (--batch-size x --gradient-accumulation-steps x processes) {new_shown} differs "
+                              f"from the checkpoint's {old_shown}: {effect}"})
+    for key, (flag, kind, effect) in CHANGEABLE_ON_RESUME.items():
+        now, then = _setting(config, key), _setting(recorded, key)
+        if key not in recorded.get("arguments", {}) or now == then:
+            continue
+        effect = effect.format(old=then)
+        notes.append({"setting": key, "checkpoint": then, "now": now, "kept": kind == "kept", "effect": effect,
+                      "text": f"{flag} {now} differs from the checkpoint's {then}: {effect}"})
+    return refused, notes
+
+
+def check_resume_settings(config: dict, ckpt: Path, output_dir: Path, announce: bool = True) -> dict:
+    """Refuse a resume whose settings cannot apply to `ckpt`; say what the others do.
+
+    Returns the config to record: values the checkpoint keeps regardless (learning rate, weight
+    decay) are recorded as the checkpoint's, so training_config.json says what actually ran.
+    """
+    recorded = recorded_config(ckpt, output_dir)
+    if recorded is None:
+        if announce:
+            log.warning("%s records no settings (training_config.json): resuming without comparing them", ckpt)
+        return config
+    refused, notes = resume_differences(config, recorded)
+    if refused:
+        raise UserError(
+            f"cannot resume from {ckpt}: {'; '.join(refused)}. These fix the adapter's shape, its data or its "
+            "optimizer state: resume with the checkpoint's values, or start a new run (a new --output-dir "
+            "without --resume-from-checkpoint)"
+        )
+    config = json.loads(json.dumps(config, default=str))
+    for note in notes:
+        if announce:
+            log.warning(note.pop("text"))
+        else:
+            note.pop("text")
+        if note.get("kept"):
+            config["arguments"][note["setting"]] = note["checkpoint"]
+    config["resumed_from"] = {"checkpoint": str(ckpt), "step": checkpoint_step(ckpt), "differences": notes}
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,6 +907,176 @@ class CheckpointSync(_trainer_callback_base()):
         self.mark(ckpt)
         if self.run_uri is not None:
             self.upload(ckpt, self.run_uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption: SIGTERM saves a checkpoint at the current step, then stops
+# ---------------------------------------------------------------------------------------------
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+
+
+class _EvaluationStopped(BaseException):
+    """Raised out of a validation pass that SIGTERM cut short; train_or_stop saves and stops."""
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """This run's command line with `--resume-from-checkpoint latest` in place of any resume flag."""
+    args, skip = [], False
+    for a in (sys.argv[1:] if argv is None else list(argv)):
+        if skip:
+            skip = False
+        elif a == "--resume-from-checkpoint":
+            skip = True
+        elif not a.startswith("--resume-from-checkpoint="):
+            args.append(a)
+    script = sys.argv[0] if sys.argv[0].endswith("train_lora.py") else "train_lora.py"
+    launcher = ["python"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])}"]
+    return shlex.join([*launcher, script, *args, "--resume-from-checkpoint", "latest"])
+
+
+class PreemptionGuard:
+    """What SIGTERM does to this process.
+
+    Outside the training loop it raises utils.Terminated at once (nothing is half-written there
+    that a scratch folder does not clean up). Inside it, the handler only records the request:
+    tensors and files are mid-update, so StopOnSigterm asks the Trainer to save at the next safe
+    point (end of the step, end or inside of a validation pass, right after a checkpoint upload)
+    and then stops. A step can outlast the notice (the first one compiles for minutes on a fresh
+    GPU instance), so a watchdog exits on its own once `deadline_s` passes with no save begun.
+    """
+
+    def __init__(self, args, argv, output_dir: Path, deadline_s: float, main_rank: bool = True):
+        self.argv, self.output_dir, self.deadline_s, self.main_rank = argv, output_dir, deadline_s, main_rank
+        self.run_uri = s3_run_uri(args)
+        self.phase = "setup"  # then "training", then "finishing"
+        self.requested = False
+        self.saving = False
+
+    def install(self) -> None:
+        """Take over SIGTERM from cli_entry's handler (which puts the original back when main returns)."""
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.phase == "setup":
+            raise utils.Terminated(self.message(None, "before the training loop began"))
+        if self.phase == "finishing":
+            raise utils.Terminated(self.message(None, "after the last step, before the final outputs were complete"))
+        if self.requested:
+            return
+        self.requested = True
+        if self.main_rank:
+            print(f"SIGTERM: saving a checkpoint at the next safe point (end of this step or validation batch), "
+                  f"then stopping (watchdog: {self.deadline_s:g} s)", file=sys.stderr, flush=True)
+        watchdog = threading.Timer(self.deadline_s, self.expire)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def expire(self) -> None:
+        if self.saving:
+            return  # a checkpoint is being written: cutting it short would gain nothing
+        if self.main_rank:
+            print(self.message(None, f"no checkpoint could begin within {self.deadline_s:g} s (a step was still "
+                                     "running)"), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(SIGTERM_EXIT)  # the main thread is busy in a step; no exception can reach it in time
+
+    def stop_requested(self) -> bool:
+        """The request, agreed by every rank: they must stop at the same step or the collectives hang."""
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([int(self.requested)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = bool(flag.item())
+        return self.requested
+
+    def newest_complete(self) -> Path | None:
+        done = [p for p in local_checkpoints(self.output_dir) if checkpoint_problem(p) is None]
+        return done[-1] if done else None
+
+    def message(self, saved: Path | None, why: str = "") -> str:
+        if not self.main_rank:
+            return "stopped by SIGTERM"
+        if saved is not None:
+            where = f"{saved}" + (f" and {self.run_uri.join('checkpoints', saved.name)}" if self.run_uri else "")
+            head = f"stopped by SIGTERM at step {checkpoint_step(saved)}: checkpoint saved to {where}"
+        else:
+            newest = self.newest_complete()
+            head = (f"stopped by SIGTERM {why}; " + (f"the newest complete checkpoint is {newest}" if newest else
+                                                     "no checkpoint of this run exists yet"))
+        return f"{head}\nresume with:\n  {resume_command(self.argv)}"
+
+
+class StopOnSigterm(_trainer_callback_base()):
+    """Turn a SIGTERM request into a Trainer checkpoint (model, optimizer, scheduler, RNG) and a stop.
+
+    Added after CheckpointSync, so on_save runs once the checkpoint is marked complete and uploaded.
+    A request that arrives during an upload is served by that very checkpoint.
+    """
+
+    def __init__(self, guard: PreemptionGuard):
+        self.guard = guard
+        self.first_step = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.first_step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.first_step and self.guard.stop_requested():
+            # Nothing trained in this process yet: the checkpoint resumed from (if any) is the state.
+            raise utils.Terminated(self.guard.message(None, f"before step {state.global_step + 1} began"))
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.guard.stop_requested():
+            self.guard.saving = True
+            control.should_save = True
+            control.should_evaluate = False  # the validation due now would only delay the save
+        return control
+
+    def on_prediction_step(self, args, state, control, **kw):
+        if self.guard.stop_requested():
+            self.guard.saving = True
+            raise _EvaluationStopped
+
+    def on_evaluate(self, args, state, control, **kw):
+        if self.guard.stop_requested():
+            self.guard.saving = True
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kw):
+        if self.guard.stop_requested():
+            # Raised rather than should_training_stop: the Trainer's wrap-up would reload the best
+            # checkpoint and, with --save-total-limit 1, delete the one just written.
+            raise utils.Terminated(self.guard.message(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+
+
+def train_or_stop(trainer, resume: str | None, guard: PreemptionGuard):
+    """trainer.train(), with SIGTERM served as a checkpoint and utils.Terminated."""
+    guard.phase = "training"
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except _EvaluationStopped:
+        # The step's weights, optimizer and scheduler are whole; only the validation pass was cut
+        # short, so the checkpoint is the one the step's end would have written.
+        trainer._save_checkpoint(trainer.model, trial=None)
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+        raise  # not reached: StopOnSigterm.on_save raises Terminated
+    finally:
+        guard.phase = "finishing"
+    if guard.requested:
+        # The signal came after the last step (while the Trainer wrapped up); the final outputs
+        # might not finish within the notice, and the newest checkpoint is the resume point.
+        raise utils.Terminated(guard.message(None, "after the last step, before the final outputs were complete"))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -998,6 +1297,8 @@ def main(argv=None) -> int:
     compiler_note = configure_compiler(backend)
     state = distributed_state()
     main_rank = state.is_main_process
+    guard = PreemptionGuard(args, argv, output_dir, args.sigterm_deadline_s, main_rank)
+    guard.install()
     preflight_hub(args.push_to_hub)
 
     dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
@@ -1023,15 +1324,19 @@ def main(argv=None) -> int:
         print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name, state.num_processes)
         output_dir.mkdir(parents=True, exist_ok=True)
     resume = resume_on_all_ranks(args, output_dir, state)
+    config = training_config(args, info, manifest, template_name, optim)
+    config.update(auto_batch_plan=auto_plan, processes=state.num_processes,
+                  chat_template_sha256=hashlib.sha256(template_source.encode()).hexdigest())
+    if resume:  # every rank checks, so that all of them refuse together
+        config = check_resume_settings(config, Path(resume), output_dir, announce=main_rank)
     if main_rank:
-        config = training_config(args, info, manifest, template_name, optim)
-        config.update(auto_batch_plan=auto_plan, processes=state.num_processes)
         utils.atomic_write_json(output_dir / "training_config.json", config)
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info, args.gradient_checkpointing), optim)
+    trainer.add_callback(StopOnSigterm(guard))  # last, so that its on_save follows CheckpointSync's upload
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_or_stop(trainer, resume, guard)
     runtime = time.perf_counter() - start
     if main_rank:
         finish_run(trainer, tokenizer, args, info, manifest, template_name, result, params, runtime)

@@ -51,6 +51,38 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception so that `finally` blocks and scratch-folder cleanup run.
+
+    A BaseException, like KeyboardInterrupt, so that library code catching Exception cannot swallow
+    it. Its message says what was kept and how to continue; scripts exit with 143 (128 + SIGTERM).
+    """
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("stopped by SIGTERM; nothing half-written was kept: run the same command again")
+
+
+@contextlib.contextmanager
+def sigterm_raises(handler=_raise_terminated) -> Iterator[None]:
+    """Install `handler` for SIGTERM for the duration of the block, then put back the previous one.
+
+    Python's default for SIGTERM is to die at once, skipping cleanup. Signal handlers can only be
+    set from the main thread; elsewhere (a script's main() called from a worker thread) this is a no-op.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Our own lines go to stderr through the suite's logger, leaving the root logger to the host.
 
@@ -88,13 +120,17 @@ def cli_entry(main_fn):
     @functools.wraps(main_fn)
     def wrapper(argv=None) -> int:
         try:
-            return main_fn(argv) or 0
+            with sigterm_raises():
+                return main_fn(argv) or 0
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except Terminated as exc:
+            print(exc, file=sys.stderr)
+            return 143
 
     return wrapper
 
@@ -140,7 +176,9 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    remove_stale_partials(final)
+    # The pid in the name lets a later run tell a dead run's leftovers from a live run's work.
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-{os.getpid()}-"))
     os.chmod(tmp, 0o755)
     try:
         yield tmp
@@ -154,6 +192,70 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_PROCESS_STARTED = time.time()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (epoch seconds, to about a second), where /proc tells; else None."""
+    if pid == os.getpid():
+        return _PROCESS_STARTED
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after "pid (comm)"
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _partial_is_stale(tmp: Path, pid_text: str) -> bool:
+    mtime = tmp.stat().st_mtime
+    if not pid_text.isdigit():
+        return mtime < _PROCESS_STARTED  # an older release's name, without a pid
+    pid = int(pid_text)
+    if not _pid_alive(pid):
+        return True
+    # A live pid may be a new process that reused the number (a restarted container's job often
+    # gets the same small pid): a folder older than that process cannot be its work.
+    started = _process_start(pid)
+    return started is not None and mtime < started - 2
+
+
+def remove_stale_partials(final: str | Path) -> list[Path]:
+    """Delete scratch folders that an earlier, killed run left beside `final`; return them.
+
+    SIGKILL (or a power loss) skips every cleanup, so `.NAME.partial-PID-XXXX` folders can outlive
+    their run. One is stale when its pid is dead or belongs to a process younger than the folder;
+    one without a pid (older releases) when it predates this process. A live run's is left alone.
+    """
+    final = Path(final)
+    removed = []
+    for tmp in final.parent.glob(f".{final.name}.partial-*"):
+        tail = tmp.name[len(f".{final.name}.partial-"):]
+        try:
+            stale = _partial_is_stale(tmp, tail.split("-", 1)[0] if "-" in tail else "")
+        except FileNotFoundError:
+            continue
+        if stale and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d scratch folder(s) left by an interrupted run: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
