@@ -101,6 +101,7 @@ def validate_args(args) -> None:
         bad = {k: v for k, v in utils.parse_key_value_list(args.column_map, "--column-map").items() if v not in TARGETS}
         if bad:
             problems.append(f"--column-map targets {bad} unknown; use {', '.join(TARGETS)}")
+    problems += filter(None, [utils.output_dir_problem(args.output_dir, is_prepared_dataset, "a data_preparation.py output")])
     if problems:
         raise UserError("; ".join(problems))
 
@@ -181,7 +182,11 @@ def load_local(path: Path, split: str):
     import datasets
 
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:  # datasets raises file, JSON and arrow errors for a damaged folder
+            raise UserError(f"cannot load the save_to_disk folder {path} ({type(exc).__name__}: "
+                            f"{utils.first_line(exc, 160)}); save it again or point --dataset at the source files") from exc
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise UserError(f"{path} has splits {list(loaded)}, not {split!r}; pass --split NAME")
@@ -401,10 +406,15 @@ def prepare(args):
     return dd, manifest
 
 
+def is_prepared_dataset(folder: Path) -> bool:
+    """An earlier output of this script, which a rerun may replace: recognised by its manifest."""
+    return utils.holds_json(folder, "manifest.json", "content_sha256", "counts")
+
+
 def save(dd, manifest: dict, output_dir: str) -> Path:
     """Write the dataset, preview and manifest into a scratch folder, then move it into place."""
     final = Path(output_dir)
-    with utils.atomic_directory(final) as tmp:
+    with utils.atomic_directory(final, is_prepared_dataset, "a data_preparation.py output") as tmp:
         dd.save_to_disk(str(tmp))
         preview = [json.dumps({"messages": r["messages"], "text": r["text"], "answer": r["answer"]}, ensure_ascii=False)
                    for r in dd["train"].select(range(min(5, len(dd["train"]))))]

