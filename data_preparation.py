@@ -95,8 +95,8 @@ def validate_args(args) -> None:
         problems.append("--chat-template tokenizer needs --tokenizer PATH")
     if args.s3_bucket:
         utils.validate_bucket_name(args.s3_bucket)
-    if args.s3_prefix is not None and (not args.s3_prefix.strip("/") or ".." in args.s3_prefix.split("/")):
-        problems.append(f"--s3-prefix {args.s3_prefix!r} must be a non-empty path without '..'")
+    if args.s3_prefix is not None:
+        problems += filter(None, [utils.s3_key_problem(args.s3_prefix, "--s3-prefix")])
     if args.column_map:
         bad = {k: v for k, v in utils.parse_key_value_list(args.column_map, "--column-map").items() if v not in TARGETS}
         if bad:
@@ -439,6 +439,8 @@ def main(argv=None) -> int:
     validate_args(args)
     if not args.skip_upload and not args.s3_bucket:
         log.info("no --s3-bucket given: keeping the dataset local (pass --skip-upload to say so explicitly)")
+    if args.s3_bucket and not args.skip_upload:
+        utils.check_s3_bucket(args.s3_bucket, "upload")
     dd, manifest = prepare(args)
     out = save(dd, manifest, args.output_dir)
     uri = upload(out, args) if args.s3_bucket and not args.skip_upload else None

@@ -115,6 +115,10 @@ def validate_args(args) -> None:
         problems.append("--save-total-limit must be at least 1")
     if args.s3_bucket:
         utils.validate_bucket_name(args.s3_bucket)
+    if args.run_name is not None or args.s3_bucket:
+        # The S3 URI printed at the end is built from it: S3 must store the key exactly as printed.
+        flag = "--run-name" if args.run_name is not None else "--run-name (the --output-dir folder name)"
+        problems += filter(None, [utils.s3_key_problem(default_run_name(args), flag)])
     if args.from_s3 and not args.dataset_path.startswith("s3://") and not args.s3_bucket:
         problems.append("--from-s3 needs an s3:// --dataset-path (or --s3-bucket to read the key from)")
     if not args.target_modules.strip(","):
@@ -527,7 +531,14 @@ def s3_complete_checkpoints(run_uri: utils.S3Uri) -> list[int]:
     steps = []
     for name in utils.list_s3_subfolders(run_uri.join("checkpoints")):
         step = checkpoint_step(Path(name))
-        if step >= 0 and utils.s3_get_json(run_uri.join("checkpoints", name, CHECKPOINT_MARKER)) is not None:
+        if step < 0:
+            continue
+        try:
+            marker = utils.s3_get_json(run_uri.join("checkpoints", name, CHECKPOINT_MARKER))
+        except utils.CorruptFile as exc:
+            log.warning("skipping %s on S3: %s", name, exc)
+            continue
+        if marker is not None:
             steps.append(step)
     return sorted(steps)
 
@@ -876,6 +887,16 @@ def push_to_hub(final: Path, repo: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def default_run_name(args) -> str:
+    """--run-name, else the output folder's name (main() uses the same)."""
+    if args.run_name is not None:
+        return args.run_name
+    try:
+        return Path(args.output_dir).resolve().name
+    except RuntimeError:  # a symlink loop (Python 3.11); run_dir_problem reports it
+        return Path(args.output_dir).name
+
+
 def print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name, processes=1):
     trainable, total = params
     eff = args.batch_size * args.gradient_accumulation_steps * processes
@@ -948,7 +969,7 @@ def finish_run(trainer, tokenizer, args, info, manifest, template_name, result, 
         utils.upload_directory(final, run_uri.join("final_model"), desc="upload final_model")
         for name in ("training_config.json", "training_metrics.json", "loss_curve.png"):
             if (output_dir / name).is_file():
-                utils.s3_client().upload_file(str(output_dir / name), run_uri.bucket, run_uri.join(name).prefix)
+                utils.upload_file(output_dir / name, run_uri.join(name))
     if args.push_to_hub:
         push_to_hub(final, args.push_to_hub)
 

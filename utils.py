@@ -543,33 +543,119 @@ def parse_s3_uri(uri: str) -> S3Uri:
     prefix = prefix.strip("/")
     if any(part in ("..", ".") for part in prefix.split("/")):
         raise UserError(f"S3 prefix in {uri!r} contains '.' or '..' parts; use a plain path")
+    problem = s3_key_problem(prefix, f"the S3 prefix in {uri!r}", allow_empty=True)
+    if problem:
+        raise UserError(problem)
     return S3Uri(bucket, prefix)
 
 
+def s3_key_problem(value: str, flag: str, allow_empty: bool = False) -> str | None:
+    """Why `value` cannot be (part of) an S3 key exactly as printed, or None.
+
+    S3 keeps '..', empty parts and control characters literally, so a key holding them is not
+    the path a user reads in the printed URI (and breaks `aws s3 sync` back to disk).
+    """
+    parts = value.strip("/").split("/")
+    if not value.strip("/"):
+        return None if allow_empty else f"{flag} {value!r} is empty; give a path like runs/my-run"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return f"{flag} {value!r} holds control characters (tab, newline, ...); use letters, digits, '-', '_', '.' and '/'"
+    if any(p in ("", ".", "..") for p in parts):
+        return f"{flag} {value!r} has an empty, '.' or '..' part; write a plain path like runs/my-run"
+    if "\\" in value:
+        return f"{flag} {value!r} holds a backslash; S3 keys use '/' between parts"
+    if len(value.encode()) > 900:
+        return f"{flag} is {len(value.encode())} bytes long; S3 keys end at 1024 bytes, keep it under 900"
+    return None
+
+
+# Every S3 call waits at most this long to connect and for each answer, over this many attempts:
+# an endpoint that accepts connections but never answers fails in under a minute (botocore's
+# defaults, 60 s over 5 attempts, took six minutes to say anything).
+S3_CONNECT_TIMEOUT_S, S3_READ_TIMEOUT_S, S3_MAX_ATTEMPTS = 5, 15, 3
+
+
+def s3_max_attempts() -> int:
+    raw = os.environ.get("RF_S3_MAX_ATTEMPTS", str(S3_MAX_ATTEMPTS))
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 10:
+        raise UserError(f"RF_S3_MAX_ATTEMPTS={raw!r} must be a whole number from 1 to 10; unset it for {S3_MAX_ATTEMPTS}")
+    return int(raw)
+
+
 def s3_client():
-    """A boto3 client with retries and backoff; AWS_ENDPOINT_URL (standard) picks the server."""
-    import boto3
-    from botocore.config import Config
+    """A boto3 client with bounded waits and retries; AWS_ENDPOINT_URL (standard) picks the server.
 
-    cfg = Config(
-        retries={"max_attempts": int(os.environ.get("RF_S3_MAX_ATTEMPTS", "5")), "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
-        s3={"addressing_style": "path"} if os.environ.get("AWS_ENDPOINT_URL") else None,
-    )
-    return boto3.session.Session().client("s3", config=cfg)
+    A broken setting (endpoint, profile, region, config file) fails here, as one UserError.
+    """
+    attempts = s3_max_attempts()
+    try:
+        import boto3
+        from botocore.config import Config
+
+        cfg = Config(
+            retries={"total_max_attempts": attempts, "mode": "standard"},
+            connect_timeout=S3_CONNECT_TIMEOUT_S,
+            read_timeout=S3_READ_TIMEOUT_S,
+            s3={"addressing_style": "path"} if os.environ.get("AWS_ENDPOINT_URL") else None,
+        )
+        return boto3.session.Session().client("s3", config=cfg)
+    except Exception as exc:  # botocore raises ValueError and its own kinds here; each becomes one line
+        raise explain_s3_error(exc, None, "setup") from exc
 
 
-def explain_s3_error(exc: Exception, bucket: str, action: str) -> UserError:
-    """Translate a boto3/botocore failure into one line naming the bucket and the fix."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+def _explain_s3_setup(exc: Exception) -> UserError | None:
+    """The settings that break every S3 call, whichever bucket: endpoint, profile, config files, region."""
+    from botocore.exceptions import ConfigParseError, EndpointResolutionError, InvalidRegionError, ProfileNotFound
 
-    where = f"s3://{bucket}"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if isinstance(exc, EndpointResolutionError) or (isinstance(exc, ValueError) and "endpoint" in str(exc).lower()):
+        return UserError(f"AWS_ENDPOINT_URL={endpoint!r} is not a usable S3 endpoint ({first_line(exc, 120)}); "
+                         "write it like http://127.0.0.1:8333 or https://s3.example.com, or unset it for AWS")
+    if isinstance(exc, ProfileNotFound):
+        profile = exc.kwargs.get("profile") or os.environ.get("AWS_PROFILE")
+        return UserError(f"AWS profile {profile!r} (AWS_PROFILE) is not in ~/.aws/config or ~/.aws/credentials; "
+                         "fix the name, add it with `aws configure --profile NAME`, or unset AWS_PROFILE")
+    if isinstance(exc, ConfigParseError):
+        return UserError(f"cannot parse the AWS config file {exc.kwargs.get('path')}: fix its syntax "
+                         "([profile] headers, key = value lines) or point AWS_SHARED_CREDENTIALS_FILE / "
+                         "AWS_CONFIG_FILE at a good one")
+    if isinstance(exc, InvalidRegionError):
+        return UserError(f"AWS region {exc.kwargs.get('region_name')!r} is not a region name; set AWS_DEFAULT_REGION "
+                         "(or AWS_REGION, or region in ~/.aws/config) like us-east-1")
+    return None
+
+
+def explain_s3_error(exc: Exception, bucket: str | None, action: str) -> UserError:
+    """Translate a boto3/botocore failure into one line naming the bucket and the fix.
+
+    Every S3 call of the suite goes through here, so no botocore traceback reaches a user.
+    """
+    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+                                     PartialCredentialsError, ReadTimeoutError, SSLError)
+
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+
+    if isinstance(exc, UserError):
+        return exc
+    # boto3's transfer manager wraps the botocore error it met; the wrapped one says what happened.
+    inner = getattr(exc, "last_exception", None) or exc.__context__
+    if isinstance(exc, (S3UploadFailedError, RetriesExceededError)) and isinstance(inner, Exception):
+        return explain_s3_error(inner, bucket, action)
+    setup = _explain_s3_setup(exc)
+    if setup is not None:
+        return setup
+    where = f"s3://{bucket}" if bucket else "S3"
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return UserError(
             f"no AWS credentials for {where} ({action}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
             "or AWS_PROFILE, or attach an instance role"
         )
+    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+        return UserError(f"the S3 endpoint for {where} did not answer within {S3_READ_TIMEOUT_S} s "
+                         f"({s3_max_attempts()} attempts, {action}): check AWS_ENDPOINT_URL / network and retry")
+    if isinstance(exc, SSLError):
+        return UserError(f"TLS with the S3 endpoint for {where} failed ({action}): check http:// vs https:// in "
+                         "AWS_ENDPOINT_URL, or AWS_CA_BUNDLE for a private certificate")
     if isinstance(exc, EndpointConnectionError):
         return UserError(f"cannot reach the S3 endpoint for {where} ({action}): check AWS_ENDPOINT_URL / network and retry")
     if isinstance(exc, ClientError):
@@ -588,8 +674,22 @@ def explain_s3_error(exc: Exception, bucket: str, action: str) -> UserError:
     from botocore.exceptions import BotoCoreError
 
     if isinstance(exc, BotoCoreError):
-        return UserError(f"S3 {action} on {where} failed: {exc}; check the endpoint and retry")
-    return UserError(f"S3 {action} on {where} failed: {exc}")
+        return UserError(f"S3 {action} on {where} failed: {first_line(exc)}; check the endpoint and retry")
+    if isinstance(exc, OSError) and describe_os_error(exc) is not None:
+        return UserError(describe_os_error(exc))
+    return UserError(f"S3 {action} on {where} failed: {first_line(exc)}")
+
+
+def check_s3_bucket(bucket: str, action: str) -> None:
+    """Fail before the work, not after it, when the bucket cannot be used with these settings.
+
+    A one-key listing, not HEAD: a HEAD error has no body, so a wrong secret would read as 403.
+    """
+    client = s3_client()
+    try:
+        client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+    except Exception as exc:
+        raise explain_s3_error(exc, bucket, action) from exc
 
 
 def s3_etag_of_file(path: Path, size: int) -> str:
@@ -622,7 +722,17 @@ def list_s3_objects(client, uri: S3Uri) -> dict[str, dict]:
 def _transfer_config():
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE, max_concurrency=4)
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE, max_concurrency=4,
+                          num_download_attempts=s3_max_attempts())
+
+
+def upload_file(path: str | Path, uri: S3Uri) -> None:
+    """Upload one file to the key `uri`; failures come out as one clear line."""
+    client = s3_client()
+    try:
+        client.upload_file(str(path), uri.bucket, uri.prefix, Config=_transfer_config())
+    except Exception as exc:
+        raise explain_s3_error(exc, uri.bucket, "upload") from exc
 
 
 def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "upload", progress: bool = True,
@@ -719,7 +829,11 @@ def s3_get_json(uri: S3Uri) -> Any | None:
         raise explain_s3_error(exc, uri.bucket, "download") from exc
     except Exception as exc:
         raise explain_s3_error(exc, uri.bucket, "download") from exc
-    return json.loads(body)
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:
+        raise CorruptFile(f"{uri} is not valid JSON ({first_line(exc, 120)}); upload it again or delete it") from None
+    return obj
 
 
 def list_s3_subfolders(uri: S3Uri) -> list[str]:
