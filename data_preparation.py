@@ -91,6 +91,7 @@ def validate_args(args) -> None:
         problems.append(f"--max-samples {args.max_samples} must be at least 2 (one row per split)")
     if args.max_seq_length < 16:
         problems.append(f"--max-seq-length {args.max_seq_length} is too small; use at least 16")
+    problems += utils.number_problems({"--seed": (args.seed, lambda v: 0 <= v <= utils.SEED_MAX, f"from 0 to {utils.SEED_MAX}")})
     if args.chat_template == "tokenizer" and not args.tokenizer:
         problems.append("--chat-template tokenizer needs --tokenizer PATH")
     if args.s3_bucket:

@@ -16,8 +16,10 @@ training_metrics.json, logs/ (TensorBoard + metrics.jsonl), loss_curve.png.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -94,20 +96,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Schedulers transformers builds only from lr_scheduler_kwargs, which this script does not pass.
+SCHEDULERS_NEEDING_KWARGS = {"cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"}
+
+
+def check_trainer_names(args) -> None:
+    """--lr-scheduler and --optim against the names this transformers knows, before the model loads.
+
+    Apart from validate_args because it imports transformers, which on a GPU must follow unsloth.
+    """
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    problems = []
+    schedulers = [s.value for s in SchedulerType if s.value not in SCHEDULERS_NEEDING_KWARGS]
+    if args.lr_scheduler not in schedulers:
+        why = "needs scheduler arguments this script does not pass" if args.lr_scheduler in SCHEDULERS_NEEDING_KWARGS else "is unknown"
+        problems.append(f"--lr-scheduler {args.lr_scheduler!r} {why}; choose one of {', '.join(schedulers)}")
+    optims = ["auto", *(o.value for o in OptimizerNames)]
+    if args.optim not in optims:
+        close = difflib.get_close_matches(args.optim, optims, n=3)
+        problems.append(f"--optim {args.optim!r} is unknown; " + (f"did you mean {' or '.join(close)}? " if close else "")
+                        + "e.g. auto, adamw_torch, adamw_8bit (all: transformers.training_args.OptimizerNames)")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def validate_args(args) -> None:
     problems = []
     positive = {"--batch-size": args.batch_size, "--gradient-accumulation-steps": args.gradient_accumulation_steps,
                 "--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha, "--save-steps": args.save_steps,
                 "--max-seq-length": args.max_seq_length, "--logging-steps": args.logging_steps}
     problems += [f"{k} {v} must be a positive integer" for k, v in positive.items() if v < 1]
-    if not (0 < args.learning_rate < 1):
-        problems.append(f"--learning-rate {args.learning_rate} must be in (0, 1), e.g. 2e-4")
-    if args.num_epochs <= 0 and args.max_steps <= 0:
-        problems.append("--num-epochs must be > 0 (or give --max-steps)")
-    if not 0 <= args.lora_dropout < 1:
-        problems.append(f"--lora-dropout {args.lora_dropout} must be in [0, 1)")
-    if args.weight_decay < 0 or args.warmup_steps < 0:
-        problems.append("--weight-decay and --warmup-steps must not be negative")
+    problems += utils.number_problems({
+        "--learning-rate": (args.learning_rate, lambda v: 0 < v < 1, "in (0, 1), e.g. 2e-4"),
+        "--num-epochs": (args.num_epochs, lambda v: v > 0 or args.max_steps > 0, "> 0 (or give --max-steps)"),
+        "--max-steps": (args.max_steps, lambda v: v == -1 or v >= 1, "a positive number of steps, or -1 for --num-epochs"),
+        "--weight-decay": (args.weight_decay, lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.01"),
+        "--warmup-steps": (args.warmup_steps, lambda v: v >= 0, "0 or more"),
+        "--lora-dropout": (args.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+        "--seed": (args.seed, lambda v: 0 <= v <= utils.SEED_MAX, f"from 0 to {utils.SEED_MAX}"),
+        "--gpu-memory-gib": (args.gpu_memory_gib, lambda v: v > 0, "a positive number of GiB, e.g. 24"),
+        "--early-stopping-patience": (args.early_stopping_patience, lambda v: v >= 1, "at least 1"),
+    })
     if args.eval_steps is not None and (args.eval_steps < 1 or args.save_steps % args.eval_steps):
         problems.append(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
                         "(the best checkpoint is chosen among saved ones)")
@@ -996,6 +1027,7 @@ def main(argv=None) -> int:
     if backend == "unsloth":
         utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
     compiler_note = configure_compiler(backend)
+    check_trainer_names(args)
     state = distributed_state()
     main_rank = state.is_main_process
     preflight_hub(args.push_to_hub)

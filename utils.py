@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -1172,7 +1173,64 @@ def load_for_inference(args):
     model, tokenizer, info = load_model(base, backend=backend, max_seq_length=args.max_seq_length,
                                         load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
     info["load_s"] = round(time.perf_counter() - t0, 2)
+    context = context_length(model)
+    if context and args.max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {context} tokens, "
+                        f"which must hold the prompt too; use a smaller value, e.g. --max-new-tokens {context // 4}")
     return prepare_for_inference(model, info["backend"]), tokenizer, info, adapter_info
+
+
+def context_length(model) -> int | None:
+    """The most tokens (prompt plus reply) the model's positions cover, or None when unknown."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def fit_to_context(model, prompt_tokens: int, kwargs: dict) -> dict:
+    """Generation kwargs whose max_new_tokens leaves the prompt room in the model's context.
+
+    Past the context the model's positions run out: transformers errors or the output degrades,
+    so the reply is clipped with a warning, and a prompt that fills the context alone is refused.
+    """
+    context = context_length(model)
+    if context is None or prompt_tokens + kwargs["max_new_tokens"] <= context:
+        return kwargs
+    room = context - prompt_tokens
+    if room < 1:
+        raise UserError(f"a prompt of {prompt_tokens} tokens fills the model's context of {context} tokens; "
+                        "shorten it (or its system prompt)")
+    log.warning("prompt of %d tokens + --max-new-tokens %d exceed the model's context of %d tokens; "
+                "generating at most %d tokens", prompt_tokens, kwargs["max_new_tokens"], context, room)
+    return {**kwargs, "max_new_tokens": room}
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds end here, and transformers.set_seed seeds numpy too
+
+
+def number_problems(ranges: dict[str, tuple[float | int | None, Callable[[Any], bool], str]]) -> list[str]:
+    """Problems of numeric flags: {flag: (value, in-range test, rule)}; NaN and inf never pass.
+
+    A None value is an unset optional flag and passes.
+    """
+    problems = []
+    for flag, (value, ok, rule) in ranges.items():
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{flag} {value} is not a finite number; it must be {rule}")
+        elif not ok(value):
+            problems.append(f"{flag} {value} must be {rule}")
+    return problems
+
+
+def inference_flag_problems(args) -> list[str]:
+    """Problems of the flags evaluate_model.py and test_model.py share (model, seed, generation)."""
+    problems = number_problems({
+        "--max-seq-length": (args.max_seq_length, lambda v: v >= 1, "a positive integer"),
+        "--seed": (args.seed, lambda v: 0 <= v <= SEED_MAX, f"from 0 to {SEED_MAX}"),
+    })
+    return problems + GenerationSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
+                                         args.repetition_penalty).problems()
 
 
 def add_generation_flags(parser) -> None:
@@ -1224,7 +1282,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(**enc, **kwargs)
+                out = model.generate(**enc, **fit_to_context(model, enc["input_ids"].shape[1], kwargs))
             seconds = time.perf_counter() - t0
             new = out[:, enc["input_ids"].shape[1]:]
             counts = [int(((row != tokenizer.pad_token_id) & (row != -1)).sum()) for row in new]
