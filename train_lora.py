@@ -534,9 +534,12 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         from safetensors import safe_open
 
         with safe_open(str(weights), framework="pt") as fh:
-            fh.keys()
+            # A run that diverged saves NaN weights as readily as good ones; resuming them goes nowhere.
+            diverged = [k for k in fh.keys() if not fh.get_tensor(k).isfinite().all()]
     except Exception as exc:
         return f"adapter_model.safetensors is unreadable ({utils.first_line(exc, 120)})"
+    if diverged:
+        return f"adapter weights hold NaN or inf ({len(diverged)} tensors, e.g. {diverged[0]}): the run had diverged"
     return None
 
 
@@ -680,8 +683,12 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, op
         bf16=precision["bf16"], fp16=precision["fp16"], use_cpu=precision["use_cpu"],
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0, save_only_model=False, ddp_find_unused_parameters=False,
+        # The default replaces a NaN loss by the running mean in the logs, hiding a diverged run from StopOnNonFinite.
+        logging_nan_inf_filter=False,
     )
-    callbacks = [StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl"),
+    step_logger = StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl")
+    callbacks = [step_logger,
+                 StopOnNonFinite(step_logger),
                  EvalAtEpochEnd(),
                  CheckpointSync(s3_run_uri(args), write_checkpoint_marker, upload_checkpoint)]
     if args.early_stopping_patience:
@@ -754,8 +761,40 @@ class StepLogger(_trainer_callback_base()):
             fh.write(json.dumps(record) + "\n")
 
     def on_train_end(self, args, state, control, **kw):
+        self.close()
+
+    def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+class StopOnNonFinite(_trainer_callback_base()):
+    """Stop at the first NaN or inf loss or gradient norm, naming the last good checkpoint.
+
+    Every later step only spreads it through the weights, and the run would end with exit 0 and
+    an adapter of NaNs. Raised from on_log, which comes before that step's save, so no checkpoint
+    (and no final_model) is written from the diverged weights.
+    """
+
+    WATCHED = ("loss", "grad_norm", "eval_loss")
+
+    def __init__(self, step_logger=None):
+        self.step_logger = step_logger
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        bad = [(k, logs[k]) for k in self.WATCHED
+               if isinstance((logs or {}).get(k), (int, float)) and not math.isfinite(logs[k])]
+        if not bad:
+            return
+        name, value = bad[0]
+        good = [p for p in reversed(local_checkpoints(Path(args.output_dir))) if checkpoint_problem(p) is None]
+        where = (f"the last good checkpoint is {good[0]} (resume from it with --resume-from-checkpoint {good[0]})"
+                 if good else "no good checkpoint was saved before it")
+        if self.step_logger is not None:
+            self.step_logger.close()  # else the progress bar redraws itself after the error line
+        raise UserError(f"training {name.replace('_', ' ')} became {value} at step {state.global_step}; {where}; "
+                        f"lower --learning-rate (now {args.learning_rate:g}) or raise --warmup-steps "
+                        f"(now {args.warmup_steps}); no final_model was written")
 
 
 class EvalAtEpochEnd(_trainer_callback_base()):
