@@ -831,7 +831,7 @@ class CheckpointSync(_trainer_callback_base()):
 
 def is_training_run(folder: Path) -> bool:
     """An earlier (or a running) train_lora.py output folder, which a new run may write into."""
-    return (any((folder / name).is_file() for name in ("training_config.json",))
+    return (any((folder / name).is_file() for name in ("training_config.json", utils.RunLock.NAME))
             or bool(local_checkpoints(folder)) or is_final_model(folder / "final_model"))
 
 
@@ -1070,6 +1070,13 @@ def main(argv=None) -> int:
     state = distributed_state()
     main_rank = state.is_main_process
     preflight_hub(args.push_to_hub)
+
+    if main_rank:
+        # One run per folder: two would interleave checkpoints and metrics. Released by cli_entry.
+        output_dir.mkdir(parents=True, exist_ok=True)
+        utils.RunLock(output_dir).acquire()
+        if s3_run_uri(args) is not None:
+            utils.check_s3_bucket(args.s3_bucket, "upload")
 
     dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
     import torch

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -75,7 +76,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def cli_entry(main_fn):
-    """Wrap a script's main(argv): user mistakes become one line on stderr and exit code 2."""
+    """Wrap a script's main(argv): user mistakes and an environment in the way (full disk,
+    read-only folder, a file where a folder should be) become one line on stderr and exit code 2.
+    Run locks taken during the call are released however it ends."""
     import functools
 
     @functools.wraps(main_fn)
@@ -96,6 +99,8 @@ def cli_entry(main_fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        finally:
+            RunLock.release_all()
 
     return wrapper
 
@@ -346,6 +351,102 @@ def parse_key_value_list(spec: str, flag: str) -> dict[str, str]:
             raise UserError(f"{flag} entry {part!r} has an empty side; write it like {flag} question=user")
         out[key] = value
     return out
+
+
+class RunLock:
+    """A lock file in an output folder, so that two runs never write into the same one.
+
+    Created with O_CREAT|O_EXCL, so of two processes exactly one gets it. It holds pid and host:
+    a refusal names the holder, and a lock left by a killed process on this host is taken over.
+    Locks are released when the script's main returns, however it returns (see cli_entry).
+    """
+
+    NAME = ".reasonforge.lock"
+    STALE_UNREADABLE_S = 30  # a lock still empty after this long was left by a process killed while writing it
+    _held: list["RunLock"] = []
+
+    def __init__(self, folder: str | Path, flag: str = "--output-dir"):
+        self.path = Path(folder) / self.NAME
+        self.flag = flag
+        self.me = {"pid": os.getpid(), "hostname": socket.gethostname(),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def acquire(self) -> "RunLock":
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read(self.path)
+                if not self._stale(holder):
+                    raise UserError(self._held_message(holder)) from None
+                self._take_over(holder)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.me, fh)
+            RunLock._held.append(self)
+            return self
+        raise UserError(f"could not take the lock {self.path}: other runs keep replacing it; retry")
+
+    def release(self) -> None:
+        if self in RunLock._held:
+            RunLock._held.remove(self)
+        # Only our own lock is removed: a run that took over a stale copy of it keeps theirs.
+        if self._read(self.path) == self.me:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    @classmethod
+    def release_all(cls) -> None:
+        for lock in list(cls._held):
+            lock.release()
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def _stale(self, holder: dict | None) -> bool:
+        if holder is None:  # being written this instant, or left unwritten by a killed process
+            with contextlib.suppress(FileNotFoundError):
+                return time.time() - self.path.stat().st_mtime > self.STALE_UNREADABLE_S
+            return True
+        if holder.get("hostname") != self.me["hostname"] or not isinstance(holder.get("pid"), int):
+            return False  # another machine's process cannot be checked from here
+        if holder["pid"] == self.me["pid"]:
+            return True  # an earlier run in this very process, which has finished
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _take_over(self, holder: dict | None) -> None:
+        # Renamed aside, not deleted: if another process took it over in between, what we moved is
+        # their fresh lock, and it goes back.
+        aside = self.path.with_name(f"{self.NAME}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        if self._read(aside) != holder:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+            aside.unlink()
+            return
+        aside.unlink()
+        who = f"pid {holder['pid']} on {holder['hostname']}" if holder else "an unknown process"
+        log.warning("taking over %s, left by %s which no longer runs", self.path, who)
+
+    def _held_message(self, holder: dict | None) -> str:
+        who = (f"pid {holder.get('pid')} on {holder.get('hostname')}, since {holder.get('started')}" if holder
+               else "a process that is starting")
+        return (f"{self.path.parent} is in use by another run ({who}); wait for it to finish or choose another "
+                f"{self.flag}; if that run is gone, delete {self.path}")
 
 
 # ---------------------------------------------------------------------------------------------
