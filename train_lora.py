@@ -115,7 +115,8 @@ def check_trainer_names(args) -> None:
         problems.append(f"--lr-scheduler {args.lr_scheduler!r} {why}; choose one of {', '.join(schedulers)}")
     optims = ["auto", *(o.value for o in OptimizerNames)]
     if args.optim not in optims:
-        close = difflib.get_close_matches(args.optim, optims, n=3)
+        # Names that extend what was typed first ("adamw" -> adamw_torch); difflib alone picks oddities.
+        close = [o for o in optims if o.startswith(args.optim)][:3] or difflib.get_close_matches(args.optim, optims, n=3)
         problems.append(f"--optim {args.optim!r} is unknown; " + (f"did you mean {' or '.join(close)}? " if close else "")
                         + "e.g. auto, adamw_torch, adamw_8bit (all: transformers.training_args.OptimizerNames)")
     if problems:
