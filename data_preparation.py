@@ -104,16 +104,18 @@ def validate_args(args) -> None:
         problems.append(f"--max-samples {args.max_samples} must be at least 2 (one row per split)")
     if args.max_seq_length < 16:
         problems.append(f"--max-seq-length {args.max_seq_length} is too small; use at least 16")
+    problems += utils.number_problems({"--seed": (args.seed, lambda v: 0 <= v <= utils.SEED_MAX, f"from 0 to {utils.SEED_MAX}")})
     if args.chat_template == "tokenizer" and not args.tokenizer:
         problems.append("--chat-template tokenizer needs --tokenizer PATH")
     if args.s3_bucket:
         utils.validate_bucket_name(args.s3_bucket)
-    if args.s3_prefix is not None and (not args.s3_prefix.strip("/") or ".." in args.s3_prefix.split("/")):
-        problems.append(f"--s3-prefix {args.s3_prefix!r} must be a non-empty path without '..'")
+    if args.s3_prefix is not None:
+        problems += filter(None, [utils.s3_key_problem(args.s3_prefix, "--s3-prefix")])
     if args.column_map:
         bad = {k: v for k, v in utils.parse_key_value_list(args.column_map, "--column-map").items() if v not in TARGETS}
         if bad:
             problems.append(f"--column-map targets {bad} unknown; use {', '.join(TARGETS)}")
+    problems += filter(None, [utils.output_dir_problem(args.output_dir, is_prepared_dataset, "a data_preparation.py output")])
     if problems:
         raise UserError("; ".join(problems))
 
@@ -231,7 +233,11 @@ def load_local(path: Path, split: str):
     import datasets
 
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:  # datasets raises file, JSON and arrow errors for a damaged folder
+            raise UserError(f"cannot load the save_to_disk folder {path} ({type(exc).__name__}: "
+                            f"{utils.first_line(exc, 160)}); save it again or point --dataset at the source files") from exc
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise UserError(f"{path} has splits {list(loaded)}, not {split!r}; pass --split NAME")
@@ -621,10 +627,15 @@ def prepare(args):
     return dd, manifest
 
 
+def is_prepared_dataset(folder: Path) -> bool:
+    """An earlier output of this script, which a rerun may replace: recognised by its manifest."""
+    return utils.holds_json(folder, "manifest.json", "content_sha256", "counts")
+
+
 def save(dd, manifest: dict, output_dir: str) -> Path:
     """Write the dataset, preview and manifest into a scratch folder, then move it into place."""
     final = Path(output_dir)
-    with utils.atomic_directory(final) as tmp:
+    with utils.atomic_directory(final, is_prepared_dataset, "a data_preparation.py output") as tmp:
         dd.save_to_disk(str(tmp))
         preview = [json.dumps({"messages": r["messages"], "text": r["text"], "answer": r["answer"]}, ensure_ascii=False)
                    for r in dd["train"].select(range(min(5, len(dd["train"]))))]
@@ -649,6 +660,8 @@ def main(argv=None) -> int:
     validate_args(args)
     if not args.skip_upload and not args.s3_bucket:
         log.info("no --s3-bucket given: keeping the dataset local (pass --skip-upload to say so explicitly)")
+    if args.s3_bucket and not args.skip_upload:
+        utils.check_s3_bucket(args.s3_bucket, "upload")
     dd, manifest = prepare(args)
     out = save(dd, manifest, args.output_dir)
     uri = upload(out, args) if args.s3_bucket and not args.skip_upload else None

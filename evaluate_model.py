@@ -52,14 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+REPORT_KEYS = ("metrics", "generation", "created_at")  # how an earlier report of ours is recognised
+
+
 def validate_args(args) -> None:
     problems = [f"{flag} {v} must be a positive integer" for flag, v in
-                (("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
-                 ("--max-seq-length", args.max_seq_length)) if v is not None and v < 1]
+                (("--batch-size", args.batch_size), ("--num-samples", args.num_samples)) if v < 1]
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         problems.append(f"--max-eval-samples {args.max_eval_samples} must be at least 1")
-    problems += utils.GenerationSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
-                                         args.repetition_penalty).problems()
+    problems += utils.inference_flag_problems(args)
+    # Checked before the model loads, so a bad --output-file cannot cost the whole evaluation.
+    problems += filter(None, [utils.report_file_problem(args.output_file, "--output-file", "evaluate_model.py",
+                                                        REPORT_KEYS)])
     if problems:
         raise UserError("; ".join(problems))
     if not (args.compute_perplexity or args.compute_accuracy or args.generate_samples):

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+REPORT_KEYS = ("results", "generation", "created_at")  # how an earlier report of ours is recognised
+
+
 def validate_args(args) -> None:
     modes = [bool(args.interactive), args.instruction is not None, bool(args.batch)]
     if sum(modes) != 1:
@@ -57,18 +60,23 @@ def validate_args(args) -> None:
         raise UserError("--batch needs --instructions-file FILE (a JSON list of instructions)")
     if args.instruction is not None and not args.instruction.strip():
         raise UserError("--instruction is empty; give the text to answer")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be a positive integer")
-    utils.generation_settings_from_args(args)
+    problems = [f"--batch-size {args.batch_size} must be a positive integer"] if args.batch_size < 1 else []
+    problems += utils.inference_flag_problems(args)
+    # Checked before the model loads, so a bad --output-file cannot cost the answers.
+    problems += filter(None, [utils.report_file_problem(args.output_file, "--output-file", "test_model.py", REPORT_KEYS)])
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def read_instructions(path: str) -> list[str]:
     """Parse the instructions file; errors name the position of the offending entry."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"instructions file {path!r} does not exist")
+        raise UserError(f"instructions file {path!r} " + ("is a folder, not a file" if file.is_dir() else "does not exist"))
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"instructions file {path} is not UTF-8 text; save it as a JSON list of strings") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"instructions file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
     if not isinstance(data, list):
@@ -130,7 +138,7 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: utils.Generat
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     streamer = collecting_streamer(tokenizer)
     t0 = time.perf_counter()
-    kwargs = settings.generate_kwargs(tokenizer, model)
+    kwargs = utils.fit_to_context(model, enc["input_ids"].shape[1], settings.generate_kwargs(tokenizer, model))
     try:
         with torch.inference_mode():
             out = model.generate(**enc, streamer=streamer, **kwargs)

@@ -16,9 +16,11 @@ training_metrics.json, logs/ (TensorBoard + metrics.jsonl), loss_curve.png.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -105,20 +107,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Schedulers transformers builds only from lr_scheduler_kwargs, which this script does not pass.
+SCHEDULERS_NEEDING_KWARGS = {"cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"}
+
+
+def check_trainer_names(args) -> None:
+    """--lr-scheduler and --optim against the names this transformers knows, before the model loads.
+
+    Apart from validate_args because it imports transformers, which on a GPU must follow unsloth.
+    """
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    problems = []
+    schedulers = [s.value for s in SchedulerType if s.value not in SCHEDULERS_NEEDING_KWARGS]
+    if args.lr_scheduler not in schedulers:
+        why = "needs scheduler arguments this script does not pass" if args.lr_scheduler in SCHEDULERS_NEEDING_KWARGS else "is unknown"
+        problems.append(f"--lr-scheduler {args.lr_scheduler!r} {why}; choose one of {', '.join(schedulers)}")
+    optims = ["auto", *(o.value for o in OptimizerNames)]
+    if args.optim not in optims:
+        # Names that extend what was typed first ("adamw" -> adamw_torch); difflib alone picks oddities.
+        close = [o for o in optims if o.startswith(args.optim)][:3] or difflib.get_close_matches(args.optim, optims, n=3)
+        problems.append(f"--optim {args.optim!r} is unknown; " + (f"did you mean {' or '.join(close)}? " if close else "")
+                        + "e.g. auto, adamw_torch, adamw_8bit (all: transformers.training_args.OptimizerNames)")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def validate_args(args) -> None:
     problems = []
     positive = {"--batch-size": args.batch_size, "--gradient-accumulation-steps": args.gradient_accumulation_steps,
                 "--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha, "--save-steps": args.save_steps,
                 "--max-seq-length": args.max_seq_length, "--logging-steps": args.logging_steps}
     problems += [f"{k} {v} must be a positive integer" for k, v in positive.items() if v < 1]
-    if not (0 < args.learning_rate < 1):
-        problems.append(f"--learning-rate {args.learning_rate} must be in (0, 1), e.g. 2e-4")
-    if args.num_epochs <= 0 and args.max_steps <= 0:
-        problems.append("--num-epochs must be > 0 (or give --max-steps)")
-    if not 0 <= args.lora_dropout < 1:
-        problems.append(f"--lora-dropout {args.lora_dropout} must be in [0, 1)")
-    if args.weight_decay < 0 or args.warmup_steps < 0:
-        problems.append("--weight-decay and --warmup-steps must not be negative")
+    problems += utils.number_problems({
+        "--learning-rate": (args.learning_rate, lambda v: 0 < v < 1, "in (0, 1), e.g. 2e-4"),
+        "--num-epochs": (args.num_epochs, lambda v: v > 0 or args.max_steps > 0, "> 0 (or give --max-steps)"),
+        "--max-steps": (args.max_steps, lambda v: v == -1 or v >= 1, "a positive number of steps, or -1 for --num-epochs"),
+        "--weight-decay": (args.weight_decay, lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.01"),
+        "--warmup-steps": (args.warmup_steps, lambda v: v >= 0, "0 or more"),
+        "--lora-dropout": (args.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+        "--seed": (args.seed, lambda v: 0 <= v <= utils.SEED_MAX, f"from 0 to {utils.SEED_MAX}"),
+        "--gpu-memory-gib": (args.gpu_memory_gib, lambda v: v > 0, "a positive number of GiB, e.g. 24"),
+        "--early-stopping-patience": (args.early_stopping_patience, lambda v: v >= 1, "at least 1"),
+    })
     if args.eval_steps is not None and (args.eval_steps < 1 or args.save_steps % args.eval_steps):
         problems.append(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
                         "(the best checkpoint is chosen among saved ones)")
@@ -128,10 +160,15 @@ def validate_args(args) -> None:
         problems.append("--save-total-limit must be at least 1")
     if args.s3_bucket:
         utils.validate_bucket_name(args.s3_bucket)
+    if args.run_name is not None or args.s3_bucket:
+        # The S3 URI printed at the end is built from it: S3 must store the key exactly as printed.
+        flag = "--run-name" if args.run_name is not None else "--run-name (the --output-dir folder name)"
+        problems += filter(None, [utils.s3_key_problem(default_run_name(args), flag)])
     if args.from_s3 and not args.dataset_path.startswith("s3://") and not args.s3_bucket:
         problems.append("--from-s3 needs an s3:// --dataset-path (or --s3-bucket to read the key from)")
     if not args.target_modules.strip(","):
         problems.append("--target-modules is empty; e.g. " + DEFAULT_TARGETS)
+    problems += filter(None, [run_dir_problem(Path(args.output_dir))])
     if problems:
         raise UserError("; ".join(problems))
 
@@ -169,7 +206,7 @@ def load_prepared_dataset(path: Path):
             raise UserError(f"split {split!r} of {path} has no 'messages' column (columns: {dd[split].column_names})")
         if len(dd[split]) == 0:
             raise UserError(f"split {split!r} of {path} is empty; prepare more data or change --val-size")
-    return dd, json.loads(manifest_file.read_text())
+    return dd, utils.read_json(manifest_file, "dataset manifest", "prepare the dataset again with data_preparation.py")
 
 
 def choose_template(args, manifest: dict, tokenizer) -> tuple[str, str]:
@@ -514,7 +551,13 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     marker = ckpt / CHECKPOINT_MARKER
     if not marker.is_file():
         return "no completion marker (interrupted while saving)"
-    files = json.loads(marker.read_text()).get("files", {})
+    try:
+        files = utils.read_json(marker, "completion marker").get("files")
+        utils.read_json(ckpt / "trainer_state.json", "trainer state")
+    except utils.CorruptFile as exc:
+        return str(exc).split(";")[0]
+    if not isinstance(files, dict) or not all(isinstance(s, int) for s in files.values()):
+        return f"{CHECKPOINT_MARKER} has no valid file list (damaged)"
     for rel, size in files.items():
         f = ckpt / rel
         if not f.is_file():
@@ -528,9 +571,12 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         from safetensors import safe_open
 
         with safe_open(str(weights), framework="pt") as fh:
-            fh.keys()
+            # A run that diverged saves NaN weights as readily as good ones; resuming them goes nowhere.
+            diverged = [k for k in fh.keys() if not fh.get_tensor(k).isfinite().all()]
     except Exception as exc:
         return f"adapter_model.safetensors is unreadable ({utils.first_line(exc, 120)})"
+    if diverged:
+        return f"adapter weights hold NaN or inf ({len(diverged)} tensors, e.g. {diverged[0]}): the run had diverged"
     return None
 
 
@@ -547,7 +593,7 @@ def s3_run_uri(args) -> utils.S3Uri | None:
 def upload_checkpoint(ckpt: Path, run_uri: utils.S3Uri) -> None:
     """Upload a checkpoint with its marker last, so a listing never shows a half-uploaded one as complete."""
     dest = run_uri.join("checkpoints", ckpt.name)
-    marker = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
+    marker = utils.read_json(ckpt / CHECKPOINT_MARKER, "completion marker")
     utils.upload_directory(ckpt, dest, desc=f"s3 {ckpt.name}", progress=False, exclude={CHECKPOINT_MARKER})
     utils.s3_put_json(dest.join(CHECKPOINT_MARKER), marker)
 
@@ -556,16 +602,27 @@ def s3_complete_checkpoints(run_uri: utils.S3Uri) -> list[int]:
     steps = []
     for name in utils.list_s3_subfolders(run_uri.join("checkpoints")):
         step = checkpoint_step(Path(name))
-        if step >= 0 and utils.s3_get_json(run_uri.join("checkpoints", name, CHECKPOINT_MARKER)) is not None:
+        if step < 0:
+            continue
+        try:
+            marker = utils.s3_get_json(run_uri.join("checkpoints", name, CHECKPOINT_MARKER))
+        except utils.CorruptFile as exc:
+            log.warning("skipping %s on S3: %s", name, exc)
+            continue
+        if marker is not None:
             steps.append(step)
     return sorted(steps)
 
 
 def download_checkpoint(run_uri: utils.S3Uri, step: int, output_dir: Path) -> Path:
     final = output_dir / f"checkpoint-{step}"
-    with utils.atomic_directory(final) as tmp:
+    with utils.atomic_directory(final, is_checkpoint, "a checkpoint folder") as tmp:
         utils.download_prefix(run_uri.join("checkpoints", final.name), tmp, desc=f"fetch {final.name}")
     return final
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in (CHECKPOINT_MARKER, "trainer_state.json", "adapter_config.json"))
 
 
 def resolve_resume(args, output_dir: Path) -> str | None:
@@ -602,7 +659,7 @@ def resolve_resume(args, output_dir: Path) -> str | None:
 
 def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
     """The Trainer reloads the best checkpoint at the end; on a fresh instance it must be fetched too."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = utils.read_json(ckpt / "trainer_state.json", "trainer state")
     best = state.get("best_model_checkpoint")
     if not best:
         return
@@ -611,7 +668,7 @@ def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
         download_checkpoint(run_uri, checkpoint_step(local), output_dir)
     state["best_model_checkpoint"] = str(local)
     utils.atomic_write_json(ckpt / "trainer_state.json", state)
-    marker = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
+    marker = utils.read_json(ckpt / CHECKPOINT_MARKER, "completion marker")
     marker["files"]["trainer_state.json"] = (ckpt / "trainer_state.json").stat().st_size
     utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, marker)
 
@@ -804,8 +861,12 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, op
         bf16=precision["bf16"], fp16=precision["fp16"], use_cpu=precision["use_cpu"],
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0, save_only_model=False, ddp_find_unused_parameters=False,
+        # The default replaces a NaN loss by the running mean in the logs, hiding a diverged run from StopOnNonFinite.
+        logging_nan_inf_filter=False,
     )
-    callbacks = [StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl"),
+    step_logger = StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl")
+    callbacks = [step_logger,
+                 StopOnNonFinite(step_logger),
                  EvalAtEpochEnd(),
                  CheckpointSync(s3_run_uri(args), write_checkpoint_marker, upload_checkpoint)]
     if args.early_stopping_patience:
@@ -878,8 +939,40 @@ class StepLogger(_trainer_callback_base()):
             fh.write(json.dumps(record) + "\n")
 
     def on_train_end(self, args, state, control, **kw):
+        self.close()
+
+    def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+class StopOnNonFinite(_trainer_callback_base()):
+    """Stop at the first NaN or inf loss or gradient norm, naming the last good checkpoint.
+
+    Every later step only spreads it through the weights, and the run would end with exit 0 and
+    an adapter of NaNs. Raised from on_log, which comes before that step's save, so no checkpoint
+    (and no final_model) is written from the diverged weights.
+    """
+
+    WATCHED = ("loss", "grad_norm", "eval_loss")
+
+    def __init__(self, step_logger=None):
+        self.step_logger = step_logger
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        bad = [(k, logs[k]) for k in self.WATCHED
+               if isinstance((logs or {}).get(k), (int, float)) and not math.isfinite(logs[k])]
+        if not bad:
+            return
+        name, value = bad[0]
+        good = [p for p in reversed(local_checkpoints(Path(args.output_dir))) if checkpoint_problem(p) is None]
+        where = (f"the last good checkpoint is {good[0]} (resume from it with --resume-from-checkpoint {good[0]})"
+                 if good else "no good checkpoint was saved before it")
+        if self.step_logger is not None:
+            self.step_logger.close()  # else the progress bar redraws itself after the error line
+        raise UserError(f"training {name.replace('_', ' ')} became {value} at step {state.global_step}; {where}; "
+                        f"lower --learning-rate (now {args.learning_rate:g}) or raise --warmup-steps "
+                        f"(now {args.warmup_steps}); no final_model was written")
 
 
 class EvalAtEpochEnd(_trainer_callback_base()):
@@ -1084,16 +1177,40 @@ def train_or_stop(trainer, resume: str | None, guard: PreemptionGuard):
 # ---------------------------------------------------------------------------------------------
 
 
+def is_training_run(folder: Path) -> bool:
+    """An earlier (or a running) train_lora.py output folder, which a new run may write into."""
+    return (any((folder / name).is_file() for name in ("training_config.json", utils.RunLock.NAME))
+            or bool(local_checkpoints(folder)) or is_final_model(folder / "final_model"))
+
+
+def is_final_model(folder: Path) -> bool:
+    return utils.holds_json(folder, utils.RUN_INFO_FILE, "base_model")
+
+
+def is_merged_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def run_dir_problem(output_dir: Path) -> str | None:
+    """Why a run may not write into `output_dir`: only a new, empty or earlier run folder will do,
+    and the final_model/ and merged_16bit/ it replaces at the end must be ours too."""
+    problem = utils.output_dir_problem(output_dir, is_training_run, "a train_lora.py run folder", replaced=False)
+    if problem or not output_dir.is_dir():
+        return problem
+    return (utils.output_dir_problem(output_dir / "final_model", is_final_model, "an adapter saved by train_lora.py")
+            or utils.output_dir_problem(output_dir / "merged_16bit", is_merged_model, "a merged model saved by train_lora.py"))
+
+
 def save_final_model(trainer, tokenizer, args, run_info: dict) -> Path:
     """Write final_model/ (adapter, tokenizer with the training template, run info) atomically."""
     final = Path(args.output_dir) / "final_model"
-    with utils.atomic_directory(final) as tmp:
+    with utils.atomic_directory(final, is_final_model, "an adapter saved by train_lora.py") as tmp:
         trainer.model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         utils.atomic_write_json(tmp / utils.RUN_INFO_FILE, run_info)
     if args.save_merged:
         merged = Path(args.output_dir) / "merged_16bit"
-        with utils.atomic_directory(merged) as tmp:
+        with utils.atomic_directory(merged, is_merged_model, "a merged model saved by train_lora.py") as tmp:
             save_merged(trainer.model, tokenizer, tmp, run_info["backend"])
     return final
 
@@ -1188,6 +1305,16 @@ def push_to_hub(final: Path, repo: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def default_run_name(args) -> str:
+    """--run-name, else the output folder's name (main() uses the same)."""
+    if args.run_name is not None:
+        return args.run_name
+    try:
+        return Path(args.output_dir).resolve().name
+    except RuntimeError:  # a symlink loop (Python 3.11); run_dir_problem reports it
+        return Path(args.output_dir).name
+
+
 def print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name, processes=1):
     trainable, total = params
     eff = args.batch_size * args.gradient_accumulation_steps * processes
@@ -1267,7 +1394,7 @@ def finish_run(trainer, tokenizer, args, info, manifest, template_name, result, 
         utils.upload_directory(final, run_uri.join("final_model"), desc="upload final_model")
         for name in ("training_config.json", "training_metrics.json", "loss_curve.png"):
             if (output_dir / name).is_file():
-                utils.s3_client().upload_file(str(output_dir / name), run_uri.bucket, run_uri.join(name).prefix)
+                utils.upload_file(output_dir / name, run_uri.join(name))
     if args.push_to_hub:
         push_to_hub(final, args.push_to_hub)
 
@@ -1295,11 +1422,19 @@ def main(argv=None) -> int:
     if backend == "unsloth":
         utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
     compiler_note = configure_compiler(backend)
+    check_trainer_names(args)
     state = distributed_state()
     main_rank = state.is_main_process
     guard = PreemptionGuard(args, argv, output_dir, args.sigterm_deadline_s, main_rank)
     guard.install()
     preflight_hub(args.push_to_hub)
+
+    if main_rank:
+        # One run per folder: two would interleave checkpoints and metrics. Released by cli_entry.
+        output_dir.mkdir(parents=True, exist_ok=True)
+        utils.RunLock(output_dir).acquire()
+        if s3_run_uri(args) is not None:
+            utils.check_s3_bucket(args.s3_bucket, "upload")
 
     dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
     import torch

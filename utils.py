@@ -11,18 +11,21 @@ GPU memory, model loading, run metadata.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger("reasonforge")
 
@@ -36,8 +39,16 @@ class UserError(Exception):
     """A mistake the user can fix. Scripts print it as one line and exit with code 2."""
 
 
+class CorruptFile(UserError):
+    """A metadata file that is missing, unreadable or not the JSON object it should be.
+
+    A subclass so that code which can fall back (an older checkpoint) catches just this.
+    """
+
+
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time, so a redirected or captured stderr gets our lines."""
+    """Writes to sys.stderr as it is at each record: main() called again in one process (tests,
+    notebooks) may run under another stderr than the first call, and the old one may be closed."""
 
     def __init__(self):
         super().__init__(sys.stderr)
@@ -114,7 +125,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def cli_entry(main_fn):
-    """Wrap a script's main(argv): user mistakes become one line on stderr and exit code 2."""
+    """Wrap a script's main(argv): user mistakes and an environment in the way (full disk,
+    read-only folder, a file where a folder should be) become one line on stderr and exit code 2.
+    Run locks taken during the call are released however it ends."""
     import functools
 
     @functools.wraps(main_fn)
@@ -123,7 +136,15 @@ def cli_entry(main_fn):
             with sigterm_raises():
                 return main_fn(argv) or 0
         except UserError as exc:
+            log.debug("details of the error below", exc_info=True)
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            message = describe_os_error(exc)
+            if message is None:
+                raise
+            log.debug("details of the error below", exc_info=True)
+            print(f"error: {message}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -131,6 +152,8 @@ def cli_entry(main_fn):
         except Terminated as exc:
             print(exc, file=sys.stderr)
             return 143
+        finally:
+            RunLock.release_all()
 
     return wrapper
 
@@ -146,20 +169,83 @@ def sig4(value) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+# errno values that say the environment is in the way of a path, each with the fix to print.
+# Anything else stays a traceback: it is more likely a bug than a user's setting.
+_PATH_ERRNO_FIXES = {
+    errno.ENOSPC: "free some space or choose an output location on another disk",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another output location",
+    errno.EFBIG: "the file system refuses a file this large; choose an output location on another disk",
+    errno.EROFS: "that file system is read-only; choose a writable output location",
+    errno.EACCES: "this user lacks the permission; fix the permissions or choose another location",
+    errno.EPERM: "the system does not allow it there; choose an ordinary folder",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
+    errno.EISDIR: "that path is a folder; name a file",
+    errno.EEXIST: "a file is in the way where a folder is needed; choose another path or remove the file",
+    errno.ELOOP: "that path is a symlink loop; remove or fix the link",
+    errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
+    errno.EBUSY: "that path is in use (a mount point or the working folder); choose another path",
+}
+
+
+def describe_os_error(exc: OSError, path: str | Path | None = None, verb: str = "use") -> str | None:
+    """One line naming the path, the system's words for the errno and the fix; None when the
+    errno is not one an environment causes."""
+    fix = _PATH_ERRNO_FIXES.get(exc.errno)
+    if fix is None:
+        return None
+    where = str(path) if path is not None else (str(exc.filename) if exc.filename is not None else "a file")
+    return f"cannot {verb} {where}: {os.strerror(exc.errno)}; {fix}"
+
+
+def read_json(path: str | Path, what: str, fix: str = "restore it or create it again") -> dict:
+    """The JSON object in a metadata file; anything else raises CorruptFile naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CorruptFile(f"{what} {path} is missing; {fix}") from None
+    except UnicodeDecodeError:
+        raise CorruptFile(f"{what} {path} is not text (binary or damaged); {fix}") from None
+    except OSError as exc:
+        raise CorruptFile(f"cannot read {what} {path}: {exc.strerror or first_line(exc)}; {fix}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorruptFile(f"{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                          f"{fix}") from None
+    if not isinstance(obj, dict):
+        raise CorruptFile(f"{what} {path} holds a JSON {type(obj).__name__}, not an object; {fix}")
+    return obj
+
+
+def holds_json(folder: str | Path, name: str, *keys: str) -> bool:
+    """Whether folder/name is a JSON object with these keys: how outputs of ours are recognised."""
+    try:
+        obj = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and all(k in obj for k in keys)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see either the old content or the whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        # The temporary name means nothing to the user; the file they asked for does.
+        if isinstance(exc, OSError) and describe_os_error(exc) is not None:
+            raise UserError(describe_os_error(exc, path, "write")) from exc
         raise
 
 
@@ -167,29 +253,103 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _listing(folder: Path, limit: int = 5) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def writable_problem(path: str | Path, flag: str, shown: str | Path | None = None) -> str | None:
+    """Why files cannot be created at `path` (a folder that may not exist yet), or None; messages
+    name `shown` (what the user passed to `flag`), default `path`.
+
+    Probed with a real temporary file in the nearest existing folder, so a read-only mount, a
+    missing permission or a file in the way shows before any work is done.
+    """
+    path = Path(path)
+    shown = path if shown is None else shown
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if os.path.lexists(existing) and not existing.exists():
+        return f"{flag} {shown}: {existing} is a broken symlink or a symlink loop; fix the link or choose another {flag}"
+    if not existing.is_dir():
+        return f"{flag} {shown}: {existing} is a file, not a folder; choose another {flag}"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return (f"{flag} {shown}: cannot write in {existing} ({os.strerror(exc.errno) if exc.errno else exc}); "
+                f"choose a writable location for {flag}")
+    return None
+
+
+def output_dir_problem(path: str | Path, owned: Callable[[Path], bool], what: str, flag: str = "--output-dir",
+                       replaced: bool = True) -> str | None:
+    """Why a new output folder may not be put at `path`, or None.
+
+    Only an empty folder or one `owned` recognises as an earlier output of ours may be replaced:
+    anything else there is the user's, and they get an error instead of losing it.
+    """
+    path = Path(path)
+    if os.path.lexists(path) and not path.exists():
+        return f"{flag} {path} is a broken symlink or a symlink loop; fix the link or choose another {flag}"
+    if replaced:
+        try:
+            resolved, cwd = path.resolve(), Path.cwd().resolve()
+        except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop further up the path
+            return f"{flag} {path} goes through a symlink loop; fix the link or choose another {flag}"
+        if resolved == cwd or resolved in cwd.parents:
+            return (f"{flag} {str(path) or '.'!r} is the working folder or holds it: writing the output there would "
+                    f"replace everything in it; name a new subfolder, e.g. {flag} ./output")
+    if path.exists() and not path.is_dir():
+        return f"{flag} {path} is an existing file, not an output folder of ours; choose another {flag} or remove it"
+    if path.is_dir() and any(path.iterdir()) and not owned(path):
+        return (f"{flag} {path} already exists and is not {what} (it holds {_listing(path)}); "
+                f"choose another {flag} or remove it")
+    return writable_problem(path.parent if replaced else path, flag, shown=path)
+
+
 @contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
+def atomic_directory(final: str | Path, owned: Callable[[Path], bool], what: str,
+                     flag: str = "--output-dir") -> Iterator[Path]:
     """Yield a scratch folder beside `final`; it becomes `final` only if the block completes.
 
     An existing `final` is replaced only after the new one is complete, so an interrupted run
-    leaves the previous result (or nothing) in place, never a half-written folder.
+    leaves the previous result (or nothing) in place, never a half-written folder. It is replaced
+    only if it is empty or `owned` recognises it as `what`; anything else is the user's and is
+    refused with a UserError, checked before the work and again before the swap.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(final)
-    # The pid in the name lets a later run tell a dead run's leftovers from a live run's work.
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-{os.getpid()}-"))
-    os.chmod(tmp, 0o755)
+    problem = output_dir_problem(final, owned, what, flag)
+    if problem:
+        raise UserError(problem)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(final)
+        # The pid in the name lets a later run tell a dead run's leftovers from a live run's work.
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-{os.getpid()}-"))
+        os.chmod(tmp, 0o755)
+    except OSError as exc:
+        raise UserError(describe_os_error(exc, final, "create") or f"cannot create {final}: {first_line(exc)}") from exc
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and describe_os_error(exc) is not None:
+            raise UserError(describe_os_error(exc, final, "write")) from exc
         raise
+    # Something may have appeared there while the block ran; the finished work is kept aside then.
+    problem = output_dir_problem(final, owned, what, flag)
+    if problem:
+        raise UserError(f"{problem} (the new output is in {tmp})")
     old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise UserError(describe_os_error(exc, final, "replace") or f"cannot move the new output to {final}: {first_line(exc)}") from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -258,6 +418,21 @@ def remove_stale_partials(final: str | Path) -> list[Path]:
     return removed
 
 
+def report_file_problem(path: str | Path, flag: str, written_by: str, keys: tuple[str, ...]) -> str | None:
+    """Why a JSON report may not be written at `path`, or None: a folder, someone else's file
+    (only a report of ours, recognised by `keys`, is replaced) or an unwritable location."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.exists():
+        return f"{flag} {path} is a broken symlink or a symlink loop; fix the link or choose another {flag}"
+    if path.is_dir():
+        return f"{flag} {str(path) or '.'} is a folder; name a file, e.g. {flag} {path / 'report.json'}"
+    if path.exists() and not path.is_file():
+        return f"{flag} {path} is not a regular file; choose another {flag}"
+    if path.is_file() and not holds_json(path.parent, path.name, *keys):
+        return f"{flag} {path} already exists and is not a report written by {written_by}; choose another {flag} or remove it"
+    return writable_problem(path.parent, flag, shown=path)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -300,6 +475,102 @@ def parse_key_value_list(spec: str, flag: str) -> dict[str, str]:
             raise UserError(f"{flag} entry {part!r} has an empty side; write it like {flag} question=user")
         out[key] = value
     return out
+
+
+class RunLock:
+    """A lock file in an output folder, so that two runs never write into the same one.
+
+    Created with O_CREAT|O_EXCL, so of two processes exactly one gets it. It holds pid and host:
+    a refusal names the holder, and a lock left by a killed process on this host is taken over.
+    Locks are released when the script's main returns, however it returns (see cli_entry).
+    """
+
+    NAME = ".reasonforge.lock"
+    STALE_UNREADABLE_S = 30  # a lock still empty after this long was left by a process killed while writing it
+    _held: list["RunLock"] = []
+
+    def __init__(self, folder: str | Path, flag: str = "--output-dir"):
+        self.path = Path(folder) / self.NAME
+        self.flag = flag
+        self.me = {"pid": os.getpid(), "hostname": socket.gethostname(),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def acquire(self) -> "RunLock":
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read(self.path)
+                if not self._stale(holder):
+                    raise UserError(self._held_message(holder)) from None
+                self._take_over(holder)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.me, fh)
+            RunLock._held.append(self)
+            return self
+        raise UserError(f"could not take the lock {self.path}: other runs keep replacing it; retry")
+
+    def release(self) -> None:
+        if self in RunLock._held:
+            RunLock._held.remove(self)
+        # Only our own lock is removed: a run that took over a stale copy of it keeps theirs.
+        if self._read(self.path) == self.me:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    @classmethod
+    def release_all(cls) -> None:
+        for lock in list(cls._held):
+            lock.release()
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def _stale(self, holder: dict | None) -> bool:
+        if holder is None:  # being written this instant, or left unwritten by a killed process
+            with contextlib.suppress(FileNotFoundError):
+                return time.time() - self.path.stat().st_mtime > self.STALE_UNREADABLE_S
+            return True
+        if holder.get("hostname") != self.me["hostname"] or not isinstance(holder.get("pid"), int):
+            return False  # another machine's process cannot be checked from here
+        if holder["pid"] == self.me["pid"]:
+            return True  # an earlier run in this very process, which has finished
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _take_over(self, holder: dict | None) -> None:
+        # Renamed aside, not deleted: if another process took it over in between, what we moved is
+        # their fresh lock, and it goes back.
+        aside = self.path.with_name(f"{self.NAME}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        if self._read(aside) != holder:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+            aside.unlink()
+            return
+        aside.unlink()
+        who = f"pid {holder['pid']} on {holder['hostname']}" if holder else "an unknown process"
+        log.warning("taking over %s, left by %s which no longer runs", self.path, who)
+
+    def _held_message(self, holder: dict | None) -> str:
+        who = (f"pid {holder.get('pid')} on {holder.get('hostname')}, since {holder.get('started')}" if holder
+               else "a process that is starting")
+        return (f"{self.path.parent} is in use by another run ({who}); wait for it to finish or choose another "
+                f"{self.flag}; if that run is gone, delete {self.path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,33 +835,119 @@ def parse_s3_uri(uri: str) -> S3Uri:
     prefix = prefix.strip("/")
     if any(part in ("..", ".") for part in prefix.split("/")):
         raise UserError(f"S3 prefix in {uri!r} contains '.' or '..' parts; use a plain path")
+    problem = s3_key_problem(prefix, f"the S3 prefix in {uri!r}", allow_empty=True)
+    if problem:
+        raise UserError(problem)
     return S3Uri(bucket, prefix)
 
 
+def s3_key_problem(value: str, flag: str, allow_empty: bool = False) -> str | None:
+    """Why `value` cannot be (part of) an S3 key exactly as printed, or None.
+
+    S3 keeps '..', empty parts and control characters literally, so a key holding them is not
+    the path a user reads in the printed URI (and breaks `aws s3 sync` back to disk).
+    """
+    parts = value.strip("/").split("/")
+    if not value.strip("/"):
+        return None if allow_empty else f"{flag} {value!r} is empty; give a path like runs/my-run"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return f"{flag} {value!r} holds control characters (tab, newline, ...); use letters, digits, '-', '_', '.' and '/'"
+    if any(p in ("", ".", "..") for p in parts):
+        return f"{flag} {value!r} has an empty, '.' or '..' part; write a plain path like runs/my-run"
+    if "\\" in value:
+        return f"{flag} {value!r} holds a backslash; S3 keys use '/' between parts"
+    if len(value.encode()) > 900:
+        return f"{flag} is {len(value.encode())} bytes long; S3 keys end at 1024 bytes, keep it under 900"
+    return None
+
+
+# Every S3 call waits at most this long to connect and for each answer, over this many attempts:
+# an endpoint that accepts connections but never answers fails in under a minute (botocore's
+# defaults, 60 s over 5 attempts, took six minutes to say anything).
+S3_CONNECT_TIMEOUT_S, S3_READ_TIMEOUT_S, S3_MAX_ATTEMPTS = 5, 15, 3
+
+
+def s3_max_attempts() -> int:
+    raw = os.environ.get("RF_S3_MAX_ATTEMPTS", str(S3_MAX_ATTEMPTS))
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 10:
+        raise UserError(f"RF_S3_MAX_ATTEMPTS={raw!r} must be a whole number from 1 to 10; unset it for {S3_MAX_ATTEMPTS}")
+    return int(raw)
+
+
 def s3_client():
-    """A boto3 client with retries and backoff; AWS_ENDPOINT_URL (standard) picks the server."""
-    import boto3
-    from botocore.config import Config
+    """A boto3 client with bounded waits and retries; AWS_ENDPOINT_URL (standard) picks the server.
 
-    cfg = Config(
-        retries={"max_attempts": int(os.environ.get("RF_S3_MAX_ATTEMPTS", "5")), "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
-        s3={"addressing_style": "path"} if os.environ.get("AWS_ENDPOINT_URL") else None,
-    )
-    return boto3.session.Session().client("s3", config=cfg)
+    A broken setting (endpoint, profile, region, config file) fails here, as one UserError.
+    """
+    attempts = s3_max_attempts()
+    try:
+        import boto3
+        from botocore.config import Config
+
+        cfg = Config(
+            retries={"total_max_attempts": attempts, "mode": "standard"},
+            connect_timeout=S3_CONNECT_TIMEOUT_S,
+            read_timeout=S3_READ_TIMEOUT_S,
+            s3={"addressing_style": "path"} if os.environ.get("AWS_ENDPOINT_URL") else None,
+        )
+        return boto3.session.Session().client("s3", config=cfg)
+    except Exception as exc:  # botocore raises ValueError and its own kinds here; each becomes one line
+        raise explain_s3_error(exc, None, "setup") from exc
 
 
-def explain_s3_error(exc: Exception, bucket: str, action: str) -> UserError:
-    """Translate a boto3/botocore failure into one line naming the bucket and the fix."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+def _explain_s3_setup(exc: Exception) -> UserError | None:
+    """The settings that break every S3 call, whichever bucket: endpoint, profile, config files, region."""
+    from botocore.exceptions import ConfigParseError, EndpointResolutionError, InvalidRegionError, ProfileNotFound
 
-    where = f"s3://{bucket}"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if isinstance(exc, EndpointResolutionError) or (isinstance(exc, ValueError) and "endpoint" in str(exc).lower()):
+        return UserError(f"AWS_ENDPOINT_URL={endpoint!r} is not a usable S3 endpoint ({first_line(exc, 120)}); "
+                         "write it like http://127.0.0.1:8333 or https://s3.example.com, or unset it for AWS")
+    if isinstance(exc, ProfileNotFound):
+        profile = exc.kwargs.get("profile") or os.environ.get("AWS_PROFILE")
+        return UserError(f"AWS profile {profile!r} (AWS_PROFILE) is not in ~/.aws/config or ~/.aws/credentials; "
+                         "fix the name, add it with `aws configure --profile NAME`, or unset AWS_PROFILE")
+    if isinstance(exc, ConfigParseError):
+        return UserError(f"cannot parse the AWS config file {exc.kwargs.get('path')}: fix its syntax "
+                         "([profile] headers, key = value lines) or point AWS_SHARED_CREDENTIALS_FILE / "
+                         "AWS_CONFIG_FILE at a good one")
+    if isinstance(exc, InvalidRegionError):
+        return UserError(f"AWS region {exc.kwargs.get('region_name')!r} is not a region name; set AWS_DEFAULT_REGION "
+                         "(or AWS_REGION, or region in ~/.aws/config) like us-east-1")
+    return None
+
+
+def explain_s3_error(exc: Exception, bucket: str | None, action: str) -> UserError:
+    """Translate a boto3/botocore failure into one line naming the bucket and the fix.
+
+    Every S3 call of the suite goes through here, so no botocore traceback reaches a user.
+    """
+    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+                                     PartialCredentialsError, ReadTimeoutError, SSLError)
+
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+
+    if isinstance(exc, UserError):
+        return exc
+    # boto3's transfer manager wraps the botocore error it met; the wrapped one says what happened.
+    inner = getattr(exc, "last_exception", None) or exc.__context__
+    if isinstance(exc, (S3UploadFailedError, RetriesExceededError)) and isinstance(inner, Exception):
+        return explain_s3_error(inner, bucket, action)
+    setup = _explain_s3_setup(exc)
+    if setup is not None:
+        return setup
+    where = f"s3://{bucket}" if bucket else "S3"
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return UserError(
             f"no AWS credentials for {where} ({action}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
             "or AWS_PROFILE, or attach an instance role"
         )
+    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+        return UserError(f"the S3 endpoint for {where} did not answer within {S3_READ_TIMEOUT_S} s "
+                         f"({s3_max_attempts()} attempts, {action}): check AWS_ENDPOINT_URL / network and retry")
+    if isinstance(exc, SSLError):
+        return UserError(f"TLS with the S3 endpoint for {where} failed ({action}): check http:// vs https:// in "
+                         "AWS_ENDPOINT_URL, or AWS_CA_BUNDLE for a private certificate")
     if isinstance(exc, EndpointConnectionError):
         return UserError(f"cannot reach the S3 endpoint for {where} ({action}): check AWS_ENDPOINT_URL / network and retry")
     if isinstance(exc, ClientError):
@@ -609,8 +966,22 @@ def explain_s3_error(exc: Exception, bucket: str, action: str) -> UserError:
     from botocore.exceptions import BotoCoreError
 
     if isinstance(exc, BotoCoreError):
-        return UserError(f"S3 {action} on {where} failed: {exc}; check the endpoint and retry")
-    return UserError(f"S3 {action} on {where} failed: {exc}")
+        return UserError(f"S3 {action} on {where} failed: {first_line(exc)}; check the endpoint and retry")
+    if isinstance(exc, OSError) and describe_os_error(exc) is not None:
+        return UserError(describe_os_error(exc))
+    return UserError(f"S3 {action} on {where} failed: {first_line(exc)}")
+
+
+def check_s3_bucket(bucket: str, action: str) -> None:
+    """Fail before the work, not after it, when the bucket cannot be used with these settings.
+
+    A one-key listing, not HEAD: a HEAD error has no body, so a wrong secret would read as 403.
+    """
+    client = s3_client()
+    try:
+        client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+    except Exception as exc:
+        raise explain_s3_error(exc, bucket, action) from exc
 
 
 def s3_etag_of_file(path: Path, size: int) -> str:
@@ -643,7 +1014,17 @@ def list_s3_objects(client, uri: S3Uri) -> dict[str, dict]:
 def _transfer_config():
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE, max_concurrency=4)
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE, max_concurrency=4,
+                          num_download_attempts=s3_max_attempts())
+
+
+def upload_file(path: str | Path, uri: S3Uri) -> None:
+    """Upload one file to the key `uri`; failures come out as one clear line."""
+    client = s3_client()
+    try:
+        client.upload_file(str(path), uri.bucket, uri.prefix, Config=_transfer_config())
+    except Exception as exc:
+        raise explain_s3_error(exc, uri.bucket, "upload") from exc
 
 
 def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "upload", progress: bool = True,
@@ -740,7 +1121,11 @@ def s3_get_json(uri: S3Uri) -> Any | None:
         raise explain_s3_error(exc, uri.bucket, "download") from exc
     except Exception as exc:
         raise explain_s3_error(exc, uri.bucket, "download") from exc
-    return json.loads(body)
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:
+        raise CorruptFile(f"{uri} is not valid JSON ({first_line(exc, 120)}); upload it again or delete it") from None
+    return obj
 
 
 def list_s3_subfolders(uri: S3Uri) -> list[str]:
@@ -859,10 +1244,11 @@ def read_adapter_info(path: str | Path) -> dict | None:
     cfg = path / "adapter_config.json"
     if not cfg.is_file():
         return None
-    info = json.loads(cfg.read_text())
+    fix = "copy the adapter folder again from its training run (final_model/ or a checkpoint-N/)"
+    info = read_json(cfg, "adapter config", fix)
     extra = path / RUN_INFO_FILE
     if extra.is_file():
-        info["reasonforge"] = json.loads(extra.read_text())
+        info["reasonforge"] = read_json(extra, "adapter run info", fix)
     return info
 
 
@@ -1126,6 +1512,10 @@ def load_for_inference(args):
     model, tokenizer, info = load_model(base, backend=backend, max_seq_length=args.max_seq_length,
                                         load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
     info.update(load_s=round(time.perf_counter() - t0, 2), backend_reason=backend_reason)
+    context = context_length(model)
+    if context and args.max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {context} tokens, "
+                        f"which must hold the prompt too; use a smaller value, e.g. --max-new-tokens {context // 4}")
     return prepare_for_inference(model, info["backend"]), tokenizer, info, adapter_info
 
 
@@ -1145,6 +1535,59 @@ def apply_recorded_settings(args, run_info: dict) -> None:
         else:
             chosen[name] = "flag"
     args.settings_source = chosen
+
+
+def context_length(model) -> int | None:
+    """The most tokens (prompt plus reply) the model's positions cover, or None when unknown."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def fit_to_context(model, prompt_tokens: int, kwargs: dict) -> dict:
+    """Generation kwargs whose max_new_tokens leaves the prompt room in the model's context.
+
+    Past the context the model's positions run out: transformers errors or the output degrades,
+    so the reply is clipped with a warning, and a prompt that fills the context alone is refused.
+    """
+    context = context_length(model)
+    if context is None or prompt_tokens + kwargs["max_new_tokens"] <= context:
+        return kwargs
+    room = context - prompt_tokens
+    if room < 1:
+        raise UserError(f"a prompt of {prompt_tokens} tokens fills the model's context of {context} tokens; "
+                        "shorten it (or its system prompt)")
+    log.warning("prompt of %d tokens + --max-new-tokens %d exceed the model's context of %d tokens; "
+                "generating at most %d tokens", prompt_tokens, kwargs["max_new_tokens"], context, room)
+    return {**kwargs, "max_new_tokens": room}
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds end here, and transformers.set_seed seeds numpy too
+
+
+def number_problems(ranges: dict[str, tuple[float | int | None, Callable[[Any], bool], str]]) -> list[str]:
+    """Problems of numeric flags: {flag: (value, in-range test, rule)}; NaN and inf never pass.
+
+    A None value is an unset optional flag and passes.
+    """
+    problems = []
+    for flag, (value, ok, rule) in ranges.items():
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{flag} {value} is not a finite number; it must be {rule}")
+        elif not ok(value):
+            problems.append(f"{flag} {value} must be {rule}")
+    return problems
+
+
+def inference_flag_problems(args) -> list[str]:
+    """Problems of the flags evaluate_model.py and test_model.py share (model, seed, generation)."""
+    problems = number_problems({
+        "--max-seq-length": (args.max_seq_length, lambda v: v >= 1, "a positive integer"),
+        "--seed": (args.seed, lambda v: 0 <= v <= SEED_MAX, f"from 0 to {SEED_MAX}"),
+    })
+    return problems + GenerationSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
+                                         args.repetition_penalty).problems()
 
 
 def add_generation_flags(parser) -> None:
@@ -1196,7 +1639,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(**enc, **kwargs)
+                out = model.generate(**enc, **fit_to_context(model, enc["input_ids"].shape[1], kwargs))
             seconds = time.perf_counter() - t0
             replies = [reply_tokens(row, stops) for row in out[:, enc["input_ids"].shape[1]:]]
             total = max(sum(len(ids) for ids, _ in replies), 1)
@@ -1229,6 +1672,11 @@ def export_demo_model(target: str | Path) -> Path:
     target = Path(target)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    # A complete export returned above, so only an empty folder is ours to replace; checked before the load.
+    owned, what, flag = (lambda folder: False), "a demo model export", "the demo model folder"
+    problem = output_dir_problem(target, owned, what, flag)
+    if problem:
+        raise UserError(problem)
     spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
     if spec is None:
         raise UserError("the offline demo model needs the demo extra: pip install -e '.[demo]'")
@@ -1251,7 +1699,7 @@ def export_demo_model(target: str | Path) -> Path:
     model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
     model.config.bos_token_id = model.generation_config.bos_token_id = None
     no_bpe_cleanup(tok)
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, owned, what, flag) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
     return target
