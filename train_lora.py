@@ -20,7 +20,6 @@ import difflib
 import hashlib
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
@@ -183,30 +182,6 @@ def resolve_dataset_path(args) -> Path:
     if args.from_s3 and not path.startswith("s3://"):
         path = f"s3://{args.s3_bucket}/{path.strip('/')}"
     return utils.fetch_if_s3(path)
-
-
-def load_prepared_dataset(path: Path):
-    """Load a data_preparation.py folder; returns (DatasetDict, manifest)."""
-    import datasets
-
-    if not path.is_dir():
-        raise UserError(f"dataset folder {str(path)!r} does not exist; run data_preparation.py first or fix --dataset-path")
-    manifest_file = path / "manifest.json"
-    if not manifest_file.is_file():
-        raise UserError(f"{path} has no manifest.json: it is not a complete data_preparation.py output; prepare it again")
-    try:
-        dd = datasets.load_from_disk(str(path))
-    except Exception as exc:
-        raise UserError(f"cannot load dataset from {path}: {utils.first_line(exc)}") from exc
-    missing = [s for s in ("train", "validation") if s not in dd]
-    if missing:
-        raise UserError(f"dataset {path} lacks split(s) {missing} (has {list(dd)}); re-run data_preparation.py")
-    for split in ("train", "validation"):
-        if "messages" not in dd[split].column_names:
-            raise UserError(f"split {split!r} of {path} has no 'messages' column (columns: {dd[split].column_names})")
-        if len(dd[split]) == 0:
-            raise UserError(f"split {split!r} of {path} is empty; prepare more data or change --val-size")
-    return dd, utils.read_json(manifest_file, "dataset manifest", "prepare the dataset again with data_preparation.py")
 
 
 def choose_template(args, manifest: dict, tokenizer) -> tuple[str, str]:
@@ -580,6 +555,11 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
+def last_good_checkpoint(output_dir: Path) -> Path | None:
+    good = [p for p in local_checkpoints(output_dir) if checkpoint_problem(p) is None]
+    return good[-1] if good else None
+
+
 def local_checkpoints(output_dir: Path) -> list[Path]:
     return sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
 
@@ -864,9 +844,11 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, op
         # The default replaces a NaN loss by the running mean in the logs, hiding a diverged run from StopOnNonFinite.
         logging_nan_inf_filter=False,
     )
+    from reasonforge.callbacks import CheckpointSync, EvalAtEpochEnd, StepLogger, StopOnNonFinite
+
     step_logger = StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl")
     callbacks = [step_logger,
-                 StopOnNonFinite(step_logger),
+                 StopOnNonFinite(last_good_checkpoint, step_logger),
                  EvalAtEpochEnd(),
                  CheckpointSync(s3_run_uri(args), write_checkpoint_marker, upload_checkpoint)]
     if args.early_stopping_patience:
@@ -894,123 +876,11 @@ def precision_plan(info: dict, checkpointing: str = "auto") -> dict:
     return {"bf16": bf16, "fp16": not bf16, "use_cpu": False, "gradient_checkpointing": hf_ckpt}
 
 
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class StepLogger(_trainer_callback_base()):
-    """A tqdm bar plus one line per logging step (step/total, loss, lr, tokens/s, memory); JSON lines too."""
-
-    def __init__(self, jsonl_path: Path):
-        self.jsonl_path = jsonl_path
-        self.bar = None
-        self.last = None  # (time, tokens) at the previous log
-
-    def on_train_begin(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
-            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True)
-            self.last = (time.perf_counter(), state.num_input_tokens_seen)
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if self.bar is None or not logs:
-            return
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
-        if "loss" in logs:
-            rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
-            self.last = (now, tokens)
-            mem = utils.gpu_memory_stats()
-            record.update(tokens_per_s=round(rate, 1), peak_gpu_gib=round(mem.get("peak_gib", 0.0), 3))
-            self.bar.write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
-                           f"lr {logs.get('learning_rate', 0):.2e} | {rate:,.0f} tok/s"
-                           + (f" | peak {mem['peak_gib']:.2f} GiB" if mem else ""))
-        elif "eval_loss" in logs:
-            self.bar.write(f"step {state.global_step}/{state.max_steps} | validation loss {logs['eval_loss']:.4f}")
-        with open(self.jsonl_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-    def on_train_end(self, args, state, control, **kw):
-        self.close()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class StopOnNonFinite(_trainer_callback_base()):
-    """Stop at the first NaN or inf loss or gradient norm, naming the last good checkpoint.
-
-    Every later step only spreads it through the weights, and the run would end with exit 0 and
-    an adapter of NaNs. Raised from on_log, which comes before that step's save, so no checkpoint
-    (and no final_model) is written from the diverged weights.
-    """
-
-    WATCHED = ("loss", "grad_norm", "eval_loss")
-
-    def __init__(self, step_logger=None):
-        self.step_logger = step_logger
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        bad = [(k, logs[k]) for k in self.WATCHED
-               if isinstance((logs or {}).get(k), (int, float)) and not math.isfinite(logs[k])]
-        if not bad:
-            return
-        name, value = bad[0]
-        good = [p for p in reversed(local_checkpoints(Path(args.output_dir))) if checkpoint_problem(p) is None]
-        where = (f"the last good checkpoint is {good[0]} (resume from it with --resume-from-checkpoint {good[0]})"
-                 if good else "no good checkpoint was saved before it")
-        if self.step_logger is not None:
-            self.step_logger.close()  # else the progress bar redraws itself after the error line
-        raise UserError(f"training {name.replace('_', ' ')} became {value} at step {state.global_step}; {where}; "
-                        f"lower --learning-rate (now {args.learning_rate:g}) or raise --warmup-steps "
-                        f"(now {args.warmup_steps}); no final_model was written")
-
-
-class EvalAtEpochEnd(_trainer_callback_base()):
-    """Validate (and save, so the result can become the best checkpoint) at every epoch end too."""
-
-    def on_epoch_end(self, args, state, control, **kw):
-        if state.global_step < state.max_steps:
-            control.should_evaluate = True
-            control.should_save = True
-        return control
-
-
-class CheckpointSync(_trainer_callback_base()):
-    """Mark each checkpoint complete once the Trainer has written it, then mirror it to S3."""
-
-    def __init__(self, run_uri, mark, upload):
-        self.run_uri, self.mark, self.upload = run_uri, mark, upload
-
-    def on_save(self, args, state, control, **kw):
-        if not state.is_world_process_zero:
-            return
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not ckpt.is_dir():
-            return
-        self.mark(ckpt)
-        if self.run_uri is not None:
-            self.upload(ckpt, self.run_uri)
-
-
 # ---------------------------------------------------------------------------------------------
 # Preemption: SIGTERM saves a checkpoint at the current step, then stops
 # ---------------------------------------------------------------------------------------------
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
-
-
-class _EvaluationStopped(BaseException):
-    """Raised out of a validation pass that SIGTERM cut short; train_or_stop saves and stops."""
 
 
 def resume_command(argv: list[str] | None) -> str:
@@ -1092,8 +962,7 @@ class PreemptionGuard:
         return self.requested
 
     def newest_complete(self) -> Path | None:
-        done = [p for p in local_checkpoints(self.output_dir) if checkpoint_problem(p) is None]
-        return done[-1] if done else None
+        return last_good_checkpoint(self.output_dir)
 
     def message(self, saved: Path | None, why: str = "") -> str:
         if not self.main_rank:
@@ -1108,56 +977,14 @@ class PreemptionGuard:
         return f"{head}\nresume with:\n  {resume_command(self.argv)}"
 
 
-class StopOnSigterm(_trainer_callback_base()):
-    """Turn a SIGTERM request into a Trainer checkpoint (model, optimizer, scheduler, RNG) and a stop.
-
-    Added after CheckpointSync, so on_save runs once the checkpoint is marked complete and uploaded.
-    A request that arrives during an upload is served by that very checkpoint.
-    """
-
-    def __init__(self, guard: PreemptionGuard):
-        self.guard = guard
-        self.first_step = None
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.first_step = state.global_step
-
-    def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == self.first_step and self.guard.stop_requested():
-            # Nothing trained in this process yet: the checkpoint resumed from (if any) is the state.
-            raise utils.Terminated(self.guard.message(None, f"before step {state.global_step + 1} began"))
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.guard.stop_requested():
-            self.guard.saving = True
-            control.should_save = True
-            control.should_evaluate = False  # the validation due now would only delay the save
-        return control
-
-    def on_prediction_step(self, args, state, control, **kw):
-        if self.guard.stop_requested():
-            self.guard.saving = True
-            raise _EvaluationStopped
-
-    def on_evaluate(self, args, state, control, **kw):
-        if self.guard.stop_requested():
-            self.guard.saving = True
-            control.should_save = True
-        return control
-
-    def on_save(self, args, state, control, **kw):
-        if self.guard.stop_requested():
-            # Raised rather than should_training_stop: the Trainer's wrap-up would reload the best
-            # checkpoint and, with --save-total-limit 1, delete the one just written.
-            raise utils.Terminated(self.guard.message(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
-
-
 def train_or_stop(trainer, resume: str | None, guard: PreemptionGuard):
     """trainer.train(), with SIGTERM served as a checkpoint and utils.Terminated."""
+    from reasonforge.callbacks import EvaluationStopped
+
     guard.phase = "training"
     try:
         result = trainer.train(resume_from_checkpoint=resume)
-    except _EvaluationStopped:
+    except EvaluationStopped:
         # The step's weights, optimizer and scheduler are whole; only the validation pass was cut
         # short, so the checkpoint is the one the step's end would have written.
         trainer._save_checkpoint(trainer.model, trial=None)
@@ -1436,7 +1263,7 @@ def main(argv=None) -> int:
         if s3_run_uri(args) is not None:
             utils.check_s3_bucket(args.s3_bucket, "upload")
 
-    dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
+    dd, manifest = utils.load_prepared_dataset(resolve_dataset_path(args))
     import torch
     from transformers import set_seed
 
@@ -1467,6 +1294,8 @@ def main(argv=None) -> int:
     if main_rank:
         utils.atomic_write_json(output_dir / "training_config.json", config)
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info, args.gradient_checkpointing), optim)
+    from reasonforge.callbacks import StopOnSigterm
+
     trainer.add_callback(StopOnSigterm(guard))  # last, so that its on_save follows CheckpointSync's upload
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -789,6 +789,30 @@ def tokenize_for_training(text: str, tokenizer, train_on_responses_only: bool = 
     return {"input_ids": ids, "labels": labels}
 
 
+def load_prepared_dataset(path: Path):
+    """Load a data_preparation.py folder (training and evaluation read it); returns (DatasetDict, manifest)."""
+    import datasets
+
+    if not path.is_dir():
+        raise UserError(f"dataset folder {str(path)!r} does not exist; run data_preparation.py first or fix --dataset-path")
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        raise UserError(f"{path} has no manifest.json: it is not a complete data_preparation.py output; prepare it again")
+    try:
+        dd = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise UserError(f"cannot load dataset from {path}: {first_line(exc)}") from exc
+    missing = [s for s in ("train", "validation") if s not in dd]
+    if missing:
+        raise UserError(f"dataset {path} lacks split(s) {missing} (has {list(dd)}); re-run data_preparation.py")
+    for split in ("train", "validation"):
+        if "messages" not in dd[split].column_names:
+            raise UserError(f"split {split!r} of {path} has no 'messages' column (columns: {dd[split].column_names})")
+        if len(dd[split]) == 0:
+            raise UserError(f"split {split!r} of {path} is empty; prepare more data or change --val-size")
+    return dd, read_json(manifest_file, "dataset manifest", "prepare the dataset again with data_preparation.py")
+
+
 def encode_conversation(messages: list[dict], tokenizer, train_on_responses_only: bool = True) -> dict[str, list[int]]:
     """One conversation as input ids and labels, rendered with the tokenizer's (training's) template.
     Training and evaluate_model.py's perplexity share it, so both see the same tokens and mask."""

@@ -8,6 +8,7 @@ import pytest
 
 import data_preparation as dp
 import train_lora
+from reasonforge import callbacks
 import utils
 
 
@@ -127,7 +128,7 @@ def test_masking_in_training_rows(tiny_model, repeated_dataset):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
-    dd, manifest = train_lora.load_prepared_dataset(repeated_dataset)
+    dd, manifest = utils.load_prepared_dataset(repeated_dataset)
     args = train_lora.build_parser().parse_args(["--max-seq-length", "256"])
     name, source = train_lora.choose_template(args, manifest, tok)
     train_ds, _, counts = train_lora.tokenize_splits(dd, tok, source, args)
@@ -140,15 +141,15 @@ def test_masking_in_training_rows(tiny_model, repeated_dataset):
 
 def interrupt_after_step(monkeypatch, step: int):
     """Make training stop like Ctrl-C once `step` has been logged; returns a function that undoes it."""
-    original = train_lora.StepLogger.on_step_end
+    original = callbacks.StepLogger.on_step_end
 
     def crash(self, args, state, control, **kw):
         original(self, args, state, control, **kw)
         if state.global_step == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_lora.StepLogger, "on_step_end", crash)
-    return lambda: monkeypatch.setattr(train_lora.StepLogger, "on_step_end", original)
+    monkeypatch.setattr(callbacks.StepLogger, "on_step_end", crash)
+    return lambda: monkeypatch.setattr(callbacks.StepLogger, "on_step_end", original)
 
 
 def test_interrupted_run_resumes_to_same_result(tmp_path, tiny_model, repeated_dataset, monkeypatch):
@@ -244,7 +245,7 @@ def test_missing_split_is_reported(tmp_path, repeated_dataset):
     shutil.rmtree(broken / "validation")
     (broken / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
     with pytest.raises(utils.UserError, match=r"lacks split\(s\) \['validation'\]"):
-        train_lora.load_prepared_dataset(broken)
+        utils.load_prepared_dataset(broken)
 
 
 @pytest.mark.gpu
