@@ -20,6 +20,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: Unsloth's offloaded checkpointing on that backend, plain checkpointing on other "
                         "GPUs, off on CPU (default: %(default)s)")
     t.add_argument("--logging-steps", type=int, default=1, help="(default: %(default)s)")
+    t.add_argument("--graph-wrapper", choices=["auto", "cpp", "python"], default="auto",
+                   help="launcher code for Unsloth's compiled graphs: cpp steps faster but its build adds a minute "
+                        "or more to the first step; auto takes it for runs of at least "
+                        f"{CPP_WRAPPER_MIN_STEPS} steps (default: %(default)s)")
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora-r", type=int, default=16, help="(default: %(default)s)")
     lo.add_argument("--lora-alpha", type=int, default=16, help="(default: %(default)s)")
@@ -466,24 +471,48 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def configure_compiler(backend: str) -> str:
-    """Turn on Inductor's C++ wrapper for the graphs Unsloth compiles, and say why or why not.
+# The C++ wrapper's one-time build makes the first step slower and every later step faster; from
+# this many optimizer steps on it pays for itself (measured on an H100 pinned to 4 cores, Qwen2.5-3B
+# shape, micro-batch 2 x 4, sequence 2048: benchmarks/RESULTS.md, part coldstart).
+CPP_WRAPPER_MIN_STEPS = 120
+
+
+def planned_steps(args, train_rows: int, processes: int = 1, done: int = 0) -> int:
+    """Optimizer steps this process will run: --max-steps, else the epochs over the train rows,
+    less the `done` steps of a checkpoint resumed from."""
+    if args.max_steps > 0:
+        total = args.max_steps
+    else:
+        batches = math.ceil(train_rows / (args.batch_size * processes))
+        total = math.ceil(math.ceil(batches / args.gradient_accumulation_steps) * args.num_epochs)
+    return max(total - done, 0)
+
+
+def configure_compiler(backend: str, wrapper: str = "auto", steps: int | None = None) -> str:
+    """Choose Inductor's C++ or Python wrapper for the graphs Unsloth compiles; say which and why.
 
     At micro-batch 2 on an H100 the GPU sat idle about 40% of each step waiting for Python to launch
-    some 36,000 kernels; the C++ wrapper launches a compiled graph's kernels without the Python
-    loop: 1.42x and 1.58x tokens/s at the same memory and loss curve (benchmarks/RESULTS.md).
+    kernels; the C++ wrapper launches a compiled graph's kernels without the Python loop, but its
+    build makes the first step far slower. `auto` takes it only for runs long enough to repay that.
     """
     if backend != "unsloth":
         return "no compiled graphs on this backend"
     if "TORCHINDUCTOR_CPP_WRAPPER" in os.environ:
         return f"TORCHINDUCTOR_CPP_WRAPPER={os.environ['TORCHINDUCTOR_CPP_WRAPPER']} as set"
-    compiler = next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
-    if compiler is None:
-        return "Python wrapper: no C++ compiler found (install g++ for faster steps)"
     import torch._inductor.config
 
+    if wrapper == "python" or (wrapper == "auto" and steps is not None and steps < CPP_WRAPPER_MIN_STEPS):
+        torch._inductor.config.cpp_wrapper = False
+        why = "--graph-wrapper python" if wrapper == "python" else (
+            f"{steps} planned steps, fewer than the {CPP_WRAPPER_MIN_STEPS} that repay the C++ wrapper's "
+            "build; --graph-wrapper cpp forces it")
+        return f"Python wrapper ({why})"
+    compiler = next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
+    if compiler is None:
+        return "Python wrapper: no C++ compiler found (install g++ for faster steps on long runs)"
     torch._inductor.config.cpp_wrapper = True
-    return f"C++ wrapper on ({compiler}; TORCHINDUCTOR_CPP_WRAPPER=0 turns it off)"
+    why = "--graph-wrapper cpp" if wrapper == "cpp" else f"{steps} planned steps repay its build"
+    return f"C++ wrapper ({why}; {compiler}; --graph-wrapper python turns it off)"
 
 
 def choose_optim(requested: str) -> tuple[str, str]:
@@ -1095,12 +1124,21 @@ def collect_metrics(trainer, train_result, params: tuple[int, int], runtime: flo
         "runtime_s": round(runtime, 2),
         "tokens_seen": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+        **step_clock(trainer),
         "peak_gpu_memory_gib": round(utils.gpu_memory_stats().get("peak_gib", 0.0), 3),
         "trainable_parameters": params[0],
         "total_parameters": params[1],
         "trainable_percent": round(100 * params[0] / max(params[1], 1), 4),
         "history": history,
     }
+
+
+def step_clock(trainer) -> dict:
+    """Time to first step, setup, first step and steady tokens/s, from the run's StepLogger."""
+    from reasonforge.callbacks import StepLogger
+
+    logger = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StepLogger)), None)
+    return logger.clock.summary() if logger is not None else {}
 
 
 def preflight_hub(repo: str | None) -> None:
@@ -1229,8 +1267,13 @@ def finish_run(trainer, tokenizer, args, info, manifest, template_name, result, 
     print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
           f"{utils.sig4(metrics['train_loss_last'])}, best validation loss {utils.sig4(metrics['best_validation_loss'])} "
           f"({Path(str(metrics['best_checkpoint'])).name})")
-    print(f"Runtime {metrics['runtime_s']:.1f} s, {metrics['tokens_per_s']} tokens/s; "
-          f"{utils.format_memory_stats(utils.gpu_memory_stats())}")
+    steady = metrics.get("steady_tokens_per_s")
+    print(f"Time: first step {utils.sig4(metrics.get('time_to_first_step_s'))} s after start "
+          f"(the step itself {utils.sig4(metrics.get('first_step_s'))} s); then "
+          + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
+             "too few steps for a steady rate")
+          + f"; training loop {metrics['runtime_s']:.1f} s in all")
+    print(utils.format_memory_stats(utils.gpu_memory_stats()))
     print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(output_dir / 'loss_curve.png').resolve()}" if plotted else ""))
     if run_uri is not None:
         print(f"S3 URI: {run_uri.join('final_model')}")
@@ -1248,7 +1291,6 @@ def main(argv=None) -> int:
     backend, backend_reason = utils.choose_backend(args.backend)
     if backend == "unsloth":
         utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
-    compiler_note = configure_compiler(backend)
     check_trainer_names(args)
     state = distributed_state()
     main_rank = state.is_main_process
@@ -1270,7 +1312,7 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     model, tokenizer, info = utils.load_model(args.model_name, backend=backend, max_seq_length=args.max_seq_length,
                                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
-    info.update(compiler=compiler_note, backend_reason=backend_reason)
+    info.update(backend_reason=backend_reason)
     if main_rank:
         print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
     check_packing(args, model, info)
@@ -1282,10 +1324,11 @@ def main(argv=None) -> int:
     model = attach_lora(model, info, args)
     params = count_parameters(model)
     optim, optim_reason = choose_optim(args.optim)
+    resume = resume_on_all_ranks(args, output_dir, state)
+    steps = planned_steps(args, len(train_ds), state.num_processes, checkpoint_step(Path(resume)) if resume else 0)
+    info["compiler"] = configure_compiler(backend, args.graph_wrapper, steps)
     if main_rank:
         print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name, state.num_processes)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    resume = resume_on_all_ranks(args, output_dir, state)
     config = training_config(args, info, manifest, template_name, optim)
     config.update(auto_batch_plan=auto_plan, processes=state.num_processes,
                   chat_template_sha256=hashlib.sha256(template_source.encode()).hexdigest())

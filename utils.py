@@ -357,6 +357,12 @@ def atomic_directory(final: str | Path, owned: Callable[[Path], bool], what: str
 _PROCESS_STARTED = time.time()
 
 
+def process_start_time() -> float:
+    """When this process started (epoch seconds), interpreter start-up and imports included:
+    from /proc where there is one, else when utils was imported."""
+    return _process_start(os.getpid(), own=False) or _PROCESS_STARTED
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -367,9 +373,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _process_start(pid: int) -> float | None:
-    """When process `pid` started (epoch seconds, to about a second), where /proc tells; else None."""
-    if pid == os.getpid():
+def _process_start(pid: int, own: bool = True) -> float | None:
+    """When process `pid` started (epoch seconds, to a clock tick), where /proc tells; else None.
+    For this process, `own` answers with when utils was imported instead."""
+    if own and pid == os.getpid():
         return _PROCESS_STARTED
     try:
         with open(f"/proc/{pid}/stat") as fh:

@@ -25,8 +25,10 @@ class StepLogger(TrainerCallback):
         self.jsonl_path = jsonl_path
         self.bar = None
         self.last = None  # (time, tokens) at the previous log
+        self.clock = StepClock()
 
     def on_train_begin(self, args, state, control, **kw):
+        self.clock.train_begin(state.num_input_tokens_seen)
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
@@ -34,9 +36,18 @@ class StepLogger(TrainerCallback):
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True)
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
 
+    def on_step_begin(self, args, state, control, **kw):
+        self.clock.step_begin()
+
     def on_step_end(self, args, state, control, **kw):
+        first = self.clock.step_end(state.num_input_tokens_seen)
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
+            if first:
+                c = self.clock.summary()
+                self.bar.write(f"first step done {utils.sig4(c['time_to_first_step_s'])} s after start "
+                               f"(setup {utils.sig4(c['setup_s'])} s, the step itself {utils.sig4(c['first_step_s'])} s "
+                               "with any compiling)")
 
     def on_log(self, args, state, control, logs=None, **kw):
         if self.bar is None or not logs:
@@ -62,6 +73,51 @@ class StepLogger(TrainerCallback):
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+class StepClock:
+    """Where a run's time goes: setup (process start to the first step), the first step (which pays
+    for compiling), and the steady rate after it, which is what a longer run would see. Step times
+    run from on_step_begin to on_step_end, so validation and checkpoint saves are not in them."""
+
+    SKIP = 2  # steps left out of the steady rate: the first compiles, the second may still recompile
+
+    def __init__(self):
+        self.started = utils.process_start_time()
+        self.begun = self.step_started = None
+        self.first_end = None
+        self.tokens_before = 0
+        self.steps = 0
+        self.steady_seconds, self.steady_tokens = 0.0, 0
+
+    def train_begin(self, tokens: int) -> None:
+        self.begun, self.tokens_before = time.time(), tokens
+
+    def step_begin(self) -> None:
+        self.step_started = time.time()
+
+    def step_end(self, tokens: int) -> bool:
+        """Record a step; True for the first step of this process."""
+        now = time.time()
+        self.steps += 1
+        if self.steps > self.SKIP and self.step_started is not None:
+            self.steady_seconds += now - self.step_started
+            self.steady_tokens += tokens - self.tokens_before
+        self.tokens_before = tokens
+        if self.first_end is None:
+            self.first_end = now
+            return True
+        return False
+
+    def summary(self) -> dict:
+        if self.first_end is None:
+            return {}
+        return {"time_to_first_step_s": round(self.first_end - self.started, 2),
+                "setup_s": round(self.begun - self.started, 2),
+                "first_step_s": round(self.first_end - self.begun, 2),
+                "steady_tokens_per_s": (round(self.steady_tokens / self.steady_seconds, 1)
+                                        if self.steady_seconds > 0 else None),
+                "steady_steps": max(self.steps - self.SKIP, 0)}
 
 
 class StopOnNonFinite(TrainerCallback):
