@@ -85,7 +85,7 @@ class StepClock:
     def __init__(self):
         self.started = utils.process_start_time()
         self.begun = self.step_started = None
-        self.first_end = None
+        self.first_end = self.last_end = None
         self.tokens_before = 0
         self.steps = 0
         self.steady_seconds, self.steady_tokens = 0.0, 0
@@ -98,7 +98,7 @@ class StepClock:
 
     def step_end(self, tokens: int) -> bool:
         """Record a step; True for the first step of this process."""
-        now = time.time()
+        now = self.last_end = time.time()
         self.steps += 1
         if self.steps > self.SKIP and self.step_started is not None:
             self.steady_seconds += now - self.step_started
@@ -113,6 +113,7 @@ class StepClock:
         if self.first_end is None:
             return {}
         return {"time_to_first_step_s": round(self.first_end - self.started, 2),
+                "first_step_end_at": round(self.first_end, 3), "last_step_end_at": round(self.last_end, 3),
                 "setup_s": round(self.begun - self.started, 2),
                 "first_step_s": round(self.first_end - self.begun, 2),
                 "steady_tokens_per_s": (round(self.steady_tokens / self.steady_seconds, 1)
