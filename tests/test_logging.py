@@ -31,13 +31,14 @@ def test_a_warning_is_printed_once(tmp_path, tiny_model):
     data = tmp_path / "data"
     assert dp.main(["--dataset", "sample", "--max-samples", "24", "--skip-upload", "--output-dir", str(data)]) == 0
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    # 128 tokens is shorter than most sample conversations, so training warns about truncation.
+    # 128 tokens is shorter than most sample conversations, so training warns about dropping them.
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "--model-name", str(tiny_model), "--dataset-path", str(data),
                            "--output-dir", str(tmp_path / "run"), "--max-seq-length", "128", "--max-steps", "1",
                            "--batch-size", "4", "--gradient-accumulation-steps", "1", "--save-steps", "1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    events = [line for line in proc.stderr.splitlines() if "train: " in line and "rows truncated to 128 tokens" in line]
+    events = [line for line in proc.stderr.splitlines()
+              if "train: dropping" in line and "longer than --max-seq-length 128" in line]
     assert len(events) == 1, events
     assert " WARNING train: " in events[0] and "[reasonforge" not in proc.stderr
 
