@@ -160,9 +160,7 @@ def adapter_off(model):
 
 
 def load_eval_split(args):
-    import train_lora
-
-    dd, manifest = train_lora.load_prepared_dataset(utils.fetch_if_s3(args.dataset_path))
+    dd, manifest = utils.load_prepared_dataset(utils.fetch_if_s3(args.dataset_path))
     if args.split not in dd:
         raise UserError(f"split {args.split!r} not in {args.dataset_path} (has {list(dd)}); pass --split")
     rows = dd[args.split]

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: Unsloth's offloaded checkpointing on that backend, plain checkpointing on other "
                         "GPUs, off on CPU (default: %(default)s)")
     t.add_argument("--logging-steps", type=int, default=1, help="(default: %(default)s)")
+    t.add_argument("--graph-wrapper", choices=["auto", "cpp", "python"], default="auto",
+                   help="launcher code for Unsloth's compiled graphs: cpp steps faster but its build adds a minute "
+                        "or more to the first step; auto takes it for runs of at least "
+                        f"{CPP_WRAPPER_MIN_STEPS} steps (default: %(default)s)")
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora-r", type=int, default=16, help="(default: %(default)s)")
     lo.add_argument("--lora-alpha", type=int, default=16, help="(default: %(default)s)")
@@ -183,30 +187,6 @@ def resolve_dataset_path(args) -> Path:
     if args.from_s3 and not path.startswith("s3://"):
         path = f"s3://{args.s3_bucket}/{path.strip('/')}"
     return utils.fetch_if_s3(path)
-
-
-def load_prepared_dataset(path: Path):
-    """Load a data_preparation.py folder; returns (DatasetDict, manifest)."""
-    import datasets
-
-    if not path.is_dir():
-        raise UserError(f"dataset folder {str(path)!r} does not exist; run data_preparation.py first or fix --dataset-path")
-    manifest_file = path / "manifest.json"
-    if not manifest_file.is_file():
-        raise UserError(f"{path} has no manifest.json: it is not a complete data_preparation.py output; prepare it again")
-    try:
-        dd = datasets.load_from_disk(str(path))
-    except Exception as exc:
-        raise UserError(f"cannot load dataset from {path}: {utils.first_line(exc)}") from exc
-    missing = [s for s in ("train", "validation") if s not in dd]
-    if missing:
-        raise UserError(f"dataset {path} lacks split(s) {missing} (has {list(dd)}); re-run data_preparation.py")
-    for split in ("train", "validation"):
-        if "messages" not in dd[split].column_names:
-            raise UserError(f"split {split!r} of {path} has no 'messages' column (columns: {dd[split].column_names})")
-        if len(dd[split]) == 0:
-            raise UserError(f"split {split!r} of {path} is empty; prepare more data or change --val-size")
-    return dd, utils.read_json(manifest_file, "dataset manifest", "prepare the dataset again with data_preparation.py")
 
 
 def choose_template(args, manifest: dict, tokenizer) -> tuple[str, str]:
@@ -491,24 +471,48 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def configure_compiler(backend: str) -> str:
-    """Turn on Inductor's C++ wrapper for the graphs Unsloth compiles, and say why or why not.
+# The C++ wrapper's one-time build makes the first step slower and every later step faster; from
+# this many optimizer steps on it pays for itself (measured on an H100 pinned to 4 cores, Qwen2.5-3B
+# shape, micro-batch 2 x 4, sequence 2048: benchmarks/RESULTS.md, part coldstart).
+CPP_WRAPPER_MIN_STEPS = 120
+
+
+def planned_steps(args, train_rows: int, processes: int = 1, done: int = 0) -> int:
+    """Optimizer steps this process will run: --max-steps, else the epochs over the train rows,
+    less the `done` steps of a checkpoint resumed from."""
+    if args.max_steps > 0:
+        total = args.max_steps
+    else:
+        batches = math.ceil(train_rows / (args.batch_size * processes))
+        total = math.ceil(math.ceil(batches / args.gradient_accumulation_steps) * args.num_epochs)
+    return max(total - done, 0)
+
+
+def configure_compiler(backend: str, wrapper: str = "auto", steps: int | None = None) -> str:
+    """Choose Inductor's C++ or Python wrapper for the graphs Unsloth compiles; say which and why.
 
     At micro-batch 2 on an H100 the GPU sat idle about 40% of each step waiting for Python to launch
-    some 36,000 kernels; the C++ wrapper launches a compiled graph's kernels without the Python
-    loop: 1.42x and 1.58x tokens/s at the same memory and loss curve (benchmarks/RESULTS.md).
+    kernels; the C++ wrapper launches a compiled graph's kernels without the Python loop, but its
+    build makes the first step far slower. `auto` takes it only for runs long enough to repay that.
     """
     if backend != "unsloth":
         return "no compiled graphs on this backend"
     if "TORCHINDUCTOR_CPP_WRAPPER" in os.environ:
         return f"TORCHINDUCTOR_CPP_WRAPPER={os.environ['TORCHINDUCTOR_CPP_WRAPPER']} as set"
-    compiler = next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
-    if compiler is None:
-        return "Python wrapper: no C++ compiler found (install g++ for faster steps)"
     import torch._inductor.config
 
+    if wrapper == "python" or (wrapper == "auto" and steps is not None and steps < CPP_WRAPPER_MIN_STEPS):
+        torch._inductor.config.cpp_wrapper = False
+        why = "--graph-wrapper python" if wrapper == "python" else (
+            f"{steps} planned steps, fewer than the {CPP_WRAPPER_MIN_STEPS} that repay the C++ wrapper's "
+            "build; --graph-wrapper cpp forces it")
+        return f"Python wrapper ({why})"
+    compiler = next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
+    if compiler is None:
+        return "Python wrapper: no C++ compiler found (install g++ for faster steps on long runs)"
     torch._inductor.config.cpp_wrapper = True
-    return f"C++ wrapper on ({compiler}; TORCHINDUCTOR_CPP_WRAPPER=0 turns it off)"
+    why = "--graph-wrapper cpp" if wrapper == "cpp" else f"{steps} planned steps repay its build"
+    return f"C++ wrapper ({why}; {compiler}; --graph-wrapper python turns it off)"
 
 
 def choose_optim(requested: str) -> tuple[str, str]:
@@ -578,6 +582,11 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     if diverged:
         return f"adapter weights hold NaN or inf ({len(diverged)} tensors, e.g. {diverged[0]}): the run had diverged"
     return None
+
+
+def last_good_checkpoint(output_dir: Path) -> Path | None:
+    good = [p for p in local_checkpoints(output_dir) if checkpoint_problem(p) is None]
+    return good[-1] if good else None
 
 
 def local_checkpoints(output_dir: Path) -> list[Path]:
@@ -864,9 +873,11 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, op
         # The default replaces a NaN loss by the running mean in the logs, hiding a diverged run from StopOnNonFinite.
         logging_nan_inf_filter=False,
     )
+    from reasonforge.callbacks import CheckpointSync, EvalAtEpochEnd, StepLogger, StopOnNonFinite
+
     step_logger = StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl")
     callbacks = [step_logger,
-                 StopOnNonFinite(step_logger),
+                 StopOnNonFinite(last_good_checkpoint, step_logger),
                  EvalAtEpochEnd(),
                  CheckpointSync(s3_run_uri(args), write_checkpoint_marker, upload_checkpoint)]
     if args.early_stopping_patience:
@@ -894,123 +905,11 @@ def precision_plan(info: dict, checkpointing: str = "auto") -> dict:
     return {"bf16": bf16, "fp16": not bf16, "use_cpu": False, "gradient_checkpointing": hf_ckpt}
 
 
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class StepLogger(_trainer_callback_base()):
-    """A tqdm bar plus one line per logging step (step/total, loss, lr, tokens/s, memory); JSON lines too."""
-
-    def __init__(self, jsonl_path: Path):
-        self.jsonl_path = jsonl_path
-        self.bar = None
-        self.last = None  # (time, tokens) at the previous log
-
-    def on_train_begin(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
-            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True)
-            self.last = (time.perf_counter(), state.num_input_tokens_seen)
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if self.bar is None or not logs:
-            return
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
-        if "loss" in logs:
-            rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
-            self.last = (now, tokens)
-            mem = utils.gpu_memory_stats()
-            record.update(tokens_per_s=round(rate, 1), peak_gpu_gib=round(mem.get("peak_gib", 0.0), 3))
-            self.bar.write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
-                           f"lr {logs.get('learning_rate', 0):.2e} | {rate:,.0f} tok/s"
-                           + (f" | peak {mem['peak_gib']:.2f} GiB" if mem else ""))
-        elif "eval_loss" in logs:
-            self.bar.write(f"step {state.global_step}/{state.max_steps} | validation loss {logs['eval_loss']:.4f}")
-        with open(self.jsonl_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-    def on_train_end(self, args, state, control, **kw):
-        self.close()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class StopOnNonFinite(_trainer_callback_base()):
-    """Stop at the first NaN or inf loss or gradient norm, naming the last good checkpoint.
-
-    Every later step only spreads it through the weights, and the run would end with exit 0 and
-    an adapter of NaNs. Raised from on_log, which comes before that step's save, so no checkpoint
-    (and no final_model) is written from the diverged weights.
-    """
-
-    WATCHED = ("loss", "grad_norm", "eval_loss")
-
-    def __init__(self, step_logger=None):
-        self.step_logger = step_logger
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        bad = [(k, logs[k]) for k in self.WATCHED
-               if isinstance((logs or {}).get(k), (int, float)) and not math.isfinite(logs[k])]
-        if not bad:
-            return
-        name, value = bad[0]
-        good = [p for p in reversed(local_checkpoints(Path(args.output_dir))) if checkpoint_problem(p) is None]
-        where = (f"the last good checkpoint is {good[0]} (resume from it with --resume-from-checkpoint {good[0]})"
-                 if good else "no good checkpoint was saved before it")
-        if self.step_logger is not None:
-            self.step_logger.close()  # else the progress bar redraws itself after the error line
-        raise UserError(f"training {name.replace('_', ' ')} became {value} at step {state.global_step}; {where}; "
-                        f"lower --learning-rate (now {args.learning_rate:g}) or raise --warmup-steps "
-                        f"(now {args.warmup_steps}); no final_model was written")
-
-
-class EvalAtEpochEnd(_trainer_callback_base()):
-    """Validate (and save, so the result can become the best checkpoint) at every epoch end too."""
-
-    def on_epoch_end(self, args, state, control, **kw):
-        if state.global_step < state.max_steps:
-            control.should_evaluate = True
-            control.should_save = True
-        return control
-
-
-class CheckpointSync(_trainer_callback_base()):
-    """Mark each checkpoint complete once the Trainer has written it, then mirror it to S3."""
-
-    def __init__(self, run_uri, mark, upload):
-        self.run_uri, self.mark, self.upload = run_uri, mark, upload
-
-    def on_save(self, args, state, control, **kw):
-        if not state.is_world_process_zero:
-            return
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not ckpt.is_dir():
-            return
-        self.mark(ckpt)
-        if self.run_uri is not None:
-            self.upload(ckpt, self.run_uri)
-
-
 # ---------------------------------------------------------------------------------------------
 # Preemption: SIGTERM saves a checkpoint at the current step, then stops
 # ---------------------------------------------------------------------------------------------
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
-
-
-class _EvaluationStopped(BaseException):
-    """Raised out of a validation pass that SIGTERM cut short; train_or_stop saves and stops."""
 
 
 def resume_command(argv: list[str] | None) -> str:
@@ -1092,8 +991,7 @@ class PreemptionGuard:
         return self.requested
 
     def newest_complete(self) -> Path | None:
-        done = [p for p in local_checkpoints(self.output_dir) if checkpoint_problem(p) is None]
-        return done[-1] if done else None
+        return last_good_checkpoint(self.output_dir)
 
     def message(self, saved: Path | None, why: str = "") -> str:
         if not self.main_rank:
@@ -1108,56 +1006,14 @@ class PreemptionGuard:
         return f"{head}\nresume with:\n  {resume_command(self.argv)}"
 
 
-class StopOnSigterm(_trainer_callback_base()):
-    """Turn a SIGTERM request into a Trainer checkpoint (model, optimizer, scheduler, RNG) and a stop.
-
-    Added after CheckpointSync, so on_save runs once the checkpoint is marked complete and uploaded.
-    A request that arrives during an upload is served by that very checkpoint.
-    """
-
-    def __init__(self, guard: PreemptionGuard):
-        self.guard = guard
-        self.first_step = None
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.first_step = state.global_step
-
-    def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == self.first_step and self.guard.stop_requested():
-            # Nothing trained in this process yet: the checkpoint resumed from (if any) is the state.
-            raise utils.Terminated(self.guard.message(None, f"before step {state.global_step + 1} began"))
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.guard.stop_requested():
-            self.guard.saving = True
-            control.should_save = True
-            control.should_evaluate = False  # the validation due now would only delay the save
-        return control
-
-    def on_prediction_step(self, args, state, control, **kw):
-        if self.guard.stop_requested():
-            self.guard.saving = True
-            raise _EvaluationStopped
-
-    def on_evaluate(self, args, state, control, **kw):
-        if self.guard.stop_requested():
-            self.guard.saving = True
-            control.should_save = True
-        return control
-
-    def on_save(self, args, state, control, **kw):
-        if self.guard.stop_requested():
-            # Raised rather than should_training_stop: the Trainer's wrap-up would reload the best
-            # checkpoint and, with --save-total-limit 1, delete the one just written.
-            raise utils.Terminated(self.guard.message(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
-
-
 def train_or_stop(trainer, resume: str | None, guard: PreemptionGuard):
     """trainer.train(), with SIGTERM served as a checkpoint and utils.Terminated."""
+    from reasonforge.callbacks import EvaluationStopped
+
     guard.phase = "training"
     try:
         result = trainer.train(resume_from_checkpoint=resume)
-    except _EvaluationStopped:
+    except EvaluationStopped:
         # The step's weights, optimizer and scheduler are whole; only the validation pass was cut
         # short, so the checkpoint is the one the step's end would have written.
         trainer._save_checkpoint(trainer.model, trial=None)
@@ -1268,12 +1124,21 @@ def collect_metrics(trainer, train_result, params: tuple[int, int], runtime: flo
         "runtime_s": round(runtime, 2),
         "tokens_seen": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+        **step_clock(trainer),
         "peak_gpu_memory_gib": round(utils.gpu_memory_stats().get("peak_gib", 0.0), 3),
         "trainable_parameters": params[0],
         "total_parameters": params[1],
         "trainable_percent": round(100 * params[0] / max(params[1], 1), 4),
         "history": history,
     }
+
+
+def step_clock(trainer) -> dict:
+    """Time to first step, setup, first step and steady tokens/s, from the run's StepLogger."""
+    from reasonforge.callbacks import StepLogger
+
+    logger = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StepLogger)), None)
+    return logger.clock.summary() if logger is not None else {}
 
 
 def preflight_hub(repo: str | None) -> None:
@@ -1402,8 +1267,13 @@ def finish_run(trainer, tokenizer, args, info, manifest, template_name, result, 
     print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
           f"{utils.sig4(metrics['train_loss_last'])}, best validation loss {utils.sig4(metrics['best_validation_loss'])} "
           f"({Path(str(metrics['best_checkpoint'])).name})")
-    print(f"Runtime {metrics['runtime_s']:.1f} s, {metrics['tokens_per_s']} tokens/s; "
-          f"{utils.format_memory_stats(utils.gpu_memory_stats())}")
+    steady = metrics.get("steady_tokens_per_s")
+    print(f"Time: first step {utils.sig4(metrics.get('time_to_first_step_s'))} s after start "
+          f"(the step itself {utils.sig4(metrics.get('first_step_s'))} s); then "
+          + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
+             "too few steps for a steady rate")
+          + f"; training loop {metrics['runtime_s']:.1f} s in all")
+    print(utils.format_memory_stats(utils.gpu_memory_stats()))
     print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(output_dir / 'loss_curve.png').resolve()}" if plotted else ""))
     if run_uri is not None:
         print(f"S3 URI: {run_uri.join('final_model')}")
@@ -1421,7 +1291,6 @@ def main(argv=None) -> int:
     backend, backend_reason = utils.choose_backend(args.backend)
     if backend == "unsloth":
         utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
-    compiler_note = configure_compiler(backend)
     check_trainer_names(args)
     state = distributed_state()
     main_rank = state.is_main_process
@@ -1436,14 +1305,14 @@ def main(argv=None) -> int:
         if s3_run_uri(args) is not None:
             utils.check_s3_bucket(args.s3_bucket, "upload")
 
-    dd, manifest = load_prepared_dataset(resolve_dataset_path(args))
+    dd, manifest = utils.load_prepared_dataset(resolve_dataset_path(args))
     import torch
     from transformers import set_seed
 
     set_seed(args.seed)
     model, tokenizer, info = utils.load_model(args.model_name, backend=backend, max_seq_length=args.max_seq_length,
                                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code)
-    info.update(compiler=compiler_note, backend_reason=backend_reason)
+    info.update(backend_reason=backend_reason)
     if main_rank:
         print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
     check_packing(args, model, info)
@@ -1455,10 +1324,11 @@ def main(argv=None) -> int:
     model = attach_lora(model, info, args)
     params = count_parameters(model)
     optim, optim_reason = choose_optim(args.optim)
+    resume = resume_on_all_ranks(args, output_dir, state)
+    steps = planned_steps(args, len(train_ds), state.num_processes, checkpoint_step(Path(resume)) if resume else 0)
+    info["compiler"] = configure_compiler(backend, args.graph_wrapper, steps)
     if main_rank:
         print_setup(args, info, dd, train_ds, eval_ds, params, optim, optim_reason, template_name, state.num_processes)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    resume = resume_on_all_ranks(args, output_dir, state)
     config = training_config(args, info, manifest, template_name, optim)
     config.update(auto_batch_plan=auto_plan, processes=state.num_processes,
                   chat_template_sha256=hashlib.sha256(template_source.encode()).hexdigest())
@@ -1467,6 +1337,8 @@ def main(argv=None) -> int:
     if main_rank:
         utils.atomic_write_json(output_dir / "training_config.json", config)
     trainer = build_trainer(model, tokenizer, train_ds, eval_ds, args, precision_plan(info, args.gradient_checkpointing), optim)
+    from reasonforge.callbacks import StopOnSigterm
+
     trainer.add_callback(StopOnSigterm(guard))  # last, so that its on_save follows CheckpointSync's upload
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -357,6 +357,12 @@ def atomic_directory(final: str | Path, owned: Callable[[Path], bool], what: str
 _PROCESS_STARTED = time.time()
 
 
+def process_start_time() -> float:
+    """When this process started (epoch seconds), interpreter start-up and imports included:
+    from /proc where there is one, else when utils was imported."""
+    return _process_start(os.getpid(), own=False) or _PROCESS_STARTED
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -367,9 +373,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _process_start(pid: int) -> float | None:
-    """When process `pid` started (epoch seconds, to about a second), where /proc tells; else None."""
-    if pid == os.getpid():
+def _process_start(pid: int, own: bool = True) -> float | None:
+    """When process `pid` started (epoch seconds, to a clock tick), where /proc tells; else None.
+    For this process, `own` answers with when utils was imported instead."""
+    if own and pid == os.getpid():
         return _PROCESS_STARTED
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -787,6 +794,30 @@ def tokenize_for_training(text: str, tokenizer, train_on_responses_only: bool = 
         inside = k < len(spans) and spans[k][0] <= start < spans[k][1]
         labels.append(tok if inside else -100)
     return {"input_ids": ids, "labels": labels}
+
+
+def load_prepared_dataset(path: Path):
+    """Load a data_preparation.py folder (training and evaluation read it); returns (DatasetDict, manifest)."""
+    import datasets
+
+    if not path.is_dir():
+        raise UserError(f"dataset folder {str(path)!r} does not exist; run data_preparation.py first or fix --dataset-path")
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        raise UserError(f"{path} has no manifest.json: it is not a complete data_preparation.py output; prepare it again")
+    try:
+        dd = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise UserError(f"cannot load dataset from {path}: {first_line(exc)}") from exc
+    missing = [s for s in ("train", "validation") if s not in dd]
+    if missing:
+        raise UserError(f"dataset {path} lacks split(s) {missing} (has {list(dd)}); re-run data_preparation.py")
+    for split in ("train", "validation"):
+        if "messages" not in dd[split].column_names:
+            raise UserError(f"split {split!r} of {path} has no 'messages' column (columns: {dd[split].column_names})")
+        if len(dd[split]) == 0:
+            raise UserError(f"split {split!r} of {path} is empty; prepare more data or change --val-size")
+    return dd, read_json(manifest_file, "dataset manifest", "prepare the dataset again with data_preparation.py")
 
 
 def encode_conversation(messages: list[dict], tokenizer, train_on_responses_only: bool = True) -> dict[str, list[int]]:

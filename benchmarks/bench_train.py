@@ -253,7 +253,7 @@ def worker_suite(opts) -> dict:
 
     import train_lora
 
-    train_lora.configure_compiler("unsloth")
+    train_lora.configure_compiler("unsloth", "cpp")  # the steady-rate parts time the long-run choice
 
     argv = ["--model-name", opts.model, "--backend", "unsloth", "--max-seq-length", str(SEQ), "--batch-size",
             str(opts.micro), "--gradient-accumulation-steps", str(opts.accum), "--max-steps", str(opts.steps),

@@ -42,7 +42,7 @@ def test_training_renders_with_the_models_own_template(tmp_path, seed_prepared, 
 
     model = tiny_qwen25 if family == "qwen2.5" else tiny_model
     base_tok = AutoTokenizer.from_pretrained(str(model))
-    dd, manifest = train_lora.load_prepared_dataset(seed_prepared)
+    dd, manifest = utils.load_prepared_dataset(seed_prepared)
     args = train_lora.build_parser().parse_args(["--model-name", str(model)])
     name, source = train_lora.choose_template(args, manifest, base_tok)
     assert source == base_tok.chat_template

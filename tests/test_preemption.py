@@ -19,6 +19,7 @@ import pytest
 
 import data_preparation as dp
 import train_lora
+from reasonforge import callbacks
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,13 +103,14 @@ def test_sigterm_mid_training_checkpoints_locally_and_on_s3_and_resumes_to_same_
 
 SLOW_EVALUATION = """
 import pathlib, sys, time, train_lora
+from reasonforge import callbacks
 marker = pathlib.Path(sys.argv.pop(1))
-original = train_lora.StopOnSigterm.on_prediction_step
+original = callbacks.StopOnSigterm.on_prediction_step
 def slow(self, args, state, control, **kw):
     marker.touch()
     time.sleep(0.5)  # a long validation pass: the signal lands inside it
     return original(self, args, state, control, **kw)
-train_lora.StopOnSigterm.on_prediction_step = slow
+callbacks.StopOnSigterm.on_prediction_step = slow
 sys.exit(train_lora.main(sys.argv[1:]))
 """
 
@@ -154,12 +156,13 @@ def test_sigterm_during_checkpoint_upload_stops_on_that_checkpoint(tmp_path, tin
 
 SLOW_FIRST_STEP = """
 import pathlib, sys, time, train_lora
+from reasonforge import callbacks
 marker = pathlib.Path(sys.argv.pop(1))
 def compiling(self, args, state, control, **kw):
     if state.global_step == 0:
         marker.touch()
         time.sleep(120)  # the first step's compile on a fresh GPU instance
-train_lora.StepLogger.on_step_begin = compiling
+callbacks.StepLogger.on_step_begin = compiling
 sys.exit(train_lora.main(sys.argv[1:]))
 """
 

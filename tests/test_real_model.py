@@ -26,7 +26,7 @@ def test_smollm2_keeps_its_template_and_stops_cleanly(tmp_path, demo_model):
     assert (out / "final_model" / "chat_template.jinja").read_text() == base_tok.chat_template
     assert "<think>" not in base_tok.chat_template
     # What training fed the model is what the model's own template renders, system prompt included.
-    dd, manifest = train_lora.load_prepared_dataset(data)
+    dd, manifest = utils.load_prepared_dataset(data)
     args = train_lora.build_parser().parse_args(["--model-name", str(demo_model)])
     _, source = train_lora.choose_template(args, manifest, base_tok)
     tok = AutoTokenizer.from_pretrained(str(demo_model))

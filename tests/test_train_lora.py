@@ -8,6 +8,7 @@ import pytest
 
 import data_preparation as dp
 import train_lora
+from reasonforge import callbacks
 import utils
 
 
@@ -76,6 +77,10 @@ def test_output_layout_and_contents(trained_run, tiny_model):
     assert cfg["optim"] == "adamw_torch" and cfg["dataset_manifest_sha256"]
     metrics = json.loads((out / "training_metrics.json").read_text())
     assert metrics["global_step"] > 0 and metrics["tokens_seen"] > 0 and metrics["trainable_parameters"] > 0
+    # Start-up and the first step are reported apart from the steady rate that excludes them.
+    assert metrics["time_to_first_step_s"] >= metrics["setup_s"] + metrics["first_step_s"] - 0.01
+    assert metrics["first_step_s"] > 0 and metrics["steady_tokens_per_s"] > 0
+    assert metrics["steady_steps"] == metrics["global_step"] - 2
     assert metrics["validation_losses"] and metrics["best_validation_loss"] == min(v["loss"] for v in metrics["validation_losses"])
     lines = [json.loads(l) for l in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in l and "tokens_per_s" in l for l in lines) and any("eval_loss" in l for l in lines)
@@ -127,7 +132,7 @@ def test_masking_in_training_rows(tiny_model, repeated_dataset):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
-    dd, manifest = train_lora.load_prepared_dataset(repeated_dataset)
+    dd, manifest = utils.load_prepared_dataset(repeated_dataset)
     args = train_lora.build_parser().parse_args(["--max-seq-length", "256"])
     name, source = train_lora.choose_template(args, manifest, tok)
     train_ds, _, counts = train_lora.tokenize_splits(dd, tok, source, args)
@@ -140,15 +145,15 @@ def test_masking_in_training_rows(tiny_model, repeated_dataset):
 
 def interrupt_after_step(monkeypatch, step: int):
     """Make training stop like Ctrl-C once `step` has been logged; returns a function that undoes it."""
-    original = train_lora.StepLogger.on_step_end
+    original = callbacks.StepLogger.on_step_end
 
     def crash(self, args, state, control, **kw):
         original(self, args, state, control, **kw)
         if state.global_step == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_lora.StepLogger, "on_step_end", crash)
-    return lambda: monkeypatch.setattr(train_lora.StepLogger, "on_step_end", original)
+    monkeypatch.setattr(callbacks.StepLogger, "on_step_end", crash)
+    return lambda: monkeypatch.setattr(callbacks.StepLogger, "on_step_end", original)
 
 
 def test_interrupted_run_resumes_to_same_result(tmp_path, tiny_model, repeated_dataset, monkeypatch):
@@ -244,7 +249,7 @@ def test_missing_split_is_reported(tmp_path, repeated_dataset):
     shutil.rmtree(broken / "validation")
     (broken / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
     with pytest.raises(utils.UserError, match=r"lacks split\(s\) \['validation'\]"):
-        train_lora.load_prepared_dataset(broken)
+        utils.load_prepared_dataset(broken)
 
 
 @pytest.mark.gpu
@@ -434,29 +439,49 @@ def test_auto_batch_plan_keeps_effective_batch_and_budget():
         assert plan["batch_size"] * plan["gradient_accumulation_steps"] == 8 and plan["fits"]
 
 
-def test_configure_compiler_turns_on_the_cpp_wrapper_only_where_it_can(monkeypatch):
+def test_configure_compiler_takes_the_cpp_wrapper_only_where_it_can_and_pays(monkeypatch):
     import torch._inductor.config as inductor
 
     import train_lora
 
+    long_run = train_lora.CPP_WRAPPER_MIN_STEPS
     monkeypatch.setattr(inductor, "cpp_wrapper", False)
     monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
     monkeypatch.delenv("CXX", raising=False)
-    assert train_lora.configure_compiler("hf") == "no compiled graphs on this backend"
+    assert train_lora.configure_compiler("hf", "auto", long_run) == "no compiled graphs on this backend"
     assert inductor.cpp_wrapper is False
 
     monkeypatch.setattr(train_lora.shutil, "which", lambda name: None)
-    assert "no C++ compiler found" in train_lora.configure_compiler("unsloth")
+    assert "no C++ compiler found" in train_lora.configure_compiler("unsloth", "auto", long_run)
     assert inductor.cpp_wrapper is False
 
     monkeypatch.setattr(train_lora.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang++" else None)
-    assert train_lora.configure_compiler("unsloth").startswith("C++ wrapper on (clang++")
+    note = train_lora.configure_compiler("unsloth", "auto", long_run)
+    assert note.startswith(f"C++ wrapper ({long_run} planned steps repay its build; clang++")
     assert inductor.cpp_wrapper is True
 
-    monkeypatch.setattr(inductor, "cpp_wrapper", False)
-    monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "0")  # the user's choice wins
-    assert train_lora.configure_compiler("unsloth") == "TORCHINDUCTOR_CPP_WRAPPER=0 as set"
+    # A short run (a quick experiment, a resume near the end) is not worth the build.
+    note = train_lora.configure_compiler("unsloth", "auto", long_run - 1)
+    assert note.startswith(f"Python wrapper ({long_run - 1} planned steps, fewer than the {long_run}")
     assert inductor.cpp_wrapper is False
+    assert train_lora.configure_compiler("unsloth", "cpp", 5).startswith("C++ wrapper (--graph-wrapper cpp")
+    assert train_lora.configure_compiler("unsloth", "python", 10_000) == "Python wrapper (--graph-wrapper python)"
+    assert inductor.cpp_wrapper is False
+
+    monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "1")  # the user's choice wins
+    assert train_lora.configure_compiler("unsloth", "auto", 1) == "TORCHINDUCTOR_CPP_WRAPPER=1 as set"
+    assert inductor.cpp_wrapper is False
+
+
+def test_planned_steps():
+    import train_lora
+
+    args = train_lora.build_parser().parse_args(["--num-epochs", "3", "--batch-size", "2",
+                                                 "--gradient-accumulation-steps", "4"])
+    assert train_lora.planned_steps(args, 100) == 3 * 13  # 50 micro-batches -> 13 steps an epoch
+    assert train_lora.planned_steps(args, 100, done=30) == 9
+    args.max_steps = 30
+    assert train_lora.planned_steps(args, 100) == 30 and train_lora.planned_steps(args, 100, processes=2) == 30
 
 
 @pytest.mark.gpu
