@@ -946,6 +946,7 @@ class PreemptionGuard:
         self.phase = "setup"  # then "training", then "finishing"
         self.requested = False
         self.saving = False
+        self.watchdog = None
 
     def install(self) -> None:
         """Take over SIGTERM from cli_entry's handler (which puts the original back when main returns)."""
@@ -965,13 +966,19 @@ class PreemptionGuard:
         if self.main_rank:
             print(f"SIGTERM: saving a checkpoint at the next safe point (end of this step or validation batch), "
                   f"then stopping (watchdog: {self.deadline_s:g} s)", file=sys.stderr, flush=True)
-        watchdog = threading.Timer(self.deadline_s, self.expire)
-        watchdog.daemon = True
-        watchdog.start()
+        self.watchdog = threading.Timer(self.deadline_s, self.expire)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def stand_down(self) -> None:
+        """The training loop is over (stopped, finished or failed): the watchdog has nothing left to
+        guard, and firing later it would kill whatever the process does next."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
 
     def expire(self) -> None:
-        if self.saving:
-            return  # a checkpoint is being written: cutting it short would gain nothing
+        if self.saving or self.phase != "training":
+            return  # a checkpoint is being written, or the loop is over: cutting it short would gain nothing
         if self.main_rank:
             print(self.message(None, f"no checkpoint could begin within {self.deadline_s:g} s (a step was still "
                                      "running)"), file=sys.stderr, flush=True)
@@ -1021,6 +1028,7 @@ def train_or_stop(trainer, resume: str | None, guard: PreemptionGuard):
         raise  # not reached: StopOnSigterm.on_save raises Terminated
     finally:
         guard.phase = "finishing"
+        guard.stand_down()
     if guard.requested:
         # The signal came after the last step (while the Trainer wrapped up); the final outputs
         # might not finish within the notice, and the newest checkpoint is the resume point.

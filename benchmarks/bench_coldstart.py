@@ -191,12 +191,15 @@ def orchestrate(opts) -> int:
 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="coldstart-"))
+    tmp = Path(opts.work) if opts.work else Path(tempfile.mkdtemp(prefix="coldstart-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     model = Path(opts.model_dir or tmp / opts.shape)
     if not (model / "config.json").exists():
         make_model.build(opts.shape, model)
-    prepared = prepare_data(tmp, (opts.steps + 2) * MICRO * ACCUM + 12)
-    rows = token_rows(str(model), prepared)
+    prepared, rows = tmp / "prepared", tmp / "token_rows.json"
+    if not rows.exists():  # a --work folder from an earlier call keeps its data, model and caches
+        prepared = prepare_data(tmp, (opts.steps + 2) * MICRO * ACCUM + 12)
+        rows = token_rows(str(model), prepared)
     results: dict = {"shape": opts.shape, "steps": opts.steps, "micro": MICRO, "accum": ACCUM, "cores": "0-3", "runs": {}}
 
     def worker(kind):
@@ -271,6 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", default=None, help="reuse a model folder (default: build one under /tmp)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per variant (default: %(default)s)")
     p.add_argument("--variants", default="", help="comma list to run only some (default: all, in order)")
+    p.add_argument("--work", default=None, help="folder for the model, data and caches, kept between calls "
+                   "(default: a new temporary one); a warm variant needs its cold one run there first")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--worker", default=None)
     p.add_argument("--model", default=None)

@@ -152,6 +152,10 @@ def test_sigterm_during_checkpoint_upload_stops_on_that_checkpoint(tmp_path, tin
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]  # no second save, no step 5
     assert train_lora.s3_complete_checkpoints(utils.S3Uri(s3_env, "adapters/upl")) == [4]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
+    # The watchdog stood down with the loop: alive, it would end this process 90 s later.
+    import threading
+
+    assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t.is_alive()]
 
 
 SLOW_FIRST_STEP = """
