@@ -687,9 +687,8 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, op
         # The default replaces a NaN loss by the running mean in the logs, hiding a diverged run from StopOnNonFinite.
         logging_nan_inf_filter=False,
     )
-    step_logger = StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl")
-    callbacks = [step_logger,
-                 StopOnNonFinite(step_logger),
+    callbacks = [StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl"),
+                 StopOnNonFinite(),
                  EvalAtEpochEnd(),
                  CheckpointSync(s3_run_uri(args), write_checkpoint_marker, upload_checkpoint)]
     if args.early_stopping_patience:
@@ -762,9 +761,6 @@ class StepLogger(_trainer_callback_base()):
             fh.write(json.dumps(record) + "\n")
 
     def on_train_end(self, args, state, control, **kw):
-        self.close()
-
-    def close(self):
         if self.bar is not None:
             self.bar.close()
 
@@ -779,9 +775,6 @@ class StopOnNonFinite(_trainer_callback_base()):
 
     WATCHED = ("loss", "grad_norm", "eval_loss")
 
-    def __init__(self, step_logger=None):
-        self.step_logger = step_logger
-
     def on_log(self, args, state, control, logs=None, **kw):
         bad = [(k, logs[k]) for k in self.WATCHED
                if isinstance((logs or {}).get(k), (int, float)) and not math.isfinite(logs[k])]
@@ -791,8 +784,6 @@ class StopOnNonFinite(_trainer_callback_base()):
         good = [p for p in reversed(local_checkpoints(Path(args.output_dir))) if checkpoint_problem(p) is None]
         where = (f"the last good checkpoint is {good[0]} (resume from it with --resume-from-checkpoint {good[0]})"
                  if good else "no good checkpoint was saved before it")
-        if self.step_logger is not None:
-            self.step_logger.close()  # else the progress bar redraws itself after the error line
         raise UserError(f"training {name.replace('_', ' ')} became {value} at step {state.global_step}; {where}; "
                         f"lower --learning-rate (now {args.learning_rate:g}) or raise --warmup-steps "
                         f"(now {args.warmup_steps}); no final_model was written")

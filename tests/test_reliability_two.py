@@ -258,6 +258,31 @@ def test_full_disk_while_saving_is_one_line(small_mount, capsys):
     assert not out.exists() and not list(small_mount.iterdir())  # the scratch folder went too
 
 
+def test_full_disk_during_training_is_one_line(small_mount, tiny_model, sample_dataset, capsys):
+    out = small_mount / "run"
+    assert train_lora.main(train_argv(tiny_model, sample_dataset, out, "--max-steps", "4")) == 2
+    # The tokenizer's Rust writer or torch.save fail first; neither raises an OSError.
+    assert one_error_line(capsys) == (f"error: cannot write to {out}: No space left on device; free some space or "
+                                      "choose an output location on another disk")
+    assert not (out / utils.RunLock.NAME).exists() and not (out / "final_model").exists()
+
+
+def test_native_and_chained_environment_errors():
+    import errno
+
+    assert utils.describe_environment_error(Exception("No space left on device (os error 28)")) == (
+        "cannot write to an output file: No space left on device; free some space or choose an output location on "
+        "another disk")
+    try:
+        try:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/x")
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert utils.describe_environment_error(outer).startswith("cannot use /data/x: Permission denied")
+    assert utils.describe_environment_error(RuntimeError("unexpected pos 704 vs 598")) is None  # no lock, no disk
+
+
 def test_read_only_location_is_refused_up_front(small_mount, tmp_path, sample_dataset, capsys):
     subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
     assert dp.main(["--dataset", "sample", "--max-samples", "20", "--output-dir", str(small_mount / "p")]) == 2
