@@ -875,9 +875,8 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, args, precision: dict, op
     )
     from reasonforge.callbacks import CheckpointSync, EvalAtEpochEnd, StepLogger, StopOnNonFinite
 
-    step_logger = StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl")
-    callbacks = [step_logger,
-                 StopOnNonFinite(last_good_checkpoint, step_logger),
+    callbacks = [StepLogger(Path(args.output_dir) / "logs" / "metrics.jsonl"),
+                 StopOnNonFinite(last_good_checkpoint),
                  EvalAtEpochEnd(),
                  CheckpointSync(s3_run_uri(args), write_checkpoint_marker, upload_checkpoint)]
     if args.early_stopping_patience:

@@ -137,16 +137,19 @@ def cli_entry(main_fn):
                 return main_fn(argv) or 0
         except UserError as exc:
             log.debug("details of the error below", exc_info=True)
+            close_progress_bars()
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except OSError as exc:
-            message = describe_os_error(exc)
+        except Exception as exc:
+            message = describe_environment_error(exc)
             if message is None:
                 raise
             log.debug("details of the error below", exc_info=True)
+            close_progress_bars()
             print(f"error: {message}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
+            close_progress_bars()
             print("interrupted", file=sys.stderr)
             return 130
         except Terminated as exc:
@@ -156,6 +159,14 @@ def cli_entry(main_fn):
             RunLock.release_all()
 
     return wrapper
+
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars still open. An exception skips the code that closes them, and a bar
+    closed later (at garbage collection) redraws itself below the error line."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", [])):
+        bar.close()
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -195,6 +206,37 @@ def describe_os_error(exc: OSError, path: str | Path | None = None, verb: str = 
         return None
     where = str(path) if path is not None else (str(exc.filename) if exc.filename is not None else "a file")
     return f"cannot {verb} {where}: {os.strerror(exc.errno)}; {fix}"
+
+
+# How native writers (the tokenizers and safetensors Rust code) spell an OS error in their messages.
+_NATIVE_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
+FULL_DISK_BYTES = 16 * 2**20
+
+
+def describe_environment_error(exc: BaseException) -> str | None:
+    """One line for a failure the environment caused, or None when it looks like a bug.
+
+    An OSError anywhere in the chain, or a native library's message naming an OS error, counts;
+    so does any failure while a run's output disk is full, since torch.save then reports only
+    "unexpected pos" and safetensors a Rust error.
+    """
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and describe_os_error(cur) is not None:
+            return describe_os_error(cur)
+        match = _NATIVE_OS_ERROR.search(str(cur))
+        if match and int(match.group(1) or match.group(2)) in _PATH_ERRNO_FIXES:
+            code = int(match.group(1) or match.group(2))
+            where = next(iter(RunLock.held_folders()), "an output file")  # the message names no path
+            return describe_os_error(OSError(code, os.strerror(code)), where, "write to")
+        cur = cur.__cause__ or cur.__context__
+    for folder in RunLock.held_folders():
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+                return describe_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), folder, "write to")
+    return None
 
 
 def read_json(path: str | Path, what: str, fix: str = "restore it or create it again") -> dict:
@@ -525,6 +567,10 @@ class RunLock:
         if self._read(self.path) == self.me:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+    @classmethod
+    def held_folders(cls) -> list[Path]:
+        return [lock.path.parent for lock in cls._held]
 
     @classmethod
     def release_all(cls) -> None:

@@ -68,9 +68,6 @@ class StepLogger(TrainerCallback):
             fh.write(json.dumps(record) + "\n")
 
     def on_train_end(self, args, state, control, **kw):
-        self.close()
-
-    def close(self):
         if self.bar is not None:
             self.bar.close()
 
@@ -131,8 +128,8 @@ class StopOnNonFinite(TrainerCallback):
 
     WATCHED = ("loss", "grad_norm", "eval_loss")
 
-    def __init__(self, last_good: Callable[[Path], Path | None], step_logger=None):
-        self.last_good, self.step_logger = last_good, step_logger
+    def __init__(self, last_good: Callable[[Path], Path | None]):
+        self.last_good = last_good
 
     def on_log(self, args, state, control, logs=None, **kw):
         bad = [(k, logs[k]) for k in self.WATCHED
@@ -143,8 +140,6 @@ class StopOnNonFinite(TrainerCallback):
         good = self.last_good(Path(args.output_dir))
         where = (f"the last good checkpoint is {good} (resume from it with --resume-from-checkpoint {good})"
                  if good else "no good checkpoint was saved before it")
-        if self.step_logger is not None:
-            self.step_logger.close()  # else the progress bar redraws itself after the error line
         raise UserError(f"training {name.replace('_', ' ')} became {value} at step {state.global_step}; {where}; "
                         f"lower --learning-rate (now {args.learning_rate:g}) or raise --warmup-steps "
                         f"(now {args.warmup_steps}); no final_model was written")

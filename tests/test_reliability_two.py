@@ -1,0 +1,580 @@
+"""Issue 17, reliability round two: user data is never replaced, the environment's failures and
+impossible settings end in one `error:` line (exit 2) before the work, two runs cannot share a
+folder, and a diverged or damaged run is named instead of resumed or saved."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import data_preparation as dp
+import evaluate_model as ev
+import test_model as tm
+import train_lora
+import utils
+from conftest import S3_KEY_ID, S3_SECRET
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == lines[0]
+    return lines[0]
+
+
+def user_folder(root: Path) -> Path:
+    folder = root / "mydocs"
+    (folder / "photos").mkdir(parents=True)
+    (folder / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 not really")
+    (folder / "thesis.txt").write_text("four years of work")
+    return folder
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a script gets as far as loading a model: its check came too late."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(utils, "load_model", refuse)
+
+
+def train_argv(model, data, out, *extra):
+    return ["--model-name", str(model), "--dataset-path", str(data), "--output-dir", str(out), "--max-steps", "2",
+            "--save-steps", "2", "--batch-size", "4", "--gradient-accumulation-steps", "1", *extra]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Never destroy user data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_data_preparation_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    mine = user_folder(tmp_path)
+    before = snapshot(mine)
+    assert dp.main(["--dataset", "sample", "--max-samples", "20", "--output-dir", str(mine)]) == 2
+    line = one_error_line(capsys)
+    assert str(mine) in line and "photos/, thesis.txt" in line and "choose another --output-dir or remove it" in line
+    assert snapshot(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydocs"]  # no scratch folder left beside it
+
+
+@pytest.mark.parametrize("target,message", [
+    ("file", "is an existing file"),
+    (".", "is the working folder"),
+    ("", "is the working folder"),
+    ("file/sub", "is a file, not a folder"),
+    ("loop", "symlink loop"),
+    ("loop/sub", "symlink loop"),
+])
+def test_data_preparation_output_dir_shapes(tmp_path, monkeypatch, capsys, target, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("keep me")
+    os.symlink("loop", tmp_path / "loop")
+    (tmp_path / "keep.txt").write_text("keep me too")
+    assert dp.main(["--dataset", "sample", "--max-samples", "20", "--output-dir", target]) == 2
+    assert message in one_error_line(capsys)
+    assert (tmp_path / "file").read_text() == "keep me" and (tmp_path / "keep.txt").read_text() == "keep me too"
+
+
+def test_own_outputs_are_still_replaced(tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert dp.main(["--dataset", "sample", "--max-samples", "30", "--output-dir", str(out)]) == 0
+    assert dp.main(["--dataset", "sample", "--max-samples", "40", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["counts"]["input_rows"] == 40
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert dp.main(["--dataset", "sample", "--max-samples", "30", "--output-dir", str(empty)]) == 0
+
+
+def test_atomic_directory_asks_its_caller_what_is_ours(tmp_path):
+    mine = user_folder(tmp_path)
+    with pytest.raises(utils.UserError, match="is not a thing of ours"):
+        with utils.atomic_directory(mine, lambda f: False, "a thing of ours"):
+            raise AssertionError("the block must not run")
+    # Something of the user's appearing while the block runs is kept too, and so is the new output.
+    late = tmp_path / "late"
+    with pytest.raises(utils.UserError, match=r"the new output is in .*\.late\.partial-"):
+        with utils.atomic_directory(late, lambda f: False, "a thing of ours") as tmp:
+            (tmp / "result.txt").write_text("new")
+            late.mkdir()
+            (late / "notes.txt").write_text("user's")
+    assert (late / "notes.txt").read_text() == "user's"
+    with utils.atomic_directory(late, lambda f: (f / "notes.txt").is_file(), "a thing of ours") as tmp:
+        (tmp / "result.txt").write_text("newer")
+    assert [p.name for p in late.iterdir()] == ["result.txt"]
+
+
+def test_demo_model_export_refuses_a_user_folder_before_loading(tmp_path, monkeypatch):
+    mine = user_folder(tmp_path)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: pytest.fail("got as far as loading the GGUF"))
+    with pytest.raises(utils.UserError, match="is not a demo model export"):
+        utils.export_demo_model(mine)
+
+
+def test_train_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model, sample_dataset, no_model_load, capsys):
+    mine = user_folder(tmp_path)
+    before = snapshot(mine)
+    assert train_lora.main(train_argv(tiny_model, sample_dataset, mine)) == 2
+    line = one_error_line(capsys)
+    assert "is not a train_lora.py run folder" in line and "thesis.txt" in line
+    assert snapshot(mine) == before
+
+
+def test_train_refuses_a_user_folder_named_final_model(tmp_path, tiny_model, sample_dataset, no_model_load, capsys):
+    run = tmp_path / "run"
+    (run / "final_model").mkdir(parents=True)
+    (run / "training_config.json").write_text("{}")
+    (run / "final_model" / "notes.md").write_text("mine")
+    assert train_lora.main(train_argv(tiny_model, sample_dataset, run)) == 2
+    assert "final_model already exists and is not an adapter saved by train_lora.py" in one_error_line(capsys)
+    assert (run / "final_model" / "notes.md").read_text() == "mine"
+
+
+BAD_REPORT_TARGETS = [
+    ("folder", "is a folder; name a file"),
+    ("notes.txt", "already exists and is not a report written by"),
+    ("other.json", "already exists and is not a report written by"),
+    ("notes.txt/report.json", "is a file, not a folder"),
+    ("/sys/rf-reports/report.json", "cannot write in /sys"),
+]
+
+
+@pytest.mark.parametrize("target,message", BAD_REPORT_TARGETS)
+def test_evaluate_and_chat_refuse_an_output_file_before_loading(tmp_path, sample_dataset, no_model_load, capsys,
+                                                                target, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "other.json").write_text('{"some": "other tool"}')
+    out = target if target.startswith("/") else str(tmp_path / target)
+    assert ev.main(["--model-path", str(tmp_path), "--dataset-path", str(sample_dataset), "--output-file", out]) == 2
+    assert message in one_error_line(capsys)
+    assert tm.main(["--model-path", str(tmp_path), "--instruction", "hi", "--output-file", out]) == 2
+    assert message in one_error_line(capsys)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The environment's failures as one line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"AWS_ENDPOINT_URL": "not a url"}, "AWS_ENDPOINT_URL='not a url' is not a usable S3 endpoint"),
+    ({"AWS_ENDPOINT_URL": "ftp://example.com"}, "AWS_ENDPOINT_URL='ftp://example.com' is not a usable S3 endpoint"),
+    ({"AWS_PROFILE": "no-such-profile"}, "AWS profile 'no-such-profile' (AWS_PROFILE) is not in"),
+    ({"AWS_SHARED_CREDENTIALS_FILE": "{bad}"}, "cannot parse the AWS config file"),
+    ({"AWS_CONFIG_FILE": "{bad}"}, "cannot parse the AWS config file"),
+    ({"AWS_DEFAULT_REGION": "not a region!"}, "AWS region 'not a region!' is not a region name"),
+    ({"RF_S3_MAX_ATTEMPTS": "many"}, "RF_S3_MAX_ATTEMPTS='many' must be a whole number"),
+])
+def test_s3_settings_that_cannot_work(s3_env, tmp_path, monkeypatch, capsys, env, message):
+    bad = tmp_path / "credentials"
+    bad.write_text("[default\naws_access_key_id = x\n")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value.format(bad=bad))
+    if "AWS_PROFILE" in env:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    out = tmp_path / "prepared"
+    assert dp.main(["--dataset", "sample", "--max-samples", "20", "--output-dir", str(out), "--s3-bucket", s3_env]) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()  # refused before the work
+
+
+def test_an_endpoint_that_never_answers_fails_within_a_minute(tmp_path, monkeypatch):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+
+    def accept_and_say_nothing():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("RF_S3_MAX_ATTEMPTS", raising=False)  # the defaults are what is measured
+    start = time.monotonic()
+    try:
+        with pytest.raises(utils.UserError, match="did not answer within"):
+            utils.check_s3_bucket("rf-silent", "upload")
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    assert time.monotonic() - start < 60
+    assert len(held) == utils.S3_MAX_ATTEMPTS
+
+
+@pytest.mark.s3
+def test_single_file_uploads_go_through_the_translator(s3_env, tmp_path, monkeypatch):
+    f = tmp_path / "training_metrics.json"
+    f.write_text("{}")
+    utils.upload_file(f, utils.S3Uri(s3_env, "adapters/r/training_metrics.json"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(utils.UserError, match=f"S3 rejected the credentials for s3://{s3_env} .SignatureDoesNotMatch"):
+        utils.upload_file(f, utils.S3Uri(s3_env, "adapters/r/training_metrics.json"))
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A real 256 KiB tmpfs, so full-disk and read-only errors come from the kernel, not a mock."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs privileges this machine does not give")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_full_disk_while_saving_is_one_line(small_mount, capsys):
+    out = small_mount / "prepared"
+    assert dp.main(["--dataset", "sample", "--max-samples", "2000", "--output-dir", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert f"cannot write {out}: No space left on device; free some space" in line
+    assert not out.exists() and not list(small_mount.iterdir())  # the scratch folder went too
+
+
+def test_full_disk_during_training_is_one_line(small_mount, tiny_model, sample_dataset, capsys):
+    out = small_mount / "run"
+    assert train_lora.main(train_argv(tiny_model, sample_dataset, out, "--max-steps", "4")) == 2
+    # The tokenizer's Rust writer or torch.save fail first; neither raises an OSError.
+    assert one_error_line(capsys) == (f"error: cannot write to {out}: No space left on device; free some space or "
+                                      "choose an output location on another disk")
+    assert not (out / utils.RunLock.NAME).exists() and not (out / "final_model").exists()
+
+
+def test_native_and_chained_environment_errors():
+    import errno
+
+    assert utils.describe_environment_error(Exception("No space left on device (os error 28)")) == (
+        "cannot write to an output file: No space left on device; free some space or choose an output location on "
+        "another disk")
+    try:
+        try:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/x")
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert utils.describe_environment_error(outer).startswith("cannot use /data/x: Permission denied")
+    assert utils.describe_environment_error(RuntimeError("unexpected pos 704 vs 598")) is None  # no lock, no disk
+
+
+def test_read_only_location_is_refused_up_front(small_mount, tmp_path, sample_dataset, capsys):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    assert dp.main(["--dataset", "sample", "--max-samples", "20", "--output-dir", str(small_mount / "p")]) == 2
+    line = one_error_line(capsys)
+    assert f"cannot write in {small_mount} (Read-only file system)" in line
+    assert ev.main(["--model-path", str(tmp_path), "--dataset-path", str(sample_dataset),
+                    "--output-file", str(small_mount / "e.json")]) == 2
+    assert "(Read-only file system)" in one_error_line(capsys)
+
+
+def test_oserror_from_a_write_is_translated_by_cli_entry(capsys):
+    import errno
+
+    @utils.cli_entry
+    def main(argv=None):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/out/manifest.json")
+
+    assert main([]) == 2
+    assert one_error_line(capsys) == ("error: cannot use /data/out/manifest.json: Read-only file system; "
+                                      "that file system is read-only; choose a writable output location")
+
+    @utils.cli_entry
+    def buggy(argv=None):
+        raise OSError("an OSError with no errno is a bug, not an environment")
+
+    with pytest.raises(OSError):
+        buggy([])
+
+
+def test_corrupt_save_to_disk_source(tmp_path, capsys):
+    broken = tmp_path / "saved"
+    broken.mkdir()
+    (broken / "dataset_info.json").write_text("{not json")
+    assert dp.main(["--dataset", str(broken), "--output-dir", str(tmp_path / "o")]) == 2
+    assert f"cannot load the save_to_disk folder {broken}" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("content", ["\x00\x01garbage{", "[1, 2]", ""])
+def test_garbage_manifest(tmp_path, sample_dataset, tiny_model, no_model_load, capsys, content):
+    data = tmp_path / "data"
+    shutil.copytree(sample_dataset, data)
+    (data / "manifest.json").write_text(content)
+    assert train_lora.main(train_argv(tiny_model, data, tmp_path / "run")) == 2
+    line = one_error_line(capsys)
+    assert f"dataset manifest {data / 'manifest.json'}" in line and "prepare the dataset again" in line
+    assert ev.main(["--model-path", str(tmp_path), "--dataset-path", str(data), "--output-file", str(tmp_path / "e.json")]) == 2
+    assert "dataset manifest" in one_error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory, tiny_model, sample_dataset):
+    """8 steps, checkpoints at 4 and 8, and its final_model."""
+    out = tmp_path_factory.mktemp("ckrun") / "run"
+    assert train_lora.main(train_argv(tiny_model, sample_dataset, out, "--max-steps", "8", "--save-steps", "4",
+                                      "--eval-steps", "4", "--num-epochs", "1")) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", utils.RUN_INFO_FILE])
+def test_garbage_adapter_metadata(tmp_path, checkpointed_run, name, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(checkpointed_run / "final_model", adapter)
+    (adapter / name).write_text("garbage]")
+    assert tm.main(["--model-path", str(adapter), "--instruction", "hi", "--output-file", str(tmp_path / "o.json")]) == 2
+    line = one_error_line(capsys)
+    assert f"{adapter / name} is not valid JSON (line 1, column 1" in line and "copy the adapter folder again" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Settings that cannot work, refused before anything heavy loads
+# ---------------------------------------------------------------------------------------------
+
+BAD_TRAIN = [
+    (["--weight-decay", "nan"], "--weight-decay nan is not a finite number; it must be in [0, 1]"),
+    (["--num-epochs", "nan", "--max-steps", "-1"], "--num-epochs nan is not a finite number; it must be > 0"),
+    (["--num-epochs", "inf", "--max-steps", "-1"], "--num-epochs inf is not a finite number"),
+    (["--learning-rate", "inf"], "--learning-rate inf is not a finite number; it must be in (0, 1)"),
+    (["--lora-dropout", "nan"], "--lora-dropout nan is not a finite number"),
+    (["--gpu-memory-gib", "nan"], "--gpu-memory-gib nan is not a finite number; it must be a positive number of GiB"),
+    (["--gpu-memory-gib", "-4"], "--gpu-memory-gib -4.0 must be a positive number of GiB"),
+    (["--seed", "-5"], "--seed -5 must be from 0 to 4294967295"),
+    (["--seed", str(2**32)], "--seed 4294967296 must be from 0 to 4294967295"),
+    (["--max-steps", "0"], "--max-steps 0 must be a positive number of steps, or -1"),
+    (["--warmup-steps", "-1"], "--warmup-steps -1 must be 0 or more"),
+    (["--early-stopping-patience", "0"], "--early-stopping-patience 0 must be at least 1"),
+    (["--lr-scheduler", "bogus"], "--lr-scheduler 'bogus' is unknown; choose one of linear, cosine"),
+    (["--lr-scheduler", "cosine_with_min_lr"], "needs scheduler arguments this script does not pass"),
+    (["--optim", "adamw"], "--optim 'adamw' is unknown; did you mean"),
+    (["--run-name", "../escape", "--s3-bucket", "rf-bucket"], "--run-name '../escape' has an empty, '.' or '..' part"),
+    (["--run-name", "a\tb", "--s3-bucket", "rf-bucket"], "--run-name 'a\\tb' holds control characters"),
+    (["--run-name", "a//b"], "--run-name 'a//b' has an empty"),
+    (["--run-name", ""], "--run-name '' is empty"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_TRAIN)
+def test_train_settings_that_cannot_work(tmp_path, tiny_model, sample_dataset, no_model_load, capsys, extra, message):
+    assert train_lora.main(train_argv(tiny_model, sample_dataset, tmp_path / "run", *extra)) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "run" / "final_model").exists()
+
+
+def test_train_collects_every_problem_in_one_line(tmp_path, tiny_model, sample_dataset, no_model_load, capsys):
+    argv = train_argv(tiny_model, sample_dataset, tmp_path / "run", "--weight-decay", "nan", "--seed", "-1",
+                      "--learning-rate", "nan")
+    assert train_lora.main(argv) == 2
+    line = one_error_line(capsys)
+    assert "--weight-decay nan" in line and "--seed -1" in line and "--learning-rate nan" in line
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--seed", "-5"], "--seed -5 must be from 0"),
+    (["--s3-prefix", "a//b", "--s3-bucket", "rf-bucket"], "--s3-prefix 'a//b' has an empty"),
+    (["--s3-prefix", "runs/\nx", "--s3-bucket", "rf-bucket"], "holds control characters"),
+    (["--val-size", "inf"], "--val-size inf must be between 0 and 1"),
+])
+def test_data_preparation_settings(tmp_path, capsys, extra, message):
+    assert dp.main(["--dataset", "sample", "--max-samples", "20", "--output-dir", str(tmp_path / "o"), *extra]) == 2
+    assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--seed", "-1"], "--seed -1 must be from 0"),
+    (["--max-seq-length", "0"], "--max-seq-length 0 must be a positive integer"),
+    (["--temperature", "nan"], "--temperature nan must be between 0"),
+    (["--top-p", "inf"], "--top-p inf must be in (0, 1]"),
+])
+def test_inference_settings(tmp_path, sample_dataset, no_model_load, capsys, extra, message):
+    out = str(tmp_path / "o.json")
+    assert ev.main(["--model-path", str(tmp_path), "--dataset-path", str(sample_dataset), "--output-file", out, *extra]) == 2
+    assert message in one_error_line(capsys)
+    assert tm.main(["--model-path", str(tmp_path), "--instruction", "hi", "--output-file", out, *extra]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_max_new_tokens_beyond_the_context(tmp_path, checkpointed_run, sample_dataset, capsys):
+    out = tmp_path / "o.json"
+    # The tiny model's positions end at 2048.
+    assert tm.main(["--model-path", str(checkpointed_run / "final_model"), "--instruction", "hi",
+                    "--max-new-tokens", "4000", "--output-file", str(out)]) == 2
+    assert "--max-new-tokens 4000 does not fit the model's context of 2048 tokens" in one_error_line(capsys)
+    assert ev.main(["--model-path", str(checkpointed_run / "final_model"), "--dataset-path", str(sample_dataset),
+                    "--max-new-tokens", "2048", "--output-file", str(out)]) == 2
+    assert "does not fit the model's context" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_prompt_plus_reply_is_clipped_to_the_context(caplog):
+    class Model:
+        class config:
+            max_position_embeddings = 100
+
+    kwargs = {"max_new_tokens": 64, "do_sample": False}
+    assert utils.fit_to_context(Model, 30, kwargs) is kwargs
+    assert utils.fit_to_context(Model, 60, kwargs) == {"max_new_tokens": 40, "do_sample": False}
+    assert "generating at most 40 tokens" in caplog.text
+    with pytest.raises(utils.UserError, match="a prompt of 100 tokens fills the model's context of 100 tokens"):
+        utils.fit_to_context(Model, 100, kwargs)
+
+
+def poison_after_step(monkeypatch, step: int):
+    """From `step` on, the loss (and so every gradient and weight) becomes NaN, as in a diverged run."""
+    original = train_lora.sft_trainer_class
+
+    def patched():
+        base = original()
+
+        class Diverging(base):
+            def compute_loss(self, model, inputs, *a, **k):
+                loss = super().compute_loss(model, inputs, *a, **k)
+                if self.state.global_step >= step:
+                    loss = loss * float("nan")
+                return loss
+
+        return Diverging
+
+    monkeypatch.setattr(train_lora, "sft_trainer_class", patched)
+
+
+def test_nan_loss_stops_the_run_and_names_the_last_good_checkpoint(tmp_path, tiny_model, sample_dataset,
+                                                                   monkeypatch, capsys):
+    poison_after_step(monkeypatch, 5)  # steps are counted from 0 inside the step: step 6 is the first NaN
+    out = tmp_path / "run"
+    code = train_lora.main(train_argv(tiny_model, sample_dataset, out, "--max-steps", "10", "--save-steps", "4"))
+    line = one_error_line(capsys)
+    assert code == 2
+    assert line.startswith("error: training loss became nan at step 6; the last good checkpoint is "
+                           f"{out / 'checkpoint-4'}"), line
+    assert "lower --learning-rate" in line and "no final_model was written" in line
+    assert not (out / "final_model").exists() and not (out / "checkpoint-8").exists()
+    assert not (out / utils.RunLock.NAME).exists()
+    logged = [json.loads(l) for l in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert str(logged[-1].get("loss")) == "nan"  # the NaN is in the log, not hidden by the running mean
+
+
+def test_a_checkpoint_of_nan_weights_is_not_resumed(tmp_path, checkpointed_run):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    weights = run / "checkpoint-8" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    size = weights.stat().st_size
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    assert "adapter weights hold NaN or inf" in train_lora.checkpoint_problem(run / "checkpoint-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Two runs, one folder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_second_run_into_the_same_folder_is_refused(tmp_path, tiny_model, sample_dataset, capsys):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"),
+                              *train_argv(tiny_model, sample_dataset, out, "--max-steps", "6", "--save-steps", "3")],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = out / utils.RunLock.NAME
+    deadline = time.time() + 300
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), first.communicate()[0][-2000:]
+    code = train_lora.main(train_argv(tiny_model, sample_dataset, out))
+    line = one_error_line(capsys)
+    assert code == 2 and f"pid {first.pid} on {socket.gethostname()}" in line and "is in use by another run" in line
+    output = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, output[-2000:]
+    assert not lock.exists()
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    assert metrics["global_step"] == 6
+    steps = [json.loads(l)["step"] for l in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # one writer: nothing interleaved
+
+
+def test_live_holder_is_named_before_the_model_loads(tmp_path, tiny_model, sample_dataset, no_model_load, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / utils.RunLock.NAME).write_text(json.dumps({"pid": holder.pid, "hostname": socket.gethostname(),
+                                                          "started": "2026-01-01T00:00:00Z"}))
+        assert train_lora.main(train_argv(tiny_model, sample_dataset, out)) == 2
+        line = one_error_line(capsys)
+        assert f"pid {holder.pid}" in line and f"delete {out / utils.RunLock.NAME}" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / utils.RunLock.NAME).exists()  # someone else's lock is left alone
+
+
+def test_stale_lock_is_taken_over_and_released(tmp_path, caplog):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = tmp_path / utils.RunLock.NAME
+    lock.write_text(json.dumps({"pid": dead.pid, "hostname": socket.gethostname(), "started": "x"}))
+    held = utils.RunLock(tmp_path).acquire()
+    assert f"left by pid {dead.pid}" in caplog.text and "no longer runs" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    held.release()
+    assert not lock.exists()
+    # From another machine it cannot be checked, so it is not taken.
+    lock.write_text(json.dumps({"pid": 1, "hostname": "elsewhere", "started": "x"}))
+    with pytest.raises(utils.UserError, match="pid 1 on elsewhere"):
+        utils.RunLock(tmp_path).acquire()
+
+
+def test_lock_is_released_when_the_run_fails(tmp_path, tiny_model, sample_dataset, capsys):
+    out = tmp_path / "run"
+    assert train_lora.main(train_argv(tiny_model, tmp_path / "no-data", out)) == 2
+    assert "does not exist" in one_error_line(capsys)
+    assert out.is_dir() and not (out / utils.RunLock.NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Late failures that lose work
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["trainer_state.json", train_lora.CHECKPOINT_MARKER])
+def test_garbage_checkpoint_metadata(tmp_path, checkpointed_run, name, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    (run / "checkpoint-8" / name).write_text("{{{ not json")
+    args = train_lora.build_parser().parse_args(["--output-dir", str(run), "--resume-from-checkpoint", "latest"])
+    args.run_name = "r"
+    assert train_lora.resolve_resume(args, run) == str(run / "checkpoint-4")
+    assert f"skipping {run / 'checkpoint-8'}" in caplog.text and "is not valid JSON" in caplog.text
+    args.resume_from_checkpoint = str(run / "checkpoint-8")
+    with pytest.raises(utils.UserError, match=r"cannot resume from .*checkpoint-8: .* is not valid JSON"):
+        train_lora.resolve_resume(args, run)
