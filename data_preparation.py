@@ -438,7 +438,8 @@ def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
         try:
             messages, reference = row_to_messages(row, mapping, args)
         except NonTextContent as exc:
-            return {"messages": [], "text": "", "answer": "", "n_tokens": -1, "_drop": "non_text:" + ",".join(exc.kinds)}
+            return {"messages": [], "text": "", "answer": "", "n_tokens": -1, "_drop": "non_text:" + ",".join(exc.kinds),
+                    **row_keys([])}
         roles = [m["role"] for m in messages]
         reason = ""
         if "user" not in roles or "assistant" not in roles or any(not m["content"].strip() for m in messages if m["role"] != "system"):
@@ -447,7 +448,8 @@ def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
             reason = "control_tokens"
         text = render_preview(messages, template, tokenizer) if not reason else ""
         n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None and text else -1
-        return {"messages": messages, "text": text, "answer": reference, "n_tokens": n_tokens, "_drop": reason}
+        return {"messages": messages, "text": text, "answer": reference, "n_tokens": n_tokens, "_drop": reason,
+                **row_keys(messages)}
 
     drop_cols = [c for c in ds.column_names if c not in keep]
     out = ds.map(convert, remove_columns=drop_cols, desc="formatting")
@@ -464,17 +466,28 @@ def refuse_non_text(reasons: list[str]) -> None:
                         "this pipeline trains text-only chat models: remove those rows or their non-text parts first")
 
 
+KEY_COLUMNS = ("_digest", "_prompt", "_prompt_raw")
+
+
+def row_keys(messages: list[dict]) -> dict[str, str]:
+    """Short keys computed once per row, so that deduplication and the split never hold every
+    conversation in memory at once: the whole row's digest, its prompt key and its raw prompt's digest."""
+    raw = "\n".join(m["content"] for m in messages if m["role"] == "user")
+    whole = json.dumps(utils.clean_messages(messages), sort_keys=True)
+    return {"_digest": hashlib.sha1(whole.encode()).hexdigest(), "_prompt": prompt_key(messages),
+            "_prompt_raw": hashlib.sha1(raw.encode()).hexdigest()}
+
+
 def filter_rows(ds, args, tokenizer) -> tuple[object, dict[str, int], int]:
     """Drop empty rows, over-long rows (if asked) and exact duplicates; return counts by reason."""
     dropped: dict[str, int] = {}
     too_long = args.max_seq_length if tokenizer is not None else None
     seen: set[str] = set()
     keep_idx = []
-    for i, (messages, reason, n_tok) in enumerate(zip(ds["messages"], ds["_drop"], ds["n_tokens"])):
+    for i, (digest, reason, n_tok) in enumerate(zip(ds["_digest"], ds["_drop"], ds["n_tokens"])):
         if not reason and too_long and n_tok > too_long and args.long_rows == "drop":
             reason = "too_long"
         if not reason:
-            digest = hashlib.sha1(json.dumps(utils.clean_messages(messages), sort_keys=True).encode()).hexdigest()
             if digest in seen:
                 reason = "duplicate"
             seen.add(digest)
@@ -520,19 +533,20 @@ def prompt_key(messages: list[dict]) -> str:
     return " ".join(unicodedata.normalize("NFKC", users).casefold().split())
 
 
-def split_by_prompt(all_messages: list[list[dict]], val_size: float, seed: int) -> tuple[list[int], list[int], dict]:
+def split_by_prompt(prompts: list[str], raw_prompts: list[str], val_size: float,
+                    seed: int) -> tuple[list[int], list[int], dict]:
     """Train/validation indices such that no prompt lands on both sides.
 
-    Rows are grouped by prompt_key; whole groups are drawn at random into validation until it holds
-    round(n * val_size) rows. Returns the indices and the counts the manifest records.
+    `prompts` are the rows' prompt keys (prompt_key), `raw_prompts` digests of their prompts as
+    written. Rows are grouped by prompt key; whole groups are drawn at random into validation until
+    it holds round(n * val_size) rows. Returns the indices and the counts the manifest records.
     """
     groups: dict[str, list[int]] = {}
-    raw_prompts: dict[str, set[str]] = {}
-    for i, messages in enumerate(all_messages):
-        key = prompt_key(messages)
+    spellings: dict[str, set[str]] = {}
+    for i, (key, raw) in enumerate(zip(prompts, raw_prompts)):
         groups.setdefault(key, []).append(i)
-        raw_prompts.setdefault(key, set()).add("\n".join(m["content"] for m in messages if m["role"] == "user"))
-    n, target = len(all_messages), int(round(len(all_messages) * val_size))
+        spellings.setdefault(key, set()).add(raw)
+    n, target = len(prompts), int(round(len(prompts) * val_size))
     if n < 2 or target < 1 or len(groups) < 2:
         raise UserError(f"{n} usable rows ({len(groups)} distinct prompts) with --val-size {val_size} leave an empty "
                         "split; use more data or a different --val-size")
@@ -550,21 +564,23 @@ def split_by_prompt(all_messages: list[list[dict]], val_size: float, seed: int) 
     train = [i for key in keys for i in groups[key] if i not in chosen]
     if not train:
         raise UserError(f"{n} rows share too few prompts to leave a train split; use more data or a smaller --val-size")
-    overlap = {prompt_key(all_messages[i]) for i in train} & {prompt_key(all_messages[i]) for i in val}
+    overlap = {prompts[i] for i in train} & {prompts[i] for i in val}
     stats = {"prompt_groups": len(groups),
              "rows_sharing_a_prompt": sum(len(g) for g in groups.values() if len(g) > 1),
-             "near_duplicate_prompts": sum(len(v) - 1 for v in raw_prompts.values()),
+             "near_duplicate_prompts": sum(len(v) - 1 for v in spellings.values()),
              "validation_prompts_also_in_train": len(overlap)}
     return train, val, stats
 
 
 def content_hash(dd) -> str:
-    """A digest of what training reads (messages and answers), independent of the preview's template."""
+    """A digest of what training reads (messages and answers), independent of the preview's template;
+    read in batches, so a large dataset is never held whole as Python objects."""
     h = hashlib.sha256()
     for split in ("train", "validation"):
-        for messages, answer in zip(dd[split]["messages"], dd[split]["answer"]):
-            h.update(json.dumps([utils.clean_messages(messages), answer], sort_keys=True).encode())
-            h.update(b"\0")
+        for batch in dd[split].select_columns(["messages", "answer"]).iter(batch_size=2000):
+            for messages, answer in zip(batch["messages"], batch["answer"]):
+                h.update(json.dumps([utils.clean_messages(messages), answer], sort_keys=True).encode())
+                h.update(b"\0")
     return h.hexdigest()
 
 
@@ -601,7 +617,9 @@ def prepare(args):
     template_name, template_source = preview_template(args, tokenizer)
     formatted, kept_meta = format_dataset(raw, mapping, args, template_source, tokenizer)
     filtered, dropped, n_dupes = filter_rows(formatted, args, tokenizer)
-    train_idx, val_idx, split_stats = split_by_prompt(filtered["messages"], args.val_size, args.seed)
+    train_idx, val_idx, split_stats = split_by_prompt(filtered["_prompt"], filtered["_prompt_raw"], args.val_size,
+                                                      args.seed)
+    filtered = filtered.remove_columns(list(KEY_COLUMNS))
     dd = datasets.DatasetDict({"train": filtered.select(train_idx), "validation": filtered.select(val_idx)})
     manifest = {
         "source": source,
