@@ -446,7 +446,7 @@ def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
             reason = "empty_or_missing_turn"
         elif has_control_tokens(messages):
             reason = "control_tokens"
-        text = render_preview(messages, template, tokenizer) if not reason else ""
+        text = utils.render_chat(messages, tokenizer=tokenizer, source=template) if not reason else ""
         n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None and text else -1
         return {"messages": messages, "text": text, "answer": reference, "n_tokens": n_tokens, "_drop": reason,
                 **row_keys(messages)}
@@ -517,14 +517,6 @@ def preview_template(args, tokenizer) -> tuple[str, str]:
     if misfit:
         log.warning("--chat-template %s does not fit --tokenizer %s: %s", name, args.tokenizer, misfit)
     return name, source
-
-
-def render_preview(messages: list[dict], template_source: str, tokenizer) -> str:
-    if tokenizer is not None:
-        return tokenizer.apply_chat_template(utils.clean_messages(messages, template_source),
-                                             chat_template=template_source, tokenize=False)
-    return utils._compiled_template(template_source).render(messages=utils.clean_messages(messages, template_source),
-                                                             add_generation_prompt=False)
 
 
 def prompt_key(messages: list[dict]) -> str:

@@ -786,12 +786,14 @@ def render_chat(
     tokenizer=None,
     add_generation_prompt: bool = False,
     enable_thinking: bool | None = None,
+    source: str | None = None,
 ) -> str:
     """Render messages to text: with a tokenizer, through its own apply_chat_template (so the bytes
-    are the model's by construction); without one, a built-in template by name."""
-    if template is None and getattr(tokenizer, "chat_template", None):
+    are the model's by construction); without one, a built-in template by name. `source`, a jinja
+    template's text, overrides both names."""
+    if source is None and template is None and getattr(tokenizer, "chat_template", None):
         source = tokenizer.chat_template
-    else:
+    elif source is None:
         _, source = resolve_chat_template(template, tokenizer)
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     msgs = clean_messages(messages, source)
