@@ -78,16 +78,11 @@ def validate_args(args) -> None:
 def encode_rows(rows, tokenizer, args) -> tuple[list[dict], dict]:
     """Rows as training saw them: the same rendering and mask, and the same --long-rows policy
     (dropped rows are not scored; cut rows are scored on what is left). Returns (rows, counts)."""
-    out, over = [], 0
-    for messages in rows["messages"]:
-        enc = utils.encode_conversation(messages, tokenizer, args.train_on_responses_only)
-        if len(enc["input_ids"]) > args.max_seq_length:
-            over += 1
-            if args.long_rows == "drop":
-                continue
-            enc = {k: v[:args.max_seq_length] for k, v in enc.items()}
-        if any(label != -100 for label in enc["labels"]):
-            out.append(enc)
+    limit = args.max_seq_length
+    encoded = [utils.encode_conversation(m, tokenizer, args.train_on_responses_only, limit) for m in rows["messages"]]
+    over = sum(1 for r in encoded if r["n_tokens"] > limit)
+    out = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded
+           if utils.keeps_row(r, limit, args.long_rows)]
     if over:
         log.warning("%d of %d rows are longer than --max-seq-length %d: %s (as in training, --long-rows %s)",
                     over, len(rows), args.max_seq_length, "not scored" if args.long_rows == "drop" else "cut",

@@ -220,19 +220,17 @@ def tokenize_splits(dd, tokenizer, template_source: str, args):
     limit = args.max_seq_length
 
     def encode(row):
-        enc = utils.encode_conversation(row["messages"], tokenizer, args.train_on_responses_only)
-        ids, labels = enc["input_ids"][:limit], enc["labels"][:limit]
-        return {"input_ids": ids, "labels": labels, "n_target": sum(1 for x in labels if x != -100),
-                "n_tokens": len(enc["input_ids"])}
+        return utils.encode_conversation(row["messages"], tokenizer, args.train_on_responses_only, limit)
 
     out, counts = {}, {"policy": args.long_rows, "max_seq_length": limit}
     for split in ("train", "validation"):
         ds = dd[split]
         # In memory: no cache files written into the prepared dataset folder (shared by every rank).
         ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {split}", keep_in_memory=True)
-        over = [n > limit for n in ds["n_tokens"]]
-        no_target = [n == 0 for n in ds["n_target"]]
-        keep = [not (o and args.long_rows == "drop") and not z for o, z in zip(over, no_target)]
+        lengths = ds.select_columns(["n_tokens", "n_target"]).to_list()
+        over = [r["n_tokens"] > limit for r in lengths]
+        no_target = [r["n_target"] == 0 for r in lengths]
+        keep = [utils.keeps_row(r, limit, args.long_rows) for r in lengths]
         counts[split] = {"rows": len(ds), "over_max_seq_length": sum(over), "kept": sum(keep),
                          "longest_tokens": max(ds["n_tokens"]), "no_answer_tokens": sum(no_target)}
         if not any(keep):

@@ -868,10 +868,26 @@ def load_prepared_dataset(path: Path):
     return dd, read_json(manifest_file, "dataset manifest", "prepare the dataset again with data_preparation.py")
 
 
-def encode_conversation(messages: list[dict], tokenizer, train_on_responses_only: bool = True) -> dict[str, list[int]]:
+def encode_conversation(messages: list[dict], tokenizer, train_on_responses_only: bool = True,
+                        limit: int | None = None) -> dict:
     """One conversation as input ids and labels, rendered with the tokenizer's (training's) template.
-    Training and evaluate_model.py's perplexity share it, so both see the same tokens and mask."""
-    return tokenize_for_training(render_chat(messages, tokenizer=tokenizer), tokenizer, train_on_responses_only)
+    Training and evaluate_model.py's perplexity share it, so both see the same tokens and mask.
+
+    With `limit`, ids and labels are cut to it and the row also carries its full length
+    (`n_tokens`) and the target tokens left after the cut (`n_target`), for keeps_row.
+    """
+    enc = tokenize_for_training(render_chat(messages, tokenizer=tokenizer), tokenizer, train_on_responses_only)
+    if limit is None:
+        return enc
+    labels = enc["labels"][:limit]
+    return {"input_ids": enc["input_ids"][:limit], "labels": labels, "n_tokens": len(enc["input_ids"]),
+            "n_target": sum(1 for x in labels if x != -100)}
+
+
+def keeps_row(row: dict, limit: int, long_rows: str) -> bool:
+    """--long-rows, the same in training and evaluation: a row over `limit` goes under `drop` and
+    stays cut under `truncate`; a row with no target token left goes either way."""
+    return row["n_target"] > 0 and not (row["n_tokens"] > limit and long_rows == "drop")
 
 
 # ---------------------------------------------------------------------------------------------
