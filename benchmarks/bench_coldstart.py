@@ -123,20 +123,11 @@ def worker_stock(opts) -> dict:
 
 def worker_baseline(opts) -> dict:
     import datasets
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTTrainer
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(opts.model, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa", device_map={"": 0})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=TARGETS))
-    tok = AutoTokenizer.from_pretrained(opts.model)
+    from bench_train import qlora_baseline
+
+    model, tok = qlora_baseline(opts.model)
     return _train(SFTTrainer, model, tok, datasets.Dataset.from_list(json.loads(Path(opts.rows).read_text())), opts,
                   gradient_checkpointing=True)
 

@@ -215,22 +215,31 @@ def load_rows(path: str):
     return datasets.Dataset.from_list(json.loads(Path(path).read_text()))
 
 
-def worker_baseline(opts) -> dict:
+def qlora_baseline(model_path: str):
+    """The plain QLoRA model every baseline times: bitsandbytes NF4 (double quantisation, bf16
+    compute), SDPA, gradient checkpointing, PEFT LoRA r 16 on the seven projections. (model, tokenizer)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(opts.model, quantization_config=bnb, dtype=torch.bfloat16,
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, dtype=torch.bfloat16,
                                                  attn_implementation="sdpa", device_map={"": 0})
-    tok = AutoTokenizer.from_pretrained(opts.model)
+    tok = AutoTokenizer.from_pretrained(model_path)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"]))
+    return model, tok
+
+
+def worker_baseline(opts) -> dict:
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = qlora_baseline(opts.model)
     cfg = SFTConfig(output_dir=opts.tmp, per_device_train_batch_size=opts.micro, gradient_accumulation_steps=opts.accum,
                     max_steps=opts.steps, learning_rate=2e-4, optim="adamw_8bit", bf16=True, logging_steps=1,
                     save_strategy="no", report_to=[], gradient_checkpointing=True,
