@@ -399,12 +399,6 @@ def atomic_directory(final: str | Path, owned: Callable[[Path], bool], what: str
 _PROCESS_STARTED = time.time()
 
 
-def process_start_time() -> float:
-    """When this process started (epoch seconds), interpreter start-up and imports included:
-    from /proc where there is one, else when utils was imported."""
-    return _process_start(os.getpid(), own=False) or _PROCESS_STARTED
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -415,18 +409,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _process_start(pid: int, own: bool = True) -> float | None:
-    """When process `pid` started (epoch seconds, to a clock tick), where /proc tells; else None.
-    For this process, `own` answers with when utils was imported instead."""
-    if own and pid == os.getpid():
-        return _PROCESS_STARTED
+def process_start_time(pid: int | None = None) -> float | None:
+    """When process `pid` (default: this one) started, in epoch seconds to a clock tick, interpreter
+    start-up included; from /proc, else None (for this process: when utils was imported)."""
     try:
-        with open(f"/proc/{pid}/stat") as fh:
+        with open(f"/proc/{pid or os.getpid()}/stat") as fh:
             start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after "pid (comm)"
         with open("/proc/stat") as fh:
             boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
     except (OSError, ValueError, IndexError, StopIteration):
-        return None
+        return _PROCESS_STARTED if pid in (None, os.getpid()) else None
     return boot + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -439,7 +431,7 @@ def _partial_is_stale(tmp: Path, pid_text: str) -> bool:
         return True
     # A live pid may be a new process that reused the number (a restarted container's job often
     # gets the same small pid): a folder older than that process cannot be its work.
-    started = _process_start(pid)
+    started = _PROCESS_STARTED if pid == os.getpid() else process_start_time(pid)
     return started is not None and mtime < started - 2
 
 
