@@ -182,12 +182,12 @@ def test_pickle_adapter_is_refused(tmp_path):
 # pages from before exec, so after a test that loaded a model it reports the pytest process's peak.
 PEAK_RSS_RUNNER = """
 import atexit, runpy, sys
+report, path = sys.argv[1], sys.argv[2]
 def _peak():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
-            open(sys.argv[1], "w").write(line.split()[1])
+            open(report, "w").write(line.split()[1])
 atexit.register(_peak)
-path = sys.argv[2]
 sys.argv = sys.argv[2:]
 runpy.run_path(path, run_name="__main__")
 """
