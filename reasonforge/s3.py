@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from reasonforge.core import CorruptFile, UserError, describe_os_error, first_line, log, path_kind
 
@@ -94,7 +95,7 @@ def s3_client():
     A broken setting (endpoint, profile, region, config file) fails here, as one UserError.
     """
     attempts = s3_max_attempts()
-    try:
+    with s3_errors(None, "setup"):  # botocore raises ValueError and its own kinds here
         import boto3
         from botocore.config import Config
 
@@ -105,8 +106,6 @@ def s3_client():
             s3={"addressing_style": "path"} if os.environ.get("AWS_ENDPOINT_URL") else None,
         )
         return boto3.session.Session().client("s3", config=cfg)
-    except Exception as exc:  # botocore raises ValueError and its own kinds here; each becomes one line
-        raise explain_s3_error(exc, None, "setup") from exc
 
 
 def _explain_s3_setup(exc: Exception) -> UserError | None:
@@ -134,7 +133,8 @@ def _explain_s3_setup(exc: Exception) -> UserError | None:
 def explain_s3_error(exc: Exception, bucket: str | None, action: str) -> UserError:
     """Translate a boto3/botocore failure into one line naming the bucket and the fix.
 
-    Every S3 call of the suite goes through here, so no botocore traceback reaches a user.
+    Every S3 call of the suite goes through here (by way of s3_errors), so no botocore traceback
+    reaches a user.
     """
     from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
                                      PartialCredentialsError, ReadTimeoutError, SSLError)
@@ -186,16 +186,26 @@ def explain_s3_error(exc: Exception, bucket: str | None, action: str) -> UserErr
     return UserError(f"S3 {action} on {where} failed: {first_line(exc)}")
 
 
+@contextlib.contextmanager
+def s3_errors(bucket: str | None, action: str) -> Iterator[None]:
+    """Run S3 calls so that any failure leaves as one UserError (explain_s3_error's): every function
+    here that talks to S3 does so inside this block."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # boto raises many types; each becomes one clear line
+        raise explain_s3_error(exc, bucket, action) from exc
+
+
 def check_s3_bucket(bucket: str, action: str) -> None:
     """Fail before the work, not after it, when the bucket cannot be used with these settings.
 
     A one-key listing, not HEAD: a HEAD error has no body, so a wrong secret would read as 403.
     """
     client = s3_client()
-    try:
+    with s3_errors(bucket, action):
         client.list_objects_v2(Bucket=bucket, MaxKeys=1)
-    except Exception as exc:
-        raise explain_s3_error(exc, bucket, action) from exc
 
 
 def s3_etag_of_file(path: Path, size: int) -> str:
@@ -235,10 +245,8 @@ def _transfer_config():
 def upload_file(path: str | Path, uri: S3Uri) -> None:
     """Upload one file to the key `uri`; failures come out as one clear line."""
     client = s3_client()
-    try:
+    with s3_errors(uri.bucket, "upload"):
         client.upload_file(str(path), uri.bucket, uri.prefix, Config=_transfer_config())
-    except Exception as exc:
-        raise explain_s3_error(exc, uri.bucket, "upload") from exc
 
 
 def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "upload", progress: bool = True,
@@ -253,7 +261,7 @@ def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "uploa
     local_dir = Path(local_dir)
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name not in exclude)
     client = s3_client()
-    try:
+    with s3_errors(uri.bucket, "upload"):
         remote = list_s3_objects(client, uri)
         todo = []
         for path in files:
@@ -267,10 +275,6 @@ def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "uploa
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress or not todo) as bar:
             for path, rel, _ in todo:
                 client.upload_file(str(path), uri.bucket, uri.join(rel).prefix, Config=_transfer_config(), Callback=bar.update)
-    except UserError:
-        raise
-    except Exception as exc:  # boto raises many types; each becomes one clear line
-        raise explain_s3_error(exc, uri.bucket, "upload") from exc
     return {"uploaded": len(todo), "skipped": len(files) - len(todo), "bytes": total}
 
 
@@ -291,7 +295,7 @@ def download_prefix(uri: S3Uri | str, local_dir: str | Path, desc: str = "downlo
     uri = parse_s3_uri(uri) if isinstance(uri, str) else uri
     local_dir = Path(local_dir)
     client = s3_client()
-    try:
+    with s3_errors(uri.bucket, "download"):
         remote = list_s3_objects(client, uri)
         if not remote:
             raise UserError(f"nothing found under {uri}: check the bucket and prefix (aws s3 ls {uri}/)")
@@ -307,19 +311,13 @@ def download_prefix(uri: S3Uri | str, local_dir: str | Path, desc: str = "downlo
                 tmp = target.with_name(f".{target.name}.part")
                 client.download_file(uri.bucket, uri.join(rel).prefix, str(tmp), Config=_transfer_config(), Callback=bar.update)
                 os.replace(tmp, target)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise explain_s3_error(exc, uri.bucket, "download") from exc
     return {"downloaded": len(todo), "skipped": len(remote) - len(todo)}
 
 
 def s3_put_json(uri: S3Uri, obj: Any) -> None:
     client = s3_client()
-    try:
+    with s3_errors(uri.bucket, "upload"):
         client.put_object(Bucket=uri.bucket, Key=uri.prefix, Body=json.dumps(obj, indent=2).encode())
-    except Exception as exc:
-        raise explain_s3_error(exc, uri.bucket, "upload") from exc
 
 
 def s3_get_json(uri: S3Uri) -> Any | None:
@@ -327,14 +325,13 @@ def s3_get_json(uri: S3Uri) -> Any | None:
     from botocore.exceptions import ClientError
 
     client = s3_client()
-    try:
-        body = client.get_object(Bucket=uri.bucket, Key=uri.prefix)["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
-        raise explain_s3_error(exc, uri.bucket, "download") from exc
-    except Exception as exc:
-        raise explain_s3_error(exc, uri.bucket, "download") from exc
+    with s3_errors(uri.bucket, "download"):
+        try:
+            body = client.get_object(Bucket=uri.bucket, Key=uri.prefix)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
     try:
         obj = json.loads(body)
     except ValueError as exc:
@@ -346,11 +343,9 @@ def list_s3_subfolders(uri: S3Uri) -> list[str]:
     client = s3_client()
     prefix = uri.prefix + "/" if uri.prefix else ""
     names = []
-    try:
+    with s3_errors(uri.bucket, "list"):
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix, Delimiter="/"):
             names += [p["Prefix"][len(prefix):].strip("/") for p in page.get("CommonPrefixes", [])]
-    except Exception as exc:
-        raise explain_s3_error(exc, uri.bucket, "list") from exc
     return names
 
 
