@@ -219,7 +219,8 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
     tokenizer.padding_side = "left"
     kwargs = settings.generate_kwargs(tokenizer, model)
     stops = set(kwargs["eos_token_id"])
-    order = sorted(range(len(conversations)), key=lambda i: -len(str(conversations[i])))  # similar lengths together
+    # Longest first, so that each batch holds conversations of like length and pads little.
+    order = sorted(range(len(conversations)), key=lambda i: -len(str(conversations[i])))
     by_index: dict[int, dict] = {}
     with tqdm(total=len(conversations), desc=desc, unit="prompt", disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
