@@ -10,6 +10,8 @@ from reasonforge.core import UserError, first_line, log, path_kind, read_json
 from reasonforge.rundirs import atomic_directory, output_dir_problem
 from reasonforge.s3 import fetch_if_s3
 
+RUN_INFO_FILE = "reasonforge.json"  # written beside an adapter: base model, template, backend
+
 
 def gpu_memory_stats(device: int | None = None) -> dict[str, float]:
     """Allocated / reserved / peak / total GiB of the current CUDA device; {} without CUDA."""
@@ -36,9 +38,6 @@ def format_memory_stats(stats: dict[str, float]) -> str:
         f"GPU memory: {stats['allocated_gib']:.2f} GiB allocated, {stats['reserved_gib']:.2f} reserved, "
         f"{stats['peak_gib']:.2f} peak of {stats['total_gib']:.1f} GiB"
     )
-
-
-RUN_INFO_FILE = "reasonforge.json"  # written beside an adapter: base model, template, backend
 
 
 def cuda_available() -> bool:
