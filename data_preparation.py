@@ -212,8 +212,7 @@ def load_source(args):
         n = args.max_samples or 3000
         return datasets.Dataset.from_list(sample_data.sample_rows(n, seed=1234, level=name)), f"builtin:{name}"
     path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in FILE_TYPES
-    if looks_local:
+    if utils.path_kind(name) == "local" or path.suffix.lower() in FILE_TYPES:
         if not path.exists():
             raise UserError(f"dataset path {name!r} does not exist; pass a file, a folder, a Hub id or 'sample'")
         return load_local(path, args.split), f"local:{path.resolve()}"

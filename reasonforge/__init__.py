@@ -1,1 +1,1 @@
-"""Pieces of ReasonForge train that more than one script needs but that are not glue (see utils.py)."""
+"""The jobs behind utils.py and the scripts, one module each; utils.py re-exports what the scripts share."""

@@ -12,6 +12,7 @@ import pytest
 
 import data_preparation as dp
 import evaluate_model as ev
+import reasonforge.s3
 import test_model as tm
 import train_lora
 import utils
@@ -105,7 +106,7 @@ def test_s3_outage_during_upload_then_retry_completes(tmp_path, own_s3, monkeypa
             if len(uploads) == 1:
                 own_s3.stop()  # the server goes away in the middle of the upload
 
-    monkeypatch.setattr(utils, "s3_client", StopAfterFirstFile)
+    monkeypatch.setattr(reasonforge.s3, "s3_client", StopAfterFirstFile)  # where upload_directory finds it
     out = tmp_path / "prepared"
     argv = ["--dataset", "sample", "--max-samples", "200", "--output-dir", str(out), "--s3-bucket", "outage",
             "--s3-prefix", "datasets/outage"]
@@ -115,7 +116,7 @@ def test_s3_outage_during_upload_then_retry_completes(tmp_path, own_s3, monkeypa
     assert len(uploads) == 1
 
     own_s3.start()
-    monkeypatch.setattr(utils, "s3_client", real_client)
+    monkeypatch.setattr(reasonforge.s3, "s3_client", real_client)
     assert dp.main(argv) == 0
     remote = utils.list_s3_objects(utils.s3_client(), utils.S3Uri("outage", "datasets/outage"))
     local = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}

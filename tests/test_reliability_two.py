@@ -16,6 +16,7 @@ import pytest
 
 import data_preparation as dp
 import evaluate_model as ev
+import reasonforge.generation
 import test_model as tm
 import train_lora
 import utils
@@ -50,7 +51,8 @@ def no_model_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(utils, "load_model", refuse)
+    monkeypatch.setattr(utils, "load_model", refuse)  # training's call
+    monkeypatch.setattr(reasonforge.generation, "load_model", refuse)  # evaluation's and chat's, via load_for_inference
 
 
 def train_argv(model, data, out, *extra):

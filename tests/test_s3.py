@@ -5,6 +5,7 @@ import os
 import pytest
 
 import data_preparation as dp
+import reasonforge.s3
 import utils
 
 pytestmark = pytest.mark.s3
@@ -44,8 +45,8 @@ def test_upload_download_round_trip_and_skip(s3_env, tmp_path):
 
 
 def test_multipart_upload_etag_matches(s3_env, tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
-    monkeypatch.setattr(utils, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr(reasonforge.s3, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(reasonforge.s3, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
     src = tmp_path / "big"
     src.mkdir()
     (src / "weights.bin").write_bytes(os.urandom(12 * 1024 * 1024))

