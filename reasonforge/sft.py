@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import utils
-from reasonforge import acceleration
 from utils import UserError
 
 log = logging.getLogger("reasonforge.train")
@@ -32,9 +31,11 @@ class Data:
     rows: dict | None  # rows per split over --max-seq-length, dropped or cut: the banner and training_config.json
 
     @classmethod
-    def given(cls, train, validation) -> Data:
-        """Rows already tokenized (input_ids, labels) by the caller, such as the benchmark."""
-        return cls(train, validation, "given", "", {}, None)
+    def given(cls, train: list[dict], validation: list[dict]) -> Data:
+        """Rows the caller tokenized itself (input_ids, labels), such as the benchmark's."""
+        import datasets
+
+        return cls(datasets.Dataset.from_list(train), datasets.Dataset.from_list(validation), "given", "", {}, None)
 
 
 def load_dataset(config):
@@ -166,8 +167,7 @@ def build_trainer(run, callbacks: list):
     """The SFT trainer for `run`, with `callbacks` (the stock console printers removed)."""
     from trl import SFTConfig
 
-    c, batch = run.config, run.batch
-    precision = acceleration.precision_plan(run.backend, batch.gradient_checkpointing)
+    c, batch, precision = run.config, run.batch, run.precision
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(c.output_dir) / "logs")
     config = SFTConfig(
         output_dir=c.output_dir, run_name=c.run_name, seed=c.seed, data_seed=c.seed,

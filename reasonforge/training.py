@@ -107,6 +107,7 @@ class Run:
     tokenizer: Any
     data: sft.Data
     batch: acceleration.BatchPlan
+    precision: dict  # the Trainer's bf16/fp16/use_cpu and checkpointing switches
     parameters: tuple[int, int]  # (trainable, total)
     optim: str
     optim_reason: str
@@ -140,7 +141,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     """Everything before the first step; prints the banner and writes training_config.json (rank 0).
 
     `argv` is the command line the SIGTERM message repeats (default sys.argv); `pretokenized`, a
-    (train, validation) pair of input_ids/labels rows, stands in for --dataset-path.
+    (train, validation) pair of lists of input_ids/labels rows, stands in for --dataset-path.
     """
     backend, backend_reason = utils.choose_backend(config.backend)
     if backend == "unsloth":
@@ -171,7 +172,8 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
                                            done=checkpoints.checkpoint_step(Path(resume)) if resume else 0)
         run = Run(config=config, state=state, guard=guard, backend=backend, backend_reason=backend_reason,
                   dtype=info.get("dtype"), load_in_4bit=info.get("load_in_4bit"), model=model, tokenizer=tokenizer,
-                  data=data, batch=batch, parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
+                  data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),
+                  parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
                   packed_attention=route, compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps),
                   resume=resume, cleanup=cleanup)
         if run.main_rank:
