@@ -425,6 +425,24 @@ def test_packed_attention_route_respects_unsloth_switch(monkeypatch):
     assert d._TORCH_VARLEN_ATTN is None
 
 
+def test_what_setup_changes_outside_the_run_is_undone_however_it_ends(tmp_path, tiny_model, repeated_dataset,
+                                                                     monkeypatch):
+    """The packed-attention routing writes Unsloth's module state; it is put back when the training
+    loop ends (before the outputs are written), and at once when setup fails after it."""
+    undone = []
+    real = acceleration.configure_packed_attention
+
+    def recorded(packing, backend, model):
+        route, undo = real(packing, backend, model)
+        return route, lambda: (undo(), undone.append((tmp_path / "ok" / "final_model").exists()))
+
+    monkeypatch.setattr(acceleration, "configure_packed_attention", recorded)
+    code, _ = train(tmp_path, tiny_model, repeated_dataset, "--max-steps", "2", out="ok")
+    assert code == 0 and undone == [False] and (tmp_path / "ok" / "final_model").is_dir()
+    code, _ = train(tmp_path, tiny_model, repeated_dataset, "--max-steps", "2", "--max-seq-length", "16", out="bad")
+    assert code == 2 and len(undone) == 2
+
+
 def test_micro_batching_does_not_change_the_loss_curve(tmp_path, tiny_model, sample_dataset):
     """What --auto-batch changes (micro-batch x accumulation at the same product) leaves the
     per-step losses as they were: the loss is a token-level mean over the whole effective batch."""
