@@ -8,9 +8,10 @@ micro-batch 2, gradient accumulation 4, LoRA r 16 on the seven projections, adam
 
 - baseline: transformers + bitsandbytes NF4 (double quantisation, bf16 compute) + PEFT + SDPA
   + gradient checkpointing + TRL SFTTrainer, written out here on purpose;
-- suite: the functions train_lora.py runs (configure_compiler, utils.load_model,
-  configure_packed_attention, attach_lora, build_trainer);
-- suite-auto: the same with --auto-batch's plan.
+- suite: train_lora.py's own run, its flags parsed and validated by the script and then
+  reasonforge.training's setup, train and finish, on this file's rows (--graph-wrapper cpp, the
+  choice of long runs);
+- suite-auto: the same with --auto-batch.
 
 `--parts profile` traces one optimizer step of each with torch.profiler and reports where the
 GPU time goes and how long the GPU sat idle (`profilepacked`: one packed step of the suite);
@@ -82,6 +83,14 @@ def varlen_rows(n: int, seq: int, seed: int = 0) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a clock read after it covers that work (a no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timing_callback(warmup: int, store: dict):
     from transformers import TrainerCallback
 
@@ -89,17 +98,13 @@ def timing_callback(warmup: int, store: dict):
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            import torch
-
             if state.global_step == warmup:
-                torch.cuda.synchronize()
+                synchronize()
                 store["t0"], store["tok0"] = time.perf_counter(), state.num_input_tokens_seen
                 store["graphs0"] = compiled_graphs()
 
         def on_step_end(self, args, state, control, **kw):
-            import torch
-
-            torch.cuda.synchronize()
+            synchronize()
             now = time.perf_counter()
             if state.global_step > warmup:  # per-step times show compilation or stalls inside the window
                 store.setdefault("step_seconds", []).append(round(now - store["t1"], 4))
@@ -251,48 +256,45 @@ def worker_baseline(opts) -> dict:
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=load_rows(opts.data), processing_class=tok,
                          callbacks=[measure_callback(opts, store)])
     trainer.train()
-    return finish(store, trainer, model)
+    return measurements(store, trainer, model)
 
 
 def worker_suite(opts) -> dict:
-    import utils
-
-    utils.import_unsloth_first()
-    import torch
-
+    """train_lora.py's own run on the benchmark's rows: the script's flags and checks, then
+    reasonforge.training's setup, train and finish, with the timer beside the run's own callbacks."""
     import train_lora
+    import utils
+    from reasonforge import training
 
-    train_lora.configure_compiler("unsloth", "cpp")  # the steady-rate parts time the long-run choice
-
-    argv = ["--model-name", opts.model, "--backend", "unsloth", "--max-seq-length", str(SEQ), "--batch-size",
+    # --graph-wrapper cpp: the steady-rate parts time the long-run choice.
+    argv = ["--model-name", opts.model, "--backend", opts.backend, "--max-seq-length", str(SEQ), "--batch-size",
             str(opts.micro), "--gradient-accumulation-steps", str(opts.accum), "--max-steps", str(opts.steps),
-            "--save-steps", "1000000", "--optim", "adamw_8bit", "--output-dir", opts.tmp, "--seed", "0",
-            "--gradient-checkpointing", opts.checkpointing]
+            "--save-steps", "1000000", "--optim", opts.optim, "--output-dir", str(Path(opts.tmp) / "train_lora"), "--run-name", "bench",
+            "--seed", "0", "--gradient-checkpointing", opts.checkpointing, "--graph-wrapper", "cpp"]
     if opts.packing:
         argv.append("--packing")
     if opts.auto_batch:
         argv += ["--auto-batch"] + (["--gpu-memory-gib", str(opts.gpu_memory_gib)] if opts.gpu_memory_gib else [])
     args = train_lora.build_parser().parse_args(argv)
-    args.run_name = "bench"
-    model, tok, info = utils.load_model(opts.model, backend="unsloth", max_seq_length=SEQ)
-    route = train_lora.configure_packed_attention(args, model, info)
-    plan = train_lora.apply_auto_batch(args, model, info)
-    model = train_lora.attach_lora(model, info, args)
-    rows = load_rows(opts.data)
+    utils.setup_logging(args.verbose)
+    train_lora.validate_args(args)
+    rows = json.loads(Path(opts.data).read_text())
     store: dict = {"trace": opts.trace_file or str(Path(opts.tmp) / "trace.json.gz")}
-    torch.cuda.reset_peak_memory_stats()
-    trainer = train_lora.build_trainer(model, tok, rows, rows.select(range(2)), args,
-                                       train_lora.precision_plan(info, args.gradient_checkpointing), "adamw_8bit")
-    trainer.add_callback(measure_callback(opts, store))
-    trainer.train()
-    return {**finish(store, trainer, model), "plan": plan, "packed_attention": route}
+    try:
+        run = training.setup(training.TrainConfig.from_args(args), argv, pretokenized=(rows, rows[:2]))
+        result = training.train(run, callbacks=[measure_callback(opts, store)])
+        training.finish(run, result)
+    finally:
+        utils.RunLock.release_all()  # train_lora.main's cli_entry does this for the script
+    return {**measurements(store, result.trainer, run.model), "plan": run.batch.auto,
+            "packed_attention": run.packed_attention}
 
 
 def measure_callback(opts, store: dict):
     return profile_callback(opts.warmup, store) if opts.profile else timing_callback(opts.warmup, store)
 
 
-def finish(store: dict, trainer, model) -> dict:
+def measurements(store: dict, trainer, model) -> dict:
     import torch
 
     if "profile" in store:
@@ -420,6 +422,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro", type=int, default=MICRO)
     p.add_argument("--accum", type=int, default=ACCUM)
     p.add_argument("--checkpointing", default="unsloth")
+    p.add_argument("--backend", default="unsloth", help="suite worker: hf checks the wiring on a CPU")
+    p.add_argument("--optim", default="adamw_8bit")
     p.add_argument("--packing", type=int, default=0)
     p.add_argument("--profile", type=int, default=0)
     p.add_argument("--trace-file", default="")

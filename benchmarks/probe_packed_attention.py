@@ -24,7 +24,7 @@ utils.import_unsloth_first()
 import torch  # noqa: E402
 from unsloth.utils import attention_dispatch as dispatch  # noqa: E402
 
-import train_lora  # noqa: E402
+from reasonforge import acceleration  # noqa: E402
 from bench_train import chat_length  # noqa: E402
 
 HEADS, KV_HEADS, DIM, LAYERS, ROW = 16, 2, 128, 36, 4096
@@ -53,7 +53,8 @@ def main() -> int:
     print("lengths", lengths)
     q = torch.randn(1, HEADS, ROW, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, KV_HEADS, ROW, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
-    print("route", train_lora.route_packed_attention(dispatch, train_lora.flash_varlen_available()))
+    route, undo = acceleration.route_packed_attention(dispatch, acceleration.flash_varlen_available())
+    print("route", route)
     groups = HEADS // KV_HEADS
     print("takes", dispatch._torch_varlen_takes(q, k, v, {}, True, None),
           "beats", dispatch._torch_varlen_beats_segments(q, k, tuple(lengths), groups, True))
@@ -78,6 +79,7 @@ def main() -> int:
             out.backward(torch.ones_like(out))
         torch.cuda.synchronize()
         print(f"{name}: {LAYERS} layers fwd+bwd {1e3 * (time.perf_counter() - t):.1f} ms")
+    undo()
     return 0
 
 

@@ -116,7 +116,7 @@ def load_model(
 
     Returns (model, tokenizer, info) where info names the backend, why it was chosen,
     the dtype and whether 4-bit is on. Training attaches fresh adapters itself (see
-    `train_lora.attach_lora`); evaluation and chat pass `adapter_path`.
+    `reasonforge.training.attach_lora`); evaluation and chat pass `adapter_path`.
     """
     backend, reason = choose_backend(backend)
     check_model_path(model_name)

@@ -140,3 +140,29 @@ def test_envpair_needs_a_variant_and_its_own_call(tmp_path):
     with pytest.raises(SystemExit, match="separate calls"):
         bench_train.main(["--parts", "fixed,envpair", "--variant-env", "X=1", "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []  # refused before building a model or writing results
+
+
+def test_suite_worker_is_train_lora_own_run(tmp_path, tiny_model):
+    """The suite's numbers are the product's: its worker parses train_lora.py's flags and runs
+    reasonforge.training's setup, train and finish (here on CPU, with the hf backend)."""
+    import subprocess
+
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(bench_train.fixed_rows(24, 64)))
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(bench_train.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, bench_train.__file__, "--worker", "suite", "--model", str(tiny_model),
+                           "--data", str(data), "--tmp", str(tmp_path / "w"), "--backend", "hf", "--optim", "adamw_torch",
+                           "--steps", "4", "--warmup", "1", "--micro", "2", "--accum", "2", "--checkpointing", "off"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["steps_measured"] == 3 and result["tokens"] == 3 * 2 * 2 * 64 and result["tokens_per_s"] > 0
+    assert len(result["losses"]) == 4 and result["packed_attention"] == "not packing" and result["plan"] is None
+    run = tmp_path / "w" / "train_lora"
+    config = json.loads((run / "training_config.json").read_text())
+    assert config["arguments"]["graph_wrapper"] == "cpp" and config["arguments"]["run_name"] == "bench"
+    assert config["chat_template"] == "given" and config["optim"] == "adamw_torch"
+    metrics = json.loads((run / "training_metrics.json").read_text())
+    assert [h["loss"] for h in metrics["history"] if "loss" in h] == result["losses"]
+    assert (run / "final_model" / "adapter_model.safetensors").is_file()
+    assert "Parameters:" in proc.stdout and "Steps: 4," in proc.stdout  # the script's banner and summary

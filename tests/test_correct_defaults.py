@@ -9,6 +9,7 @@ import data_preparation as dp
 import evaluate_model as ev
 import train_lora
 import utils
+from reasonforge import sft, training
 
 
 def seed_style_rows(n=24):
@@ -43,11 +44,11 @@ def test_training_renders_with_the_models_own_template(tmp_path, seed_prepared, 
     model = tiny_qwen25 if family == "qwen2.5" else tiny_model
     base_tok = AutoTokenizer.from_pretrained(str(model))
     dd, manifest = utils.load_prepared_dataset(seed_prepared)
-    args = train_lora.build_parser().parse_args(["--model-name", str(model)])
-    name, source = train_lora.choose_template(args, manifest, base_tok)
+    config = training.TrainConfig.from_args(train_lora.build_parser().parse_args(["--model-name", str(model)]))
+    name, source = sft.choose_template(config, manifest, base_tok)
     assert source == base_tok.chat_template
     tok = AutoTokenizer.from_pretrained(str(model))
-    train_ds, _, _ = train_lora.tokenize_splits(dd, tok, source, args)
+    train_ds, _, _ = sft.tokenize_splits(dd, tok, source, config)
     for row, messages in zip(train_ds, dd["train"]["messages"]):
         expected = base_tok.apply_chat_template(utils.clean_messages(messages, source), tokenize=False)
         assert tok.decode(row["input_ids"]) == expected

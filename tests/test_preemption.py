@@ -19,7 +19,7 @@ import pytest
 
 import data_preparation as dp
 import train_lora
-from reasonforge import callbacks
+from reasonforge import callbacks, checkpoints, preemption
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,12 +79,12 @@ def test_sigterm_mid_training_checkpoints_locally_and_on_s3_and_resumes_to_same_
     step = max(logged_steps(run))
     assert 3 <= step < 16
     ckpt = run / f"checkpoint-{step}"
-    assert train_lora.checkpoint_problem(ckpt) is None  # complete, with the marker
+    assert checkpoints.checkpoint_problem(ckpt) is None  # complete, with the marker
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_config.json"} <= {
         p.name for p in ckpt.iterdir()}
     assert not (run / "final_model").exists()
     run_uri = utils.S3Uri(s3_env, "adapters/spot")
-    assert train_lora.s3_complete_checkpoints(run_uri) == [step]
+    assert checkpoints.s3_complete_checkpoints(run_uri) == [step]
     remote = utils.list_s3_objects(utils.s3_client(), run_uri.join("checkpoints", ckpt.name))
     assert set(remote) == {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
     assert f"stopped by SIGTERM at step {step}: checkpoint saved to {ckpt}" in out
@@ -123,26 +123,24 @@ def test_sigterm_during_evaluation_checkpoints_that_step(tmp_path, tiny_model, s
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 143, out[-3000:]
     assert f"stopped by SIGTERM at step 4: checkpoint saved to {run / 'checkpoint-4'}" in out
-    assert train_lora.checkpoint_problem(run / "checkpoint-4") is None
+    assert checkpoints.checkpoint_problem(run / "checkpoint-4") is None
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]
     state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and max(h["step"] for h in state["log_history"]) == 4
     # The resume point: latest picks it.
-    args = train_lora.build_parser().parse_args(["--output-dir", str(run), "--resume-from-checkpoint", "latest"])
-    args.run_name = "run"
-    assert train_lora.resolve_resume(args, run) == str(run / "checkpoint-4")
+    assert checkpoints.resolve_resume("latest", run, run_uri=None) == str(run / "checkpoint-4")
 
 
 @pytest.mark.s3
 def test_sigterm_during_checkpoint_upload_stops_on_that_checkpoint(tmp_path, tiny_model, sample_dataset, s3_env,
                                                                     monkeypatch, capsys):
-    real_upload = train_lora.upload_checkpoint
+    real_upload = checkpoints.upload_checkpoint
 
     def upload_then_signal(ckpt, run_uri):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while the upload is under way
         real_upload(ckpt, run_uri)
 
-    monkeypatch.setattr(train_lora, "upload_checkpoint", upload_then_signal)
+    monkeypatch.setattr(checkpoints, "upload_checkpoint", upload_then_signal)
     run = tmp_path / "run"
     code = train_lora.main(train_argv(tiny_model, sample_dataset, run, "--save-steps", "4", "--s3-bucket", s3_env,
                                       "--run-name", "upl"))
@@ -150,7 +148,7 @@ def test_sigterm_during_checkpoint_upload_stops_on_that_checkpoint(tmp_path, tin
     assert code == 143
     assert f"stopped by SIGTERM at step 4: checkpoint saved to {run / 'checkpoint-4'} and s3://{s3_env}/adapters/upl" in err
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]  # no second save, no step 5
-    assert train_lora.s3_complete_checkpoints(utils.S3Uri(s3_env, "adapters/upl")) == [4]
+    assert checkpoints.s3_complete_checkpoints(utils.S3Uri(s3_env, "adapters/upl")) == [4]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
     # The watchdog stood down with the loop: alive, it would end this process 90 s later.
     import threading
@@ -199,9 +197,9 @@ def test_sigterm_before_training_stops_at_once_with_the_resume_command(tmp_path,
 
 
 def test_resume_command_replaces_any_resume_flag():
-    cmd = train_lora.resume_command(["--output-dir", "out dir", "--resume-from-checkpoint", "ckpt", "--lora-r", "8"])
+    cmd = preemption.resume_command(["--output-dir", "out dir", "--resume-from-checkpoint", "ckpt", "--lora-r", "8"])
     assert cmd == "python train_lora.py --output-dir 'out dir' --lora-r 8 --resume-from-checkpoint latest"
-    cmd = train_lora.resume_command(["--resume-from-checkpoint=x", "--seed", "1"])
+    cmd = preemption.resume_command(["--resume-from-checkpoint=x", "--seed", "1"])
     assert cmd == "python train_lora.py --seed 1 --resume-from-checkpoint latest"
 
 

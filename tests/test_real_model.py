@@ -9,6 +9,7 @@ import data_preparation as dp
 import test_model as tm
 import train_lora
 import utils
+from reasonforge import sft, training
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +28,10 @@ def test_smollm2_keeps_its_template_and_stops_cleanly(tmp_path, demo_model):
     assert "<think>" not in base_tok.chat_template
     # What training fed the model is what the model's own template renders, system prompt included.
     dd, manifest = utils.load_prepared_dataset(data)
-    args = train_lora.build_parser().parse_args(["--model-name", str(demo_model)])
-    _, source = train_lora.choose_template(args, manifest, base_tok)
+    config = training.TrainConfig.from_args(train_lora.build_parser().parse_args(["--model-name", str(demo_model)]))
+    _, source = sft.choose_template(config, manifest, base_tok)
     tok = AutoTokenizer.from_pretrained(str(demo_model))
-    rows, _, _ = train_lora.tokenize_splits(dd, tok, source, args)
+    rows, _, _ = sft.tokenize_splits(dd, tok, source, config)
     expected = base_tok.apply_chat_template(utils.clean_messages(dd["train"][0]["messages"], source), tokenize=False)
     assert tok.decode(rows[0]["input_ids"]) == expected and "named SmolLM" in expected
     instructions = tmp_path / "i.json"

@@ -15,6 +15,7 @@ import evaluate_model as ev
 import reasonforge.s3
 import test_model as tm
 import train_lora
+from reasonforge import checkpoints
 import utils
 from conftest import S3Server, S3_KEY_ID, S3_SECRET
 
@@ -39,7 +40,7 @@ def test_sigkill_after_checkpoint_then_resume_matches(tmp_path, tiny_model, samp
 
     killed = tmp_path / "killed"
     proc = script("train_lora.py", *train_args(tiny_model, sample_dataset, killed))
-    marker = killed / "checkpoint-4" / train_lora.CHECKPOINT_MARKER
+    marker = killed / "checkpoint-4" / checkpoints.CHECKPOINT_MARKER
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -19,6 +19,7 @@ import evaluate_model as ev
 import reasonforge.generation
 import test_model as tm
 import train_lora
+from reasonforge import checkpoints, sft
 import utils
 from conftest import S3_KEY_ID, S3_SECRET
 
@@ -447,7 +448,7 @@ def test_prompt_plus_reply_is_clipped_to_the_context(caplog):
 
 def poison_after_step(monkeypatch, step: int):
     """From `step` on, the loss (and so every gradient and weight) becomes NaN, as in a diverged run."""
-    original = train_lora.sft_trainer_class
+    original = sft.sft_trainer_class
 
     def patched():
         base = original()
@@ -461,7 +462,7 @@ def poison_after_step(monkeypatch, step: int):
 
         return Diverging
 
-    monkeypatch.setattr(train_lora, "sft_trainer_class", patched)
+    monkeypatch.setattr(sft, "sft_trainer_class", patched)
 
 
 def test_nan_loss_stops_the_run_and_names_the_last_good_checkpoint(tmp_path, tiny_model, sample_dataset,
@@ -493,7 +494,7 @@ def test_a_checkpoint_of_nan_weights_is_not_resumed(tmp_path, checkpointed_run):
     size = weights.stat().st_size
     save_file(tensors, str(weights), metadata={"format": "pt"})
     assert weights.stat().st_size == size
-    assert "adapter weights hold NaN or inf" in train_lora.checkpoint_problem(run / "checkpoint-8")
+    assert "adapter weights hold NaN or inf" in checkpoints.checkpoint_problem(run / "checkpoint-8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,15 +569,12 @@ def test_lock_is_released_when_the_run_fails(tmp_path, tiny_model, sample_datase
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["trainer_state.json", train_lora.CHECKPOINT_MARKER])
+@pytest.mark.parametrize("name", ["trainer_state.json", checkpoints.CHECKPOINT_MARKER])
 def test_garbage_checkpoint_metadata(tmp_path, checkpointed_run, name, caplog):
     run = tmp_path / "run"
     shutil.copytree(checkpointed_run, run)
     (run / "checkpoint-8" / name).write_text("{{{ not json")
-    args = train_lora.build_parser().parse_args(["--output-dir", str(run), "--resume-from-checkpoint", "latest"])
-    args.run_name = "r"
-    assert train_lora.resolve_resume(args, run) == str(run / "checkpoint-4")
+    assert checkpoints.resolve_resume("latest", run, run_uri=None) == str(run / "checkpoint-4")
     assert f"skipping {run / 'checkpoint-8'}" in caplog.text and "is not valid JSON" in caplog.text
-    args.resume_from_checkpoint = str(run / "checkpoint-8")
     with pytest.raises(utils.UserError, match=r"cannot resume from .*checkpoint-8: .* is not valid JSON"):
-        train_lora.resolve_resume(args, run)
+        checkpoints.resolve_resume(str(run / "checkpoint-8"), run, run_uri=None)

@@ -8,6 +8,7 @@ import pytest
 
 import data_preparation as dp
 import train_lora
+from reasonforge import checkpoints
 
 
 def base_argv(model, data, out):
@@ -39,7 +40,7 @@ def test_checkpoint_carries_the_run_settings(finished_run):
     for ckpt in ("checkpoint-2", "checkpoint-4"):
         copy = json.loads((finished_run / ckpt / "training_config.json").read_text())
         assert copy["arguments"]["lora_r"] == 16 and copy["dataset_manifest_sha256"]
-        assert "training_config.json" in json.loads((finished_run / ckpt / train_lora.CHECKPOINT_MARKER).read_text())["files"]
+        assert "training_config.json" in json.loads((finished_run / ckpt / checkpoints.CHECKPOINT_MARKER).read_text())["files"]
 
 
 def test_adapter_shape_change_refused_before_config_is_written(run_copy, tiny_model, sample_dataset, capsys):
@@ -102,18 +103,18 @@ def config(**arguments):
 
 
 def test_resume_differences_sorts_refusals_from_notes():
-    refused, notes = train_lora.resume_differences(config(target_modules="v_proj, q_proj"), config())
+    refused, notes = checkpoints.resume_differences(config(target_modules="v_proj, q_proj"), config())
     assert refused == [] and notes == []  # the same modules in another order and spacing
-    refused, _ = train_lora.resume_differences(
+    refused, _ = checkpoints.resume_differences(
         config(packing=True, optim="adamw_torch", chat_template_sha256="b" * 64, model_name="other"), config())
     assert refused == ["--model-name other (checkpoint: m)", "--packing True (checkpoint: False)",
                        "--optim adamw_torch (checkpoint: adamw_8bit)", "chat template bbbbbbbbbbbb (checkpoint: aaaaaaaaaaaa)"]
-    _, notes = train_lora.resume_differences(config(batch_size=8, gradient_accumulation_steps=1), config())
+    _, notes = checkpoints.resume_differences(config(batch_size=8, gradient_accumulation_steps=1), config())
     assert notes[0]["text"].startswith("batch (--batch-size x --gradient-accumulation-steps x processes) 8 x 1 "
                                        "differs from the checkpoint's 2 x 4: takes effect; same effective batch")
-    _, notes = train_lora.resume_differences({**config(batch_size=1), "processes": 2}, config())
+    _, notes = checkpoints.resume_differences({**config(batch_size=1), "processes": 2}, config())
     assert "1 x 4 x 2 differs from the checkpoint's 2 x 4: takes effect; same effective batch" in notes[0]["text"]
-    _, notes = train_lora.resume_differences(config(batch_size=4, learning_rate=1e-4, weight_decay=0.0, seed=1), config())
+    _, notes = checkpoints.resume_differences(config(batch_size=4, learning_rate=1e-4, weight_decay=0.0, seed=1), config())
     text = [n["text"] for n in notes]
     assert "rows of the current epoch are repeated or skipped" in text[0]
     assert "--learning-rate 0.0001 differs from the checkpoint's 0.0002: the restored optimizer and scheduler keep 0.0002's schedule" in text

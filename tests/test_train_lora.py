@@ -8,8 +8,12 @@ import pytest
 
 import data_preparation as dp
 import train_lora
-from reasonforge import callbacks
+from reasonforge import acceleration, callbacks, checkpoints, outputs, sft, training
 import utils
+
+
+def config(*argv) -> training.TrainConfig:
+    return training.TrainConfig.from_args(train_lora.build_parser().parse_args(list(argv)))
 
 
 def train(tmp_path, model, data, *extra, out="run"):
@@ -36,24 +40,24 @@ def repeated_dataset(tmp_path_factory):
 def trained_run(tmp_path_factory, tiny_model, repeated_dataset):
     tmp = tmp_path_factory.mktemp("trained")
     captured = {}
-    original = train_lora.save_final_model
+    original = outputs.save_final_model
 
-    def capture(trainer, tokenizer, args, run_info):
+    def capture(run, trainer):
         import torch
 
         trainer.model.eval()
-        ids = torch.tensor([tokenizer("<|im_start|>user\nWhat is 3 plus 3?<|im_end|>\n")["input_ids"]])
+        ids = torch.tensor([run.tokenizer("<|im_start|>user\nWhat is 3 plus 3?<|im_end|>\n")["input_ids"]])
         with torch.no_grad():
             captured["logits"] = trainer.model(input_ids=ids).logits.clone()
         captured["ids"] = ids
-        return original(trainer, tokenizer, args, run_info)
+        return original(run, trainer)
 
-    train_lora.save_final_model = capture
+    outputs.save_final_model = capture
     try:
         code, out = train(tmp, tiny_model, repeated_dataset, "--num-epochs", "12", "--learning-rate", "1e-2",
                           "--lora-r", "8", "--lora-alpha", "16")
     finally:
-        train_lora.save_final_model = original
+        outputs.save_final_model = original
     assert code == 0
     return out, captured
 
@@ -133,9 +137,9 @@ def test_masking_in_training_rows(tiny_model, repeated_dataset):
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     dd, manifest = utils.load_prepared_dataset(repeated_dataset)
-    args = train_lora.build_parser().parse_args(["--max-seq-length", "256"])
-    name, source = train_lora.choose_template(args, manifest, tok)
-    train_ds, _, counts = train_lora.tokenize_splits(dd, tok, source, args)
+    cfg = config("--max-seq-length", "256")
+    name, source = sft.choose_template(cfg, manifest, tok)
+    train_ds, _, counts = sft.tokenize_splits(dd, tok, source, cfg)
     assert name == "model" and counts["train"]["over_max_seq_length"] == 0
     row, msgs = train_ds[0], dd["train"][0]["messages"]
     target = tok.decode([t for t in row["labels"] if t != -100])
@@ -181,11 +185,9 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, tiny_model, repeated_d
     assert code == 0
     newest = out / "checkpoint-8" / "adapter_model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])
-    args = train_lora.build_parser().parse_args(["--output-dir", str(out), "--resume-from-checkpoint", "latest"])
-    args.run_name = "x"
     capsys.readouterr()
     # 8 training rows at batch 4 make a 2-step epoch, and every epoch end is validated and saved.
-    assert train_lora.resolve_resume(args, out) == str(out / "checkpoint-6")
+    assert checkpoints.resolve_resume("latest", out, run_uri=None) == str(out / "checkpoint-6")
     err = capsys.readouterr().err  # the suite's logger does not propagate to pytest's root handler
     assert "skipping" in err and "truncated" in err
 
@@ -197,7 +199,7 @@ def test_checkpoints_sync_to_s3_and_resume_into_empty_folder(tmp_path, tiny_mode
     code, out = train(tmp_path, tiny_model, repeated_dataset, *common)
     assert code == 130
     run_uri = utils.S3Uri(s3_env, "adapters/drill")
-    assert train_lora.s3_complete_checkpoints(run_uri)[-1] == 4
+    assert checkpoints.s3_complete_checkpoints(run_uri)[-1] == 4
     import shutil
 
     shutil.rmtree(out)  # the instance is gone
@@ -310,12 +312,12 @@ def test_flash_varlen_matches_attention_per_document(window):
     causal and with a sliding window as Unsloth spells it ((window - 1, 0))."""
     import torch
 
-    if not train_lora.flash_varlen_available():
+    if not acceleration.flash_varlen_available():
         pytest.skip("torch has no flash kernel for this GPU")
     lengths = [300, 57, 1024, 300, 411, 1]
     q, k, v, cu = _packed_attention_inputs(lengths)
     spelled = (-1, 0) if window is None else (window - 1, 0)
-    out = train_lora.flash_varlen_attention()(q, k, v, cu, cu, max(lengths), max(lengths), window_size=spelled,
+    out = acceleration.flash_varlen_attention()(q, k, v, cu, cu, max(lengths), max(lengths), window_size=spelled,
                                               enable_gqa=True)
     grad = torch.randn_like(out)
     got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
@@ -347,13 +349,13 @@ def test_packed_unsloth_training_runs_one_varlen_call_per_layer(tmp_path, sample
         pytest.skip("this torch/Unsloth already has a varlen route of its own")
     for name in ("_TORCH_VARLEN_ATTN", "_LEAN_VARLEN"):  # put Unsloth back as it was afterwards
         monkeypatch.setattr(dispatch, name, getattr(dispatch, name))
-    calls, make_kernel = [], train_lora.flash_varlen_attention
+    calls, make_kernel = [], acceleration.flash_varlen_attention
 
     def counted():
         kernel = make_kernel()
         return lambda *a, **kw: calls.append(a[3].numel() - 1) or kernel(*a, **kw)
 
-    monkeypatch.setattr(train_lora, "flash_varlen_attention", counted)
+    monkeypatch.setattr(acceleration, "flash_varlen_attention", counted)
     code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--packing", "--max-seq-length", "512",
                       "--max-steps", "3", "--batch-size", "1")
     assert code == 0
@@ -364,35 +366,52 @@ def test_packed_unsloth_training_runs_one_varlen_call_per_layer(tmp_path, sample
     history = json.loads((out / "training_metrics.json").read_text())["history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert dispatch._TORCH_VARLEN_ATTN is None  # the routing was undone when training ended
 
 
 def test_packed_attention_route_installs_a_kernel_only_where_unsloth_would_split():
     from types import SimpleNamespace
 
+    route = acceleration.route_packed_attention
+
     def dispatch(**kw):
         return SimpleNamespace(**{"HAS_FLASH_ATTENTION": False, "HAS_XFORMERS": False, "_TORCH_VARLEN_ATTN": None,
-                                  "_LEAN_VARLEN": False, "_SDPA_PACKED_SEGMENTS": True, **kw})
+                                  "_LEAN_VARLEN": True, "_SDPA_PACKED_SEGMENTS": True, **kw})
 
     kernel = SimpleNamespace(reasonforge_flash_varlen=True)
-    for ready, route in ((dict(HAS_FLASH_ATTENTION=True), "flash-attn varlen"),
-                         (dict(HAS_XFORMERS=True), "xformers block-diagonal"),
-                         (dict(HAS_XFORMERS=True, _NATIVE_BEATS_XFORMERS=True, _TORCH_VARLEN_ATTN=print),
-                          "torch varlen_attn"),  # torch >= 2.12: Unsloth prefers torch's varlen to xformers
-                         (dict(_TORCH_VARLEN_ATTN=print), "torch varlen_attn")):
+    for ready, expected in ((dict(HAS_FLASH_ATTENTION=True), "flash-attn varlen"),
+                            (dict(HAS_XFORMERS=True), "xformers block-diagonal"),
+                            (dict(HAS_XFORMERS=True, _NATIVE_BEATS_XFORMERS=True, _TORCH_VARLEN_ATTN=print),
+                             "torch varlen_attn"),  # torch >= 2.12: Unsloth prefers torch's varlen to xformers
+                            (dict(_TORCH_VARLEN_ATTN=print), "torch varlen_attn")):
         d = dispatch(**ready)
-        assert train_lora.route_packed_attention(d, True, lambda: kernel) == route
-        assert d._TORCH_VARLEN_ATTN is not kernel
+        before = vars(d).copy()
+        name, undo = route(d, True, lambda: kernel)
+        assert name == expected and d._TORCH_VARLEN_ATTN is not kernel
+        undo()
+        assert vars(d) == before
     d = dispatch()
-    assert "no flash kernel" in train_lora.route_packed_attention(d, False, lambda: kernel)
-    assert d._TORCH_VARLEN_ATTN is None
-    assert train_lora.route_packed_attention(d, True, lambda: kernel).startswith("torch flash varlen")
+    name, undo = route(d, False, lambda: kernel)
+    assert "no flash kernel" in name and d._TORCH_VARLEN_ATTN is None
+    name, undo = route(d, True, lambda: kernel)
+    assert name.startswith("torch flash varlen")
     assert d._TORCH_VARLEN_ATTN is kernel and d._LEAN_VARLEN is False
-    assert train_lora.route_packed_attention(d, True, lambda: object()).startswith("torch flash varlen")  # again
-    assert d._TORCH_VARLEN_ATTN is kernel
+    again, undo_again = route(d, True, lambda: object())
+    assert again.startswith("torch flash varlen") and d._TORCH_VARLEN_ATTN is kernel  # installed once
+    undo_again()
+    assert d._TORCH_VARLEN_ATTN is kernel  # the second call wrote nothing, so it undoes nothing
+    undo()  # Unsloth's own values back: the routing does not outlive the run
+    assert d._TORCH_VARLEN_ATTN is None and d._LEAN_VARLEN is True
+    bare = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False, _TORCH_VARLEN_ATTN=None,
+                           _SDPA_PACKED_SEGMENTS=True)  # an Unsloth without the lean path
+    _, undo = route(bare, True, lambda: kernel)
+    undo()
+    assert vars(bare) == {"HAS_FLASH_ATTENTION": False, "HAS_XFORMERS": False, "_TORCH_VARLEN_ATTN": None,
+                          "_SDPA_PACKED_SEGMENTS": True}
     old = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False)  # an Unsloth without the hook
-    assert "no varlen hook" in train_lora.route_packed_attention(old, True, lambda: kernel)
+    assert "no varlen hook" in route(old, True, lambda: kernel)[0]
     dense = dispatch(_SDPA_PACKED_SEGMENTS=False)  # Unsloth would not call a varlen kernel at all
-    assert "dense block-diagonal mask" in train_lora.route_packed_attention(dense, True, lambda: kernel)
+    assert "dense block-diagonal mask" in route(dense, True, lambda: kernel)[0]
     assert dense._TORCH_VARLEN_ATTN is None
 
 
@@ -402,8 +421,26 @@ def test_packed_attention_route_respects_unsloth_switch(monkeypatch):
     d = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False, _TORCH_VARLEN_ATTN=None,
                         _SDPA_PACKED_SEGMENTS=True)
     monkeypatch.setenv("UNSLOTH_TORCH_VARLEN", "0")
-    assert "UNSLOTH_TORCH_VARLEN=0" in train_lora.route_packed_attention(d, True, object)
+    assert "UNSLOTH_TORCH_VARLEN=0" in acceleration.route_packed_attention(d, True, object)[0]
     assert d._TORCH_VARLEN_ATTN is None
+
+
+def test_what_setup_changes_outside_the_run_is_undone_however_it_ends(tmp_path, tiny_model, repeated_dataset,
+                                                                     monkeypatch):
+    """The packed-attention routing writes Unsloth's module state; it is put back when the training
+    loop ends (before the outputs are written), and at once when setup fails after it."""
+    undone = []
+    real = acceleration.configure_packed_attention
+
+    def recorded(packing, backend, model):
+        route, undo = real(packing, backend, model)
+        return route, lambda: (undo(), undone.append((tmp_path / "ok" / "final_model").exists()))
+
+    monkeypatch.setattr(acceleration, "configure_packed_attention", recorded)
+    code, _ = train(tmp_path, tiny_model, repeated_dataset, "--max-steps", "2", out="ok")
+    assert code == 0 and undone == [False] and (tmp_path / "ok" / "final_model").is_dir()
+    code, _ = train(tmp_path, tiny_model, repeated_dataset, "--max-steps", "2", "--max-seq-length", "16", out="bad")
+    assert code == 2 and len(undone) == 2
 
 
 def test_micro_batching_does_not_change_the_loss_curve(tmp_path, tiny_model, sample_dataset):
@@ -427,9 +464,9 @@ def test_auto_batch_plan_keeps_effective_batch_and_budget():
 
     shape = Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                         num_key_value_heads=2)
-    roomy = train_lora.plan_auto_batch(shape, 2048, 8, budget_gib=79, base_gib=2.5)
-    small = train_lora.plan_auto_batch(shape, 2048, 8, budget_gib=24, base_gib=2.5)
-    tiny = train_lora.plan_auto_batch(shape, 2048, 8, budget_gib=6, base_gib=2.5)
+    roomy = acceleration.plan_auto_batch(shape, 2048, 8, budget_gib=79, base_gib=2.5)
+    small = acceleration.plan_auto_batch(shape, 2048, 8, budget_gib=24, base_gib=2.5)
+    tiny = acceleration.plan_auto_batch(shape, 2048, 8, budget_gib=6, base_gib=2.5)
     assert (roomy["batch_size"], roomy["gradient_checkpointing"]) == (8, "off")
     # At 24 GB only micro-batch 2 fits without checkpointing; one checkpointed pass of 8 is cheaper.
     assert (small["batch_size"], small["gradient_checkpointing"]) == (8, "unsloth")
@@ -442,46 +479,54 @@ def test_auto_batch_plan_keeps_effective_batch_and_budget():
 def test_configure_compiler_takes_the_cpp_wrapper_only_where_it_can_and_pays(monkeypatch):
     import torch._inductor.config as inductor
 
-    import train_lora
-
-    long_run = train_lora.CPP_WRAPPER_MIN_STEPS
+    long_run = acceleration.CPP_WRAPPER_MIN_STEPS
     monkeypatch.setattr(inductor, "cpp_wrapper", False)
     monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
     monkeypatch.delenv("CXX", raising=False)
-    assert train_lora.configure_compiler("hf", "auto", long_run) == "no compiled graphs on this backend"
+    assert acceleration.configure_compiler("hf", "auto", long_run) == "no compiled graphs on this backend"
     assert inductor.cpp_wrapper is False
 
-    monkeypatch.setattr(train_lora.shutil, "which", lambda name: None)
-    assert "no C++ compiler found" in train_lora.configure_compiler("unsloth", "auto", long_run)
+    monkeypatch.setattr(acceleration.shutil, "which", lambda name: None)
+    assert "no C++ compiler found" in acceleration.configure_compiler("unsloth", "auto", long_run)
     assert inductor.cpp_wrapper is False
 
-    monkeypatch.setattr(train_lora.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang++" else None)
-    note = train_lora.configure_compiler("unsloth", "auto", long_run)
+    monkeypatch.setattr(acceleration.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang++" else None)
+    note = acceleration.configure_compiler("unsloth", "auto", long_run)
     assert note.startswith(f"C++ wrapper ({long_run} planned steps repay its build; clang++")
     assert inductor.cpp_wrapper is True
 
     # A short run (a quick experiment, a resume near the end) is not worth the build.
-    note = train_lora.configure_compiler("unsloth", "auto", long_run - 1)
+    note = acceleration.configure_compiler("unsloth", "auto", long_run - 1)
     assert note.startswith(f"Python wrapper ({long_run - 1} planned steps, fewer than the {long_run}")
     assert inductor.cpp_wrapper is False
-    assert train_lora.configure_compiler("unsloth", "cpp", 5).startswith("C++ wrapper (--graph-wrapper cpp")
-    assert train_lora.configure_compiler("unsloth", "python", 10_000) == "Python wrapper (--graph-wrapper python)"
+    assert acceleration.configure_compiler("unsloth", "cpp", 5).startswith("C++ wrapper (--graph-wrapper cpp")
+    assert acceleration.configure_compiler("unsloth", "python", 10_000) == "Python wrapper (--graph-wrapper python)"
     assert inductor.cpp_wrapper is False
 
     monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "1")  # the user's choice wins
-    assert train_lora.configure_compiler("unsloth", "auto", 1) == "TORCHINDUCTOR_CPP_WRAPPER=1 as set"
+    assert acceleration.configure_compiler("unsloth", "auto", 1) == "TORCHINDUCTOR_CPP_WRAPPER=1 as set"
     assert inductor.cpp_wrapper is False
 
 
 def test_planned_steps():
-    import train_lora
+    batch = acceleration.BatchPlan(batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing="auto")
+    assert acceleration.planned_steps(100, batch, epochs=3) == 3 * 13  # 50 micro-batches -> 13 steps an epoch
+    assert acceleration.planned_steps(100, batch, epochs=3, done=30) == 9
+    assert acceleration.planned_steps(100, batch, epochs=3, max_steps=30) == 30
+    assert acceleration.planned_steps(100, batch, epochs=3, max_steps=30, processes=2) == 30
 
-    args = train_lora.build_parser().parse_args(["--num-epochs", "3", "--batch-size", "2",
-                                                 "--gradient-accumulation-steps", "4"])
-    assert train_lora.planned_steps(args, 100) == 3 * 13  # 50 micro-batches -> 13 steps an epoch
-    assert train_lora.planned_steps(args, 100, done=30) == 9
-    args.max_steps = 30
-    assert train_lora.planned_steps(args, 100) == 30 and train_lora.planned_steps(args, 100, processes=2) == 30
+
+def test_config_holds_every_flag_in_the_parsers_order(tmp_path):
+    """training_config.json's "arguments" are the config's fields: the same keys, in the same order,
+    as the parsed flags, with --run-name resolved."""
+    import dataclasses
+
+    args = train_lora.build_parser().parse_args(["--output-dir", str(tmp_path / "my-run")])
+    cfg = training.TrainConfig.from_args(args)
+    assert [f.name for f in dataclasses.fields(cfg)] == list(vars(args))
+    assert dataclasses.asdict(cfg) == {**vars(args), "run_name": "my-run"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.batch_size = 8
 
 
 @pytest.mark.gpu

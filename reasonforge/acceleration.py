@@ -1,0 +1,283 @@
+"""GPU acceleration of training: packed-attention routing (patch and undo), the varlen kernel, the batch planner, compiler and precision settings."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+from utils import UserError
+
+log = logging.getLogger("reasonforge.train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed attention
+# ---------------------------------------------------------------------------------------------
+
+PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2",
+                     "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
+
+
+def check_packing(packing: bool, backend: str, model) -> None:
+    """Packed rows share one sequence; only varlen attention keeps them from attending to each other."""
+    if not packing or backend == "unsloth":
+        return
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in PACKING_ATTENTION:
+        raise UserError(f"--packing with attention {impl!r} would let packed rows attend to each other; "
+                        "use the unsloth backend on a GPU, install flash-attn, or drop --packing")
+
+
+def flash_varlen_available() -> bool:
+    import torch
+
+    return (torch.cuda.is_available() and torch.version.hip is None
+            and torch.cuda.get_device_capability()[0] >= 8
+            and getattr(torch.backends.cuda, "is_flash_attention_available", lambda: False)()
+            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+
+
+def flash_varlen_attention():
+    """torch.nn.attention.varlen.varlen_attn's call, on torch's own flash kernel.
+
+    torch's own varlen_attn takes grouped-query heads only from 2.12 on; the aten flash op under it
+    has taken cumulative sequence lengths and fewer K/V heads for much longer.
+    """
+    import torch
+
+    forward_op, backward_op = torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward
+
+    class FlashVarlen(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right):
+            out, lse, seed, offset, _ = forward_op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale,
+                                                   window_size_left=left, window_size_right=right)
+            ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, seed, offset)
+            ctx.settings = (max_q, max_k, causal, scale, left, right)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            q, k, v, cu_q, cu_k, out, lse, seed, offset = ctx.saved_tensors
+            max_q, max_k, causal, scale, left, right = ctx.settings
+            dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal,
+                                     seed, offset, scale=scale, window_size_left=left, window_size_right=right)
+            return dq, dk, dv, *([None] * 8)
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    enable_gqa=False):
+        if key.shape[1] != query.shape[1] and not enable_gqa:
+            raise ValueError("key/value have fewer heads than query; pass enable_gqa=True")
+        cu_seq_k = cu_seq_q if cu_seq_k is None else cu_seq_k
+        # (-1, 0) is plain causal; any other window is passed through as the kernel's local window.
+        causal = tuple(window_size) == (-1, 0)
+        left, right = (-1, -1) if causal else window_size
+        return FlashVarlen.apply(query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k), causal, scale,
+                                 left, right)
+
+    varlen_attn.reasonforge_flash_varlen = True
+    return varlen_attn
+
+
+INSTALLED_ROUTE = "torch flash varlen, one call per layer (UNSLOTH_TORCH_VARLEN=0 turns it off)"
+
+
+def _nothing_to_undo() -> None:
+    pass
+
+
+def route_packed_attention(dispatch, kernel_available: bool, make_kernel=None) -> tuple[str, Callable[[], None]]:
+    """Say how Unsloth keeps packed rows apart, first giving it a varlen kernel where it would split.
+
+    Without flash-attn or xformers, Unsloth separates packed rows with torch's varlen_attn, which
+    it takes from torch 2.12 on; under older torch it runs one SDPA call per run of equal-length
+    documents, many small calls per layer, where one varlen call per layer is faster
+    (benchmarks/RESULTS.md). Returns (route, undo): undo puts back what was written into
+    `dispatch`, which outlives the run in this process.
+    """
+    if getattr(dispatch, "HAS_FLASH_ATTENTION", False):
+        return "flash-attn varlen", _nothing_to_undo
+    if not hasattr(dispatch, "_TORCH_VARLEN_ATTN"):
+        return "Unsloth's own (this Unsloth has no varlen hook)", _nothing_to_undo
+    segments = getattr(dispatch, "_SDPA_PACKED_SEGMENTS", False)
+    # Unsloth prefers torch's varlen over xformers only where torch has one (2.12+) on sm80+ cards.
+    if getattr(dispatch, "HAS_XFORMERS", False) and not (segments and getattr(dispatch, "_NATIVE_BEATS_XFORMERS", False)):
+        return "xformers block-diagonal", _nothing_to_undo
+    if not segments:
+        return "SDPA over a dense block-diagonal mask (UNSLOTH_SDPA_PACKED_SEGMENTS=0 as set)", _nothing_to_undo
+    if getattr(dispatch._TORCH_VARLEN_ATTN, "reasonforge_flash_varlen", False):
+        return INSTALLED_ROUTE, _nothing_to_undo
+    if dispatch._TORCH_VARLEN_ATTN is not None:
+        return "torch varlen_attn", _nothing_to_undo
+    if os.environ.get("UNSLOTH_TORCH_VARLEN", "1").lower() in ("0", "false", "no", "off"):
+        return "SDPA per document (UNSLOTH_TORCH_VARLEN=0 as set)", _nothing_to_undo
+    if not kernel_available:
+        return "SDPA per document (no flash kernel for this GPU in torch)", _nothing_to_undo
+    before = {name: getattr(dispatch, name) for name in ("_TORCH_VARLEN_ATTN", "_LEAN_VARLEN") if hasattr(dispatch, name)}
+    dispatch._TORCH_VARLEN_ATTN = (make_kernel or flash_varlen_attention)()
+    dispatch._LEAN_VARLEN = False  # its lean path needs torch >= 2.12 helpers; ours is already one aten call
+
+    def undo() -> None:
+        for name in ("_TORCH_VARLEN_ATTN", "_LEAN_VARLEN"):
+            if name in before:
+                setattr(dispatch, name, before[name])
+            elif hasattr(dispatch, name):
+                delattr(dispatch, name)
+
+    return INSTALLED_ROUTE, undo
+
+
+def configure_packed_attention(packing: bool, backend: str, model) -> tuple[str, Callable[[], None]]:
+    """(route, undo) of packed attention for this run; see route_packed_attention."""
+    if not packing:
+        return "not packing", _nothing_to_undo
+    if backend != "unsloth":
+        return f"{model.config._attn_implementation} varlen (transformers)", _nothing_to_undo
+    from unsloth.utils import attention_dispatch
+
+    return route_packed_attention(attention_dispatch, flash_varlen_available())
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch: micro-batch, accumulation and checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Micro-batch, accumulation and checkpointing a run trains with: the flags', or --auto-batch's pick."""
+
+    batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: str
+    auto: dict | None = None  # plan_auto_batch's record, where --auto-batch chose
+
+
+# Activation memory per token, fitted to peak memory measured with a Qwen2.5-3B-shaped model at
+# sequence length 2048 under Unsloth, with and without its offloaded checkpointing
+# (benchmarks/RESULTS.md), and scaled here by layer count and widths.
+def activation_bytes_per_token(config, checkpointing: bool) -> float:
+    layers, hidden, inter = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+    if checkpointing:
+        return layers * 2 * hidden * 1.2
+    return layers * 2 * (10.5 * hidden + 1.6 * inter)
+
+
+# Cost of one optimizer step, in token-equivalents: every micro-batch pass pays a fixed price (mostly
+# kernel-launch time), twice with checkpointing since the recompute is a second forward, and the
+# recompute adds to the per-token work. Both constants are fitted to the measured grid in
+# benchmarks/RESULTS.md with Python launchers; the C++ ones (configure_compiler) make passes
+# cheaper, and the alternatives have not been re-timed with them.
+PASS_COST_TOKENS, RECOMPUTE_FACTOR = 5500, 1.33
+
+
+def plan_auto_batch(config, seq_len: int, effective: int, budget_gib: float, base_gib: float) -> dict:
+    """The fastest (micro-batch, checkpointing) that fits the budget, micro-batch dividing the
+    effective batch. Keeps 15% of the budget free for fragmentation and transient buffers."""
+    usable = 0.85 * budget_gib
+    options = []
+    for checkpointing in (False, True):
+        per_sample = activation_bytes_per_token(config, checkpointing) * seq_len / 2**30
+        for micro in (d for d in range(effective, 0, -1) if effective % d == 0):
+            predicted = base_gib + micro * per_sample
+            passes = (effective // micro) * (2 if checkpointing else 1)
+            cost = passes * PASS_COST_TOKENS + effective * seq_len * (RECOMPUTE_FACTOR if checkpointing else 1.0)
+            options.append((predicted > usable, cost, micro, checkpointing, predicted))
+    over, _, micro, checkpointing, predicted = min(options, key=lambda o: (o[0], o[0] and o[4], o[1]))
+    return {"batch_size": micro, "gradient_accumulation_steps": effective // micro,
+            "gradient_checkpointing": "unsloth" if checkpointing else "off", "predicted_peak_gib": round(predicted, 2),
+            "budget_gib": round(budget_gib, 2), "fits": not over}
+
+
+def choose_batch(config, model, backend: str) -> BatchPlan:
+    """The run's BatchPlan: the flags', or --auto-batch's pick from the GPU's free memory (or
+    --gpu-memory-gib, which also caps this process's GPU memory), keeping the effective batch."""
+    import torch
+
+    asked = BatchPlan(config.batch_size, config.gradient_accumulation_steps, config.gradient_checkpointing)
+    if not torch.cuda.is_available():
+        if config.auto_batch:
+            log.info("--auto-batch: no GPU, keeping batch %d x %d", asked.batch_size, asked.gradient_accumulation_steps)
+        return asked
+    free, total = torch.cuda.mem_get_info()
+    if config.gpu_memory_gib:
+        fraction = min(1.0, config.gpu_memory_gib * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(fraction)
+    if not config.auto_batch:
+        return asked
+    used = torch.cuda.memory_allocated() / 2**30
+    budget = config.gpu_memory_gib if config.gpu_memory_gib else used + free / 2**30
+    effective = asked.batch_size * asked.gradient_accumulation_steps
+    plan = plan_auto_batch(model.config, config.max_seq_length, effective, budget, base_gib=used + 0.5)
+    if backend != "unsloth" and plan["gradient_checkpointing"] == "unsloth":
+        plan["gradient_checkpointing"] = "on"
+    batch = BatchPlan(plan["batch_size"], plan["gradient_accumulation_steps"], plan["gradient_checkpointing"], plan)
+    print(f"auto-batch: {plan['budget_gib']} GiB budget -> micro-batch {batch.batch_size} x accumulation "
+          f"{batch.gradient_accumulation_steps} (effective {effective}), checkpointing {batch.gradient_checkpointing}, "
+          f"predicted peak {plan['predicted_peak_gib']} GiB")
+    return batch
+
+
+def precision_plan(backend: str, checkpointing: str = "auto") -> dict:
+    """The Trainer's bf16/fp16/CPU and checkpointing switches for this machine and backend."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False, "use_cpu": True, "gradient_checkpointing": checkpointing == "on"}
+    bf16 = torch.cuda.is_bf16_supported()
+    # Unsloth sets up its own checkpointing in get_peft_model; the Trainer must not add another layer of it.
+    hf_ckpt = backend == "hf" and checkpointing != "off"
+    return {"bf16": bf16, "fp16": not bf16, "use_cpu": False, "gradient_checkpointing": hf_ckpt}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled graphs
+# ---------------------------------------------------------------------------------------------
+
+# The C++ wrapper's one-time build makes the first step slower and every later step faster. This is
+# the run length after which it repaid its build with cold compile caches on the lent H100
+# (benchmarks/RESULTS.md, cold start), so a short run on a fresh machine is never the slower for it.
+CPP_WRAPPER_MIN_STEPS = 150
+
+
+def planned_steps(train_rows: int, batch: BatchPlan, *, epochs: float, max_steps: int = -1, processes: int = 1,
+                  done: int = 0) -> int:
+    """Optimizer steps this process will run: `max_steps` where positive, else the epochs over the
+    train rows, less the `done` steps of a checkpoint resumed from."""
+    if max_steps > 0:
+        total = max_steps
+    else:
+        batches = math.ceil(train_rows / (batch.batch_size * processes))
+        total = math.ceil(math.ceil(batches / batch.gradient_accumulation_steps) * epochs)
+    return max(total - done, 0)
+
+
+def configure_compiler(backend: str, wrapper: str = "auto", steps: int | None = None) -> str:
+    """Choose Inductor's C++ or Python wrapper for the graphs Unsloth compiles; say which and why.
+
+    At small micro-batches the GPU waits on Python to launch kernels; the C++ wrapper launches a
+    compiled graph's kernels without the Python loop, but its build makes the first step far
+    slower. `auto` takes it only for runs long enough to repay that.
+    """
+    if backend != "unsloth":
+        return "no compiled graphs on this backend"
+    if "TORCHINDUCTOR_CPP_WRAPPER" in os.environ:
+        return f"TORCHINDUCTOR_CPP_WRAPPER={os.environ['TORCHINDUCTOR_CPP_WRAPPER']} as set"
+    import torch._inductor.config
+
+    if wrapper == "python" or (wrapper == "auto" and steps is not None and steps < CPP_WRAPPER_MIN_STEPS):
+        torch._inductor.config.cpp_wrapper = False
+        why = "--graph-wrapper python" if wrapper == "python" else (
+            f"{steps} planned steps, fewer than the {CPP_WRAPPER_MIN_STEPS} that repay the C++ wrapper's "
+            "build; --graph-wrapper cpp forces it")
+        return f"Python wrapper ({why})"
+    compiler = next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
+    if compiler is None:
+        return "Python wrapper: no C++ compiler found (install g++ for faster steps on long runs)"
+    torch._inductor.config.cpp_wrapper = True
+    why = "--graph-wrapper cpp" if wrapper == "cpp" else f"{steps} planned steps repay its build"
+    return f"C++ wrapper ({why}; {compiler}; --graph-wrapper python turns it off)"

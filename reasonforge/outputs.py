@@ -1,0 +1,180 @@
+"""What a training run leaves in its folder and beyond: final_model/, merged_16bit/, metrics, loss curve, S3 and Hub copies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import utils
+from reasonforge.checkpoints import local_checkpoints
+from utils import UserError
+
+
+# ---------------------------------------------------------------------------------------------
+# Which folders a run may write into
+# ---------------------------------------------------------------------------------------------
+
+
+def is_training_run(folder: Path) -> bool:
+    """An earlier (or a running) train_lora.py output folder, which a new run may write into."""
+    return (any((folder / name).is_file() for name in ("training_config.json", utils.RunLock.NAME))
+            or bool(local_checkpoints(folder)) or is_final_model(folder / "final_model"))
+
+
+def is_final_model(folder: Path) -> bool:
+    return utils.holds_json(folder, utils.RUN_INFO_FILE, "base_model")
+
+
+def is_merged_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def run_dir_problem(output_dir: Path) -> str | None:
+    """Why a run may not write into `output_dir`: only a new, empty or earlier run folder will do,
+    and the final_model/ and merged_16bit/ it replaces at the end must be ours too."""
+    problem = utils.output_dir_problem(output_dir, is_training_run, "a train_lora.py run folder", replaced=False)
+    if problem or not output_dir.is_dir():
+        return problem
+    return (utils.output_dir_problem(output_dir / "final_model", is_final_model, "an adapter saved by train_lora.py")
+            or utils.output_dir_problem(output_dir / "merged_16bit", is_merged_model, "a merged model saved by train_lora.py"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter
+# ---------------------------------------------------------------------------------------------
+
+
+def run_info(run, trainer) -> dict:
+    """reasonforge.json beside the adapter: what evaluation and chat read back as their defaults."""
+    c = run.config
+    return {"base_model": c.model_name, "backend": run.backend, "chat_template": run.data.template_name,
+            "max_seq_length": c.max_seq_length, "train_on_responses_only": c.train_on_responses_only,
+            "long_rows": c.long_rows, "dataset_manifest_sha256": run.data.manifest.get("content_sha256"),
+            "best_checkpoint": trainer.state.best_model_checkpoint, "best_validation_loss": trainer.state.best_metric,
+            "global_step": trainer.state.global_step, "load_in_4bit": run.load_in_4bit}
+
+
+def save_final_model(run, trainer) -> Path:
+    """Write final_model/ (adapter, tokenizer with the training template, run info) atomically."""
+    final = run.config.out / "final_model"
+    with utils.atomic_directory(final, is_final_model, "an adapter saved by train_lora.py") as tmp:
+        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        run.tokenizer.save_pretrained(str(tmp))
+        utils.atomic_write_json(tmp / utils.RUN_INFO_FILE, run_info(run, trainer))
+    if run.config.save_merged:
+        merged = run.config.out / "merged_16bit"
+        with utils.atomic_directory(merged, is_merged_model, "a merged model saved by train_lora.py") as tmp:
+            save_merged(trainer.model, run.tokenizer, tmp, run.backend)
+    return final
+
+
+def save_merged(model, tokenizer, target: Path, backend: str) -> None:
+    if backend == "unsloth":
+        model.save_pretrained_merged(str(target), tokenizer, save_method="merged_16bit")
+        return
+    merged = model.merge_and_unload() if not getattr(model, "is_loaded_in_4bit", False) else None
+    if merged is None:
+        raise UserError("--save-merged with --backend hf in 4-bit is not supported; use the unsloth backend or --no-4bit")
+    merged.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and the loss curve
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_losses(history: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def collect_metrics(run, result) -> dict:
+    """training_metrics.json: losses, the best checkpoint, tokens, time and memory of the run."""
+    state = result.trainer.state
+    history = state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    tokens, runtime = state.num_input_tokens_seen, result.runtime_s
+    trainable, total = run.parameters
+    return {
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "train_loss_mean": result.output.training_loss,
+        "validation_losses": [{"step": h["step"], "loss": h["eval_loss"]} for h in evals],
+        "best_validation_loss": state.best_metric,
+        "best_checkpoint": state.best_model_checkpoint,
+        "runtime_s": round(runtime, 2),
+        "tokens_seen": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+        **step_clock(result.trainer),
+        "peak_gpu_memory_gib": round(utils.gpu_memory_stats().get("peak_gib", 0.0), 3),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": round(100 * trainable / max(total, 1), 4),
+        "history": history,
+    }
+
+
+def step_clock(trainer) -> dict:
+    """Time to first step, setup, first step and steady tokens/s, from the run's StepLogger."""
+    from reasonforge.callbacks import StepLogger
+
+    logger = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StepLogger)), None)
+    return logger.clock.summary() if logger is not None else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Copies: S3 and the Hub
+# ---------------------------------------------------------------------------------------------
+
+
+def upload_outputs(run_uri: utils.S3Uri, final: Path, output_dir: Path) -> None:
+    utils.upload_directory(final, run_uri.join("final_model"), desc="upload final_model")
+    for name in ("training_config.json", "training_metrics.json", "loss_curve.png"):
+        if (output_dir / name).is_file():
+            utils.upload_file(output_dir / name, run_uri.join(name))
+
+
+def preflight_hub(repo: str | None) -> None:
+    """Fail before training, not after it, when the Hub push cannot work."""
+    if not repo:
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import get_token
+
+    if not get_token():
+        raise UserError(f"--push-to-hub {repo}: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+    try:
+        HfApi().whoami()
+    except Exception as exc:
+        raise UserError(f"--push-to-hub {repo}: the Hub is unreachable or the token is invalid ({type(exc).__name__}); "
+                        "check network and HF_TOKEN, or drop --push-to-hub") from exc
+
+
+def push_to_hub(final: Path, repo: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True, private=True)
+    api.upload_folder(folder_path=str(final), repo_id=repo, commit_message="Upload LoRA adapter (ReasonForge train)")

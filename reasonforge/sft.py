@@ -1,0 +1,198 @@
+"""Supervised fine-tuning, the training method: the prepared rows rendered and masked, and TRL's SFTTrainer built for a Run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import utils
+from utils import UserError
+
+log = logging.getLogger("reasonforge.train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Data:
+    """The rows a run trains and validates on, the template they were rendered with, and their source."""
+
+    train: Any
+    validation: Any
+    template_name: str
+    template_source: str
+    manifest: dict  # data_preparation.py's manifest.json
+    rows: dict | None  # rows per split over --max-seq-length, dropped or cut: the banner and training_config.json
+
+    @classmethod
+    def given(cls, train: list[dict], validation: list[dict]) -> Data:
+        """Rows the caller tokenized itself (input_ids, labels), such as the benchmark's."""
+        import datasets
+
+        return cls(datasets.Dataset.from_list(train), datasets.Dataset.from_list(validation), "given", "", {}, None)
+
+
+def load_dataset(config):
+    """(DatasetDict, manifest) of --dataset-path, fetched first when it is on S3."""
+    path = config.dataset_path
+    if config.from_s3 and utils.path_kind(path) != "s3":
+        path = f"s3://{config.s3_bucket}/{path.strip('/')}"
+    return utils.load_prepared_dataset(utils.fetch_if_s3(path))
+
+
+def choose_template(config, manifest: dict, tokenizer) -> tuple[str, str]:
+    """(name, jinja source) of the template training renders with; see --chat-template."""
+    requested = config.chat_template
+    if requested == "dataset":
+        recorded = manifest.get("chat_template", {})
+        if recorded.get("source") and "preview" not in str(recorded.get("name")):
+            misfit = utils.template_misfit(recorded["source"], tokenizer)
+            if misfit:
+                raise UserError(
+                    f"the dataset's recorded template {recorded.get('name')!r} does not fit {config.model_name}: {misfit}; "
+                    f"use --chat-template auto (the model's own), or --chat-template {recorded.get('name')} to insist")
+            return recorded.get("name", "dataset"), recorded["source"]
+        log.info("the dataset records no template of its own (only a preview's); using the model's")
+        requested = "auto"
+    name, source = utils.resolve_chat_template(requested, tokenizer)
+    misfit = utils.template_misfit(source, tokenizer)
+    if misfit and requested in utils.BUILTIN_TEMPLATES:
+        log.warning("--chat-template %s does not fit %s (%s); using it because it was named", name, config.model_name, misfit)
+    return name, source
+
+
+def tokenize_splits(dd, tokenizer, template_source: str, config):
+    """Render with the chosen template, tokenize and mask; rows over --max-seq-length are dropped
+    (or cut with --long-rows truncate) and rows left with no target are dropped.
+
+    Returns (train, validation, counts per split for the banner and training_config.json).
+    """
+    tokenizer.chat_template = template_source
+    limit = config.max_seq_length
+
+    def encode(row):
+        return utils.encode_conversation(row["messages"], tokenizer, config.train_on_responses_only, limit)
+
+    out, counts = {}, {"policy": config.long_rows, "max_seq_length": limit}
+    for split in ("train", "validation"):
+        ds = dd[split]
+        # In memory: no cache files written into the prepared dataset folder (shared by every rank).
+        ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {split}", keep_in_memory=True)
+        lengths = ds.select_columns(["n_tokens", "n_target"]).to_list()
+        over = [r["n_tokens"] > limit for r in lengths]
+        no_target = [r["n_target"] == 0 for r in lengths]
+        keep = [utils.keeps_row(r, limit, config.long_rows) for r in lengths]
+        counts[split] = {"rows": len(ds), "over_max_seq_length": sum(over), "kept": sum(keep),
+                         "longest_tokens": max(ds["n_tokens"]), "no_answer_tokens": sum(no_target)}
+        if not any(keep):
+            shortest = min(ds["n_tokens"])
+            raise UserError(
+                f"--max-seq-length {limit} is shorter than every {split} row (shortest {shortest} tokens); "
+                f"raise --max-seq-length to at least {shortest}" + (" or pass --long-rows truncate" if config.long_rows == "drop" else ""))
+        if sum(over):
+            verb = "dropping" if config.long_rows == "drop" else "cutting (their answers lose the end and <|im_end|>)"
+            log.warning("%s: %s %d of %d rows longer than --max-seq-length %d (longest %d tokens)",
+                        split, verb, sum(over), len(ds), limit, counts[split]["longest_tokens"])
+        ds = ds.select([i for i, k in enumerate(keep) if k]).remove_columns(["n_target", "n_tokens"])
+        out[split] = ds
+    return out["train"], out["validation"], counts
+
+
+def prepare_data(config, dataset, tokenizer) -> Data:
+    """The (DatasetDict, manifest) from load_dataset, rendered with the chosen template and masked."""
+    dd, manifest = dataset
+    template_name, template_source = choose_template(config, manifest, tokenizer)
+    train, validation, rows = tokenize_splits(dd, tokenizer, template_source, config)
+    return Data(train, validation, template_name, template_source, manifest, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def sft_trainer_class():
+    """TRL's SFTTrainer with a token-weighted validation loss (see below), using the model's own loss
+    where TRL's fused head cannot run: CPU builds of torch ship no Triton for TRL's chunked kernel,
+    and the model's cross-entropy over the same labels gives the same token-level mean."""
+    import torch
+    from transformers import Trainer
+    from trl import SFTTrainer
+    from trl.trainer import utils as trl_utils
+
+    fused_head = getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
+
+    class ReasonForgeSFTTrainer(SFTTrainer):
+        """The stock eval_loss is a mean of per-batch means, so a batch of short answers weighs as
+        much as one of long answers and the number moves with the eval batch size. The best
+        checkpoint is chosen here on sum(NLL) / sum(target tokens) instead: the quantity
+        evaluate_model.py reports as log-perplexity."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if fused_head:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            if loss is not None and "labels" in inputs:
+                # The batch loss is a mean over its shifted target tokens; times their count it is their NLL.
+                targets = (inputs["labels"][..., 1:] != -100).sum().to(loss.device)
+                self._eval_sums += torch.stack([loss.detach().float() * targets, targets.float()])
+            return loss, logits, labels
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            self._eval_sums = torch.zeros(2, device=self.args.device)
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            nll, tokens = self.accelerator.reduce(self._eval_sums, reduction="sum").tolist()
+            if tokens > 0:
+                output.metrics[f"{metric_key_prefix}_loss"] = nll / tokens
+                output.metrics[f"{metric_key_prefix}_target_tokens"] = int(tokens)
+            return output
+
+    return ReasonForgeSFTTrainer
+
+
+def build_trainer(run, callbacks: list):
+    """The SFT trainer for `run`, with `callbacks` (the stock console printers removed)."""
+    from trl import SFTConfig
+
+    c, batch, precision = run.config, run.batch, run.precision
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(c.output_dir) / "logs")
+    config = SFTConfig(
+        output_dir=c.output_dir, run_name=c.run_name, seed=c.seed, data_seed=c.seed,
+        num_train_epochs=c.num_epochs, max_steps=c.max_steps,
+        per_device_train_batch_size=batch.batch_size, per_device_eval_batch_size=batch.batch_size,
+        gradient_accumulation_steps=batch.gradient_accumulation_steps, learning_rate=c.learning_rate,
+        weight_decay=c.weight_decay, warmup_steps=c.warmup_steps, lr_scheduler_type=c.lr_scheduler,
+        optim=run.optim, logging_steps=c.logging_steps, report_to=["tensorboard"],
+        eval_strategy="steps", eval_steps=c.eval_steps or c.save_steps, save_strategy="steps", save_steps=c.save_steps,
+        save_total_limit=c.save_total_limit, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=False, max_length=c.max_seq_length, packing=c.packing,
+        padding_free=c.packing, dataset_kwargs={"skip_prepare_dataset": not c.packing},
+        gradient_checkpointing=precision["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if precision["gradient_checkpointing"] else None,
+        bf16=precision["bf16"], fp16=precision["fp16"], use_cpu=precision["use_cpu"],
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0, save_only_model=False, ddp_find_unused_parameters=False,
+        # The default replaces a NaN loss by the running mean in the logs, hiding a diverged run from StopOnNonFinite.
+        logging_nan_inf_filter=False,
+    )
+    trainer = sft_trainer_class()(model=run.model, args=config, train_dataset=run.data.train,
+                                  eval_dataset=run.data.validation, processing_class=run.tokenizer, callbacks=callbacks)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # StepLogger prints one readable line per step; the stock printers would dump raw dicts beside it.
+    for stock in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(stock)
+    return trainer

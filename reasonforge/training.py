@@ -1,0 +1,433 @@
+"""The training flow behind train_lora.py: a frozen config from the flags, setup(config) -> Run, train(run) -> Result, finish(run, result)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import utils
+from reasonforge import acceleration, checkpoints, outputs, preemption, sft
+from utils import UserError
+
+log = logging.getLogger("reasonforge.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """train_lora.py's flags, one field each in the parser's order, built once after validation.
+
+    Never changed afterwards: what setup learns (the batch --auto-batch picks, the template, row
+    counts, precision) goes on the Run.
+    """
+
+    model_name: str
+    backend: str
+    max_seq_length: int
+    load_in_4bit: bool
+    trust_remote_code: bool
+    dataset_path: str
+    from_s3: bool
+    chat_template: str
+    long_rows: str
+    train_on_responses_only: bool
+    packing: bool
+    num_epochs: float
+    max_steps: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    lr_scheduler: str
+    optim: str
+    seed: int
+    auto_batch: bool
+    gpu_memory_gib: float | None
+    gradient_checkpointing: str
+    logging_steps: int
+    graph_wrapper: str
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: str
+    output_dir: str
+    run_name: str
+    save_steps: int
+    save_total_limit: int | None
+    eval_steps: int | None
+    early_stopping_patience: int | None
+    resume_from_checkpoint: str | None
+    save_merged: bool
+    sigterm_deadline_s: float
+    s3_bucket: str | None
+    skip_s3_upload: bool
+    push_to_hub: str | None
+    verbose: bool
+
+    @classmethod
+    def from_args(cls, args) -> TrainConfig:
+        """From train_lora.build_parser()'s namespace; --run-name defaults to the output folder's name."""
+        return cls(**{**vars(args), "run_name": args.run_name or Path(args.output_dir).resolve().name})
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    @property
+    def run_uri(self) -> utils.S3Uri | None:
+        """s3://BUCKET/adapters/RUN/, the mirror of checkpoints and outputs; None when nothing is uploaded."""
+        if not self.s3_bucket or self.skip_s3_upload:
+            return None
+        return utils.S3Uri(self.s3_bucket, f"adapters/{self.run_name}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """What setup() built and learned, for train() and finish()."""
+
+    config: TrainConfig
+    state: Any  # accelerate's PartialState: rank 0 alone prints, writes and uploads
+    guard: preemption.PreemptionGuard
+    backend: str
+    backend_reason: str
+    dtype: str | None
+    load_in_4bit: bool | None
+    model: Any  # the base with fresh LoRA adapters
+    tokenizer: Any
+    data: sft.Data
+    batch: acceleration.BatchPlan
+    precision: dict  # the Trainer's bf16/fp16/use_cpu and checkpointing switches
+    parameters: tuple[int, int]  # (trainable, total)
+    optim: str
+    optim_reason: str
+    packed_attention: str
+    compiler: str
+    resume: str | None  # the checkpoint folder training continues from
+    cleanup: contextlib.ExitStack  # puts back what setup changed outside the run (Unsloth's attention routing)
+
+    @property
+    def main_rank(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def processes(self) -> int:
+        return self.state.num_processes
+
+
+@dataclass(frozen=True)
+class Result:
+    trainer: Any
+    output: Any  # trainer.train()'s TrainOutput
+    runtime_s: float  # the training loop alone
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+
+
+def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tuple | None = None) -> Run:
+    """Everything before the first step; prints the banner and writes training_config.json (rank 0).
+
+    `argv` is the command line the SIGTERM message repeats (default sys.argv); `pretokenized`, a
+    (train, validation) pair of lists of input_ids/labels rows, stands in for --dataset-path.
+    """
+    backend, backend_reason = utils.choose_backend(config.backend)
+    if backend == "unsloth":
+        utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
+    check_trainer_names(config)
+    state = distributed_state()
+    guard = preemption.PreemptionGuard(argv, config.out, config.sigterm_deadline_s, config.run_uri,
+                                       state.is_main_process)
+    guard.install()
+    outputs.preflight_hub(config.push_to_hub)
+    if state.is_main_process:
+        claim_output_dir(config)
+    dataset = sft.load_dataset(config) if pretokenized is None else None
+    model, tokenizer, info = load_base_model(config, backend, state.is_main_process)
+    cleanup = contextlib.ExitStack()
+    try:
+        acceleration.check_packing(config.packing, backend, model)
+        route, undo = acceleration.configure_packed_attention(config.packing, backend, model)
+        cleanup.callback(undo)
+        batch = acceleration.choose_batch(config, model, backend)
+        data = sft.Data.given(*pretokenized) if dataset is None else sft.prepare_data(config, dataset, tokenizer)
+        model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
+                            checkpointing=batch.gradient_checkpointing)
+        optim, optim_reason = choose_optim(config.optim)
+        resume = checkpoints.resume_on_all_ranks(config.resume_from_checkpoint, config.out, config.run_uri, state)
+        steps = acceleration.planned_steps(len(data.train), batch, epochs=config.num_epochs, max_steps=config.max_steps,
+                                           processes=state.num_processes,
+                                           done=checkpoints.checkpoint_step(Path(resume)) if resume else 0)
+        run = Run(config=config, state=state, guard=guard, backend=backend, backend_reason=backend_reason,
+                  dtype=info.get("dtype"), load_in_4bit=info.get("load_in_4bit"), model=model, tokenizer=tokenizer,
+                  data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),
+                  parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
+                  packed_attention=route, compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps),
+                  resume=resume, cleanup=cleanup)
+        if run.main_rank:
+            print_setup(run)
+        record_config(run)
+    except BaseException:
+        cleanup.close()
+        raise
+    return run
+
+
+# Schedulers transformers builds only from lr_scheduler_kwargs, which this script does not pass.
+SCHEDULERS_NEEDING_KWARGS = {"cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"}
+
+
+def check_trainer_names(config: TrainConfig) -> None:
+    """--lr-scheduler and --optim against the names this transformers knows, before the model loads.
+
+    Apart from train_lora.validate_args because it imports transformers, which on a GPU must follow unsloth.
+    """
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    problems = []
+    schedulers = [s.value for s in SchedulerType if s.value not in SCHEDULERS_NEEDING_KWARGS]
+    if config.lr_scheduler not in schedulers:
+        why = "needs scheduler arguments this script does not pass" if config.lr_scheduler in SCHEDULERS_NEEDING_KWARGS else "is unknown"
+        problems.append(f"--lr-scheduler {config.lr_scheduler!r} {why}; choose one of {', '.join(schedulers)}")
+    optims = ["auto", *(o.value for o in OptimizerNames)]
+    if config.optim not in optims:
+        # Names that extend what was typed first ("adamw" -> adamw_torch); difflib alone picks oddities.
+        close = [o for o in optims if o.startswith(config.optim)][:3] or difflib.get_close_matches(config.optim, optims, n=3)
+        problems.append(f"--optim {config.optim!r} is unknown; " + (f"did you mean {' or '.join(close)}? " if close else "")
+                        + "e.g. auto, adamw_torch, adamw_8bit (all: transformers.training_args.OptimizerNames)")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def distributed_state():
+    """Accelerate's process state: rank 0 alone prints, writes and uploads under accelerate/torchrun."""
+    import torch
+    from accelerate import PartialState
+
+    # On CPU, torchrun/accelerate workers only form a (gloo) group when told they run on CPU.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def claim_output_dir(config: TrainConfig) -> None:
+    # One run per folder: two would interleave checkpoints and metrics. Released by cli_entry.
+    config.out.mkdir(parents=True, exist_ok=True)
+    utils.RunLock(config.out).acquire()
+    if config.run_uri is not None:
+        utils.check_s3_bucket(config.s3_bucket, "upload")
+
+
+def load_base_model(config: TrainConfig, backend: str, main_rank: bool):
+    """(model, tokenizer, info) of the base model, seeded first so that the adapters start the same."""
+    from transformers import set_seed
+
+    set_seed(config.seed)
+    model, tokenizer, info = utils.load_model(config.model_name, backend=backend, max_seq_length=config.max_seq_length,
+                                              load_in_4bit=config.load_in_4bit, trust_remote_code=config.trust_remote_code)
+    if main_rank:
+        print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
+    return model, tokenizer, info
+
+
+def linear_module_names(model) -> list[str]:
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf != "lm_head":
+                names.add(leaf)
+    return sorted(names)
+
+
+def attach_lora(model, config: TrainConfig, *, backend: str, load_in_4bit: bool | None, checkpointing: str):
+    """Wrap the base model with fresh LoRA adapters (Unsloth's or PEFT's path)."""
+    targets = config.targets
+    available = linear_module_names(model)
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise UserError(f"--target-modules {unknown} not in this model; its linear modules are: {', '.join(available)}")
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=targets, bias="none",
+            use_gradient_checkpointing={"auto": "unsloth", "unsloth": "unsloth", "on": True, "off": False}[checkpointing],
+            random_state=config.seed, max_seq_length=config.max_seq_length,
+        )
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing != "off",
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+    return trainable, total
+
+
+def choose_optim(requested: str) -> tuple[str, str]:
+    if requested != "auto":
+        return requested, "requested"
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_8bit", "bitsandbytes available on CUDA"
+    return "adamw_torch", "no CUDA/bitsandbytes, so 8-bit Adam is unavailable"
+
+
+def print_setup(run: Run) -> None:
+    c, batch, rows = run.config, run.batch, run.data.rows or {}
+    trainable, total = run.parameters
+    eff = batch.batch_size * batch.gradient_accumulation_steps * run.processes
+    print("=" * 72)
+    print(f"Model:      {c.model_name}  [backend {run.backend}: {run.backend_reason}]")
+    print(f"Precision:  {run.dtype}, 4-bit {'on' if run.load_in_4bit else 'off'}; compiled graphs: {run.compiler}")
+    if c.packing:
+        print(f"Packing:    best-fit rows of {c.max_seq_length} tokens; attention {run.packed_attention}")
+        if run.backend == "unsloth" and not c.auto_batch:
+            # Unsloth keeps packed layers out of its compiled blocks, so each pass pays eager launch cost.
+            print("            packed passes are launch-bound: --auto-batch makes them fewer and larger")
+    print(f"Dataset:    {c.dataset_path}: train {len(run.data.train)} / validation {len(run.data.validation)} rows "
+          f"(template {run.data.template_name}, loss on {'assistant tokens' if c.train_on_responses_only else 'all tokens'})")
+    over = {k: rows[k]["over_max_seq_length"] for k in ("train", "validation") if rows.get(k, {}).get("over_max_seq_length")}
+    if over:
+        verb = "dropped" if c.long_rows == "drop" else "cut to fit"
+        print(f"Long rows:  {', '.join(f'{n} {k}' for k, n in over.items())} rows over {c.max_seq_length} tokens "
+              f"{verb} (--long-rows {c.long_rows})")
+    processes = f" x {run.processes} processes" if run.processes > 1 else ""
+    print(f"Training:   epochs {c.num_epochs}, max steps {c.max_steps}, batch {batch.batch_size} x accum "
+          f"{batch.gradient_accumulation_steps}{processes} = {eff}, lr {c.learning_rate} ({c.lr_scheduler}), "
+          f"optim {run.optim} ({run.optim_reason})")
+    print(f"LoRA:       r {c.lora_r}, alpha {c.lora_alpha}, dropout {c.lora_dropout}, targets {c.target_modules}")
+    print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    print(utils.format_memory_stats(utils.gpu_memory_stats()))
+    print("=" * 72)
+
+
+def training_config(run: Run) -> dict:
+    """training_config.json: the flags as they ran (the batch --auto-batch picked) and what setup found."""
+    batch = run.batch
+    arguments = {**dataclasses.asdict(run.config), "batch_size": batch.batch_size,
+                 "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+                 "gradient_checkpointing": batch.gradient_checkpointing}
+    manifest = run.data.manifest
+    cfg = {"arguments": arguments, "backend": run.backend, "backend_reason": run.backend_reason, "dtype": run.dtype,
+           "load_in_4bit": run.load_in_4bit, "compiler": run.compiler, "packed_attention": run.packed_attention,
+           "optim": run.optim, "rows": run.data.rows, "chat_template": run.data.template_name,
+           "dataset_manifest_sha256": manifest.get("content_sha256"), "dataset_source": manifest.get("source"),
+           "versions": utils.library_versions(), "gpu": utils.gpu_memory_stats()}
+    cfg = utils.redact_secrets(cfg)
+    cfg.update(auto_batch_plan=batch.auto, processes=run.processes,
+               chat_template_sha256=hashlib.sha256(run.data.template_source.encode()).hexdigest())
+    return cfg
+
+
+def record_config(run: Run) -> None:
+    config = training_config(run)
+    if run.resume:  # every rank checks, so that all of them refuse together
+        config = checkpoints.check_resume_settings(config, Path(run.resume), run.config.out, announce=run.main_rank)
+    if run.main_rank:
+        utils.atomic_write_json(run.config.out / "training_config.json", config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def standard_callbacks(run: Run) -> list:
+    """Progress lines, the NaN stop, validation at epoch ends, checkpoint marking and S3 sync, early stopping."""
+    from reasonforge.callbacks import CheckpointSync, EvalAtEpochEnd, StepLogger, StopOnNonFinite
+
+    c = run.config
+    callbacks = [StepLogger(c.out / "logs" / "metrics.jsonl"),
+                 StopOnNonFinite(checkpoints.last_good_checkpoint),
+                 EvalAtEpochEnd(),
+                 CheckpointSync(c.run_uri, checkpoints.write_checkpoint_marker, checkpoints.upload_checkpoint)]
+    if c.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=c.early_stopping_patience))
+    return callbacks
+
+
+def train(run: Run, callbacks: list = ()) -> Result:
+    """The training loop, SIGTERM served as a checkpoint and a stop. `callbacks` join the standard
+    ones (the benchmark's timers). What setup changed outside the run is put back however it ends."""
+    import torch
+
+    from reasonforge.callbacks import StopOnSigterm
+
+    try:
+        trainer = sft.build_trainer(run, [*standard_callbacks(run), *callbacks])
+        trainer.add_callback(StopOnSigterm(run.guard))  # last, so that its on_save follows CheckpointSync's upload
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        output = preemption.train_or_stop(trainer, run.resume, run.guard)
+        return Result(trainer, output, time.perf_counter() - start)
+    finally:
+        run.cleanup.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finish
+# ---------------------------------------------------------------------------------------------
+
+
+def finish(run: Run, result: Result) -> None:
+    """Rank 0: final adapter, metrics, plot, uploads and the closing summary; every rank waits for it."""
+    if run.main_rank:
+        c = run.config
+        final = outputs.save_final_model(run, result.trainer)
+        metrics = outputs.collect_metrics(run, result)
+        utils.atomic_write_json(c.out / "training_metrics.json", metrics)
+        plotted = outputs.plot_losses(metrics["history"], c.out / "loss_curve.png")
+        if c.run_uri is not None:
+            outputs.upload_outputs(c.run_uri, final, c.out)
+        if c.push_to_hub:
+            outputs.push_to_hub(final, c.push_to_hub)
+        print_summary(run, metrics, final, plotted)
+    run.state.wait_for_everyone()
+
+
+def print_summary(run: Run, metrics: dict, final: Path, plotted: bool) -> None:
+    c = run.config
+    print("=" * 72)
+    print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
+          f"{utils.sig4(metrics['train_loss_last'])}, best validation loss {utils.sig4(metrics['best_validation_loss'])} "
+          f"({Path(str(metrics['best_checkpoint'])).name})")
+    steady = metrics.get("steady_tokens_per_s")
+    print(f"Time: first step {utils.sig4(metrics.get('time_to_first_step_s'))} s after start "
+          f"(the step itself {utils.sig4(metrics.get('first_step_s'))} s); then "
+          + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
+             "too few steps for a steady rate")
+          + f"; training loop {metrics['runtime_s']:.1f} s in all")
+    print(utils.format_memory_stats(utils.gpu_memory_stats()))
+    print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(c.out / 'loss_curve.png').resolve()}" if plotted else ""))
+    if c.run_uri is not None:
+        print(f"S3 URI: {c.run_uri.join('final_model')}")
+    if c.push_to_hub:
+        print(f"Hub: https://huggingface.co/{c.push_to_hub}")
