@@ -54,6 +54,8 @@ def grpo_rows(split, template_source: str, tokenizer=None, *, enable_thinking: b
     `tokenizer`) rows whose prompt is longer. Raises UserError where the split has no `answer`
     column or no row left.
     """
+    if max_prompt_tokens is not None and tokenizer is None:
+        raise ValueError("grpo_rows needs the tokenizer to measure prompts against max_prompt_tokens")
     if "answer" not in split.column_names:
         raise UserError(f"the {split_name} split has no 'answer' column (columns: {', '.join(split.column_names)}); "
                         "GRPO rewards need reference answers: prepare the data again with data_preparation.py, "

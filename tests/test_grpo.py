@@ -261,12 +261,25 @@ def test_torch_logprobs_match_log_softmax_and_carry_gradients():
 # A tiny GRPO run on the CPU
 # ---------------------------------------------------------------------------------------------
 
-def length_reward(completions, **kwargs):
+def length(completions, **kwargs):
     """A dense test reward: a random model never answers right, so correctness alone has no variance to learn from."""
     return [len(rewards.completion_text(c)) / 100 for c in completions]
 
 
-def _tiny_run(model_dir, dataset_dir, out: Path, steps: int = 4, resume: str | None = None):
+def _stop_after(step: int):
+    """A callback that ends training once `step` is done (and saved), as a kill right after a checkpoint would."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                control.should_training_stop = True
+            return control
+
+    return StopAfter()
+
+
+def _tiny_run(model_dir, dataset_dir, out: Path, stop_after: int | None = None, resume: str | None = None):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -282,10 +295,12 @@ def _tiny_run(model_dir, dataset_dir, out: Path, steps: int = 4, resume: str | N
     val = grpo.grpo_rows(dd["validation"], source, tokenizer, split_name="validation").select(range(4))
     weights = rewards.parse_rewards("correctness=1,format=0.2,length=1")
     settings = grpo.GRPOSettings(num_generations=4, max_completion_length=16, learning_rate=5e-3)
-    config = grpo.grpo_config(settings, weights, output_dir=out, max_steps=steps, batch_size=4, save_steps=2,
+    config = grpo.grpo_config(settings, weights, output_dir=out, max_steps=4, batch_size=4, save_steps=2,
                               eval_batch_size=4, seed=3, report_to=())
-    trainer = grpo.build_grpo_trainer(model, tokenizer, train, val, config, weights,
-                                      callbacks=[grpo.grpo_step_logger(out / "logs" / "metrics.jsonl")])
+    callbacks = [grpo.grpo_step_logger(out / "logs" / "metrics.jsonl")]
+    if stop_after:
+        callbacks.append(_stop_after(stop_after))
+    trainer = grpo.build_grpo_trainer(model, tokenizer, train, val, config, weights, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -297,7 +312,7 @@ def _lora_and_base(model) -> tuple[dict, dict]:
 
 @pytest.fixture
 def with_length_reward(monkeypatch):
-    monkeypatch.setitem(rewards.REWARDS, "length", length_reward)
+    monkeypatch.setitem(rewards.REWARDS, "length", length)
 
 
 @pytest.mark.slow
@@ -342,7 +357,8 @@ def test_tiny_grpo_run_trains_logs_every_reward_and_saves_a_reloadable_adapter(
 @pytest.mark.slow
 def test_a_resumed_run_sees_the_same_rewards(tiny_qwen25, sample_dataset, tmp_path, with_length_reward):
     whole = _tiny_run(tiny_qwen25, sample_dataset, tmp_path / "whole")
-    resumed = _tiny_run(tiny_qwen25, sample_dataset, tmp_path / "resumed", steps=2)
+    stopped = _tiny_run(tiny_qwen25, sample_dataset, tmp_path / "resumed", stop_after=2)
+    assert stopped.state.global_step == 2
     resumed = _tiny_run(tiny_qwen25, sample_dataset, tmp_path / "resumed",
                         resume=str(tmp_path / "resumed" / "checkpoint-2"))
 
@@ -350,5 +366,6 @@ def test_a_resumed_run_sees_the_same_rewards(tiny_qwen25, sample_dataset, tmp_pa
         return [(h["step"], h["rewards/length/mean"], h["rewards/format/mean"])
                 for h in trainer.state.log_history if "loss" in h and h["step"] in steps]
 
+    assert len(rewards_at(whole, (3, 4))) == 2
     assert rewards_at(resumed, (3, 4)) == rewards_at(whole, (3, 4))
     assert json.loads((tmp_path / "resumed" / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
