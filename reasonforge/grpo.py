@@ -369,6 +369,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def running_mean(values, window: int) -> list[float]:
+    """The mean of each value and the window - 1 before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_rewards(history: list[dict], path: str | Path) -> bool:
     """The reward curve beside the loss curve: mean training reward per function per step, and the
     validation share of correct answers. `history` is trainer.state.log_history or the step log's
@@ -383,8 +392,12 @@ def plot_rewards(history: list[dict], path: str | Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
-        points = [(h["step"], h[reward_metric(name)]) for h in history if h.get(reward_metric(name)) is not None]
-        ax.plot(*zip(*points), label=f"train {name}", lw=1)
+        steps, values = zip(*[(h["step"], h[reward_metric(name)]) for h in history
+                              if h.get(reward_metric(name)) is not None])
+        line, = ax.plot(steps, values, lw=0.6, alpha=0.45)
+        # A step scores only a few groups, so the raw curve is noise around the trend; the running mean shows it.
+        ax.plot(steps, running_mean(values, max(1, len(values) // 10)), color=line.get_color(), lw=1.8,
+                label=f"train {name} (running mean)")
     val = [(h["step"], h["eval_" + reward_metric("correctness")]) for h in history
            if h.get("eval_" + reward_metric("correctness")) is not None]
     if val:

@@ -232,6 +232,11 @@ def test_step_summary_names_the_figures():
     assert grpo.summary_line(grpo.step_summary({"loss": 1.0}, 8), 1, 2) is None
 
 
+def test_running_mean():
+    assert grpo.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert grpo.running_mean([2.0], 5) == [2.0]
+
+
 def test_reward_curve_png(tmp_path):
     history = [{"step": s, "rewards/correctness/mean": s / 10, "rewards/format/mean": 0.5} for s in range(1, 6)]
     history.append({"step": 5, "eval_rewards/correctness/mean": 0.4})
