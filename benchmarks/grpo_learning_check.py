@@ -86,7 +86,6 @@ def accuracy(model, tokenizer, rows, max_new_tokens: int) -> dict:
     started = time.perf_counter()
     replies = utils.generate_batch(model, tokenizer, [conversation(q) for q, _, _ in rows], settings,
                                    batch_size=32, desc=None)
-    model.train()  # generate_batch leaves the model as it found it, but make sure training resumes in train mode
     right = [answers_match(final_answer(r["response"]), str(a)) for r, (_, a, _) in zip(replies, rows)]
     by_op = {}
     for ok, (_, _, op) in zip(right, rows):
@@ -128,10 +127,11 @@ def train(model, tokenizer, train_rows, args) -> tuple[object, dict]:
     history = [h for h in trainer.state.log_history if grpo.reward_metric("correctness") in h]
     grpo.plot_rewards(trainer.state.log_history, Path(args.run_dir) / "reward_curve.png")
     trainer.save_model(str(Path(args.run_dir) / "final_model"))
-    first, last = history[: len(history) // 4 or 1], history[-(len(history) // 4 or 1):]
-    mean = lambda hs: round(sum(h[grpo.reward_metric("correctness")] for h in hs) / len(hs), 4)  # noqa: E731
+    correct = [h[grpo.reward_metric("correctness")] for h in history]
+    quarter = max(len(correct) // 4, 1)
     return trainer.model, {"train_seconds": round(seconds, 1), "steps": trainer.state.global_step,
-                           "train_correct_first_quarter": mean(first), "train_correct_last_quarter": mean(last),
+                           "train_correct_first_quarter": round(sum(correct[:quarter]) / quarter, 4),
+                           "train_correct_last_quarter": round(sum(correct[-quarter:]) / quarter, 4),
                            "step_log": str(log_path)}
 
 

@@ -96,8 +96,8 @@ def grpo_rows(split, template_source: str, tokenizer=None, *, enable_thinking: b
 class GRPOSettings:
     """The GRPO knobs, with defaults sized for Qwen2.5-3B in 4-bit on a 24 GB GPU.
 
-    A group of 8 completions of up to 512 tokens is Unsloth's Qwen2.5-3B GRPO recipe (it fits a
-    16 GB T4 at 200 tokens). beta 0 is TRL's default and the DAPO / Dr. GRPO choice: no reference
+    A group of 8 is Unsloth's Qwen2.5-3B GRPO recipe (on a 16 GB T4, with 200-token completions);
+    512 tokens leaves room for worked reasoning on 24 GB. beta 0 is TRL's default and the DAPO / Dr. GRPO choice: no reference
     forward pass per step, and the LoRA rank already bounds how far the policy can move.
     Temperature 1 keeps the groups diverse: the advantage is reward minus the group mean, so a
     group of identical completions teaches nothing. 5e-6 with max_grad_norm 0.1 is that recipe's
@@ -128,7 +128,7 @@ class GRPOSettings:
                        + f" = {per_step} completions per step is not a multiple of --num-generations "
                        f"{self.num_generations}; GRPO scores whole groups, so make it {self.num_generations} "
                        f"or a multiple (e.g. --gradient-accumulation-steps "
-                       f"{max(1, math.ceil(self.num_generations / max(batch_size * processes, 1)))})")
+                       f"{self.num_generations // math.gcd(self.num_generations, max(batch_size * processes, 1))})")
         return out
 
     def as_dict(self) -> dict:

@@ -182,6 +182,7 @@ def test_settings_problems_name_the_flags():
     assert "--batch-size 2 x --gradient-accumulation-steps 3 = 6 completions per step is not a multiple of " \
            "--num-generations 8" in text
     assert "--gradient-accumulation-steps 4" in text
+    assert "--gradient-accumulation-steps 8)" in grpo.GRPOSettings(num_generations=8).problems(3, 1)[0]
     assert grpo.GRPOSettings(num_generations=1).problems(4, 1)[0].startswith("--num-generations 1 must be 2 or more")
     assert "not a finite number" in grpo.GRPOSettings(learning_rate=math.nan).problems(8, 1)[0]
 
