@@ -24,6 +24,7 @@ import utils
 from reasonforge import training
 from reasonforge.acceleration import CPP_WRAPPER_MIN_STEPS
 from reasonforge.outputs import run_dir_problem
+from reasonforge.rewards import DEFAULT_REWARDS, REWARDS
 from utils import UserError
 
 DEFAULT_MODEL = "unsloth/Qwen2.5-Coder-3B-Instruct"
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (default: epochs)")
     t.add_argument("--batch-size", type=int, default=2, help="per-device micro-batch (default: %(default)s)")
     t.add_argument("--gradient-accumulation-steps", type=int, default=4, help="(default: %(default)s)")
-    t.add_argument("--learning-rate", type=float, default=2e-4, help="(default: %(default)s)")
+    t.add_argument("--learning-rate", type=float, default=None,
+                   help=f"(default: {training.DEFAULT_LEARNING_RATE['sft']} for sft, {training.DEFAULT_LEARNING_RATE['grpo']} for grpo)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="(default: %(default)s)")
     t.add_argument("--warmup-steps", type=int, default=5, help="(default: %(default)s)")
     t.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name (default: %(default)s)")
@@ -98,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--s3-bucket", default=None, help="sync checkpoints and the final adapter to s3://BUCKET/adapters/RUN/")
     u.add_argument("--skip-s3-upload", action="store_true", help="never upload, even with --s3-bucket")
     u.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the final adapter to this Hub repo")
+    r = p.add_argument_group("method (grpo: reinforcement on verified answers, after or instead of sft)")
+    r.add_argument("--method", choices=["sft", "grpo"], default="sft",
+                   help="sft: learn the dataset's replies; grpo: sample groups of replies to each question and "
+                        "reward those whose final answer matches the `answer` column (default: %(default)s)")
+    r.add_argument("--init-adapter", default=None, metavar="PATH|s3://...",
+                   help="start from this saved adapter (e.g. an sft run's final_model) instead of fresh LoRA "
+                        "weights; its r, alpha and targets must match the LoRA flags")
+    r.add_argument("--rewards", default=DEFAULT_REWARDS,
+                   help=f"grpo rewards, NAME[=WEIGHT],...: {', '.join(REWARDS)} (default: %(default)s)")
+    r.add_argument("--num-generations", type=int, default=8,
+                   help="grpo: replies sampled per question; batch x accumulation must hold whole groups (default: %(default)s)")
+    r.add_argument("--max-completion-length", type=int, default=512,
+                   help="grpo: tokens per sampled reply; the question gets --max-seq-length minus this (default: %(default)s)")
+    r.add_argument("--beta", type=float, default=0.0,
+                   help="grpo: KL penalty towards the starting policy; 0 skips the reference pass (default: %(default)s)")
+    r.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature (default: %(default)s)")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -108,6 +126,7 @@ def validate_args(args) -> None:
                 "--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha, "--save-steps": args.save_steps,
                 "--max-seq-length": args.max_seq_length, "--logging-steps": args.logging_steps}
     problems += [f"{k} {v} must be a positive integer" for k, v in positive.items() if v < 1]
+    problems += method_problems(args)
     problems += utils.number_problems({
         "--learning-rate": (args.learning_rate, lambda v: 0 < v < 1, "in (0, 1), e.g. 2e-4"),
         "--num-epochs": (args.num_epochs, lambda v: v > 0 or args.max_steps > 0, "> 0 (or give --max-steps)"),
@@ -139,6 +158,29 @@ def validate_args(args) -> None:
     problems += filter(None, [run_dir_problem(Path(args.output_dir))])
     if problems:
         raise UserError("; ".join(problems))
+
+
+def method_problems(args) -> list[str]:
+    """What --method grpo needs of the other flags; --init-adapter's folder is checked when it is fetched."""
+    if args.method != "grpo":
+        return []
+    from reasonforge.grpo import GRPOSettings
+    from reasonforge.rewards import parse_rewards
+
+    parse_rewards(args.rewards)  # raises its own one-line error naming the bad entry
+    settings = GRPOSettings(num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+                            beta=args.beta, temperature=args.temperature)
+    problems = [p for p in settings.problems(args.batch_size, args.gradient_accumulation_steps)
+                if not p.startswith("--learning-rate")]
+    if args.packing:
+        problems.append("--packing is for sft; grpo scores whole sampled replies, so drop --packing")
+    if args.auto_batch:
+        problems.append("--auto-batch plans sft batches; for grpo set --batch-size and --gradient-accumulation-steps "
+                        "(--gpu-memory-gib still caps the process)")
+    if args.max_completion_length >= args.max_seq_length:
+        problems.append(f"--max-completion-length {args.max_completion_length} leaves no room for the question in "
+                        f"--max-seq-length {args.max_seq_length}; raise --max-seq-length or lower the completion length")
+    return problems
 
 
 def default_run_name(args) -> str:

@@ -87,6 +87,21 @@ def grpo_rows(split, template_source: str, tokenizer=None, *, enable_thinking: b
     return kept
 
 
+def prepare_data(config, dataset, tokenizer):
+    """train_lora.py --method grpo: the (DatasetDict, manifest) from sft.load_dataset as prompt and
+    answer rows, rendered with the template SFT would choose for this model (sft.Data)."""
+    from reasonforge import sft
+
+    dd, manifest = dataset
+    template_name, template_source = sft.choose_template(config, manifest, tokenizer)
+    limit = config.max_seq_length - config.max_completion_length
+    train, validation = (grpo_rows(dd[name], template_source, tokenizer, max_prompt_tokens=limit, split_name=name)
+                         for name in ("train", "validation"))
+    rows = {"policy": "drop", "prompt_tokens_limit": limit, "train": {"rows": len(dd["train"]), "kept": len(train)},
+            "validation": {"rows": len(dd["validation"]), "kept": len(validation)}}
+    return sft.Data(train, validation, template_name, template_source, manifest, rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # Settings and TRL config
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +365,8 @@ def grpo_step_logger(jsonl_path: str | Path):
                 if logs:
                     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
                     summary = step_summary(logs, per_step)
-                    logs = {**logs, **summary}
+                    # GRPO's validation "loss" is a placeholder 0; its figures are the rewards.
+                    logs = {**{k: v for k, v in logs.items() if k != "eval_loss"}, **summary}
                     line = summary_line(summary, state.global_step, state.max_steps)
                 super().on_log(args, state, control, logs=logs, **kw)
                 if line and self.bar is not None:
@@ -410,3 +426,22 @@ def plot_rewards(history: list[dict], path: str | Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def build_trainer(run, callbacks: list):
+    """The GRPO trainer of a train_lora.py Run (reasonforge.training): its model with LoRA, its
+    prompts, the flags' group size, completion length, KL coefficient and temperature."""
+    import os
+
+    c, batch = run.config, run.batch
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(c.output_dir) / "logs")
+    weights = rewards_mod.parse_rewards(c.rewards)
+    settings = GRPOSettings(num_generations=c.num_generations, max_completion_length=c.max_completion_length,
+                            beta=c.beta, temperature=c.temperature, learning_rate=c.learning_rate)
+    config = grpo_config(settings, weights, output_dir=c.output_dir, max_steps=c.max_steps, num_epochs=c.num_epochs,
+                         batch_size=batch.batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
+                         save_steps=c.save_steps, eval_steps=c.eval_steps, save_total_limit=c.save_total_limit,
+                         logging_steps=c.logging_steps, seed=c.seed, warmup_steps=c.warmup_steps,
+                         lr_scheduler=c.lr_scheduler, weight_decay=c.weight_decay, optim=run.optim,
+                         precision=run.precision, run_name=c.run_name, has_eval=len(run.data.validation) > 0)
+    return build_grpo_trainer(run.model, run.tokenizer, run.data.train, run.data.validation, config, weights, callbacks)

@@ -49,7 +49,9 @@ def run_info(run, trainer) -> dict:
     return {"base_model": c.model_name, "backend": run.backend, "chat_template": run.data.template_name,
             "max_seq_length": c.max_seq_length, "train_on_responses_only": c.train_on_responses_only,
             "long_rows": c.long_rows, "dataset_manifest_sha256": run.data.manifest.get("content_sha256"),
-            "best_checkpoint": trainer.state.best_model_checkpoint, "best_validation_loss": trainer.state.best_metric,
+            "best_checkpoint": trainer.state.best_model_checkpoint, "method": c.method,
+            "best_metric_name": trainer.args.metric_for_best_model, "best_metric": trainer.state.best_metric,
+            "best_validation_loss": trainer.state.best_metric if trainer.args.metric_for_best_model == "eval_loss" else None,
             "global_step": trainer.state.global_step, "load_in_4bit": run.load_in_4bit}
 
 
@@ -122,7 +124,10 @@ def collect_metrics(run, result) -> dict:
         "train_loss_last": train_losses[-1] if train_losses else None,
         "train_loss_mean": result.output.training_loss,
         "validation_losses": [{"step": h["step"], "loss": h["eval_loss"]} for h in evals],
-        "best_validation_loss": state.best_metric,
+        # sft chooses on eval_loss, grpo on the validation share of correct answers
+        "best_metric_name": result.trainer.args.metric_for_best_model,
+        "best_metric": state.best_metric,
+        "best_validation_loss": state.best_metric if result.trainer.args.metric_for_best_model == "eval_loss" else None,
         "best_checkpoint": state.best_model_checkpoint,
         "runtime_s": round(runtime, 2),
         "tokens_seen": tokens,
@@ -151,7 +156,7 @@ def step_clock(trainer) -> dict:
 
 def upload_outputs(run_uri: utils.S3Uri, final: Path, output_dir: Path) -> None:
     utils.upload_directory(final, run_uri.join("final_model"), desc="upload final_model")
-    for name in ("training_config.json", "training_metrics.json", "loss_curve.png"):
+    for name in ("training_config.json", "training_metrics.json", "loss_curve.png", "reward_curve.png"):
         if (output_dir / name).is_file():
             utils.upload_file(output_dir / name, run_uri.join(name))
 

@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import utils
-from reasonforge import acceleration, checkpoints, outputs, preemption, sft
+from reasonforge import acceleration, checkpoints, grpo, outputs, preemption, sft
+from reasonforge.rewards import parse_rewards
 from utils import UserError
 
 log = logging.getLogger("reasonforge.train")
+
+# GRPO's updates come from sampled rewards, far noisier than SFT's token targets; Unsloth's and
+# TRL's GRPO recipes for LoRA on 1-8B models use 5e-6, SFT's usual LoRA rate 2e-4.
+DEFAULT_LEARNING_RATE = {"sft": 2e-4, "grpo": 5e-6}
 
 
 @dataclass(frozen=True)
@@ -69,12 +74,21 @@ class TrainConfig:
     s3_bucket: str | None
     skip_s3_upload: bool
     push_to_hub: str | None
+    method: str
+    init_adapter: str | None
+    rewards: str
+    num_generations: int
+    max_completion_length: int
+    beta: float
+    temperature: float
     verbose: bool
 
     @classmethod
     def from_args(cls, args) -> TrainConfig:
-        """From train_lora.build_parser()'s namespace; --run-name defaults to the output folder's name."""
-        return cls(**{**vars(args), "run_name": args.run_name or Path(args.output_dir).resolve().name})
+        """From train_lora.build_parser()'s namespace; --run-name defaults to the output folder's name
+        and --learning-rate to the method's."""
+        return cls(**{**vars(args), "run_name": args.run_name or Path(args.output_dir).resolve().name,
+                      "learning_rate": args.learning_rate or DEFAULT_LEARNING_RATE[args.method]})
 
     @property
     def out(self) -> Path:
@@ -162,9 +176,12 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         route, undo = acceleration.configure_packed_attention(config.packing, backend, model)
         cleanup.callback(undo)
         batch = acceleration.choose_batch(config, model, backend)
-        data = sft.Data.given(*pretokenized) if dataset is None else sft.prepare_data(config, dataset, tokenizer)
+        method = grpo if config.method == "grpo" else sft
+        data = sft.Data.given(*pretokenized) if dataset is None else method.prepare_data(config, dataset, tokenizer)
         model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
                             checkpointing=batch.gradient_checkpointing)
+        if config.init_adapter:
+            load_init_adapter(model, config)
         optim, optim_reason = choose_optim(config.optim)
         resume = checkpoints.resume_on_all_ranks(config.resume_from_checkpoint, config.out, config.run_uri, state)
         steps = acceleration.planned_steps(len(data.train), batch, epochs=config.num_epochs, max_steps=config.max_steps,
@@ -279,6 +296,36 @@ def attach_lora(model, config: TrainConfig, *, backend: str, load_in_4bit: bool 
     return get_peft_model(model, lora)
 
 
+def load_init_adapter(model, config: TrainConfig) -> None:
+    """Copy a saved adapter's weights (--init-adapter, local or s3://) into the fresh LoRA layers.
+
+    The layers are attached first, by Unsloth where it runs, so its fast LoRA path and offloaded
+    checkpointing serve a continued adapter exactly as a new one; the saved shape must match.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = utils.fetch_if_s3(config.init_adapter)
+    utils.check_model_path(str(folder), needs=("adapter_config.json",), what="--init-adapter adapter")
+    saved = utils.read_json(folder / "adapter_config.json", "--init-adapter's adapter_config.json")
+    wanted = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.targets)}
+    found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "target_modules": sorted(saved.get("target_modules") or [])}
+    if found != wanted:
+        raise UserError(f"--init-adapter {config.init_adapter} has r {found['r']}, alpha {found['lora_alpha']}, targets "
+                        f"{','.join(found['target_modules'])}; pass --lora-r {found['r']} --lora-alpha {found['lora_alpha']} "
+                        f"--target-modules {','.join(found['target_modules'])} to continue it")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"--init-adapter {config.init_adapter} has no adapter_model.safetensors; give a final_model/ "
+                        "or checkpoint-N/ folder written by train_lora.py")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise UserError(f"--init-adapter {config.init_adapter}: {len(unexpected)} saved tensors fit no layer of "
+                        f"{config.model_name} (e.g. {unexpected[0]}); was it trained on another base model?")
+    log.info("LoRA weights loaded from %s", config.init_adapter)
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
@@ -320,7 +367,12 @@ def print_setup(run: Run) -> None:
     print(f"Training:   epochs {c.num_epochs}, max steps {c.max_steps}, batch {batch.batch_size} x accum "
           f"{batch.gradient_accumulation_steps}{processes} = {eff}, lr {c.learning_rate} ({c.lr_scheduler}), "
           f"optim {run.optim} ({run.optim_reason})")
-    print(f"LoRA:       r {c.lora_r}, alpha {c.lora_alpha}, dropout {c.lora_dropout}, targets {c.target_modules}")
+    print(f"LoRA:       r {c.lora_r}, alpha {c.lora_alpha}, dropout {c.lora_dropout}, targets {c.target_modules}"
+          + (f"; weights from {c.init_adapter}" if c.init_adapter else ""))
+    if c.method == "grpo":
+        print(f"GRPO:       {c.num_generations} replies of up to {c.max_completion_length} tokens per question, "
+              f"temperature {c.temperature}, beta {c.beta}, rewards {c.rewards}; best checkpoint on "
+              f"{grpo.best_metric(parse_rewards(c.rewards))}")
     print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     print(utils.format_memory_stats(utils.gpu_memory_stats()))
     print("=" * 72)
@@ -362,7 +414,8 @@ def standard_callbacks(run: Run) -> list:
     from reasonforge.callbacks import CheckpointSync, EvalAtEpochEnd, StepLogger, StopOnNonFinite
 
     c = run.config
-    callbacks = [StepLogger(c.out / "logs" / "metrics.jsonl"),
+    log_path = c.out / "logs" / "metrics.jsonl"
+    callbacks = [grpo.grpo_step_logger(log_path) if c.method == "grpo" else StepLogger(log_path),
                  StopOnNonFinite(checkpoints.last_good_checkpoint),
                  EvalAtEpochEnd(),
                  CheckpointSync(c.run_uri, checkpoints.write_checkpoint_marker, checkpoints.upload_checkpoint)]
@@ -381,7 +434,8 @@ def train(run: Run, callbacks: list = ()) -> Result:
     from reasonforge.callbacks import StopOnSigterm
 
     try:
-        trainer = sft.build_trainer(run, [*standard_callbacks(run), *callbacks])
+        method = grpo if run.config.method == "grpo" else sft
+        trainer = method.build_trainer(run, [*standard_callbacks(run), *callbacks])
         trainer.add_callback(StopOnSigterm(run.guard))  # last, so that its on_save follows CheckpointSync's upload
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -405,6 +459,8 @@ def finish(run: Run, result: Result) -> None:
         metrics = outputs.collect_metrics(run, result)
         utils.atomic_write_json(c.out / "training_metrics.json", metrics)
         plotted = outputs.plot_losses(metrics["history"], c.out / "loss_curve.png")
+        if c.method == "grpo":
+            grpo.plot_rewards(metrics["history"], c.out / "reward_curve.png")
         if c.run_uri is not None:
             outputs.upload_outputs(c.run_uri, final, c.out)
         if c.push_to_hub:
@@ -416,9 +472,10 @@ def finish(run: Run, result: Result) -> None:
 def print_summary(run: Run, metrics: dict, final: Path, plotted: bool) -> None:
     c = run.config
     print("=" * 72)
+    best = (f"best validation loss {utils.sig4(metrics['best_validation_loss'])}" if c.method == "sft" else
+            f"best {metrics['best_metric_name']} {utils.sig4(metrics['best_metric'])}")
     print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
-          f"{utils.sig4(metrics['train_loss_last'])}, best validation loss {utils.sig4(metrics['best_validation_loss'])} "
-          f"({Path(str(metrics['best_checkpoint'])).name})")
+          f"{utils.sig4(metrics['train_loss_last'])}, {best} ({Path(str(metrics['best_checkpoint'])).name})")
     steady = metrics.get("steady_tokens_per_s")
     print(f"Time: first step {utils.sig4(metrics.get('time_to_first_step_s'))} s after start "
           f"(the step itself {utils.sig4(metrics.get('first_step_s'))} s); then "
@@ -427,6 +484,8 @@ def print_summary(run: Run, metrics: dict, final: Path, plotted: bool) -> None:
           + f"; training loop {metrics['runtime_s']:.1f} s in all")
     print(utils.format_memory_stats(utils.gpu_memory_stats()))
     print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(c.out / 'loss_curve.png').resolve()}" if plotted else ""))
+    if (c.out / "reward_curve.png").is_file() and c.method == "grpo":
+        print(f"Reward curve: {(c.out / 'reward_curve.png').resolve()}")
     if c.run_uri is not None:
         print(f"S3 URI: {c.run_uri.join('final_model')}")
     if c.push_to_hub:
