@@ -440,6 +440,9 @@ def build_trainer(run, callbacks: list):
                             beta=c.beta, temperature=c.temperature, learning_rate=c.learning_rate)
     config = grpo_config(settings, weights, output_dir=c.output_dir, max_steps=c.max_steps, num_epochs=c.num_epochs,
                          batch_size=batch.batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
+                         # Validation decodes one reply per prompt; a batch as large as a training
+                         # generation batch is known to fit, and greedy decoding is launch-bound.
+                         eval_batch_size=batch.batch_size * batch.gradient_accumulation_steps,
                          save_steps=c.save_steps, eval_steps=c.eval_steps, save_total_limit=c.save_total_limit,
                          logging_steps=c.logging_steps, seed=c.seed, warmup_steps=c.warmup_steps,
                          lr_scheduler=c.lr_scheduler, weight_decay=c.weight_decay, optim=run.optim,

@@ -518,13 +518,13 @@ def test_planned_steps():
 
 def test_config_holds_every_flag_in_the_parsers_order(tmp_path):
     """training_config.json's "arguments" are the config's fields: the same keys, in the same order,
-    as the parsed flags, with --run-name resolved."""
+    as the parsed flags, with --run-name and the method's --learning-rate resolved."""
     import dataclasses
 
     args = train_lora.build_parser().parse_args(["--output-dir", str(tmp_path / "my-run")])
     cfg = training.TrainConfig.from_args(args)
     assert [f.name for f in dataclasses.fields(cfg)] == list(vars(args))
-    assert dataclasses.asdict(cfg) == {**vars(args), "run_name": "my-run"}
+    assert dataclasses.asdict(cfg) == {**vars(args), "run_name": "my-run", "learning_rate": 2e-4}
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.batch_size = 8
 

@@ -1,0 +1,89 @@
+"""train_lora.py --method grpo as a user runs it: after an SFT run (--init-adapter), its flags' checks, its outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import train_lora
+import utils
+from reasonforge import training
+
+
+def argv(model, data, out, *extra):
+    return ["--model-name", str(model), "--dataset-path", str(data), "--output-dir", str(out), "--max-steps", "2",
+            "--save-steps", "2", "--eval-steps", "2", "--warmup-steps", "0", "--max-seq-length", "384", *extra]
+
+
+GRPO_SMALL = ("--method", "grpo", "--num-generations", "2", "--max-completion-length", "8",
+              "--batch-size", "2", "--gradient-accumulation-steps", "1")
+
+
+def lora_b_norm(folder) -> float:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    return sum(float(t.float().norm()) for k, t in tensors.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_from_its_adapter(tiny_qwen25, sample_dataset, tmp_path):
+    sft = tmp_path / "sft"
+    assert train_lora.main(argv(tiny_qwen25, sample_dataset, sft, "--batch-size", "4", "--gradient-accumulation-steps",
+                                "1", "--learning-rate", "5e-3")) == 0
+    grpo = tmp_path / "grpo"
+    assert train_lora.main(argv(tiny_qwen25, sample_dataset, grpo, *GRPO_SMALL,
+                                "--init-adapter", str(sft / "final_model"))) == 0
+
+    info = json.loads((grpo / "final_model" / utils.RUN_INFO_FILE).read_text())
+    assert info["method"] == "grpo" and info["best_metric_name"] == "eval_rewards/correctness/mean"
+    metrics = json.loads((grpo / "training_metrics.json").read_text())
+    assert metrics["best_metric_name"] == "eval_rewards/correctness/mean" and metrics["best_validation_loss"] is None
+    records = [json.loads(line) for line in (grpo / "logs" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward_correctness" in r]
+    assert len(steps) == 2 and all("reward_format" in r and "completion_length_mean" in r for r in steps)
+    assert any("eval_share_correct" in r for r in records)
+    assert (grpo / "reward_curve.png").stat().st_size > 0
+    config = json.loads((grpo / "training_config.json").read_text())["arguments"]
+    assert config["learning_rate"] == training.DEFAULT_LEARNING_RATE["grpo"] and config["init_adapter"]
+
+    # Fresh LoRA starts with B = 0, and two steps at 5e-6 barely move it; the SFT run's B is far
+    # from 0. A GRPO adapter that kept the SFT weights therefore keeps most of their size.
+    started, ended = lora_b_norm(sft / "final_model"), lora_b_norm(grpo / "final_model")
+    assert started > 0.1 and ended > 0.5 * started
+
+
+@pytest.mark.parametrize("extra, words", [
+    (("--packing",), "--packing is for sft"),
+    (("--auto-batch",), "--auto-batch plans sft batches"),
+    (("--gradient-accumulation-steps", "3", "--num-generations", "4"), "not a multiple of --num-generations"),
+    (("--rewards", "correctness,speed"), "unknown reward 'speed'"),
+    (("--max-completion-length", "384"), "leaves no room for the question"),
+])
+def test_grpo_flag_problems_are_one_line_errors(tmp_path, extra, words):
+    args = ["--method", "grpo", "--output-dir", str(tmp_path / "out"), "--batch-size", "2",
+            "--gradient-accumulation-steps", "4", "--max-seq-length", "384", *extra]
+    with pytest.raises(utils.UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        train_lora.validate_args(train_lora.build_parser().parse_args(args))
+
+
+def test_learning_rate_defaults_follow_the_method(tmp_path):
+    parse = train_lora.build_parser().parse_args
+    sft = training.TrainConfig.from_args(parse(["--output-dir", str(tmp_path / "a")]))
+    grpo = training.TrainConfig.from_args(parse(["--output-dir", str(tmp_path / "b"), "--method", "grpo"]))
+    given = training.TrainConfig.from_args(parse(["--output-dir", str(tmp_path / "c"), "--method", "grpo",
+                                                  "--learning-rate", "1e-5"]))
+    assert (sft.learning_rate, grpo.learning_rate, given.learning_rate) == (2e-4, 5e-6, 1e-5)
+
+
+@pytest.mark.slow
+def test_init_adapter_of_another_shape_is_refused(tiny_qwen25, sample_dataset, tmp_path, capsys):
+    sft = tmp_path / "sft"
+    assert train_lora.main(argv(tiny_qwen25, sample_dataset, sft, "--batch-size", "4", "--gradient-accumulation-steps",
+                                "1", "--max-steps", "1", "--save-steps", "1", "--eval-steps", "1")) == 0
+    code = train_lora.main(argv(tiny_qwen25, sample_dataset, tmp_path / "grpo", *GRPO_SMALL, "--lora-r", "8",
+                                "--init-adapter", str(sft / "final_model")))
+    assert code != 0
+    assert "pass --lora-r 16 --lora-alpha 16" in capsys.readouterr().err
+    assert not (tmp_path / "grpo" / "final_model").exists()
