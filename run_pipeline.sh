@@ -5,6 +5,8 @@
 #   MODEL=unsloth/Qwen2.5-Coder-3B-Instruct DATASET=TuringEnterprises/Turing-Open-Reasoning \
 #     S3_BUCKET=my-bucket EPOCHS=3 MAX_STEPS=-1 bash run_pipeline.sh   # a GPU box with network
 #
+#   STAGES=sft,grpo bash run_pipeline.sh   # SFT, then GRPO from the SFT adapter; accuracy of base, SFT and GRPO side by side
+#
 # Every setting below can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,6 +28,20 @@ SAVE_STEPS=${SAVE_STEPS:-20}
 EVAL_ROWS=${EVAL_ROWS:-24}
 NEW_TOKENS=${NEW_TOKENS:-96}
 S3_BUCKET=${S3_BUCKET:-}
+STAGES=${STAGES:-sft}  # sft, grpo, or sft,grpo
+# GRPO on the demo: short replies (one-step problems), SFT's learning rate for the 135M model's LoRA.
+GRPO_STEPS=${GRPO_STEPS:-30}
+GRPO_GENERATIONS=${GRPO_GENERATIONS:-8}
+GRPO_COMPLETION=${GRPO_COMPLETION:-64}
+GRPO_LR=${GRPO_LR:-2e-4}
+
+case ",$STAGES," in
+  *,sft,*|*,grpo,*) ;;
+  *) echo "error: STAGES=$STAGES names no stage; use sft, grpo or sft,grpo" >&2; exit 2 ;;
+esac
+for stage in ${STAGES//,/ }; do
+  case "$stage" in sft|grpo) ;; *) echo "error: STAGES=$STAGES: unknown stage '$stage'; use sft, grpo or sft,grpo" >&2; exit 2 ;; esac
+done
 
 if [ -z "$MODEL" ]; then
   MODEL=$WORK/base_model
@@ -40,27 +56,54 @@ if [ -n "$S3_BUCKET" ]; then UPLOAD=(--s3-bucket "$S3_BUCKET"); TRAIN_S3=(--s3-b
 echo "== 1/4 data preparation ($DATASET)"
 $PY data_preparation.py --dataset "$DATASET" --max-samples "$MAX_SAMPLES" --output-dir "$WORK/data" "${UPLOAD[@]}"
 
-echo "== 2/4 training ($MODEL)"
-$PY train_lora.py --model-name "$MODEL" --dataset-path "$WORK/data" --output-dir "$WORK/checkpoints" \
-  --num-epochs "$EPOCHS" --max-steps "$MAX_STEPS" --batch-size "$BATCH" --gradient-accumulation-steps "$ACCUM" \
-  --learning-rate "$LR" --save-steps "$SAVE_STEPS" --warmup-steps 2 "${TRAIN_S3[@]}"
+ADAPTER=""
+if [[ ",$STAGES," == *,sft,* ]]; then
+  echo "== 2/4 training, sft ($MODEL)"
+  $PY train_lora.py --model-name "$MODEL" --dataset-path "$WORK/data" --output-dir "$WORK/checkpoints" \
+    --num-epochs "$EPOCHS" --max-steps "$MAX_STEPS" --batch-size "$BATCH" --gradient-accumulation-steps "$ACCUM" \
+    --learning-rate "$LR" --save-steps "$SAVE_STEPS" --warmup-steps 2 "${TRAIN_S3[@]}"
+  ADAPTER=$WORK/checkpoints/final_model
+fi
+if [[ ",$STAGES," == *,grpo,* ]]; then
+  echo "== 2/4 training, grpo${ADAPTER:+ from the sft adapter}"
+  $PY train_lora.py --method grpo --model-name "$MODEL" --dataset-path "$WORK/data" --output-dir "$WORK/grpo" \
+    ${ADAPTER:+--init-adapter "$ADAPTER"} --max-steps "$GRPO_STEPS" --num-generations "$GRPO_GENERATIONS" \
+    --max-completion-length "$GRPO_COMPLETION" --batch-size "$GRPO_GENERATIONS" --gradient-accumulation-steps 1 \
+    --learning-rate "$GRPO_LR" --save-steps "$GRPO_STEPS" --warmup-steps 2 "${TRAIN_S3[@]}"
+  ADAPTER=$WORK/grpo/final_model
+fi
 
 echo "== 3/4 evaluation"
-$PY evaluate_model.py --model-path "$WORK/checkpoints/final_model" --dataset-path "$WORK/data" \
-  --compute-perplexity --compare-base --compute-accuracy --generate-samples --num-samples 3 \
-  --max-eval-samples "$EVAL_ROWS" --max-new-tokens "$NEW_TOKENS" --output-file "$WORK/eval_results/evaluation.json"
+REPORTS=()
+for stage in ${STAGES//,/ }; do
+  if [ "$stage" = grpo ]; then folder=$WORK/grpo; report=$WORK/eval_results/evaluation_grpo.json
+  else folder=$WORK/checkpoints; report=$WORK/eval_results/evaluation.json; fi
+  $PY evaluate_model.py --model-path "$folder/final_model" --dataset-path "$WORK/data" \
+    --compute-perplexity --compare-base --compute-accuracy --generate-samples --num-samples 3 \
+    --max-eval-samples "$EVAL_ROWS" --max-new-tokens "$NEW_TOKENS" --output-file "$report"
+  REPORTS+=("$stage=$report")
+done
+if [ "${#REPORTS[@]}" -gt 1 ]; then
+  $PY -c "import json, sys
+rows = [(s.split('=', 1)[0], json.load(open(s.split('=', 1)[1]))['metrics']['accuracy']) for s in sys.argv[1:]]
+print('Answer accuracy on the same validation rows:')
+base = rows[0][1]['base']
+print(f\"  base  {base['correct']}/{base['total']}\")
+for name, acc in rows:
+    print(f\"  {name:<5} {acc['finetuned']['correct']}/{acc['finetuned']['total']}\")" "${REPORTS[@]}"
+fi
 
 echo "== 4/4 batch inference"
 $PY -c "import json, sys, datasets; d = datasets.load_from_disk(sys.argv[1])['validation'];
 json.dump([m[-2]['content'] for m in d.select(range(min(8, len(d))))['messages']], open(sys.argv[2], 'w'), indent=1)" \
   "$WORK/data" "$WORK/instructions.json"
-$PY test_model.py --model-path "$WORK/checkpoints/final_model" --batch --instructions-file "$WORK/instructions.json" \
+$PY test_model.py --model-path "$ADAPTER" --batch --instructions-file "$WORK/instructions.json" \
   --max-new-tokens "$NEW_TOKENS" --temperature 0 --output-file "$WORK/test_results/inference.json"
 
 echo
 echo "Results:"
 echo "  dataset:        $WORK/data (manifest.json)"
-echo "  adapter:        $WORK/checkpoints/final_model"
+echo "  adapter:        $ADAPTER"
 echo "  training:       $WORK/checkpoints/training_metrics.json, $WORK/checkpoints/loss_curve.png"
 echo "  evaluation:     $WORK/eval_results/evaluation.json"
 echo "  batch answers:  $WORK/test_results/inference.json"

@@ -87,3 +87,16 @@ def test_init_adapter_of_another_shape_is_refused(tiny_qwen25, sample_dataset, t
     assert code != 0
     assert "pass --lora-r 16 --lora-alpha 16" in capsys.readouterr().err
     assert not (tmp_path / "grpo" / "final_model").exists()
+
+
+@pytest.mark.parametrize("stages", ["dpo", "sft,dpo", "sft grpo"])
+def test_pipeline_refuses_an_unknown_stage_before_doing_anything(tmp_path, stages):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(root / "run_pipeline.sh")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "STAGES": stages, "WORK": str(tmp_path / "work")})
+    assert proc.returncode == 2 and "STAGES=" in proc.stderr and "use sft, grpo or sft,grpo" in proc.stderr
+    assert not (tmp_path / "work").exists()
