@@ -418,13 +418,9 @@ def plot_rewards(history: list[dict], path: str | Path) -> bool:
            if h.get("eval_" + reward_metric("correctness")) is not None]
     if val:
         ax.plot(*zip(*val), "o-", label="validation correct (greedy)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from reasonforge.outputs import save_step_figure
+
+    save_step_figure(fig, ax, "mean reward", path)
     return True
 
 

@@ -99,14 +99,21 @@ def plot_losses(history: list[dict], path: Path) -> bool:
     ax.plot(*zip(*train), label="train loss", lw=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
+    save_step_figure(fig, ax, "loss (assistant tokens)", path)
+    return True
+
+
+def save_step_figure(fig, ax, ylabel: str, path: Path) -> None:
+    """Finish a per-step curve (the loss curve, GRPO's reward curve) the same way and write it."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def collect_metrics(run, result) -> dict:
