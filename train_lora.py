@@ -17,11 +17,12 @@ reasonforge/training.py's setup, train and finish.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import utils
-from reasonforge import training
+from reasonforge import compile_cache, training
 from reasonforge.acceleration import CPP_WRAPPER_MIN_STEPS
 from reasonforge.outputs import run_dir_problem
 from reasonforge.rewards import DEFAULT_REWARDS, REWARDS
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launcher code for Unsloth's compiled graphs: cpp steps faster but its build adds a minute "
                         "or more to the first step; auto takes it for runs of at least "
                         f"{CPP_WRAPPER_MIN_STEPS} steps (default: %(default)s)")
+    t.add_argument("--compile-cache-dir", default=os.environ.get("REASONFORGE_COMPILE_CACHE", compile_cache.DEFAULT),
+                   help="keep compiled graphs and kernels here between runs, so a rerun or resume on this machine "
+                        "skips most of the first step's compile; none: torch's own /tmp caches (default: "
+                        "$REASONFORGE_COMPILE_CACHE, else %(default)s)")
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora-r", type=int, default=16, help="(default: %(default)s)")
     lo.add_argument("--lora-alpha", type=int, default=16, help="(default: %(default)s)")

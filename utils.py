@@ -24,6 +24,7 @@ from reasonforge.chat_format import (
     clean_messages,
     encode_conversation,
     keeps_row,
+    map_fingerprint,
     load_prepared_dataset,
     render_chat,
     resolve_chat_template,

@@ -83,6 +83,9 @@ def clock_callback(store: dict):
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            store["train_begin"] = time.time()
+
         def on_step_begin(self, args, state, control, **kw):
             store["begin"] = time.time()
 
@@ -115,10 +118,18 @@ def worker_stock(opts) -> dict:
     import datasets
     from trl import SFTTrainer
 
+    from reasonforge.report import Phases
+
+    phases = Phases()  # the same spans as train_lora.py's setup_phases_s, where the recipe has them
+    phases.mark("imports")
     model, tok = FastLanguageModel.from_pretrained(opts.model, max_seq_length=SEQ, load_in_4bit=True)
+    phases.mark("model load")
+    rows = datasets.Dataset.from_list(json.loads(Path(opts.rows).read_text()))
+    phases.mark("tokenise")
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
                                              use_gradient_checkpointing="unsloth", random_state=0, max_seq_length=SEQ)
-    return _train(SFTTrainer, model, tok, datasets.Dataset.from_list(json.loads(Path(opts.rows).read_text())), opts)
+    phases.mark("LoRA attach")
+    return _train(SFTTrainer, model, tok, rows, opts, phases=phases)
 
 
 def worker_baseline(opts) -> dict:
@@ -132,16 +143,20 @@ def worker_baseline(opts) -> dict:
                   gradient_checkpointing=True)
 
 
-def _train(trainer_class, model, tok, rows, opts, gradient_checkpointing=False) -> dict:
+def _train(trainer_class, model, tok, rows, opts, gradient_checkpointing=False, phases=None) -> dict:
     store: dict = {}
     cfg = sft_config(opts.tmp, opts.steps)
     if gradient_checkpointing:
         cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs = True, {"use_reentrant": False}
     trainer = trainer_class(model=model, args=cfg, train_dataset=rows, processing_class=tok,
                             callbacks=[clock_callback(store)])
+    if phases is not None:
+        phases.mark("trainer build")
     trainer.train()
     return {"first_step_end_at": store["first_step_end_at"], "last_step_end_at": store["last_step_end_at"],
             "steady_tokens_per_s": store["tokens"] / store["seconds"],
+            "first_step_s": store["first_step_end_at"] - store["train_begin"],
+            "setup_phases_s": phases.spans(until=store["train_begin"]) if phases is not None else None,
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
 
 
@@ -155,7 +170,8 @@ def pinned(cmd: list[str]) -> list[str]:
 def launch(cmd: list[str], cwd: Path, caches: Path, log: Path) -> tuple[float, int]:
     """Run one variant; returns (launch time, exit code). Its compile caches all live under `caches`."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
-           "UNSLOTH_MEGA_CACHE_DIR": str(caches / "unsloth_mega"), "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+           "UNSLOTH_MEGA_CACHE_DIR": str(caches / "unsloth_mega"),
+           "UNSLOTH_COMPILE_LOCATION": str(caches / "unsloth_compiled"), "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
            "UNSLOTH_DISABLE_STATISTICS": "1"}
     cwd.mkdir(parents=True, exist_ok=True)  # Unsloth writes its generated modules under the working folder
     t0 = time.time()
@@ -208,7 +224,7 @@ def orchestrate(opts) -> int:
         def result():
             m = json.loads((run_dir / "training_metrics.json").read_text())
             return {k: m.get(k) for k in ("first_step_end_at", "last_step_end_at", "steady_tokens_per_s",
-                                          "setup_s", "first_step_s")} | {
+                                          "setup_s", "first_step_s", "setup_phases_s")} | {
                 "losses": [h["loss"] for h in m["history"] if "loss" in h],
                 "tokens_per_step": m["tokens_seen"] / max(m["global_step"], 1),
                 "compiled_graphs": json.loads((run_dir / "training_config.json").read_text()).get("compiler")}
@@ -243,6 +259,7 @@ def markdown(results: dict) -> str:
         x = f"{r['steady_tokens_per_s'] / ref['steady_tokens_per_s']:.2f}x" if ref else ""
         lines.append(f"| {name} | {r['time_to_first_step_s']:.1f} s | {d} | {r['wall_to_last_step_s']:.1f} s | "
                      f"{r['steady_tokens_per_s']:,.0f} | {x} |")
+    lines += phase_table(runs)
     a, b = runs.get("suite-cold", {}).get("losses"), runs.get("cpp-cold", {}).get("losses")
     if a and b and len(a) == len(b):
         worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
@@ -257,6 +274,20 @@ def markdown(results: dict) -> str:
                   f"{cpp['steady_tokens_per_s'] / py['steady_tokens_per_s']:.2f}x the steady tokens/s, "
                   f"{saving:.3f} s saved a step: it repays its build after {max(extra, 0) / saving:.0f} steps."]
     return "\n".join(lines) + "\n"
+
+
+def phase_table(runs: dict) -> list[str]:
+    """Where each variant's time before its first step went, span by span, in seconds."""
+    timed = {name: r for name, r in runs.items() if r.get("setup_phases_s")}
+    if not timed:
+        return []
+    names = list(dict.fromkeys(p for r in timed.values() for p in r["setup_phases_s"]))
+    lines = ["", "Seconds from launch to the end of the first step, by part (a dash: no such part in that recipe):", "",
+             "| part | " + " | ".join(timed) + " |", "| --- |" + " ---: |" * len(timed)]
+    for part in [*names, "first step"]:
+        cells = [r["setup_phases_s"].get(part) if part != "first step" else r.get("first_step_s") for r in timed.values()]
+        lines.append(f"| {part} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -111,7 +111,7 @@ class StepClock:
             return {}
         return {"time_to_first_step_s": round(self.first_end - self.started, 2),
                 "first_step_end_at": round(self.first_end, 3), "last_step_end_at": round(self.last_end, 3),
-                "setup_s": round(self.begun - self.started, 2),
+                "setup_s": round(self.begun - self.started, 2), "loop_start_at": round(self.begun, 3),
                 "first_step_s": round(self.first_end - self.begun, 2),
                 "steady_tokens_per_s": (round(self.steady_tokens / self.steady_seconds, 1)
                                         if self.steady_seconds > 0 else None),

@@ -72,7 +72,8 @@ def grpo_rows(split, template_source: str, tokenizer=None, *, enable_thinking: b
         return {"prompt": prompt, "answer": answer, "_keep": keep}
 
     rows = split.map(convert, remove_columns=split.column_names, desc=f"GRPO prompts ({split_name})",
-                     keep_in_memory=True)
+                     keep_in_memory=True, new_fingerprint=utils.map_fingerprint(
+                         split, tokenizer, "grpo", template_source, enable_thinking, max_prompt_tokens))
     kept = rows.filter(lambda r: r["_keep"], keep_in_memory=True).select_columns(["prompt", "answer"])
     answered = sum(1 for a in rows["answer"] if a)
     if answered == 0:

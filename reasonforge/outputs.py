@@ -124,6 +124,7 @@ def collect_metrics(run, result) -> dict:
     evals = [h for h in history if "eval_loss" in h]
     tokens, runtime = state.num_input_tokens_seen, result.runtime_s
     trainable, total = run.parameters
+    clock = step_clock(result.trainer)
     return {
         "global_step": state.global_step,
         "epochs": state.epoch,
@@ -139,7 +140,9 @@ def collect_metrics(run, result) -> dict:
         "runtime_s": round(runtime, 2),
         "tokens_seen": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
-        **step_clock(result.trainer),
+        **clock,
+        # process start to the training loop, by part; the first step's own time is first_step_s
+        "setup_phases_s": run.phases.spans(until=clock.get("loop_start_at")),
         "peak_gpu_memory_gib": round(utils.gpu_memory_stats().get("peak_gib", 0.0), 3),
         "trainable_parameters": trainable,
         "total_parameters": total,

@@ -83,7 +83,9 @@ def tokenize_splits(dd, tokenizer, template_source: str, config):
     for split in ("train", "validation"):
         ds = dd[split]
         # In memory: no cache files written into the prepared dataset folder (shared by every rank).
-        ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {split}", keep_in_memory=True)
+        ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {split}", keep_in_memory=True,
+                    new_fingerprint=utils.map_fingerprint(ds, tokenizer, "sft", template_source, limit,
+                                                          config.train_on_responses_only))
         lengths = ds.select_columns(["n_tokens", "n_target"]).to_list()
         over = [r["n_tokens"] > limit for r in lengths]
         no_target = [r["n_target"] == 0 for r in lengths]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -13,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import utils
-from reasonforge import acceleration, checkpoints, grpo, outputs, preemption, sft
-from reasonforge.rewards import parse_rewards
+from reasonforge import acceleration, checkpoints, compile_cache, grpo, outputs, preemption, report, sft
 from utils import UserError
 
 log = logging.getLogger("reasonforge.train")
@@ -58,6 +55,7 @@ class TrainConfig:
     gradient_checkpointing: str
     logging_steps: int
     graph_wrapper: str
+    compile_cache_dir: str
     lora_r: int
     lora_alpha: int
     lora_dropout: float
@@ -127,8 +125,10 @@ class Run:
     optim_reason: str
     packed_attention: str
     compiler: str
+    compile_cache: str  # where compiled graphs and kernels are kept between runs, and whether it was warm
     resume: str | None  # the checkpoint folder training continues from
     cleanup: contextlib.ExitStack  # puts back what setup changed outside the run (Unsloth's attention routing)
+    phases: report.Phases  # where the time before the first step went
 
     @property
     def main_rank(self) -> bool:
@@ -157,7 +157,9 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     `argv` is the command line the SIGTERM message repeats (default sys.argv); `pretokenized`, a
     (train, validation) pair of lists of input_ids/labels rows, stands in for --dataset-path.
     """
+    phases = report.Phases()
     backend, backend_reason = utils.choose_backend(config.backend)
+    cache = compile_cache.use(config.compile_cache_dir, backend)  # before Unsloth and Inductor read their folders
     if backend == "unsloth":
         utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
     check_trainer_names(config)
@@ -168,8 +170,11 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     outputs.preflight_hub(config.push_to_hub)
     if state.is_main_process:
         claim_output_dir(config)
+    phases.mark("imports")
     dataset = sft.load_dataset(config) if pretokenized is None else None
+    phases.mark("dataset load")
     model, tokenizer, info = load_base_model(config, backend, state.is_main_process)
+    phases.mark("model load")
     cleanup = contextlib.ExitStack()
     try:
         acceleration.check_packing(config.packing, backend, model)
@@ -178,10 +183,12 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         batch = acceleration.choose_batch(config, model, backend)
         method = grpo if config.method == "grpo" else sft
         data = sft.Data.given(*pretokenized) if dataset is None else method.prepare_data(config, dataset, tokenizer)
+        phases.mark("tokenise")
         model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
                             checkpointing=batch.gradient_checkpointing)
         if config.init_adapter:
             load_init_adapter(model, config)
+        phases.mark("LoRA attach")
         optim, optim_reason = choose_optim(config.optim)
         resume = checkpoints.resume_on_all_ranks(config.resume_from_checkpoint, config.out, config.run_uri, state)
         steps = acceleration.planned_steps(len(data.train), batch, epochs=config.num_epochs, max_steps=config.max_steps,
@@ -192,10 +199,11 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
                   data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),
                   parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
                   packed_attention=route, compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps),
-                  resume=resume, cleanup=cleanup)
+                  compile_cache=cache, resume=resume, cleanup=cleanup, phases=phases)
         if run.main_rank:
-            print_setup(run)
-        record_config(run)
+            report.print_setup(run)
+        report.record_config(run)
+        phases.mark("resume and banner")
     except BaseException:
         cleanup.close()
         raise
@@ -344,66 +352,6 @@ def choose_optim(requested: str) -> tuple[str, str]:
     return "adamw_torch", "no CUDA/bitsandbytes, so 8-bit Adam is unavailable"
 
 
-def print_setup(run: Run) -> None:
-    c, batch, rows = run.config, run.batch, run.data.rows or {}
-    trainable, total = run.parameters
-    eff = batch.batch_size * batch.gradient_accumulation_steps * run.processes
-    print("=" * 72)
-    print(f"Model:      {c.model_name}  [backend {run.backend}: {run.backend_reason}]")
-    print(f"Precision:  {run.dtype}, 4-bit {'on' if run.load_in_4bit else 'off'}; compiled graphs: {run.compiler}")
-    if c.packing:
-        print(f"Packing:    best-fit rows of {c.max_seq_length} tokens; attention {run.packed_attention}")
-        if run.backend == "unsloth" and not c.auto_batch:
-            # Unsloth keeps packed layers out of its compiled blocks, so each pass pays eager launch cost.
-            print("            packed passes are launch-bound: --auto-batch makes them fewer and larger")
-    print(f"Dataset:    {c.dataset_path}: train {len(run.data.train)} / validation {len(run.data.validation)} rows "
-          f"(template {run.data.template_name}, loss on {'assistant tokens' if c.train_on_responses_only else 'all tokens'})")
-    over = {k: rows[k]["over_max_seq_length"] for k in ("train", "validation") if rows.get(k, {}).get("over_max_seq_length")}
-    if over:
-        verb = "dropped" if c.long_rows == "drop" else "cut to fit"
-        print(f"Long rows:  {', '.join(f'{n} {k}' for k, n in over.items())} rows over {c.max_seq_length} tokens "
-              f"{verb} (--long-rows {c.long_rows})")
-    processes = f" x {run.processes} processes" if run.processes > 1 else ""
-    print(f"Training:   epochs {c.num_epochs}, max steps {c.max_steps}, batch {batch.batch_size} x accum "
-          f"{batch.gradient_accumulation_steps}{processes} = {eff}, lr {c.learning_rate} ({c.lr_scheduler}), "
-          f"optim {run.optim} ({run.optim_reason})")
-    print(f"LoRA:       r {c.lora_r}, alpha {c.lora_alpha}, dropout {c.lora_dropout}, targets {c.target_modules}"
-          + (f"; weights from {c.init_adapter}" if c.init_adapter else ""))
-    if c.method == "grpo":
-        print(f"GRPO:       {c.num_generations} replies of up to {c.max_completion_length} tokens per question, "
-              f"temperature {c.temperature}, beta {c.beta}, rewards {c.rewards}; best checkpoint on "
-              f"{grpo.best_metric(parse_rewards(c.rewards))}")
-    print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
-    print(utils.format_memory_stats(utils.gpu_memory_stats()))
-    print("=" * 72)
-
-
-def training_config(run: Run) -> dict:
-    """training_config.json: the flags as they ran (the batch --auto-batch picked) and what setup found."""
-    batch = run.batch
-    arguments = {**dataclasses.asdict(run.config), "batch_size": batch.batch_size,
-                 "gradient_accumulation_steps": batch.gradient_accumulation_steps,
-                 "gradient_checkpointing": batch.gradient_checkpointing}
-    manifest = run.data.manifest
-    cfg = {"arguments": arguments, "backend": run.backend, "backend_reason": run.backend_reason, "dtype": run.dtype,
-           "load_in_4bit": run.load_in_4bit, "compiler": run.compiler, "packed_attention": run.packed_attention,
-           "optim": run.optim, "rows": run.data.rows, "chat_template": run.data.template_name,
-           "dataset_manifest_sha256": manifest.get("content_sha256"), "dataset_source": manifest.get("source"),
-           "versions": utils.library_versions(), "gpu": utils.gpu_memory_stats()}
-    cfg = utils.redact_secrets(cfg)
-    cfg.update(auto_batch_plan=batch.auto, processes=run.processes,
-               chat_template_sha256=hashlib.sha256(run.data.template_source.encode()).hexdigest())
-    return cfg
-
-
-def record_config(run: Run) -> None:
-    config = training_config(run)
-    if run.resume:  # every rank checks, so that all of them refuse together
-        config = checkpoints.check_resume_settings(config, Path(run.resume), run.config.out, announce=run.main_rank)
-    if run.main_rank:
-        utils.atomic_write_json(run.config.out / "training_config.json", config)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +384,7 @@ def train(run: Run, callbacks: list = ()) -> Result:
     try:
         method = grpo if run.config.method == "grpo" else sft
         trainer = method.build_trainer(run, [*standard_callbacks(run), *callbacks])
+        run.phases.mark("trainer build")
         trainer.add_callback(StopOnSigterm(run.guard))  # last, so that its on_save follows CheckpointSync's upload
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -465,28 +414,7 @@ def finish(run: Run, result: Result) -> None:
             outputs.upload_outputs(c.run_uri, final, c.out)
         if c.push_to_hub:
             outputs.push_to_hub(final, c.push_to_hub)
-        print_summary(run, metrics, final, plotted)
+        report.print_summary(run, metrics, final, plotted)
     run.state.wait_for_everyone()
 
 
-def print_summary(run: Run, metrics: dict, final: Path, plotted: bool) -> None:
-    c = run.config
-    print("=" * 72)
-    best = (f"best validation loss {utils.sig4(metrics['best_validation_loss'])}" if c.method == "sft" else
-            f"best {metrics['best_metric_name']} {utils.sig4(metrics['best_metric'])}")
-    print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
-          f"{utils.sig4(metrics['train_loss_last'])}, {best} ({Path(str(metrics['best_checkpoint'])).name})")
-    steady = metrics.get("steady_tokens_per_s")
-    print(f"Time: first step {utils.sig4(metrics.get('time_to_first_step_s'))} s after start "
-          f"(the step itself {utils.sig4(metrics.get('first_step_s'))} s); then "
-          + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
-             "too few steps for a steady rate")
-          + f"; training loop {metrics['runtime_s']:.1f} s in all")
-    print(utils.format_memory_stats(utils.gpu_memory_stats()))
-    print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(c.out / 'loss_curve.png').resolve()}" if plotted else ""))
-    if (c.out / "reward_curve.png").is_file() and c.method == "grpo":
-        print(f"Reward curve: {(c.out / 'reward_curve.png').resolve()}")
-    if c.run_uri is not None:
-        print(f"S3 URI: {c.run_uri.join('final_model')}")
-    if c.push_to_hub:
-        print(f"Hub: https://huggingface.co/{c.push_to_hub}")

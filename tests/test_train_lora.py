@@ -85,6 +85,11 @@ def test_output_layout_and_contents(trained_run, tiny_model):
     assert metrics["time_to_first_step_s"] >= metrics["setup_s"] + metrics["first_step_s"] - 0.01
     assert metrics["first_step_s"] > 0 and metrics["steady_tokens_per_s"] > 0
     assert metrics["steady_steps"] == metrics["global_step"] - 2
+    # The parts of setup are consecutive spans from process start to the loop, so they add up to setup_s.
+    phases = metrics["setup_phases_s"]
+    assert list(phases)[:5] == ["imports", "dataset load", "model load", "tokenise", "LoRA attach"]
+    assert "trainer build" in phases and all(v >= 0 for v in phases.values())
+    assert abs(sum(phases.values()) - metrics["setup_s"]) < 0.05 + 0.01 * len(phases)
     assert metrics["validation_losses"] and metrics["best_validation_loss"] == min(v["loss"] for v in metrics["validation_losses"])
     lines = [json.loads(l) for l in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in l and "tokens_per_s" in l for l in lines) and any("eval_loss" in l for l in lines)

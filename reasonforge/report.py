@@ -1,0 +1,129 @@
+"""What a run says about itself: the setup banner, training_config.json, where the time before the first step went, and the closing summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+import utils
+from reasonforge import checkpoints, grpo
+from reasonforge.rewards import parse_rewards
+
+
+class Phases:
+    """Consecutive spans of setup, from process start (interpreter start-up included) to each mark.
+
+    The spans add up to the time before the training loop, so a slow start names its own cause
+    (imports, model load, tokenising, LoRA attach, trainer build) instead of one opaque total.
+    """
+
+    def __init__(self, started: float | None = None):
+        self.started = started if started is not None else (utils.process_start_time() or time.time())
+        self.marks: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        """Close the span that ends now and call it `name`."""
+        self.marks.append((name, time.time()))
+
+    def spans(self, until: float | None = None, rest: str = "trainer start") -> dict[str, float]:
+        """{name: seconds} in order; with `until`, the time from the last mark to it as `rest`."""
+        out, before = {}, self.started
+        for name, at in self.marks:
+            out[name] = round(out.get(name, 0.0) + at - before, 2)
+            before = at
+        if until is not None and until >= before:
+            out[rest] = round(until - before, 2)
+        return out
+
+    @staticmethod
+    def line(spans: dict[str, float]) -> str:
+        return ", ".join(f"{name} {utils.sig4(s)} s" for name, s in spans.items())
+
+
+def print_setup(run) -> None:
+    c, batch, rows = run.config, run.batch, run.data.rows or {}
+    trainable, total = run.parameters
+    eff = batch.batch_size * batch.gradient_accumulation_steps * run.processes
+    print("=" * 72)
+    print(f"Model:      {c.model_name}  [backend {run.backend}: {run.backend_reason}]")
+    print(f"Precision:  {run.dtype}, 4-bit {'on' if run.load_in_4bit else 'off'}; compiled graphs: {run.compiler}")
+    if run.backend == "unsloth":
+        print(f"Compile cache: {run.compile_cache}")
+    if c.packing:
+        print(f"Packing:    best-fit rows of {c.max_seq_length} tokens; attention {run.packed_attention}")
+        if run.backend == "unsloth" and not c.auto_batch:
+            # Unsloth keeps packed layers out of its compiled blocks, so each pass pays eager launch cost.
+            print("            packed passes are launch-bound: --auto-batch makes them fewer and larger")
+    print(f"Dataset:    {c.dataset_path}: train {len(run.data.train)} / validation {len(run.data.validation)} rows "
+          f"(template {run.data.template_name}, loss on {'assistant tokens' if c.train_on_responses_only else 'all tokens'})")
+    over = {k: rows[k]["over_max_seq_length"] for k in ("train", "validation") if rows.get(k, {}).get("over_max_seq_length")}
+    if over:
+        verb = "dropped" if c.long_rows == "drop" else "cut to fit"
+        print(f"Long rows:  {', '.join(f'{n} {k}' for k, n in over.items())} rows over {c.max_seq_length} tokens "
+              f"{verb} (--long-rows {c.long_rows})")
+    processes = f" x {run.processes} processes" if run.processes > 1 else ""
+    print(f"Training:   epochs {c.num_epochs}, max steps {c.max_steps}, batch {batch.batch_size} x accum "
+          f"{batch.gradient_accumulation_steps}{processes} = {eff}, lr {c.learning_rate} ({c.lr_scheduler}), "
+          f"optim {run.optim} ({run.optim_reason})")
+    print(f"LoRA:       r {c.lora_r}, alpha {c.lora_alpha}, dropout {c.lora_dropout}, targets {c.target_modules}"
+          + (f"; weights from {c.init_adapter}" if c.init_adapter else ""))
+    if c.method == "grpo":
+        print(f"GRPO:       {c.num_generations} replies of up to {c.max_completion_length} tokens per question, "
+              f"temperature {c.temperature}, beta {c.beta}, rewards {c.rewards}; best checkpoint on "
+              f"{grpo.best_metric(parse_rewards(c.rewards))}")
+    print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    print(utils.format_memory_stats(utils.gpu_memory_stats()))
+    print("=" * 72)
+
+
+def training_config(run) -> dict:
+    """training_config.json: the flags as they ran (the batch --auto-batch picked) and what setup found."""
+    batch = run.batch
+    arguments = {**dataclasses.asdict(run.config), "batch_size": batch.batch_size,
+                 "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+                 "gradient_checkpointing": batch.gradient_checkpointing}
+    manifest = run.data.manifest
+    cfg = {"arguments": arguments, "backend": run.backend, "backend_reason": run.backend_reason, "dtype": run.dtype,
+           "load_in_4bit": run.load_in_4bit, "compiler": run.compiler, "compile_cache": run.compile_cache, "packed_attention": run.packed_attention,
+           "optim": run.optim, "rows": run.data.rows, "chat_template": run.data.template_name,
+           "dataset_manifest_sha256": manifest.get("content_sha256"), "dataset_source": manifest.get("source"),
+           "versions": utils.library_versions(), "gpu": utils.gpu_memory_stats()}
+    cfg = utils.redact_secrets(cfg)
+    cfg.update(auto_batch_plan=batch.auto, processes=run.processes,
+               chat_template_sha256=hashlib.sha256(run.data.template_source.encode()).hexdigest())
+    return cfg
+
+
+def record_config(run) -> None:
+    config = training_config(run)
+    if run.resume:  # every rank checks, so that all of them refuse together
+        config = checkpoints.check_resume_settings(config, Path(run.resume), run.config.out, announce=run.main_rank)
+    if run.main_rank:
+        utils.atomic_write_json(run.config.out / "training_config.json", config)
+
+
+def print_summary(run, metrics: dict, final: Path, plotted: bool) -> None:
+    c = run.config
+    print("=" * 72)
+    best = (f"best validation loss {utils.sig4(metrics['best_validation_loss'])}" if c.method == "sft" else
+            f"best {metrics['best_metric_name']} {utils.sig4(metrics['best_metric'])}")
+    print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
+          f"{utils.sig4(metrics['train_loss_last'])}, {best} ({Path(str(metrics['best_checkpoint'])).name})")
+    steady = metrics.get("steady_tokens_per_s")
+    if metrics.get("setup_phases_s"):
+        print(f"Setup: {Phases.line(metrics['setup_phases_s'])}")
+    print(f"Time: first step {utils.sig4(metrics.get('time_to_first_step_s'))} s after start "
+          f"(the step itself {utils.sig4(metrics.get('first_step_s'))} s); then "
+          + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
+             "too few steps for a steady rate")
+          + f"; training loop {metrics['runtime_s']:.1f} s in all")
+    print(utils.format_memory_stats(utils.gpu_memory_stats()))
+    print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(c.out / 'loss_curve.png').resolve()}" if plotted else ""))
+    if (c.out / "reward_curve.png").is_file() and c.method == "grpo":
+        print(f"Reward curve: {(c.out / 'reward_curve.png').resolve()}")
+    if c.run_uri is not None:
+        print(f"S3 URI: {c.run_uri.join('final_model')}")
+    if c.push_to_hub:
+        print(f"Hub: https://huggingface.co/{c.push_to_hub}")

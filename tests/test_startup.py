@@ -1,0 +1,123 @@
+"""What a run pays before its first step: the tokenising map and the compile-cache folder."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+import train_lora
+from reasonforge import compile_cache, grpo, sft, training
+from utils import UserError
+
+
+def config(*argv) -> training.TrainConfig:
+    return training.TrainConfig.from_args(train_lora.build_parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("method", [sft, grpo])
+def test_tokenising_does_not_hash_the_tokenizer(monkeypatch, tmp_path, tiny_model, sample_dataset, method):
+    """datasets hashes a map's function to name its result unless told the name; that pickles the
+    captured tokenizer's whole vocabulary (seconds per split for Qwen's) on every run."""
+    import datasets.arrow_dataset
+    import datasets.fingerprint
+    from transformers import AutoTokenizer
+
+    hashed = []
+    real = datasets.fingerprint.update_fingerprint
+
+    def spy(fp, transform, args):
+        hashed.append(args.get("function"))
+        return real(fp, transform, args)
+
+    for module in (datasets.fingerprint, datasets.arrow_dataset):  # map() calls it by the name it imported
+        monkeypatch.setattr(module, "update_fingerprint", spy)
+    cfg = config("--model-name", str(tiny_model), "--dataset-path", str(sample_dataset),
+                 "--output-dir", str(tmp_path / "out"), "--method", method.__name__.rsplit(".", 1)[-1],
+                 "--max-completion-length", "64")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data = method.prepare_data(cfg, sft.load_dataset(cfg), tok)
+    assert len(data.train) > 0 and len(data.validation) > 0
+    assert hashed, "the spy saw no map at all: datasets calls update_fingerprint from elsewhere now"
+    assert not [f for f in hashed if getattr(f, "__name__", "") in ("encode", "convert")], hashed
+
+
+def test_map_fingerprint_follows_the_settings(tiny_model, sample_dataset):
+    from transformers import AutoTokenizer
+
+    import utils
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    dd, _ = utils.load_prepared_dataset(sample_dataset)
+    a = utils.map_fingerprint(dd["train"], tok, "sft", "template", 2048, True)
+    assert a == utils.map_fingerprint(dd["train"], tok, "sft", "template", 2048, True)
+    assert a != utils.map_fingerprint(dd["train"], tok, "sft", "template", 1024, True)
+    assert a != utils.map_fingerprint(dd["validation"], tok, "sft", "template", 2048, True)
+
+
+@pytest.fixture
+def clean_cache_env(monkeypatch):
+    for var in compile_cache.FOLDERS:
+        monkeypatch.delenv(var, raising=False)
+    yield
+    # use() writes os.environ directly; monkeypatch puts back what was there before the test
+    for var in compile_cache.FOLDERS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_compile_cache_points_every_cache_into_the_folder(tmp_path, clean_cache_env):
+    root = tmp_path / "cc"
+    said = compile_cache.use(str(root), "unsloth")
+    assert said.startswith(str(root.resolve())) and "empty" in said
+    for var, sub in compile_cache.FOLDERS.items():
+        assert os.environ[var] == str(root.resolve() / sub)
+        mode = stat.S_IMODE((root / sub).stat().st_mode)
+        assert mode & 0o077 == 0, oct(mode)  # Unsloth loads its bundle only from an owner-only folder
+    (root / "inductor" / "graph.bin").write_bytes(b"x" * 2048)
+    assert "1 files" in compile_cache.use(str(root), "unsloth")
+
+
+def test_compile_cache_keeps_what_the_user_set(tmp_path, clean_cache_env, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    said = compile_cache.use(str(tmp_path / "cc"), "unsloth")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine") and "TRITON_CACHE_DIR kept as set" in said
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cc" / "inductor").resolve())
+
+
+def test_compile_cache_off_and_other_backends_change_nothing(tmp_path, clean_cache_env):
+    assert "defaults" in compile_cache.use("none", "unsloth")
+    assert "nothing is compiled" in compile_cache.use(str(tmp_path / "cc"), "hf")
+    assert not any(var in os.environ for var in compile_cache.FOLDERS) and not (tmp_path / "cc").exists()
+
+
+def test_compile_cache_unwritable_folder_is_one_line(tmp_path, clean_cache_env):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="--compile-cache-dir .*cannot make it.*none"):
+        compile_cache.use(str(blocker / "cc"), "unsloth")
+
+
+def test_compile_cache_flag_defaults(monkeypatch):
+    monkeypatch.delenv("REASONFORGE_COMPILE_CACHE", raising=False)
+    assert train_lora.build_parser().parse_args([]).compile_cache_dir == compile_cache.DEFAULT
+
+
+def test_coldstart_report_lays_phases_side_by_side():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_coldstart.py"
+    spec = importlib.util.spec_from_file_location("bench_coldstart", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = {"time_to_first_step_s": 50.0, "wall_to_last_step_s": 80.0, "steady_tokens_per_s": 9000.0, "first_step_s": 6.0}
+    runs = {"stock-warm": {**run, "setup_phases_s": {"imports": 30.0, "model load": 5.0, "trainer build": 1.0}},
+            "suite-warm": {**run, "time_to_first_step_s": 55.0, "steady_tokens_per_s": 18000.0, "first_step_s": 7.5,
+                           "setup_phases_s": {"imports": 31.0, "dataset load": 0.2, "model load": 5.5}}}
+    text = bench.markdown({"shape": "s", "steps": 20, "micro": 2, "accum": 4, "cores": "0-3",
+                           "runs": {"stock-cold": {**run, "time_to_first_step_s": 90.0}, **runs}})
+    assert "| suite-warm | 55.0 s | -35.0 s |" in text and "2.00x" in text
+    assert "| part | stock-warm | suite-warm |" in text
+    assert "| dataset load | - | 0.2 |" in text and "| trainer build | 1.0 | - |" in text
+    assert "| first step | 6.0 | 7.5 |" in text
