@@ -13,7 +13,8 @@ HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "unsloth", "boto3")
 
 @pytest.mark.parametrize("script", ["data_preparation", "train_lora", "evaluate_model", "test_model", "utils",
                                     "reasonforge.training", "reasonforge.sft", "reasonforge.acceleration",
-                                    "reasonforge.checkpoints", "reasonforge.outputs", "reasonforge.preemption"])
+                                    "reasonforge.checkpoints", "reasonforge.outputs", "reasonforge.preemption",
+                                    "reasonforge.sources", "reasonforge.conversations"])
 def test_importing_a_script_loads_nothing_heavy(script):
     code = f"import sys, {script}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

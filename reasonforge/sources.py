@@ -1,0 +1,142 @@
+"""Where data_preparation.py's rows come from: the built-in sample, local files (checked for encoding and malformed JSON first), save_to_disk folders and the Hub."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import utils
+from utils import UserError
+
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+UTF_BOMS = [(b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+             (b"\xfe\xff", "utf-16")]
+
+
+def check_utf8(path: Path) -> None:
+    """Refuse a text file that is not UTF-8, naming where it breaks and how to convert it."""
+    import codecs
+
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        for bom, encoding in UTF_BOMS:
+            if head.startswith(bom):
+                raise UserError(f"{path} is {encoding.upper()} text, not UTF-8; convert it: "
+                                f"iconv -f {encoding} -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)}")
+        fh.seek(0)
+        decoder, offset, lineno = codecs.getincrementaldecoder("utf-8")(), 0, 1
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                bad = offset + exc.start
+                lineno += block[:exc.start].count(b"\n")
+                raise UserError(
+                    f"{path} is not UTF-8 (byte 0x{block[exc.start]:02x} at line {lineno}, byte offset {bad}); convert it, "
+                    f"e.g. iconv -f latin1 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)} (latin1 or cp1252 for Western text)"
+                ) from None
+            offset += len(block)
+            lineno += block.count(b"\n")
+
+
+def check_json_file(path: Path) -> None:
+    """Find the first malformed record of a JSON / JSON-lines file and name its line."""
+    check_utf8(path)
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(1 << 16).lstrip()
+    if not head:
+        raise UserError(f"dataset file {path} is empty; point --dataset at a file with records")
+    if head.startswith("["):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"malformed JSON in {path} at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        except RecursionError:
+            raise UserError(f"{path} nests JSON arrays/objects deeper than the parser allows (about "
+                            f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten the data") from None
+        return
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"malformed JSON line in {path} at line {lineno}: {exc.msg}; fix or remove that line") from exc
+            except RecursionError:
+                raise UserError(f"{path} line {lineno} nests JSON arrays/objects deeper than the parser allows (about "
+                                f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten or remove it") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path} line {lineno} is not a JSON object; each line must be one {{...}} record")
+
+
+def local_data_files(path: Path) -> tuple[str, list[str]]:
+    if path.is_file():
+        kind = FILE_TYPES.get(path.suffix.lower())
+        if kind is None:
+            raise UserError(f"unsupported file type {path.suffix!r} for {path}; use .json, .jsonl, .csv or .parquet")
+        return kind, [str(path)]
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in FILE_TYPES)
+    kinds = {FILE_TYPES[f.suffix.lower()] for f in files}
+    if not files:
+        raise UserError(f"folder {path} holds no .json/.jsonl/.csv/.parquet files and is not a save_to_disk folder")
+    if len(kinds) > 1:
+        raise UserError(f"folder {path} mixes file types {sorted(kinds)}; keep one type per folder")
+    return kinds.pop(), [str(f) for f in files]
+
+
+def load_source(args):
+    """Return (Dataset, source description)."""
+    import datasets
+
+    name = args.dataset
+    if name in ("sample", "sample-easy"):
+        import sample_data
+
+        n = args.max_samples or 3000
+        return datasets.Dataset.from_list(sample_data.sample_rows(n, seed=1234, level=name)), f"builtin:{name}"
+    path = Path(name).expanduser()
+    if utils.path_kind(name) == "local" or path.suffix.lower() in FILE_TYPES:
+        if not path.exists():
+            raise UserError(f"dataset path {name!r} does not exist; pass a file, a folder, a Hub id or 'sample'")
+        return load_local(path, args.split), f"local:{path.resolve()}"
+    try:
+        ds = datasets.load_dataset(name, split=args.split)
+    except ValueError as exc:
+        raise UserError(f"dataset {name!r} has no split {args.split!r}: {utils.first_line(exc)}") from exc
+    except Exception as exc:  # the Hub raises many kinds: offline, gated, missing
+        raise UserError(
+            f"cannot load {name!r} from the Hugging Face Hub ({type(exc).__name__}: {utils.first_line(exc, 200)}); "
+            "check the id and network, or pass a local file / 'sample'"
+        ) from exc
+    return ds, f"hub:{name}"
+
+
+def load_local(path: Path, split: str):
+    import datasets
+
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:  # datasets raises file, JSON and arrow errors for a damaged folder
+            raise UserError(f"cannot load the save_to_disk folder {path} ({type(exc).__name__}: "
+                            f"{utils.first_line(exc, 160)}); save it again or point --dataset at the source files") from exc
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise UserError(f"{path} has splits {list(loaded)}, not {split!r}; pass --split NAME")
+            return loaded[split]
+        return loaded
+    kind, files = local_data_files(path)
+    if kind == "json":
+        for f in files:
+            check_json_file(Path(f))
+    elif kind == "csv":
+        for f in files:
+            check_utf8(Path(f))
+    try:
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as exc:
+        raise UserError(f"cannot read {path} as {kind}: {utils.first_line(exc)}") from exc
+
