@@ -230,7 +230,9 @@ def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
                 **row_keys(messages)}
 
     drop_cols = [c for c in ds.column_names if c not in keep]
-    out = ds.map(convert, remove_columns=drop_cols, desc="formatting")
+    settings = sorted((k, str(v)) for k, v in vars(args).items())
+    out = ds.map(convert, remove_columns=drop_cols, desc="formatting",
+                 new_fingerprint=utils.map_fingerprint(ds, tokenizer, "prepare", mapping, settings, template, keep))
     refuse_non_text(out["_drop"])
     return out, keep
 
