@@ -172,6 +172,27 @@ class CheckpointSync(TrainerCallback):
             self.upload(ckpt, self.run_uri)
 
 
+class CompileCacheSync(TrainerCallback):
+    """Copy the compile cache beside the run on S3 once: at the first checkpoint (the training and
+    validation graphs are compiled by then) or at the end of training, whichever comes first.
+
+    Never while a SIGTERM stop is pending: a spot notice's seconds belong to the checkpoint.
+    """
+
+    def __init__(self, mirror, guard):
+        self.mirror, self.guard = mirror, guard
+
+    def _publish(self, state) -> None:
+        if state.is_world_process_zero and not self.guard.stop_requested():
+            self.mirror.publish()
+
+    def on_save(self, args, state, control, **kw):
+        self._publish(state)
+
+    def on_train_end(self, args, state, control, **kw):
+        self._publish(state)
+
+
 class EvaluationStopped(BaseException):
     """Raised out of a validation pass that SIGTERM cut short; train_or_stop saves and stops."""
 

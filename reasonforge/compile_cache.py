@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from reasonforge.core import UserError
+
+log = logging.getLogger("reasonforge.compile_cache")
 
 DEFAULT = "~/.cache/reasonforge/compile"
 OFF = ("none", "off")
@@ -62,3 +65,114 @@ def footprint(root: Path) -> tuple[int, int]:
             except OSError:  # another run may be replacing it
                 pass
     return files, size
+
+
+# ---------------------------------------------------------------------------------------------
+# A copy beside the run on S3, so that a replacement instance (a new disk) starts warm too
+# ---------------------------------------------------------------------------------------------
+
+TAR, MANIFEST = "cache.tar", "manifest.json"
+SKIPPED_NAMES = ("lock", "locks", "tmp")  # lock files and half-written entries of a running compile
+
+
+def environment() -> dict:
+    """What the compiled artifacts depend on: a copy built under anything else is not used."""
+    from importlib import metadata
+
+    import torch
+
+    env = {}
+    for name in ("torch", "triton", "transformers", "unsloth", "unsloth_zoo"):
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = None
+    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return env
+
+
+def _skipped(name: str) -> bool:
+    return name in SKIPPED_NAMES or name.endswith((".lock", ".tmp", ".part"))
+
+
+class Mirror:
+    """The compile cache folder and its copy at s3://.../adapters/RUN/compile_cache/.
+
+    Best effort both ways: the cache only saves time, so an S3 failure is one warning line and the
+    run goes on compiling locally. Only a single-process run uses it: several ranks sharing one
+    folder would read files another rank is still extracting.
+    """
+
+    def __init__(self, root: Path, uri, env: dict):
+        self.root, self.uri, self.env = root, uri, env
+        self.before = footprint(root)
+        self.published = False
+
+    @classmethod
+    def for_run(cls, folder: str | None, backend: str, run_uri) -> Mirror | None:
+        if run_uri is None or backend != "unsloth" or not folder or folder.lower() in OFF:
+            return None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return None
+        return cls(Path(folder).expanduser().resolve(), run_uri.join("compile_cache"), environment())
+
+    def restore(self) -> str:
+        """Fill an empty local folder from the S3 copy built under the same versions and GPU."""
+        import utils
+
+        if self.before[0]:
+            return "kept locally; S3 copy not needed"
+        try:
+            manifest = utils.s3_get_json(self.uri.join(MANIFEST))
+            if manifest is None:
+                return f"none yet at {self.uri}"
+            if manifest.get("environment") != self.env:
+                theirs = manifest.get("environment") or {}
+                differ = ", ".join(f"{k} {theirs.get(k)} there, {v} here" for k, v in self.env.items() if theirs.get(k) != v)
+                return f"the copy at {self.uri} was built for another environment ({differ}); compiling afresh"
+            self._download()
+        except Exception as e:  # noqa: BLE001 - a cache must never stop the run
+            log.warning("compile cache: could not restore from %s (%s); compiling afresh", self.uri, utils.first_line(str(e)))
+            return f"restore from {self.uri} failed; compiling afresh"
+        self.before = footprint(self.root)
+        return f"restored {self.before[0]} files, {self.before[1] / 2**20:.0f} MiB, from {self.uri}"
+
+    def _download(self) -> None:
+        import tarfile
+        import tempfile
+
+        from reasonforge import s3
+
+        with tempfile.TemporaryDirectory(dir=self.root.parent, prefix=".compile-cache-") as tmp:
+            tar = Path(tmp) / TAR
+            client = s3.s3_client()
+            with s3.s3_errors(self.uri.bucket, "download"):
+                client.download_file(self.uri.bucket, self.uri.join(TAR).prefix, str(tar))
+            with tarfile.open(tar) as fh:
+                # "data" refuses absolute paths, links out of the folder and device files
+                fh.extractall(self.root, filter="data")
+
+    def publish(self) -> str | None:
+        """Upload the folder once, if this run compiled anything it did not find there."""
+        import tarfile
+        import tempfile
+
+        import utils
+
+        if self.published or footprint(self.root) == self.before:
+            return None
+        self.published = True
+        try:
+            with tempfile.TemporaryDirectory(dir=self.root.parent, prefix=".compile-cache-") as tmp:
+                tar = Path(tmp) / TAR
+                with tarfile.open(tar, "w") as fh:
+                    fh.add(self.root, arcname=".", filter=lambda info: None if _skipped(Path(info.name).name) else info)
+                size = tar.stat().st_size
+                utils.upload_file(tar, self.uri.join(TAR))
+            # the manifest last: a reader that finds it finds the tar it describes
+            utils.s3_put_json(self.uri.join(MANIFEST), {"environment": self.env, "bytes": size})
+        except Exception as e:  # noqa: BLE001
+            log.warning("compile cache: could not copy to %s (%s)", self.uri, utils.first_line(str(e)))
+            return None
+        log.info("compile cache: %.0f MiB copied to %s", size / 2**20, self.uri)
+        return f"{size / 2**20:.0f} MiB copied to {self.uri}"

@@ -126,6 +126,7 @@ class Run:
     packed_attention: str
     compiler: str
     compile_cache: str  # where compiled graphs and kernels are kept between runs, and whether it was warm
+    cache_mirror: compile_cache.Mirror | None  # its copy beside the run on S3
     resume: str | None  # the checkpoint folder training continues from
     cleanup: contextlib.ExitStack  # puts back what setup changed outside the run (Unsloth's attention routing)
     phases: report.Phases  # where the time before the first step went
@@ -160,6 +161,9 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     phases = report.Phases()
     backend, backend_reason = utils.choose_backend(config.backend)
     cache = compile_cache.use(config.compile_cache_dir, backend)  # before Unsloth and Inductor read their folders
+    mirror = compile_cache.Mirror.for_run(config.compile_cache_dir, backend, config.run_uri)
+    if mirror is not None:
+        cache += f"; S3 copy: {mirror.restore()}"
     if backend == "unsloth":
         utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
     check_trainer_names(config)
@@ -199,7 +203,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
                   data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),
                   parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
                   packed_attention=route, compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps),
-                  compile_cache=cache, resume=resume, cleanup=cleanup, phases=phases)
+                  compile_cache=cache, cache_mirror=mirror, resume=resume, cleanup=cleanup, phases=phases)
         if run.main_rank:
             report.print_setup(run)
         report.record_config(run)
@@ -359,7 +363,7 @@ def choose_optim(requested: str) -> tuple[str, str]:
 
 def standard_callbacks(run: Run) -> list:
     """Progress lines, the NaN stop, validation at epoch ends, checkpoint marking and S3 sync, early stopping."""
-    from reasonforge.callbacks import CheckpointSync, EvalAtEpochEnd, StepLogger, StopOnNonFinite
+    from reasonforge.callbacks import CheckpointSync, CompileCacheSync, EvalAtEpochEnd, StepLogger, StopOnNonFinite
 
     c = run.config
     log_path = c.out / "logs" / "metrics.jsonl"
@@ -367,6 +371,8 @@ def standard_callbacks(run: Run) -> list:
                  StopOnNonFinite(checkpoints.last_good_checkpoint),
                  EvalAtEpochEnd(),
                  CheckpointSync(c.run_uri, checkpoints.write_checkpoint_marker, checkpoints.upload_checkpoint)]
+    if run.cache_mirror is not None:
+        callbacks.append(CompileCacheSync(run.cache_mirror, run.guard))
     if c.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 

@@ -121,3 +121,91 @@ def test_coldstart_report_lays_phases_side_by_side():
     assert "| part | stock-warm | suite-warm |" in text
     assert "| dataset load | - | 0.2 |" in text and "| trainer build | 1.0 | - |" in text
     assert "| first step | 6.0 | 7.5 |" in text
+
+
+def fill_cache(root, files):
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def test_compile_cache_copy_on_s3_warms_a_new_disk(s3_env, tmp_path):
+    """A replacement instance (an empty cache folder) gets what the preempted one compiled."""
+    import utils
+
+    run_uri = utils.S3Uri(s3_env, "adapters/run-a")
+    first = compile_cache.Mirror.for_run(str(tmp_path / "old"), "unsloth", run_uri)
+    assert first.restore().startswith("none yet")
+    assert first.publish() is None  # nothing compiled yet: nothing to copy
+    compiled = {"inductor/fxgraph/ab/graph.py": b"graph" * 100, "triton/K1/kernel.cubin": b"\x00\x01" * 300,
+                "unsloth_compiled/UnslothSFTTrainer.py": b"class X: pass\n"}
+    fill_cache(tmp_path / "old", {**compiled, "triton/K1/kernel.lock": b"", "inductor/locks/a.lock": b""})
+    assert "copied to" in first.publish()
+    assert first.publish() is None  # once per run
+
+    fresh = compile_cache.Mirror.for_run(str(tmp_path / "new"), "unsloth", run_uri)
+    said = fresh.restore()
+    assert said.startswith("restored 3 files"), said
+    for rel, data in compiled.items():
+        assert (tmp_path / "new" / rel).read_bytes() == data
+    assert not list((tmp_path / "new").rglob("*.lock"))  # lock files of a running compile are not copied
+    assert fresh.publish() is None  # it found everything it has; nothing new to copy back
+    assert not list(tmp_path.glob(".compile-cache-*"))  # temporary tar folders are gone
+
+
+def test_compile_cache_copy_from_another_environment_is_not_used(s3_env, tmp_path, monkeypatch):
+    import utils
+
+    run_uri = utils.S3Uri(s3_env, "adapters/run-b")
+    old = compile_cache.Mirror.for_run(str(tmp_path / "old"), "unsloth", run_uri)
+    fill_cache(tmp_path / "old", {"inductor/g.py": b"x"})
+    old.publish()
+    monkeypatch.setattr(compile_cache, "environment", lambda: {**old.env, "torch": "9.9.9"})
+    fresh = compile_cache.Mirror.for_run(str(tmp_path / "new"), "unsloth", run_uri)
+    said = fresh.restore()
+    assert "another environment" in said and "torch" in said and "9.9.9 here" in said
+    assert not any(p.is_file() for p in (tmp_path / "new").rglob("*"))
+
+
+def test_compile_cache_copy_failure_is_a_warning_not_a_stop(s3_env, tmp_path, monkeypatch, caplog):
+    import utils
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    mirror = compile_cache.Mirror.for_run(str(tmp_path / "cc"), "unsloth", utils.S3Uri(s3_env, "adapters/r"))
+    assert "failed; compiling afresh" in mirror.restore()
+    fill_cache(tmp_path / "cc", {"inductor/g.py": b"x"})
+    assert mirror.publish() is None
+    assert "could not copy" in caplog.text and "not-the-secret" not in caplog.text
+
+
+def test_compile_cache_copy_only_where_it_applies(tmp_path, monkeypatch):
+    import utils
+
+    uri = utils.S3Uri("bucket", "adapters/r")
+    assert compile_cache.Mirror.for_run(str(tmp_path), "unsloth", None) is None  # nothing uploaded
+    assert compile_cache.Mirror.for_run(str(tmp_path), "hf", uri) is None
+    assert compile_cache.Mirror.for_run("none", "unsloth", uri) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert compile_cache.Mirror.for_run(str(tmp_path), "unsloth", uri) is None
+
+
+def test_compile_cache_sync_copies_once_and_never_during_a_stop():
+    from types import SimpleNamespace
+
+    from reasonforge.callbacks import CompileCacheSync
+
+    calls = []
+    mirror = SimpleNamespace(publish=lambda: calls.append("publish"))
+    stopping = {"now": True}
+    guard = SimpleNamespace(stop_requested=lambda: stopping["now"])
+    sync = CompileCacheSync(mirror, guard)
+    state = SimpleNamespace(is_world_process_zero=True)
+    sync.on_save(None, state, None)
+    assert calls == []  # a SIGTERM is pending: the checkpoint has the time, not the cache
+    stopping["now"] = False
+    sync.on_save(None, state, None)
+    sync.on_train_end(None, state, None)
+    assert calls == ["publish", "publish"]  # Mirror.publish itself copies only the first time
+    sync.on_save(None, SimpleNamespace(is_world_process_zero=False), None)
+    assert len(calls) == 2
