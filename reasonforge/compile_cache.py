@@ -37,15 +37,16 @@ def use(folder: str | None, backend: str) -> str:
     if not folder or folder.lower() in OFF:
         return "torch's and Unsloth's own defaults (--compile-cache-dir none)"
     root = Path(folder).expanduser().resolve()
-    kept = []
+    # a value that is already this folder's was set by an earlier setup in this process, not by the user
+    kept = [var for var, sub in FOLDERS.items() if os.environ.get(var) and os.environ[var] != str(root / sub)]
+    if len(kept) == len(FOLDERS):
+        return "where the environment puts each cache (" + ", ".join(kept) + "); --compile-cache-dir not used"
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         for var, sub in FOLDERS.items():
-            if os.environ.get(var):
-                kept.append(var)
-                continue
-            (root / sub).mkdir(exist_ok=True, mode=0o700)
-            os.environ[var] = str(root / sub)
+            if var not in kept:
+                (root / sub).mkdir(exist_ok=True, mode=0o700)
+                os.environ[var] = str(root / sub)
     except OSError as e:
         raise UserError(f"--compile-cache-dir {folder}: cannot make it ({e.strerror}); pass a folder you can write, "
                         "or none for torch's own /tmp caches") from e
@@ -114,7 +115,11 @@ class Mirror:
             return None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return None
-        return cls(Path(folder).expanduser().resolve(), run_uri.join("compile_cache"), environment())
+        root = Path(folder).expanduser().resolve()
+        placed = [os.environ.get(var) for var in FOLDERS]
+        if all(placed) and not any(Path(p).resolve().is_relative_to(root) for p in placed):
+            return None  # the environment put every cache elsewhere: the folder holds nothing of this run
+        return cls(root, run_uri.join("compile_cache"), environment())
 
     def restore(self) -> str:
         """Fill an empty local folder from the S3 copy built under the same versions and GPU."""

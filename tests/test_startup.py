@@ -57,13 +57,15 @@ def test_map_fingerprint_follows_the_settings(tiny_model, sample_dataset):
 
 
 @pytest.fixture
-def clean_cache_env(monkeypatch):
-    for var in compile_cache.FOLDERS:
-        monkeypatch.delenv(var, raising=False)
+def clean_cache_env():
+    """No cache variable set; afterwards, what was there before (use() writes os.environ itself)."""
+    saved = {var: os.environ.pop(var, None) for var in compile_cache.FOLDERS}
     yield
-    # use() writes os.environ directly; monkeypatch puts back what was there before the test
-    for var in compile_cache.FOLDERS:
-        monkeypatch.delenv(var, raising=False)
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
 
 
 def test_compile_cache_points_every_cache_into_the_folder(tmp_path, clean_cache_env):
@@ -209,3 +211,17 @@ def test_compile_cache_sync_copies_once_and_never_during_a_stop():
     assert calls == ["publish", "publish"]  # Mirror.publish itself copies only the first time
     sync.on_save(None, SimpleNamespace(is_world_process_zero=False), None)
     assert len(calls) == 2
+
+
+def test_compile_cache_set_wholly_by_the_environment_is_left_alone(tmp_path, clean_cache_env, monkeypatch):
+    for var in compile_cache.FOLDERS:
+        monkeypatch.setenv(var, str(tmp_path / var))
+    said = compile_cache.use(str(tmp_path / "cc"), "unsloth")
+    assert "--compile-cache-dir not used" in said and not (tmp_path / "cc").exists()
+    assert compile_cache.Mirror.for_run(str(tmp_path / "cc"), "unsloth", utils_uri()) is None
+
+
+def utils_uri():
+    import utils
+
+    return utils.S3Uri("bucket", "adapters/r")
