@@ -244,3 +244,62 @@ def sample_dataset(tmp_path_factory) -> Path:
     assert data_preparation.main(["--dataset", "sample", "--max-samples", "120", "--skip-upload",
                                   "--output-dir", str(out)]) == 0
     return out
+
+
+# Shared by test_train_lora.py and test_train_acceleration.py.
+
+
+def train(tmp_path, model, data, *extra, out="run"):
+    """train_lora.py into tmp_path/out at batch 4, learning rate 5e-3, saving and evaluating every 4 steps."""
+    import train_lora
+
+    target = tmp_path / out
+    argv = ["--model-name", str(model), "--dataset-path", str(data), "--output-dir", str(target),
+            "--batch-size", "4", "--gradient-accumulation-steps", "1", "--learning-rate", "5e-3",
+            "--save-steps", "4", "--eval-steps", "4", "--warmup-steps", "0", *extra]
+    return train_lora.main(argv), target
+
+
+@pytest.fixture(scope="module")
+def repeated_dataset(tmp_path_factory):
+    """Eight short conversations; training several epochs on them must drive the loss down."""
+    import json
+
+    import data_preparation as dp
+
+    root = tmp_path_factory.mktemp("repeated")
+    rows = [{"question": f"What is {a} plus {a}?", "answer": str(2 * a)} for a in range(1, 11)]
+    src = root / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "prepared"
+    assert dp.main(["--dataset", str(src), "--skip-upload", "--output-dir", str(out), "--val-size", "0.2"]) == 0
+    return out
+
+
+# Shared by test_reliability_two.py and test_output_folder_safety.py.
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a script gets as far as loading a model: its check came too late."""
+    import reasonforge.generation
+    import utils
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(utils, "load_model", refuse)  # training's call
+    monkeypatch.setattr(reasonforge.generation, "load_model", refuse)  # evaluation's and chat's, via load_for_inference
+
+
+def train_argv(model, data, out, *extra):
+    return ["--model-name", str(model), "--dataset-path", str(data), "--output-dir", str(out), "--max-steps", "2",
+            "--save-steps", "2", "--batch-size", "4", "--gradient-accumulation-steps", "1", *extra]

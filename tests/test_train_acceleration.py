@@ -1,0 +1,286 @@
+"""train_lora.py's speed paths: packed-attention routing and kernel, micro-batching, batch planning, compiler."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import train_lora
+from reasonforge import acceleration
+import utils
+from conftest import train
+
+
+def _packed_attention_inputs(lengths, heads=16, kv_heads=2, dim=128):
+    import itertools
+
+    import torch
+
+    torch.manual_seed(0)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda", dtype=torch.int32)
+    return q, k, v, cu
+
+
+def _attention_reference(q, k, v, spans, window=None):
+    """fp32 causal SDPA over each (start, end) span, concatenated; `window` keeps the last N keys."""
+    import torch
+    import torch.nn.functional as F
+
+    outs = []
+    for start, end in spans:
+        qs, ks, vs = (x[start:end].transpose(0, 1).float()[None] for x in (q, k, v))
+        pos = torch.arange(end - start, device=q.device)
+        keep = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - (window or end))
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, enable_gqa=True)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128])
+def test_flash_varlen_matches_attention_per_document(window):
+    """The kernel train_lora gives Unsloth for packed rows: output and all three gradients against fp32
+    attention computed document by document, at Qwen2.5-3B's head layout (16 query, 2 K/V heads),
+    causal and with a sliding window as Unsloth spells it ((window - 1, 0))."""
+    import torch
+
+    if not acceleration.flash_varlen_available():
+        pytest.skip("torch has no flash kernel for this GPU")
+    lengths = [300, 57, 1024, 300, 411, 1]
+    q, k, v, cu = _packed_attention_inputs(lengths)
+    spelled = (-1, 0) if window is None else (window - 1, 0)
+    out = acceleration.flash_varlen_attention()(q, k, v, cu, cu, max(lengths), max(lengths), window_size=spelled,
+                                              enable_gqa=True)
+    grad = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    ref = _attention_reference(q, k, v, spans, window)
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), grad.float())]
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    errors = [rel(g, w) for g, w in zip(got, want)]
+    assert max(errors) < 2e-2, errors
+    # the same row attended as one causal sequence differs far beyond that: the check can tell leaks
+    leaked = _attention_reference(q, k, v, [(0, sum(lengths))], window)
+    assert rel(out, leaked) > 10 * max(errors)
+
+
+@pytest.mark.gpu
+def test_packed_unsloth_training_runs_one_varlen_call_per_layer(tmp_path, sample_dataset, monkeypatch):
+    import os
+
+    model = os.environ.get("RF_GPU_TEST_MODEL")
+    if not model:
+        pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
+    utils.import_unsloth_first()
+    from unsloth.utils import attention_dispatch as dispatch
+
+    if dispatch._TORCH_VARLEN_ATTN is not None or dispatch.HAS_XFORMERS or dispatch.HAS_FLASH_ATTENTION:
+        pytest.skip("this torch/Unsloth already has a varlen route of its own")
+    for name in ("_TORCH_VARLEN_ATTN", "_LEAN_VARLEN"):  # put Unsloth back as it was afterwards
+        monkeypatch.setattr(dispatch, name, getattr(dispatch, name))
+    calls, make_kernel = [], acceleration.flash_varlen_attention
+
+    def counted():
+        kernel = make_kernel()
+        return lambda *a, **kw: calls.append(a[3].numel() - 1) or kernel(*a, **kw)
+
+    monkeypatch.setattr(acceleration, "flash_varlen_attention", counted)
+    code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--packing", "--max-seq-length", "512",
+                      "--max-steps", "3", "--batch-size", "1")
+    assert code == 0
+    cfg = json.loads((out / "training_config.json").read_text())
+    assert cfg["packed_attention"].startswith("torch flash varlen")
+    layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    assert len(calls) >= 3 * layers and max(calls) > 1  # every layer, and rows holding several documents
+    history = json.loads((out / "training_metrics.json").read_text())["history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert dispatch._TORCH_VARLEN_ATTN is None  # the routing was undone when training ended
+
+
+def test_packed_attention_route_installs_a_kernel_only_where_unsloth_would_split():
+    from types import SimpleNamespace
+
+    route = acceleration.route_packed_attention
+
+    def dispatch(**kw):
+        return SimpleNamespace(**{"HAS_FLASH_ATTENTION": False, "HAS_XFORMERS": False, "_TORCH_VARLEN_ATTN": None,
+                                  "_LEAN_VARLEN": True, "_SDPA_PACKED_SEGMENTS": True, **kw})
+
+    kernel = SimpleNamespace(reasonforge_flash_varlen=True)
+    for ready, expected in ((dict(HAS_FLASH_ATTENTION=True), "flash-attn varlen"),
+                            (dict(HAS_XFORMERS=True), "xformers block-diagonal"),
+                            (dict(HAS_XFORMERS=True, _NATIVE_BEATS_XFORMERS=True, _TORCH_VARLEN_ATTN=print),
+                             "torch varlen_attn"),  # torch >= 2.12: Unsloth prefers torch's varlen to xformers
+                            (dict(_TORCH_VARLEN_ATTN=print), "torch varlen_attn")):
+        d = dispatch(**ready)
+        before = vars(d).copy()
+        name, undo = route(d, True, lambda: kernel)
+        assert name == expected and d._TORCH_VARLEN_ATTN is not kernel
+        undo()
+        assert vars(d) == before
+    d = dispatch()
+    name, undo = route(d, False, lambda: kernel)
+    assert "no flash kernel" in name and d._TORCH_VARLEN_ATTN is None
+    name, undo = route(d, True, lambda: kernel)
+    assert name.startswith("torch flash varlen")
+    assert d._TORCH_VARLEN_ATTN is kernel and d._LEAN_VARLEN is False
+    again, undo_again = route(d, True, lambda: object())
+    assert again.startswith("torch flash varlen") and d._TORCH_VARLEN_ATTN is kernel  # installed once
+    undo_again()
+    assert d._TORCH_VARLEN_ATTN is kernel  # the second call wrote nothing, so it undoes nothing
+    undo()  # Unsloth's own values back: the routing does not outlive the run
+    assert d._TORCH_VARLEN_ATTN is None and d._LEAN_VARLEN is True
+    bare = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False, _TORCH_VARLEN_ATTN=None,
+                           _SDPA_PACKED_SEGMENTS=True)  # an Unsloth without the lean path
+    _, undo = route(bare, True, lambda: kernel)
+    undo()
+    assert vars(bare) == {"HAS_FLASH_ATTENTION": False, "HAS_XFORMERS": False, "_TORCH_VARLEN_ATTN": None,
+                          "_SDPA_PACKED_SEGMENTS": True}
+    old = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False)  # an Unsloth without the hook
+    assert "no varlen hook" in route(old, True, lambda: kernel)[0]
+    dense = dispatch(_SDPA_PACKED_SEGMENTS=False)  # Unsloth would not call a varlen kernel at all
+    assert "dense block-diagonal mask" in route(dense, True, lambda: kernel)[0]
+    assert dense._TORCH_VARLEN_ATTN is None
+
+
+def test_packed_attention_route_respects_unsloth_switch(monkeypatch):
+    from types import SimpleNamespace
+
+    d = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False, _TORCH_VARLEN_ATTN=None,
+                        _SDPA_PACKED_SEGMENTS=True)
+    monkeypatch.setenv("UNSLOTH_TORCH_VARLEN", "0")
+    assert "UNSLOTH_TORCH_VARLEN=0" in acceleration.route_packed_attention(d, True, object)[0]
+    assert d._TORCH_VARLEN_ATTN is None
+
+
+def test_what_setup_changes_outside_the_run_is_undone_however_it_ends(tmp_path, tiny_model, repeated_dataset,
+                                                                     monkeypatch):
+    """The packed-attention routing writes Unsloth's module state; it is put back when the training
+    loop ends (before the outputs are written), and at once when setup fails after it."""
+    undone = []
+    real = acceleration.configure_packed_attention
+
+    def recorded(packing, backend, model):
+        route, undo = real(packing, backend, model)
+        return route, lambda: (undo(), undone.append((tmp_path / "ok" / "final_model").exists()))
+
+    monkeypatch.setattr(acceleration, "configure_packed_attention", recorded)
+    code, _ = train(tmp_path, tiny_model, repeated_dataset, "--max-steps", "2", out="ok")
+    assert code == 0 and undone == [False] and (tmp_path / "ok" / "final_model").is_dir()
+    code, _ = train(tmp_path, tiny_model, repeated_dataset, "--max-steps", "2", "--max-seq-length", "16", out="bad")
+    assert code == 2 and len(undone) == 2
+
+
+def test_micro_batching_does_not_change_the_loss_curve(tmp_path, tiny_model, sample_dataset):
+    """What --auto-batch changes (micro-batch x accumulation at the same product) leaves the
+    per-step losses as they were: the loss is a token-level mean over the whole effective batch."""
+    curves = []
+    for micro, accum in ((2, 4), (8, 1)):
+        out = tmp_path / f"mb{micro}"
+        code = train_lora.main(["--model-name", str(tiny_model), "--dataset-path", str(sample_dataset), "--output-dir",
+                                str(out), "--max-steps", "5", "--save-steps", "5", "--batch-size", str(micro),
+                                "--gradient-accumulation-steps", str(accum), "--learning-rate", "5e-3", "--seed", "2"])
+        assert code == 0
+        history = json.loads((out / "training_metrics.json").read_text())["history"]
+        curves.append([h["loss"] for h in history if "loss" in h])
+    assert len(curves[0]) == 5
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_auto_batch_plan_keeps_effective_batch_and_budget():
+    from transformers import Qwen2Config
+
+    shape = Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                        num_key_value_heads=2)
+    roomy = acceleration.plan_auto_batch(shape, 2048, 8, budget_gib=79, base_gib=2.5)
+    small = acceleration.plan_auto_batch(shape, 2048, 8, budget_gib=24, base_gib=2.5)
+    tiny = acceleration.plan_auto_batch(shape, 2048, 8, budget_gib=6, base_gib=2.5)
+    assert (roomy["batch_size"], roomy["gradient_checkpointing"]) == (8, "off")
+    # At 24 GB only micro-batch 2 fits without checkpointing; one checkpointed pass of 8 is cheaper.
+    assert (small["batch_size"], small["gradient_checkpointing"]) == (8, "unsloth")
+    assert small["predicted_peak_gib"] <= 0.85 * 24
+    assert tiny["gradient_checkpointing"] == "unsloth" and tiny["predicted_peak_gib"] <= 0.85 * 6
+    for plan in (roomy, small, tiny):
+        assert plan["batch_size"] * plan["gradient_accumulation_steps"] == 8 and plan["fits"]
+
+
+def test_configure_compiler_takes_the_cpp_wrapper_only_where_it_can_and_pays(monkeypatch):
+    import torch._inductor.config as inductor
+
+    long_run = acceleration.CPP_WRAPPER_MIN_STEPS
+    monkeypatch.setattr(inductor, "cpp_wrapper", False)
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    assert acceleration.configure_compiler("hf", "auto", long_run) == "no compiled graphs on this backend"
+    assert inductor.cpp_wrapper is False
+
+    monkeypatch.setattr(acceleration.shutil, "which", lambda name: None)
+    assert "no C++ compiler found" in acceleration.configure_compiler("unsloth", "auto", long_run)
+    assert inductor.cpp_wrapper is False
+
+    monkeypatch.setattr(acceleration.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang++" else None)
+    note = acceleration.configure_compiler("unsloth", "auto", long_run)
+    assert note.startswith(f"C++ wrapper ({long_run} planned steps repay its build; clang++")
+    assert inductor.cpp_wrapper is True
+
+    # A short run (a quick experiment, a resume near the end) is not worth the build.
+    note = acceleration.configure_compiler("unsloth", "auto", long_run - 1)
+    assert note.startswith(f"Python wrapper ({long_run - 1} planned steps, fewer than the {long_run}")
+    assert inductor.cpp_wrapper is False
+    assert acceleration.configure_compiler("unsloth", "cpp", 5).startswith("C++ wrapper (--graph-wrapper cpp")
+    assert acceleration.configure_compiler("unsloth", "python", 10_000) == "Python wrapper (--graph-wrapper python)"
+    assert inductor.cpp_wrapper is False
+
+    monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "1")  # the user's choice wins
+    assert acceleration.configure_compiler("unsloth", "auto", 1) == "TORCHINDUCTOR_CPP_WRAPPER=1 as set"
+    assert inductor.cpp_wrapper is False
+
+
+def test_planned_steps():
+    batch = acceleration.BatchPlan(batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing="auto")
+    assert acceleration.planned_steps(100, batch, epochs=3) == 3 * 13  # 50 micro-batches -> 13 steps an epoch
+    assert acceleration.planned_steps(100, batch, epochs=3, done=30) == 9
+    assert acceleration.planned_steps(100, batch, epochs=3, max_steps=30) == 30
+    assert acceleration.planned_steps(100, batch, epochs=3, max_steps=30, processes=2) == 30
+
+
+@pytest.mark.gpu
+def test_unsloth_micro_batching_keeps_losses_token_weighted(tmp_path, sample_dataset, capfd):
+    """On the Unsloth backend, 2 x 4 and 8 x 1 give the same per-step losses on rows of different
+    lengths: each micro-batch loss is divided by the target tokens of the whole effective batch
+    (num_items_in_batch), not averaged per micro-batch. The validation loss the Trainer picks the best
+    checkpoint on is the one evaluate_model.py reports."""
+    import os
+
+    import evaluate_model
+
+    model = os.environ.get("RF_GPU_TEST_MODEL")
+    if not model:
+        pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
+    curves, runs = [], []
+    for micro, accum in ((2, 4), (8, 1)):
+        code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--max-steps", "4", "--save-steps", "4",
+                          "--eval-steps", "4", "--batch-size", str(micro), "--gradient-accumulation-steps", str(accum),
+                          "--learning-rate", "2e-4", "--seed", "2", out=f"mb{micro}")
+        assert code == 0
+        history = json.loads((out / "training_metrics.json").read_text())["history"]
+        curves.append([h["loss"] for h in history if "loss" in h])
+        runs.append(out)
+    print("per-step losses 2x4:", curves[0], "8x1:", curves[1])
+    assert len(curves[0]) == 4 and curves[0] == pytest.approx(curves[1], rel=1e-3)
+    report = tmp_path / "e.json"
+    assert evaluate_model.main(["--model-path", str(runs[1] / "final_model"), "--dataset-path", str(sample_dataset),
+                                "--backend", "unsloth", "--compute-perplexity", "--batch-size", "8",
+                                "--output-file", str(report)]) == 0
+    reported = json.loads(report.read_text())["metrics"]["perplexity"]["finetuned"]["avg_loss"]
+    trainer = json.loads((runs[1] / "training_metrics.json").read_text())["best_validation_loss"]
+    print("validation loss: trainer", trainer, "evaluate_model", reported)
+    assert trainer == pytest.approx(reported, rel=2e-3)
