@@ -80,16 +80,34 @@ def environment() -> dict:
     """What the compiled artifacts depend on: a copy built under anything else is not used."""
     from importlib import metadata
 
-    import torch
-
     env = {}
     for name in ("torch", "triton", "transformers", "unsloth", "unsloth_zoo"):
         try:
-            env[name] = metadata.version(name)
+            env[name] = metadata.version(name)  # torch's carries its CUDA build, e.g. 2.8.0+cu128
         except metadata.PackageNotFoundError:
             env[name] = None
-    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    env["gpu"] = gpu_names()
     return env
+
+
+def gpu_names() -> str:
+    """The GPUs' model names, read from the driver without starting CUDA in this process: this runs
+    before Unsloth is imported, and Unsloth sets allocator options that CUDA reads when it starts."""
+    import glob
+    import subprocess
+
+    names = []
+    for info in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        with open(info, errors="replace") as fh:
+            names += [line.split(":", 1)[1].strip() for line in fh if line.startswith("Model:")]
+    if not names:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=20)
+            names = [n.strip() for n in out.stdout.splitlines() if n.strip()] if out.returncode == 0 else []
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return ", ".join(names) or "unknown"
 
 
 def _skipped(name: str) -> bool:

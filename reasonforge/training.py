@@ -163,7 +163,9 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     cache = compile_cache.use(config.compile_cache_dir, backend)  # before Unsloth and Inductor read their folders
     mirror = compile_cache.Mirror.for_run(config.compile_cache_dir, backend, config.run_uri)
     if mirror is not None:
+        phases.mark("start-up")
         cache += f"; S3 copy: {mirror.restore()}"
+        phases.mark("compile cache from S3")
     if backend == "unsloth":
         utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
     check_trainer_names(config)
