@@ -171,9 +171,15 @@ class Mirror:
             client = s3.s3_client()
             with s3.s3_errors(self.uri.bucket, "download"):
                 client.download_file(self.uri.bucket, self.uri.join(TAR).prefix, str(tar))
+            staging = Path(tmp) / "files"
             with tarfile.open(tar) as fh:
                 # "data" refuses absolute paths, links out of the folder and device files
-                fh.extractall(self.root, filter="data")
+                fh.extractall(staging, filter="data")
+            # moved in file by file, each whole: a failed download leaves no half-written entry to load
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                target = self.root / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.replace(path, target)
 
     def publish(self) -> str | None:
         """Upload the folder once, if this run compiled anything it did not find there."""
