@@ -51,7 +51,7 @@ def use(folder: str | None, backend: str) -> str:
         raise UserError(f"--compile-cache-dir {folder}: cannot make it ({e.strerror}); pass a folder you can write, "
                         "or none for torch's own /tmp caches") from e
     files, size = footprint(root)
-    state = f"{files} files, {size / 2**20:.0f} MiB from earlier runs" if files else "empty: this run fills it"
+    state = f"holds {files} files, {size / 2**20:.0f} MiB" if files else "empty: this run fills it"
     return f"{root} ({state})" + (f"; {', '.join(kept)} kept as set" if kept else "")
 
 

@@ -160,12 +160,14 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     """
     phases = report.Phases()
     backend, backend_reason = utils.choose_backend(config.backend)
-    cache = compile_cache.use(config.compile_cache_dir, backend)  # before Unsloth and Inductor read their folders
     mirror = compile_cache.Mirror.for_run(config.compile_cache_dir, backend, config.run_uri)
-    if mirror is not None:
+    if mirror is not None:  # first, so that the banner's account of the folder includes what it brought
         phases.mark("start-up")
-        cache += f"; S3 copy: {mirror.restore()}"
+        restored = mirror.restore()
         phases.mark("compile cache from S3")
+    cache = compile_cache.use(config.compile_cache_dir, backend)  # before Unsloth and Inductor read their folders
+    if mirror is not None:
+        cache += f"; S3 copy: {restored}"
     if backend == "unsloth":
         utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
     check_trainer_names(config)
