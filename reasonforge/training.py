@@ -93,6 +93,11 @@ class TrainConfig:
         return Path(self.output_dir)
 
     @property
+    def method_module(self):
+        """The module of --method: its prepare_data(config, dataset, tokenizer) and build_trainer(run, callbacks)."""
+        return grpo if self.method == "grpo" else sft
+
+    @property
     def targets(self) -> list[str]:
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
@@ -189,8 +194,8 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         route, undo = acceleration.configure_packed_attention(config.packing, backend, model)
         cleanup.callback(undo)
         batch = acceleration.choose_batch(config, model, backend)
-        method = grpo if config.method == "grpo" else sft
-        data = sft.Data.given(*pretokenized) if dataset is None else method.prepare_data(config, dataset, tokenizer)
+        data = (sft.Data.given(*pretokenized) if dataset is None
+                else config.method_module.prepare_data(config, dataset, tokenizer))
         phases.mark("tokenise")
         model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
                             checkpointing=batch.gradient_checkpointing)
@@ -392,8 +397,7 @@ def train(run: Run, callbacks: list = ()) -> Result:
     from reasonforge.callbacks import StopOnSigterm
 
     try:
-        method = grpo if run.config.method == "grpo" else sft
-        trainer = method.build_trainer(run, [*standard_callbacks(run), *callbacks])
+        trainer = run.config.method_module.build_trainer(run, [*standard_callbacks(run), *callbacks])
         run.phases.mark("trainer build")
         trainer.add_callback(StopOnSigterm(run.guard))  # last, so that its on_save follows CheckpointSync's upload
         if torch.cuda.is_available():
