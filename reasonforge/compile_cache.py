@@ -46,10 +46,16 @@ def use(folder: str | None, backend: str) -> str:
         for var, sub in FOLDERS.items():
             if var not in kept:
                 (root / sub).mkdir(exist_ok=True, mode=0o700)
-                os.environ[var] = str(root / sub)
     except OSError as e:
-        raise UserError(f"--compile-cache-dir {folder}: cannot make it ({e.strerror}); pass a folder you can write, "
-                        "or none for torch's own /tmp caches") from e
+        if folder != DEFAULT:  # asked for by name: say so rather than run without it
+            raise UserError(f"--compile-cache-dir {folder}: cannot make it ({e.strerror}); pass a folder you can "
+                            "write, or none for torch's own /tmp caches") from e
+        # the default only saves time; a machine with no writable home still trains
+        log.warning("compile cache: cannot make %s (%s); using the libraries' own folders", root, e.strerror)
+        return f"the libraries' own folders ({root} could not be made: {e.strerror})"
+    for var, sub in FOLDERS.items():  # only once every folder exists, so a failure changes nothing
+        if var not in kept:
+            os.environ[var] = str(root / sub)
     files, size = footprint(root)
     state = f"holds {files} files, {size / 2**20:.0f} MiB" if files else "empty: this run fills it"
     return f"{root} ({state})" + (f"; {', '.join(kept)} kept as set" if kept else "")

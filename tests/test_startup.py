@@ -225,3 +225,12 @@ def utils_uri():
     import utils
 
     return utils.S3Uri("bucket", "adapters/r")
+
+
+def test_compile_cache_default_that_cannot_be_made_is_a_warning(tmp_path, clean_cache_env, monkeypatch, caplog):
+    blocker = tmp_path / "home"
+    blocker.write_text("")  # a file where the home folder should be
+    monkeypatch.setenv("HOME", str(blocker))
+    said = compile_cache.use(compile_cache.DEFAULT, "unsloth")
+    assert "could not be made" in said and "cannot make" in caplog.text
+    assert not any(var in os.environ for var in compile_cache.FOLDERS)
