@@ -81,6 +81,7 @@ from reasonforge.s3 import (
     S3_MAX_ATTEMPTS,
     S3Uri,
     check_s3_bucket,
+    download_file,
     download_prefix,
     fetch_if_s3,
     list_s3_objects,

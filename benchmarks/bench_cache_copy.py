@@ -77,8 +77,9 @@ def main(argv=None) -> int:
         for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "UNSLOTH_COMPILE_LOCATION", "UNSLOTH_MEGA_CACHE_DIR"):
             env.pop(var, None)  # every cache in the run's own --compile-cache-dir
         bucket = "cache-copy"
-        boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET,
-                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        client = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=S3_KEY_ID,
+                              aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+        client.create_bucket(Bucket=bucket)
         data = work / "prepared"
         assert data_preparation.main(["--dataset", "sample-easy", "--max-samples", "200", "--skip-upload",
                                       "--output-dir", str(data)]) == 0
@@ -88,9 +89,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             runs[name] = train(name, work, opts.model_dir, data, bucket, run_name, steps, extra, env)
             print(f"[{name}] {json.dumps(runs[name])[:600]} ({time.time() - t0:.0f} s)", flush=True)
-        listed = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=S3_KEY_ID,
-                              aws_secret_access_key=S3_SECRET, region_name="us-east-1").list_objects_v2(
-            Bucket=bucket, Prefix="adapters/r1/compile_cache/")
+        listed = client.list_objects_v2(Bucket=bucket, Prefix="adapters/r1/compile_cache/")
         runs["s3_copy"] = {o["Key"]: o["Size"] for o in listed.get("Contents", [])}
     finally:
         server.stop()

@@ -84,16 +84,10 @@ SKIPPED_NAMES = ("lock", "locks", "tmp")  # lock files and half-written entries 
 
 def environment() -> dict:
     """What the compiled artifacts depend on: a copy built under anything else is not used."""
-    from importlib import metadata
+    from reasonforge.core import library_versions
 
-    env = {}
-    for name in ("torch", "triton", "transformers", "unsloth", "unsloth_zoo"):
-        try:
-            env[name] = metadata.version(name)  # torch's carries its CUDA build, e.g. 2.8.0+cu128
-        except metadata.PackageNotFoundError:
-            env[name] = None
-    env["gpu"] = gpu_names()
-    return env
+    # torch's version carries its CUDA build, e.g. 2.8.0+cu128
+    return {**library_versions(("torch", "triton", "transformers", "unsloth", "unsloth_zoo")), "gpu": gpu_names()}
 
 
 def gpu_names() -> str:
@@ -170,13 +164,11 @@ class Mirror:
         import tarfile
         import tempfile
 
-        from reasonforge import s3
+        import utils
 
         with tempfile.TemporaryDirectory(dir=self.root.parent, prefix=".compile-cache-") as tmp:
             tar = Path(tmp) / TAR
-            client = s3.s3_client()
-            with s3.s3_errors(self.uri.bucket, "download"):
-                client.download_file(self.uri.bucket, self.uri.join(TAR).prefix, str(tar))
+            utils.download_file(self.uri.join(TAR), tar)
             staging = Path(tmp) / "files"
             with tarfile.open(tar) as fh:
                 # "data" refuses absolute paths, links out of the folder and device files

@@ -159,11 +159,15 @@ def redact_secrets(obj: Any) -> Any:
     return obj
 
 
-def library_versions() -> dict[str, str]:
+RECORDED_LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "boto3")
+
+
+def library_versions(names: tuple[str, ...] = RECORDED_LIBRARIES) -> dict[str, str]:
+    """Python's version and those of the installed `names`; a package not installed is left out."""
     from importlib import metadata
 
     out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "boto3"):
+    for name in names:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
     return out

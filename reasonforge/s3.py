@@ -249,6 +249,13 @@ def upload_file(path: str | Path, uri: S3Uri) -> None:
         client.upload_file(str(path), uri.bucket, uri.prefix, Config=_transfer_config())
 
 
+def download_file(uri: S3Uri, path: str | Path) -> None:
+    """Download the object at the key `uri` to `path`; failures come out as one clear line."""
+    client = s3_client()
+    with s3_errors(uri.bucket, "download"):
+        client.download_file(uri.bucket, uri.prefix, str(path), Config=_transfer_config())
+
+
 def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "upload", progress: bool = True,
                      exclude: set[str] = frozenset()) -> dict:
     """Mirror a local folder to s3://bucket/prefix/, skipping objects whose size and ETag match.

@@ -9,7 +9,7 @@ import pytest
 
 import train_lora
 from reasonforge import compile_cache, grpo, sft, training
-from utils import UserError
+from utils import S3Uri, UserError
 
 
 def config(*argv) -> training.TrainConfig:
@@ -218,13 +218,8 @@ def test_compile_cache_set_wholly_by_the_environment_is_left_alone(tmp_path, cle
         monkeypatch.setenv(var, str(tmp_path / var))
     said = compile_cache.use(str(tmp_path / "cc"), "unsloth")
     assert "--compile-cache-dir not used" in said and not (tmp_path / "cc").exists()
-    assert compile_cache.Mirror.for_run(str(tmp_path / "cc"), "unsloth", utils_uri()) is None
-
-
-def utils_uri():
-    import utils
-
-    return utils.S3Uri("bucket", "adapters/r")
+    # nor is the S3 copy: the folder would hold nothing of the run
+    assert compile_cache.Mirror.for_run(str(tmp_path / "cc"), "unsloth", S3Uri("bucket", "adapters/r")) is None
 
 
 def test_compile_cache_default_that_cannot_be_made_is_a_warning(tmp_path, clean_cache_env, monkeypatch, caplog):
