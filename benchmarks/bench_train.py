@@ -13,6 +13,8 @@ micro-batch 2, gradient accumulation 4, LoRA r 16 on the seven projections, adam
   choice of long runs);
 - suite-auto: the same with --auto-batch.
 
+`--parts coldstart` times a short run instead, from launch to the first step, cold and warm, against
+stock Unsloth (benchmarks/bench_coldstart.py, called with --shape, --model-dir, --steps and --out).
 `--parts profile` traces one optimizer step of each with torch.profiler and reports where the
 GPU time goes and how long the GPU sat idle (`profilepacked`: one packed step of the suite);
 `varlen` and `packplan` time padded against packed rows of variable length; see
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", default=None, help="reuse a model folder (default: build one under /tmp)")
     p.add_argument("--parts", default="fixed",
                    help="comma list of profile, profilepacked, fixed, envpair, auto80, auto24, autobatch, varlen, packplan, "
-                        "inference")
+                        "inference; or coldstart alone")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="steps not timed (default: %(default)s)")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -119,6 +121,14 @@ def orchestrate(opts) -> int:
     import make_model
 
     parts = set(opts.parts.split(","))
+    if "coldstart" in parts:
+        if parts != {"coldstart"}:
+            sys.exit("error: --parts coldstart runs fresh processes of its own (bench_coldstart.py); run it in a call "
+                     "of its own")
+        import bench_coldstart
+
+        return bench_coldstart.main(["--shape", opts.shape, "--steps", str(opts.steps), "--out", opts.out,
+                                     *(["--model-dir", opts.model_dir] if opts.model_dir else [])])
     if "envpair" in parts and not opts.variant_env:
         sys.exit("error: --parts envpair compares the default with and without --variant-env; pass e.g. "
                  "--variant-env TORCHINDUCTOR_CPP_WRAPPER=0")

@@ -166,3 +166,14 @@ def test_suite_worker_is_train_lora_own_run(tmp_path, tiny_model):
     assert [h["loss"] for h in metrics["history"] if "loss" in h] == result["losses"]
     assert (run / "final_model" / "adapter_model.safetensors").is_file()
     assert "Parameters:" in proc.stdout and "Steps: 4," in proc.stdout  # the script's banner and summary
+
+
+def test_coldstart_part_is_bench_coldstart(monkeypatch):
+    import bench_coldstart
+
+    seen = []
+    monkeypatch.setattr(bench_coldstart, "main", lambda argv: seen.append(argv) or 0)
+    assert bench_train.main(["--parts", "coldstart", "--steps", "30", "--out", "/tmp/o", "--model-dir", "/m"]) == 0
+    assert seen == [["--shape", "qwen2.5-3b", "--steps", "30", "--out", "/tmp/o", "--model-dir", "/m"]]
+    with pytest.raises(SystemExit, match="coldstart runs fresh processes"):
+        bench_train.main(["--parts", "coldstart,fixed"])
