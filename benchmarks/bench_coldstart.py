@@ -144,6 +144,8 @@ def worker_baseline(opts) -> dict:
 
 
 def _train(trainer_class, model, tok, rows, opts, gradient_checkpointing=False, phases=None) -> dict:
+    import torch
+
     store: dict = {}
     cfg = sft_config(opts.tmp, opts.steps)
     if gradient_checkpointing:
@@ -157,6 +159,7 @@ def _train(trainer_class, model, tok, rows, opts, gradient_checkpointing=False, 
             "steady_tokens_per_s": store["tokens"] / store["seconds"],
             "first_step_s": store["first_step_end_at"] - store["train_begin"],
             "setup_phases_s": phases.spans(until=store["train_begin"]) if phases is not None else None,
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),  # as train_lora.py reports it
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
 
 
@@ -224,7 +227,7 @@ def orchestrate(opts) -> int:
         def result():
             m = json.loads((run_dir / "training_metrics.json").read_text())
             return {k: m.get(k) for k in ("first_step_end_at", "last_step_end_at", "steady_tokens_per_s",
-                                          "setup_s", "first_step_s", "setup_phases_s")} | {
+                                          "setup_s", "first_step_s", "setup_phases_s", "peak_gpu_memory_gib")} | {
                 "losses": [h["loss"] for h in m["history"] if "loss" in h],
                 "tokens_per_step": m["tokens_seen"] / max(m["global_step"], 1),
                 "compiled_graphs": json.loads((run_dir / "training_config.json").read_text()).get("compiler")}
@@ -232,7 +235,8 @@ def orchestrate(opts) -> int:
 
     plan = [("baseline", "baseline", worker("baseline")), ("stock-cold", "stock", worker("stock")),
             ("stock-warm", "stock", worker("stock"))]
-    for label, extra in (("suite", []), ("cpp", ["--graph-wrapper", "cpp"])):
+    for label, extra in (("suite", []), ("nographs", ["--cuda-graphs", "off"]),
+                         ("cpp", ["--cuda-graphs", "off", "--graph-wrapper", "cpp"])):
         for phase in ("cold", "warm"):
             plan.append((f"{label}-{phase}", label, suite(extra, tmp / f"run-{label}-{phase}")))
     only = set(opts.variants.split(",")) if opts.variants else None
@@ -252,20 +256,23 @@ def markdown(results: dict) -> str:
     ref = runs.get("stock-cold")
     lines = [f"Shape {results['shape']}, {results['steps']} optimizer steps of {results['micro']} x {results['accum']} "
              f"rows of about 2,000 tokens, each variant a fresh process on cores {results['cores']}.", "",
-             "| variant | first step after | vs stock-cold | last step after | steady tokens/s | vs stock-cold |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| variant | first step after | vs stock-cold | last step after | steady tokens/s | vs stock-cold | peak GiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in runs.items():
         d = f"{r['time_to_first_step_s'] - ref['time_to_first_step_s']:+.1f} s" if ref else ""
         x = f"{r['steady_tokens_per_s'] / ref['steady_tokens_per_s']:.2f}x" if ref else ""
+        peak = f"{r['peak_gpu_memory_gib']:.2f}" if r.get("peak_gpu_memory_gib") else ""
         lines.append(f"| {name} | {r['time_to_first_step_s']:.1f} s | {d} | {r['wall_to_last_step_s']:.1f} s | "
-                     f"{r['steady_tokens_per_s']:,.0f} | {x} |")
+                     f"{r['steady_tokens_per_s']:,.0f} | {x} | {peak} |")
     lines += phase_table(runs)
-    a, b = runs.get("suite-cold", {}).get("losses"), runs.get("cpp-cold", {}).get("losses")
-    if a and b and len(a) == len(b):
-        worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
-        lines += ["", f"Per-step losses, Python against C++ wrapper: largest relative difference {worst:.1e}."]
+    for other, what in (("nographs", "CUDA graphs against none"), ("cpp", "CUDA graphs against the C++ wrapper")):
+        for phase in ("cold", "warm"):
+            a, b = runs.get(f"suite-{phase}", {}).get("losses"), runs.get(f"{other}-{phase}", {}).get("losses")
+            if a and b and len(a) == len(b):
+                worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+                lines += ["", f"Per-step losses, {what} ({phase}): largest relative difference {worst:.1e}."]
     for phase in ("cold", "warm"):
-        py, cpp = runs.get(f"suite-{phase}"), runs.get(f"cpp-{phase}")
+        py, cpp = runs.get(f"nographs-{phase}"), runs.get(f"cpp-{phase}")
         if not (py and cpp and cpp["steady_tokens_per_s"] > py["steady_tokens_per_s"] and py.get("tokens_per_step")):
             continue
         extra = cpp["time_to_first_step_s"] - py["time_to_first_step_s"]

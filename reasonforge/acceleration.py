@@ -256,12 +256,13 @@ def planned_steps(train_rows: int, batch: BatchPlan, *, epochs: float, max_steps
     return max(total - done, 0)
 
 
-def configure_compiler(backend: str, wrapper: str = "auto", steps: int | None = None) -> str:
+def configure_compiler(backend: str, wrapper: str = "auto", steps: int | None = None, graphs: bool = False) -> str:
     """Choose Inductor's C++ or Python wrapper for the graphs Unsloth compiles; say which and why.
 
     At small micro-batches the GPU waits on Python to launch kernels; the C++ wrapper launches a
     compiled graph's kernels without the Python loop, but its build makes the first step far
-    slower. `auto` takes it only for runs long enough to repay that.
+    slower. `auto` takes it only for runs long enough to repay that, and never under CUDA graphs,
+    whose replays launch a block's kernels without either wrapper.
     """
     if backend != "unsloth":
         return "no compiled graphs on this backend"
@@ -269,11 +270,14 @@ def configure_compiler(backend: str, wrapper: str = "auto", steps: int | None = 
         return f"TORCHINDUCTOR_CPP_WRAPPER={os.environ['TORCHINDUCTOR_CPP_WRAPPER']} as set"
     import torch._inductor.config
 
-    if wrapper == "python" or (wrapper == "auto" and steps is not None and steps < CPP_WRAPPER_MIN_STEPS):
+    short = steps is not None and steps < CPP_WRAPPER_MIN_STEPS
+    if wrapper == "python" or (wrapper == "auto" and (graphs or short)):
         torch._inductor.config.cpp_wrapper = False
-        why = "--graph-wrapper python" if wrapper == "python" else (
-            f"{steps} planned steps, fewer than the {CPP_WRAPPER_MIN_STEPS} that repay the C++ wrapper's "
-            "build; --graph-wrapper cpp forces it")
+        why = ("--graph-wrapper python" if wrapper == "python" else
+               "CUDA graphs replay the kernels, so the C++ wrapper's build would not pay; --graph-wrapper cpp forces it"
+               if graphs else
+               f"{steps} planned steps, fewer than the {CPP_WRAPPER_MIN_STEPS} that repay the C++ wrapper's "
+               "build; --graph-wrapper cpp forces it")
         return f"Python wrapper ({why})"
     compiler = next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
     if compiler is None:
@@ -281,3 +285,92 @@ def configure_compiler(backend: str, wrapper: str = "auto", steps: int | None = 
     torch._inductor.config.cpp_wrapper = True
     why = "--graph-wrapper cpp" if wrapper == "cpp" else f"{steps} planned steps repay its build"
     return f"C++ wrapper ({why}; {compiler}; --graph-wrapper python turns it off)"
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+# Unsloth records one set of CUDA graphs per input shape of a decoder-layer kind and, past a cap
+# (UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES, 8 by default), runs that kind without graphs for the rest of
+# the process. Batches padded to a multiple of longest/LENGTH_BUCKETS keep the lengths under it.
+LENGTH_BUCKETS = 8
+BUCKET_ALIGN = 64  # tensor-core friendly, and coarse enough that short datasets get few shapes too
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """Whether Unsloth's compiled decoder blocks replay as CUDA graphs, and the padding that keeps
+    their input shapes few enough to record once each."""
+
+    on: bool
+    reason: str
+    pad_to_multiple_of: int | None = None
+    max_shapes: int = 0
+
+    def describe(self) -> str:
+        if not self.on:
+            return f"off ({self.reason})"
+        return (f"on ({self.reason}): batches padded to a multiple of {self.pad_to_multiple_of} tokens, "
+                f"at most {self.max_shapes} shapes recorded; --cuda-graphs off turns it off")
+
+
+def length_bucket(longest: int, buckets: int = LENGTH_BUCKETS, align: int = BUCKET_ALIGN) -> int:
+    """The pad_to_multiple_of that leaves at most `buckets` padded lengths up to `longest`."""
+    return align * max(1, math.ceil(longest / (buckets * align)))
+
+
+def micro_batch_sizes(train_rows: int, batch_size: int, processes: int = 1) -> set[int]:
+    """The micro-batch sizes a run sees: the full one and the end of an epoch's remainder."""
+    per_rank = math.ceil(train_rows / processes)
+    return {b for b in (min(batch_size, per_rank), per_rank % batch_size) if b}
+
+
+def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, longest: int,
+                     batch_sizes: set[int]) -> GraphPlan:
+    """The run's GraphPlan for --cuda-graphs auto|on|off.
+
+    Each optimizer step of a LoRA run at a small micro-batch issues tens of thousands of kernels;
+    on a few CPU cores the GPU waits for them to be launched. A CUDA graph replays a whole block's
+    kernels in one launch. Only Unsloth's per-block compile records them, and only where the block
+    runs compiled: not for packed rows (Unsloth keeps those layers eager) nor GRPO (a new completion
+    length nearly every step).
+    """
+    if choice == "off":
+        return GraphPlan(False, "--cuda-graphs off")
+    env = os.environ.get("UNSLOTH_BLOCK_CUDAGRAPHS")
+    if env is not None and choice == "auto":
+        return GraphPlan(env == "1", f"UNSLOTH_BLOCK_CUDAGRAPHS={env} as set",
+                         *((length_bucket(longest), 2 * LENGTH_BUCKETS) if env == "1" else ()))
+    why_not = ("no compiled blocks on this backend" if backend != "unsloth" else
+               "grpo: completion lengths change every step" if method == "grpo" else
+               "packed rows run outside Unsloth's compiled blocks" if packing else None)
+    if why_not:
+        if choice == "on":
+            raise UserError(f"--cuda-graphs on: {why_not}; drop the flag or use --cuda-graphs auto")
+        return GraphPlan(False, why_not)
+    bucket = length_bucket(longest)
+    shapes = math.ceil(longest / bucket) * len(batch_sizes)
+    return GraphPlan(True, "--cuda-graphs on" if choice == "on" else "auto: sft on Unsloth's compiled blocks",
+                     bucket, max(shapes, LENGTH_BUCKETS))
+
+
+def install_cuda_graphs(plan: GraphPlan) -> Callable[[], None]:
+    """Tell Unsloth's per-block compile to record CUDA graphs, before get_peft_model wraps the blocks.
+
+    Returns an undo for the module settings; blocks already wrapped keep what they were wrapped with.
+    """
+    if not plan.on:
+        return _nothing_to_undo
+    from unsloth.models import _block_compile as blocks
+
+    before = (dict(blocks._COMPILE_OPTIONS), blocks._CUDAGRAPH_MAX_SHAPES)
+    blocks._COMPILE_OPTIONS["triton.cudagraphs"] = True
+    blocks._CUDAGRAPH_MAX_SHAPES = max(plan.max_shapes, blocks._CUDAGRAPH_MAX_SHAPES)
+
+    def undo() -> None:
+        blocks._COMPILE_OPTIONS.clear()
+        blocks._COMPILE_OPTIONS.update(before[0])
+        blocks._CUDAGRAPH_MAX_SHAPES = before[1]
+
+    return undo

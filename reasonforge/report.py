@@ -50,6 +50,7 @@ def print_setup(run) -> None:
     print(f"Model:      {c.model_name}  [backend {run.backend}: {run.backend_reason}]")
     print(f"Precision:  {run.dtype}, 4-bit {'on' if run.load_in_4bit else 'off'}; compiled graphs: {run.compiler}")
     if run.backend == "unsloth":
+        print(f"CUDA graphs: {run.cuda_graphs.describe()}")
         print(f"Compile cache: {run.compile_cache}")
     if c.packing:
         print(f"Packing:    best-fit rows of {c.max_seq_length} tokens; attention {run.packed_attention}")
@@ -86,7 +87,8 @@ def training_config(run) -> dict:
                  "gradient_checkpointing": batch.gradient_checkpointing}
     manifest = run.data.manifest
     cfg = {"arguments": arguments, "backend": run.backend, "backend_reason": run.backend_reason, "dtype": run.dtype,
-           "load_in_4bit": run.load_in_4bit, "compiler": run.compiler, "compile_cache": run.compile_cache, "packed_attention": run.packed_attention,
+           "load_in_4bit": run.load_in_4bit, "compiler": run.compiler,
+           "cuda_graphs": dataclasses.asdict(run.cuda_graphs), "compile_cache": run.compile_cache, "packed_attention": run.packed_attention,
            "optim": run.optim, "rows": run.data.rows, "chat_template": run.data.template_name,
            "dataset_manifest_sha256": manifest.get("content_sha256"), "dataset_source": manifest.get("source"),
            "versions": utils.library_versions(), "gpu": utils.gpu_memory_stats()}

@@ -189,6 +189,8 @@ def build_trainer(run, callbacks: list):
         dataloader_num_workers=0, save_only_model=False, ddp_find_unused_parameters=False,
         # The default replaces a NaN loss by the running mean in the logs, hiding a diverged run from StopOnNonFinite.
         logging_nan_inf_filter=False,
+        # Under CUDA graphs every new batch shape is a new recording: a few padded lengths keep them few.
+        pad_to_multiple_of=run.cuda_graphs.pad_to_multiple_of,
     )
     trainer = sft_trainer_class()(model=run.model, args=config, train_dataset=run.data.train,
                                   eval_dataset=run.data.validation, processing_class=run.tokenizer, callbacks=callbacks)

@@ -55,6 +55,7 @@ class TrainConfig:
     gradient_checkpointing: str
     logging_steps: int
     graph_wrapper: str
+    cuda_graphs: str
     compile_cache_dir: str
     lora_r: int
     lora_alpha: int
@@ -130,6 +131,7 @@ class Run:
     optim_reason: str
     packed_attention: str
     compiler: str
+    cuda_graphs: acceleration.GraphPlan
     compile_cache: str  # where compiled graphs and kernels are kept between runs, and whether it was warm
     cache_mirror: compile_cache.Mirror | None  # its copy beside the run on S3
     resume: str | None  # the checkpoint folder training continues from
@@ -197,6 +199,8 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         data = (sft.Data.given(*pretokenized) if dataset is None
                 else config.method_module.prepare_data(config, dataset, tokenizer))
         phases.mark("tokenise")
+        graphs = plan_cuda_graphs(config, backend, data, batch, state.num_processes)
+        cleanup.callback(acceleration.install_cuda_graphs(graphs))  # before get_peft_model wraps Unsloth's blocks
         model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
                             checkpointing=batch.gradient_checkpointing)
         if config.init_adapter:
@@ -211,7 +215,8 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
                   dtype=info.get("dtype"), load_in_4bit=info.get("load_in_4bit"), model=model, tokenizer=tokenizer,
                   data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),
                   parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
-                  packed_attention=route, compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps),
+                  packed_attention=route, cuda_graphs=graphs,
+                  compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps, graphs.on),
                   compile_cache=cache, cache_mirror=mirror, resume=resume, cleanup=cleanup, phases=phases)
         if run.main_rank:
             report.print_setup(run)
@@ -221,6 +226,19 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         cleanup.close()
         raise
     return run
+
+
+def plan_cuda_graphs(config: TrainConfig, backend: str, data: sft.Data, batch: acceleration.BatchPlan,
+                     processes: int) -> acceleration.GraphPlan:
+    """--cuda-graphs for this run: the padding buckets follow the longest train row actually kept."""
+    import torch
+
+    if not torch.cuda.is_available():
+        backend = "cpu"  # no compiled blocks, whatever was asked
+    longest = min(max(map(len, data.train["input_ids"]), default=1), config.max_seq_length)
+    return acceleration.plan_cuda_graphs(
+        config.cuda_graphs, backend=backend, method=config.method, packing=config.packing, longest=longest,
+        batch_sizes=acceleration.micro_batch_sizes(len(data.train), batch.batch_size, processes))
 
 
 # Schedulers transformers builds only from lr_scheduler_kwargs, which this script does not pass.

@@ -1,5 +1,6 @@
 """train_lora.py's speed paths: packed-attention routing and kernel, micro-batching, batch planning, compiler."""
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -242,6 +243,87 @@ def test_configure_compiler_takes_the_cpp_wrapper_only_where_it_can_and_pays(mon
     monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "1")  # the user's choice wins
     assert acceleration.configure_compiler("unsloth", "auto", 1) == "TORCHINDUCTOR_CPP_WRAPPER=1 as set"
     assert inductor.cpp_wrapper is False
+
+
+def test_configure_compiler_keeps_the_python_wrapper_under_cuda_graphs(monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "cpp_wrapper", False)
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
+    monkeypatch.setattr(acceleration.shutil, "which", lambda name: f"/usr/bin/{name}")
+    note = acceleration.configure_compiler("unsloth", "auto", 10_000, graphs=True)
+    assert note.startswith("Python wrapper (CUDA graphs replay the kernels") and inductor.cpp_wrapper is False
+    assert acceleration.configure_compiler("unsloth", "cpp", 5, graphs=True).startswith("C++ wrapper (--graph-wrapper cpp")
+    assert inductor.cpp_wrapper is True
+
+
+def test_length_buckets_keep_padded_lengths_under_unsloths_shape_cap():
+    for longest in (1, 63, 64, 300, 511, 512, 1000, 2048, 4096, 32768):
+        bucket = acceleration.length_bucket(longest)
+        assert bucket % acceleration.BUCKET_ALIGN == 0
+        assert math.ceil(longest / bucket) <= acceleration.LENGTH_BUCKETS
+        # no coarser than it needs to be: one alignment step less would exceed the cap
+        if bucket > acceleration.BUCKET_ALIGN:
+            assert math.ceil(longest / (bucket - acceleration.BUCKET_ALIGN)) > acceleration.LENGTH_BUCKETS
+    assert acceleration.length_bucket(2048) == 256 and acceleration.length_bucket(300) == 64
+
+
+def test_micro_batch_sizes_include_the_epochs_remainder():
+    assert acceleration.micro_batch_sizes(100, 2) == {2}
+    assert acceleration.micro_batch_sizes(101, 2) == {2, 1}
+    assert acceleration.micro_batch_sizes(101, 4, processes=2) == {4, 3}  # 51 rows on a rank
+    assert acceleration.micro_batch_sizes(3, 8) == {3}
+
+
+def test_cuda_graph_plan(monkeypatch):
+    monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS", raising=False)
+    plan = functools.partial(acceleration.plan_cuda_graphs, longest=2048, batch_sizes={2, 1})
+    on = plan("auto", backend="unsloth", method="sft", packing=False)
+    assert on.on and on.pad_to_multiple_of == 256 and on.max_shapes == 16
+    assert "padded to a multiple of 256 tokens" in on.describe()
+    assert plan("on", backend="unsloth", method="sft", packing=False).reason == "--cuda-graphs on"
+    assert not plan("off", backend="unsloth", method="sft", packing=False).on
+    for kw, why in (({"backend": "hf"}, "no compiled blocks"), ({"method": "grpo"}, "grpo"),
+                    ({"packing": True}, "packed rows")):
+        args = {"backend": "unsloth", "method": "sft", "packing": False, **kw}
+        off = plan("auto", **args)
+        assert not off.on and off.pad_to_multiple_of is None and why in off.reason
+        with pytest.raises(utils.UserError, match="--cuda-graphs on: .*" + why):
+            plan("on", **args)
+    monkeypatch.setenv("UNSLOTH_BLOCK_CUDAGRAPHS", "0")  # the user's own setting wins over auto
+    assert plan("auto", backend="unsloth", method="sft", packing=False).reason == "UNSLOTH_BLOCK_CUDAGRAPHS=0 as set"
+
+
+def test_length_buckets_leave_the_loss_curve_unchanged(tmp_path, tiny_model, sample_dataset, monkeypatch):
+    """The padding CUDA graphs ask for adds only masked tokens: per-step and validation losses stay
+    as they were, and every padded batch is a multiple of the bucket."""
+    from reasonforge import training
+
+    lengths = []
+    collate = __import__("trl").trainer.sft_trainer.DataCollatorForLanguageModeling.torch_call
+    monkeypatch.setattr("trl.trainer.sft_trainer.DataCollatorForLanguageModeling.torch_call",
+                        lambda self, examples: (out := collate(self, examples), lengths.append(out["input_ids"].shape[1]))[0])
+    real = training.plan_cuda_graphs
+    monkeypatch.setattr(acceleration, "install_cuda_graphs", lambda plan: (lambda: None))  # no Unsloth on CPU
+    curves = {}
+    for bucket in (None, 64):
+        if bucket:  # a CPU run has no compiled blocks, so ask for the padding alone
+            monkeypatch.setattr(training, "plan_cuda_graphs",
+                                lambda *a: acceleration.GraphPlan(True, "test", bucket, 16))
+        else:
+            monkeypatch.setattr(training, "plan_cuda_graphs", real)
+        lengths.clear()
+        code, out = train(tmp_path, tiny_model, sample_dataset, "--max-steps", "4", "--seed", "2", out=f"b{bucket}")
+        assert code == 0
+        metrics = json.loads((out / "training_metrics.json").read_text())
+        curves[bucket] = ([h["loss"] for h in metrics["history"] if "loss" in h], metrics["best_validation_loss"])
+        padded = [n for n in lengths if n % 64]
+        assert (padded == []) if bucket else padded, lengths  # the plain run's lengths are not all multiples
+        cfg = json.loads((out / "training_config.json").read_text())
+        assert cfg["cuda_graphs"]["pad_to_multiple_of"] == bucket
+    assert len(curves[None][0]) == 4
+    assert curves[64][0] == pytest.approx(curves[None][0], rel=1e-5)
+    assert curves[64][1] == pytest.approx(curves[None][1], rel=1e-5)
 
 
 def test_planned_steps():
