@@ -355,18 +355,25 @@ def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, l
                      bucket, max(shapes, LENGTH_BUCKETS))
 
 
-def install_cuda_graphs(plan: GraphPlan) -> Callable[[], None]:
-    """Tell Unsloth's per-block compile to record CUDA graphs, before get_peft_model wraps the blocks.
+def install_cuda_graphs(plan: GraphPlan, backend: str, model) -> Callable[[], None]:
+    """Set Unsloth's per-block compile to record CUDA graphs or not, before get_peft_model wraps the
+    decoder blocks of `model`; returns an undo for the module settings.
 
-    Returns an undo for the module settings; blocks already wrapped keep what they were wrapped with.
+    Unsloth wraps each decoder-layer class once per process with the setting of that moment, so a
+    class an earlier run in this process wrapped (tests, a notebook) is unwrapped here to be wrapped
+    again with this run's setting.
     """
-    if not plan.on:
+    if backend != "unsloth":
         return _nothing_to_undo
     from unsloth.models import _block_compile as blocks
 
     before = (dict(blocks._COMPILE_OPTIONS), blocks._CUDAGRAPH_MAX_SHAPES)
-    blocks._COMPILE_OPTIONS["triton.cudagraphs"] = True
-    blocks._CUDAGRAPH_MAX_SHAPES = max(plan.max_shapes, blocks._CUDAGRAPH_MAX_SHAPES)
+    blocks._COMPILE_OPTIONS["triton.cudagraphs"] = plan.on
+    blocks._CUDAGRAPH_MAX_SHAPES = max(plan.max_shapes, before[1])
+    for cls in {type(m) for m in model.modules()}:
+        original = getattr(cls.__dict__.get("forward"), "_unsloth_block_original", None)
+        if original is not None:
+            cls.forward = original
 
     def undo() -> None:
         blocks._COMPILE_OPTIONS.clear()

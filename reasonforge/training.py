@@ -200,7 +200,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
                 else config.method_module.prepare_data(config, dataset, tokenizer))
         phases.mark("tokenise")
         graphs = plan_cuda_graphs(config, backend, data, batch, state.num_processes)
-        cleanup.callback(acceleration.install_cuda_graphs(graphs))  # before get_peft_model wraps Unsloth's blocks
+        cleanup.callback(acceleration.install_cuda_graphs(graphs, backend, model))  # before get_peft_model wraps Unsloth's blocks
         model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
                             checkpointing=batch.gradient_checkpointing)
         if config.init_adapter:

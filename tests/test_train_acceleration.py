@@ -304,7 +304,6 @@ def test_length_buckets_leave_the_loss_curve_unchanged(tmp_path, tiny_model, sam
     monkeypatch.setattr("trl.trainer.sft_trainer.DataCollatorForLanguageModeling.torch_call",
                         lambda self, examples: (out := collate(self, examples), lengths.append(out["input_ids"].shape[1]))[0])
     real = training.plan_cuda_graphs
-    monkeypatch.setattr(acceleration, "install_cuda_graphs", lambda plan: (lambda: None))  # no Unsloth on CPU
     curves = {}
     for bucket in (None, 64):
         if bucket:  # a CPU run has no compiled blocks, so ask for the padding alone
@@ -324,6 +323,37 @@ def test_length_buckets_leave_the_loss_curve_unchanged(tmp_path, tiny_model, sam
     assert len(curves[None][0]) == 4
     assert curves[64][0] == pytest.approx(curves[None][0], rel=1e-5)
     assert curves[64][1] == pytest.approx(curves[None][1], rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_unsloth_cuda_graphs_replay_and_keep_the_losses(tmp_path, sample_dataset, monkeypatch):
+    """--cuda-graphs auto records and replays graphs of Unsloth's blocks; off never does; the losses
+    of the two runs agree."""
+    import os
+
+    import torch
+
+    model = os.environ.get("RF_GPU_TEST_MODEL")
+    if not model:
+        pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
+    replays, replay = [], torch.cuda.graphs.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
+    curves, counts = {}, {}
+    for mode in ("off", "auto", "off"):  # off again: a class wrapped with graphs is rewrapped without them
+        replays.clear()
+        code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--max-seq-length", "512",
+                          "--max-steps", "4", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--seed", "2",
+                          "--cuda-graphs", mode, out=f"{mode}{len(curves)}")
+        assert code == 0
+        cfg = json.loads((out / "training_config.json").read_text())
+        assert cfg["cuda_graphs"]["on"] == (mode == "auto") and cfg["compiler"].startswith("Python wrapper")
+        history = json.loads((out / "training_metrics.json").read_text())["history"]
+        curves[f"{mode}{len(curves)}"] = [h["loss"] for h in history if "loss" in h]
+        counts[f"{mode}{len(counts)}"] = len(replays)
+    assert counts["off0"] == 0 and counts["auto1"] > 0 and counts["off2"] == 0, counts
+    assert len(curves["auto1"]) == 4
+    assert curves["auto1"] == pytest.approx(curves["off0"], rel=1e-3)
+    assert curves["off2"] == pytest.approx(curves["off0"], rel=1e-3)
 
 
 def test_planned_steps():
