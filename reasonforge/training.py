@@ -235,7 +235,8 @@ def plan_cuda_graphs(config: TrainConfig, backend: str, data: sft.Data, batch: a
 
     if not torch.cuda.is_available():
         backend = "cpu"  # no compiled blocks, whatever was asked
-    longest = min(max(map(len, data.train["input_ids"]), default=1), config.max_seq_length)
+    tokens = data.train["input_ids"] if "input_ids" in data.train.column_names else []  # grpo holds prompts
+    longest = min(max(map(len, tokens), default=config.max_seq_length), config.max_seq_length)
     return acceleration.plan_cuda_graphs(
         config.cuda_graphs, backend=backend, method=config.method, packing=config.packing, longest=longest,
         batch_sizes=acceleration.micro_batch_sizes(len(data.train), batch.batch_size, processes))

@@ -213,11 +213,20 @@ def test_auto_batch_plan_keeps_effective_batch_and_budget():
         assert plan["batch_size"] * plan["gradient_accumulation_steps"] == 8 and plan["fits"]
 
 
-def test_configure_compiler_takes_the_cpp_wrapper_only_where_it_can_and_pays(monkeypatch):
-    import torch._inductor.config as inductor
+@pytest.fixture
+def inductor():
+    """Inductor's config with cpp_wrapper off, put back by assignment afterwards: monkeypatch's undo
+    deletes the setting from torch's config module instead of restoring it."""
+    import torch._inductor.config as config
 
+    before = config.cpp_wrapper
+    config.cpp_wrapper = False
+    yield config
+    config.cpp_wrapper = before
+
+
+def test_configure_compiler_takes_the_cpp_wrapper_only_where_it_can_and_pays(monkeypatch, inductor):
     long_run = acceleration.CPP_WRAPPER_MIN_STEPS
-    monkeypatch.setattr(inductor, "cpp_wrapper", False)
     monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
     monkeypatch.delenv("CXX", raising=False)
     assert acceleration.configure_compiler("hf", "auto", long_run) == "no compiled graphs on this backend"
@@ -245,10 +254,7 @@ def test_configure_compiler_takes_the_cpp_wrapper_only_where_it_can_and_pays(mon
     assert inductor.cpp_wrapper is False
 
 
-def test_configure_compiler_keeps_the_python_wrapper_under_cuda_graphs(monkeypatch):
-    import torch._inductor.config as inductor
-
-    monkeypatch.setattr(inductor, "cpp_wrapper", False)
+def test_configure_compiler_keeps_the_python_wrapper_under_cuda_graphs(monkeypatch, inductor):
     monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
     monkeypatch.setattr(acceleration.shutil, "which", lambda name: f"/usr/bin/{name}")
     note = acceleration.configure_compiler("unsloth", "auto", 10_000, graphs=True)
