@@ -46,18 +46,19 @@ WORDS = ("time year people way day man thing woman life child world school state
          "kind head house service friend father power hour game line end member law car city community name").split()
 
 
-def prepare_data(tmp: Path, rows: int) -> Path:
-    """A data_preparation.py folder of conversations just under SEQ tokens."""
+def prepare_data(tmp: Path, rows: int, varied: bool = False) -> Path:
+    """A data_preparation.py folder of conversations just under SEQ tokens (`varied`: 150 to SEQ)."""
     import data_preparation
 
     rng = random.Random(0)
-    src = tmp / "rows.jsonl"
+    name = "prepared-varied" if varied else "prepared"
+    src = tmp / f"{name}.jsonl"
     with open(src, "w") as fh:
         for i in range(rows):
-            q = f"Item {i}: " + " ".join(rng.choice(WORDS) for _ in range(300))
-            a = " ".join(rng.choice(WORDS) for _ in range(1600))
+            q = f"Item {i}: " + " ".join(rng.choice(WORDS) for _ in range(300 if not varied else rng.randint(20, 300)))
+            a = " ".join(rng.choice(WORDS) for _ in range(1600 if not varied else rng.randint(100, 1600)))
             fh.write(json.dumps({"question": q, "answer": a}) + "\n")
-    out = tmp / "prepared"
+    out = tmp / name
     assert data_preparation.main(["--dataset", str(src), "--skip-upload", "--output-dir", str(out),
                                   "--val-size", "0.03"]) == 0
     return out
@@ -218,8 +219,8 @@ def orchestrate(opts) -> int:
                "--steps", str(opts.steps), "--tmp", str(tmp / f"out-{kind}"), "--result", str(res)]
         return cmd, lambda: json.loads(res.read_text())
 
-    def suite(extra, run_dir):
-        cmd = [sys.executable, str(ROOT / "train_lora.py"), "--model-name", str(model), "--dataset-path", str(prepared),
+    def suite(extra, run_dir, data=prepared):
+        cmd = [sys.executable, str(ROOT / "train_lora.py"), "--model-name", str(model), "--dataset-path", str(data),
                "--output-dir", str(run_dir), "--backend", "unsloth", "--max-steps", str(opts.steps), "--batch-size",
                str(MICRO), "--gradient-accumulation-steps", str(ACCUM), "--save-steps", "100000", "--optim",
                "adamw_8bit", "--seed", "0", "--skip-s3-upload", *extra]
@@ -240,6 +241,12 @@ def orchestrate(opts) -> int:
         for phase in ("cold", "warm"):
             plan.append((f"{label}-{phase}", label, suite(extra, tmp / f"run-{label}-{phase}")))
     only = set(opts.variants.split(",")) if opts.variants else None
+    if only and only & {"varied", "varied-nographs"}:  # rows of 150 to 2,048 tokens: many batch shapes
+        varied = tmp / "prepared-varied"
+        if not varied.exists():
+            varied = prepare_data(tmp, (opts.steps + 2) * MICRO * ACCUM + 12, varied=True)
+        plan += [("varied", "suite", suite([], tmp / "run-varied", varied)),
+                 ("varied-nographs", "nographs", suite(["--cuda-graphs", "off"], tmp / "run-varied-nographs", varied))]
     for name, family, (cmd, result_of) in plan:
         if only and name not in only:
             continue

@@ -230,15 +230,15 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
 
 def plan_cuda_graphs(config: TrainConfig, backend: str, data: sft.Data, batch: acceleration.BatchPlan,
                      processes: int) -> acceleration.GraphPlan:
-    """--cuda-graphs for this run: the padding buckets follow the longest train row actually kept."""
+    """--cuda-graphs for this run: the padding follows the lengths of the train rows actually kept."""
     import torch
 
     if not torch.cuda.is_available():
         backend = "cpu"  # no compiled blocks, whatever was asked
     tokens = data.train["input_ids"] if "input_ids" in data.train.column_names else []  # grpo holds prompts
-    longest = min(max(map(len, tokens), default=config.max_seq_length), config.max_seq_length)
+    lengths = [min(len(ids), config.max_seq_length) for ids in tokens] or [config.max_seq_length]
     return acceleration.plan_cuda_graphs(
-        config.cuda_graphs, backend=backend, method=config.method, packing=config.packing, longest=longest,
+        config.cuda_graphs, backend=backend, method=config.method, packing=config.packing, lengths=lengths,
         batch_sizes=acceleration.micro_batch_sizes(len(data.train), batch.batch_size, processes))
 
 

@@ -264,14 +264,21 @@ def test_configure_compiler_keeps_the_python_wrapper_under_cuda_graphs(monkeypat
 
 
 def test_length_buckets_keep_padded_lengths_under_unsloths_shape_cap():
-    for longest in (1, 63, 64, 300, 511, 512, 1000, 2048, 4096, 32768):
-        bucket = acceleration.length_bucket(longest)
-        assert bucket % acceleration.BUCKET_ALIGN == 0
-        assert math.ceil(longest / bucket) <= acceleration.LENGTH_BUCKETS
-        # no coarser than it needs to be: one alignment step less would exceed the cap
-        if bucket > acceleration.BUCKET_ALIGN:
-            assert math.ceil(longest / (bucket - acceleration.BUCKET_ALIGN)) > acceleration.LENGTH_BUCKETS
-    assert acceleration.length_bucket(2048) == 256 and acceleration.length_bucket(300) == 64
+    import random
+
+    rng = random.Random(0)
+    spreads = {"one": [2048], "narrow": [rng.randint(1880, 2048) for _ in range(200)],
+               "wide": [rng.randint(30, 2048) for _ in range(500)], "long": [rng.randint(1, 32768) for _ in range(500)]}
+    for name, lengths in spreads.items():
+        multiple, padded = acceleration.length_bucket(lengths)
+        shapes = {-(-n // multiple) * multiple for n in lengths}
+        assert multiple % acceleration.BUCKET_ALIGN == 0 and len(shapes) == padded <= acceleration.LENGTH_BUCKETS, name
+        finer = multiple - acceleration.BUCKET_ALIGN  # the smallest such multiple: one step finer is too many
+        assert finer == 0 or len({-(-n // finer) * finer for n in lengths}) > acceleration.LENGTH_BUCKETS, name
+    # rows of similar length pad by little; a wide spread needs about longest / 8
+    assert acceleration.length_bucket(spreads["narrow"])[0] <= 32
+    assert acceleration.length_bucket(spreads["wide"])[0] == 256
+    assert acceleration.length_bucket([2048]) == (16, 1)
 
 
 def test_micro_batch_sizes_include_the_epochs_remainder():
@@ -283,9 +290,9 @@ def test_micro_batch_sizes_include_the_epochs_remainder():
 
 def test_cuda_graph_plan(monkeypatch):
     monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS", raising=False)
-    plan = functools.partial(acceleration.plan_cuda_graphs, longest=2048, batch_sizes={2, 1})
+    plan = functools.partial(acceleration.plan_cuda_graphs, lengths=range(1, 2049), batch_sizes={2, 1})
     on = plan("auto", backend="unsloth", method="sft", packing=False)
-    assert on.on and on.pad_to_multiple_of == 256 and on.max_shapes == 16
+    assert on.on and on.pad_to_multiple_of == 256 and on.max_shapes == 16  # 8 lengths x 2 batch sizes
     assert "padded to a multiple of 256 tokens" in on.describe()
     assert plan("on", backend="unsloth", method="sft", packing=False).reason == "--cuda-graphs on"
     assert not plan("off", backend="unsloth", method="sft", packing=False).on
