@@ -162,6 +162,12 @@ def validate_args(args) -> None:
         problems += filter(None, [utils.s3_key_problem(default_run_name(args), flag)])
     if args.from_s3 and utils.path_kind(args.dataset_path) != "s3" and not args.s3_bucket:
         problems.append("--from-s3 needs an s3:// --dataset-path (or --s3-bucket to read the key from)")
+    if args.cuda_graphs == "on":  # the rest (no CUDA) is known once the backend is chosen
+        why = ("the hf backend has no compiled blocks" if args.backend == "hf" else
+               "grpo's completion lengths change every step" if args.method == "grpo" else
+               "packed rows run outside Unsloth's compiled blocks" if args.packing else None)
+        if why:
+            problems.append(f"--cuda-graphs on: {why}; drop the flag or use --cuda-graphs auto")
     if not args.target_modules.strip(","):
         problems.append("--target-modules is empty; e.g. " + DEFAULT_TARGETS)
     problems += filter(None, [run_dir_problem(Path(args.output_dir))])

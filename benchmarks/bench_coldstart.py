@@ -8,16 +8,20 @@ g++ build) is CPU work, so every process runs under `taskset -c 0-3`. Variants, 
 
 - baseline: plain QLoRA (transformers + bitsandbytes + PEFT + TRL), nothing compiled;
 - stock-cold, stock-warm: Unsloth's notebook recipe (FastLanguageModel, get_peft_model, SFTTrainer);
-- suite-cold, suite-warm: `train_lora.py` as a user runs it (`--graph-wrapper auto`);
-- cpp-cold, cpp-warm: `train_lora.py --graph-wrapper cpp`, the C++ wrapper forced.
+- suite-cold, suite-warm: `train_lora.py` as a user runs it (CUDA graphs and Python launchers, auto);
+- nographs-cold, nographs-warm: `train_lora.py --cuda-graphs off` (Python launchers under 150 steps);
+- cpp-cold, cpp-warm: `train_lora.py --cuda-graphs off --graph-wrapper cpp`, the C++ launchers forced;
+- varied, varied-nographs (only when named): the suite with and without graphs on rows of 150 to
+  2,048 tokens, where batches come in several padded lengths (on the suite's warm caches).
 
 `cold` starts with empty compile caches (Inductor's FX graph and AOTAutograd caches, Triton's
 kernels, Unsloth's generated modules and mega-cache, each given its own folder); `warm` is a second
 process on the same folders, as a resume on the same machine. Every variant trains on the same
 token rows (sequence about 2,000 tokens, micro-batch 2 x 4, LoRA r 16 on the seven projections).
 Reported per variant: time from launch to the end of the first optimizer step, wall time to the end
-of the last step, steady tokens/s (steps after the second), and the suite's per-step losses under
-both wrappers (the choice must not change the loss curve). Ratios are against stock-cold.
+of the last step, steady tokens/s (steps after the second), peak reserved GPU memory, and the
+suite's per-step losses with and without graphs and wrappers (none may change the loss curve).
+Ratios are against stock-cold.
 """
 
 from __future__ import annotations

@@ -211,6 +211,9 @@ BAD = [
     (["--save-steps", "10", "--eval-steps", "3"], "must be a multiple of --eval-steps"),
     (["--backend", "unsloth"], "needs a CUDA GPU"),
     (["--packing"], "would let packed rows attend to each other"),
+    (["--cuda-graphs", "on", "--packing"], "--cuda-graphs on: packed rows run outside"),
+    (["--cuda-graphs", "on", "--backend", "hf"], "--cuda-graphs on: the hf backend has no compiled blocks"),
+    (["--cuda-graphs", "on"], "--cuda-graphs on: no compiled blocks on this backend"),  # CPU: known after the backend
 ]
 
 
