@@ -332,8 +332,16 @@ def micro_batch_sizes(train_rows: int, batch_size: int, processes: int = 1) -> s
     return {b for b in (min(batch_size, per_rank), per_rank % batch_size) if b}
 
 
+# Where auto records graphs: GPUs fast enough to outrun the CPU's kernel launches at micro-batch 2.
+# An H100 ran a 3B step's kernels in 0.87 s while launching them took Python 1.45-1.61 s
+# (benchmarks/RESULTS.md, trail step 4). By their spec sheets an A10G or L4 has about an eighth of
+# its dense bf16 rate and an A100 about a third, so their steps should wait on the GPU, where graphs
+# would add memory and padding for no speed (not measured on those cards).
+GRAPHS_MIN_CAPABILITY = (9, 0)
+
+
 def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, lengths,
-                     batch_sizes: set[int]) -> GraphPlan:
+                     batch_sizes: set[int], capability: tuple[int, int] | None = None) -> GraphPlan:
     """The run's GraphPlan for --cuda-graphs auto|on|off.
 
     Each optimizer step of a LoRA run at a small micro-batch issues tens of thousands of kernels;
@@ -356,8 +364,11 @@ def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, l
         if choice == "on":
             raise UserError(f"--cuda-graphs on: {why_not}; drop the flag or use --cuda-graphs auto")
         return GraphPlan(False, why_not)
+    if choice == "auto" and capability is not None and tuple(capability) < GRAPHS_MIN_CAPABILITY:
+        return GraphPlan(False, f"auto: on this compute capability {capability[0]}.{capability[1]} GPU a step should "
+                                "wait on the GPU, not on kernel launches; --cuda-graphs on to record them anyway")
     multiple, padded = length_bucket(lengths)
-    return GraphPlan(True, "--cuda-graphs on" if choice == "on" else "auto: sft on Unsloth's compiled blocks",
+    return GraphPlan(True, "--cuda-graphs on" if choice == "on" else "auto: sft on Unsloth's compiled blocks, fast GPU",
                      multiple, max(padded * len(batch_sizes), LENGTH_BUCKETS))
 
 

@@ -233,13 +233,14 @@ def plan_cuda_graphs(config: TrainConfig, backend: str, data: sft.Data, batch: a
     """--cuda-graphs for this run: the padding follows the lengths of the train rows actually kept."""
     import torch
 
-    if not torch.cuda.is_available():
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    if capability is None:
         backend = "cpu"  # no compiled blocks, whatever was asked
     tokens = data.train["input_ids"] if "input_ids" in data.train.column_names else []  # grpo holds prompts
     lengths = [min(len(ids), config.max_seq_length) for ids in tokens] or [config.max_seq_length]
     return acceleration.plan_cuda_graphs(
         config.cuda_graphs, backend=backend, method=config.method, packing=config.packing, lengths=lengths,
-        batch_sizes=acceleration.micro_batch_sizes(len(data.train), batch.batch_size, processes))
+        batch_sizes=acceleration.micro_batch_sizes(len(data.train), batch.batch_size, processes), capability=capability)
 
 
 # Schedulers transformers builds only from lr_scheduler_kwargs, which this script does not pass.

@@ -303,6 +303,10 @@ def test_cuda_graph_plan(monkeypatch):
         assert not off.on and off.pad_to_multiple_of is None and why in off.reason
         with pytest.raises(utils.UserError, match="--cuda-graphs on: .*" + why):
             plan("on", **args)
+    hopper = plan("auto", backend="unsloth", method="sft", packing=False, capability=(9, 0))
+    ampere = plan("auto", backend="unsloth", method="sft", packing=False, capability=(8, 6))  # an A10G
+    assert hopper.on and not ampere.on and "compute capability 8.6" in ampere.reason
+    assert plan("on", backend="unsloth", method="sft", packing=False, capability=(8, 6)).on
     monkeypatch.setenv("UNSLOTH_BLOCK_CUDAGRAPHS", "0")  # the user's own setting wins over auto
     assert plan("auto", backend="unsloth", method="sft", packing=False).reason == "UNSLOTH_BLOCK_CUDAGRAPHS=0 as set"
 
