@@ -77,12 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--logging-steps", type=int, default=1, help="(default: %(default)s)")
     t.add_argument("--graph-wrapper", choices=["auto", "cpp", "python"], default="auto",
                    help="launcher code for Unsloth's compiled graphs: cpp steps faster but its build adds a minute "
-                        "or more to the first step; auto takes it for runs of at least "
+                        "or more to the first step; auto takes it, without CUDA graphs, for runs of at least "
                         f"{CPP_WRAPPER_MIN_STEPS} steps (default: %(default)s)")
     t.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="replay Unsloth's compiled decoder blocks as CUDA graphs, which frees each step from the "
                         "CPU's kernel-launch rate; batches are then padded to a few lengths. auto: on for sft on the "
-                        "unsloth backend without --packing (default: %(default)s)")
+                        "unsloth backend without --packing, on GPUs of compute capability 9.0+ such as the H100 "
+                        "(default: %(default)s)")
     t.add_argument("--compile-cache-dir", default=os.environ.get("REASONFORGE_COMPILE_CACHE", compile_cache.DEFAULT),
                    help="keep compiled graphs and kernels here between runs, so a rerun or resume on this machine "
                         "skips most of the first step's compile; none: torch's own /tmp caches (default: "

@@ -352,11 +352,6 @@ def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, l
     """
     if choice == "off":
         return GraphPlan(False, "--cuda-graphs off")
-    env = os.environ.get("UNSLOTH_BLOCK_CUDAGRAPHS")
-    if env is not None and choice == "auto":
-        multiple, padded = length_bucket(lengths)
-        return GraphPlan(env == "1", f"UNSLOTH_BLOCK_CUDAGRAPHS={env} as set",
-                         *((multiple, max(padded * len(batch_sizes), LENGTH_BUCKETS)) if env == "1" else ()))
     why_not = ("no compiled blocks on this backend" if backend != "unsloth" else
                "grpo: completion lengths change every step" if method == "grpo" else
                "packed rows run outside Unsloth's compiled blocks" if packing else None)
@@ -364,12 +359,18 @@ def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, l
         if choice == "on":
             raise UserError(f"--cuda-graphs on: {why_not}; drop the flag or use --cuda-graphs auto")
         return GraphPlan(False, why_not)
-    if choice == "auto" and capability is not None and tuple(capability) < GRAPHS_MIN_CAPABILITY:
-        return GraphPlan(False, f"auto: on this compute capability {capability[0]}.{capability[1]} GPU a step should "
-                                "wait on the GPU, not on kernel launches; --cuda-graphs on to record them anyway")
+    env = os.environ.get("UNSLOTH_BLOCK_CUDAGRAPHS")
+    if choice == "auto" and env is not None:
+        on, reason = env == "1", f"UNSLOTH_BLOCK_CUDAGRAPHS={env} as set"
+    elif choice == "auto" and capability is not None and tuple(capability) < GRAPHS_MIN_CAPABILITY:
+        on, reason = False, (f"auto: on this compute capability {capability[0]}.{capability[1]} GPU a step should "
+                             "wait on the GPU, not on kernel launches; --cuda-graphs on to record them anyway")
+    else:
+        on, reason = True, "--cuda-graphs on" if choice == "on" else "auto: sft on Unsloth's compiled blocks, fast GPU"
+    if not on:
+        return GraphPlan(False, reason)
     multiple, padded = length_bucket(lengths)
-    return GraphPlan(True, "--cuda-graphs on" if choice == "on" else "auto: sft on Unsloth's compiled blocks, fast GPU",
-                     multiple, max(padded * len(batch_sizes), LENGTH_BUCKETS))
+    return GraphPlan(True, reason, multiple, max(padded * len(batch_sizes), LENGTH_BUCKETS))
 
 
 def install_cuda_graphs(plan: GraphPlan, backend: str, model) -> Callable[[], None]:

@@ -236,8 +236,13 @@ def plan_cuda_graphs(config: TrainConfig, backend: str, data: sft.Data, batch: a
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     if capability is None:
         backend = "cpu"  # no compiled blocks, whatever was asked
-    tokens = data.train["input_ids"] if "input_ids" in data.train.column_names else []  # grpo holds prompts
-    lengths = [min(len(ids), config.max_seq_length) for ids in tokens] or [config.max_seq_length]
+    lengths = [config.max_seq_length]
+    if "input_ids" in data.train.column_names and len(data.train):  # grpo's rows hold prompts instead
+        import pyarrow.compute as pc
+
+        # The distinct lengths from Arrow: a Python list of every row's ids would cost gigabytes on big sets.
+        ids = data.train.with_format("arrow")[:]["input_ids"]
+        lengths = [min(n, config.max_seq_length) for n in pc.unique(pc.list_value_length(ids)).to_pylist()]
     return acceleration.plan_cuda_graphs(
         config.cuda_graphs, backend=backend, method=config.method, packing=config.packing, lengths=lengths,
         batch_sizes=acceleration.micro_batch_sizes(len(data.train), batch.batch_size, processes), capability=capability)

@@ -61,7 +61,7 @@ def test_output_layout_and_contents(trained_run, tiny_model):
     metrics = json.loads((out / "training_metrics.json").read_text())
     assert metrics["global_step"] > 0 and metrics["tokens_seen"] > 0 and metrics["trainable_parameters"] > 0
     # Start-up and the first step are reported apart from the steady rate that excludes them.
-    assert metrics["time_to_first_step_s"] >= metrics["setup_s"] + metrics["first_step_s"] - 0.01
+    assert metrics["time_to_first_step_s"] >= metrics["setup_s"] + metrics["first_step_s"] - 0.02  # three roundings to 0.01
     assert metrics["first_step_s"] > 0 and metrics["steady_tokens_per_s"] > 0
     assert metrics["steady_steps"] == metrics["global_step"] - 2
     # The parts of setup are consecutive spans from process start to the loop, so they add up to setup_s.
