@@ -12,7 +12,7 @@ g++ build) is CPU work, so every process runs under `taskset -c 0-3`. Variants, 
 - nographs-cold, nographs-warm: `train_lora.py --cuda-graphs off` (Python launchers under 150 steps);
 - cpp-cold, cpp-warm: `train_lora.py --cuda-graphs off --graph-wrapper cpp`, the C++ launchers forced;
 - varied, varied-nographs (only when named): the suite with and without graphs on rows of 150 to
-  2,048 tokens, where batches come in several padded lengths (on the suite's warm caches).
+  about 2,000 tokens, where batches come in several padded lengths (on the suite's warm caches).
 
 `cold` starts with empty compile caches (Inductor's FX graph and AOTAutograd caches, Triton's
 kernels, Unsloth's generated modules and mega-cache, each given its own folder); `warm` is a second
@@ -51,7 +51,8 @@ WORDS = ("time year people way day man thing woman life child world school state
 
 
 def prepare_data(tmp: Path, rows: int, varied: bool = False) -> Path:
-    """A data_preparation.py folder of conversations just under SEQ tokens (`varied`: 150 to SEQ)."""
+    """A data_preparation.py folder of conversations just under SEQ tokens (`varied`: 20-300 word
+    questions and 100-1,600 word answers)."""
     import data_preparation
 
     rng = random.Random(0)
@@ -245,7 +246,7 @@ def orchestrate(opts) -> int:
         for phase in ("cold", "warm"):
             plan.append((f"{label}-{phase}", label, suite(extra, tmp / f"run-{label}-{phase}")))
     only = set(opts.variants.split(",")) if opts.variants else None
-    if only and only & {"varied", "varied-nographs"}:  # rows of 150 to 2,048 tokens: many batch shapes
+    if only and only & {"varied", "varied-nographs"}:  # rows of widely varied length: many batch shapes
         varied = tmp / "prepared-varied"
         if not varied.exists():
             varied = prepare_data(tmp, (opts.steps + 2) * MICRO * ACCUM + 12, varied=True)

@@ -295,7 +295,7 @@ def configure_compiler(backend: str, wrapper: str = "auto", steps: int | None = 
 # (UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES, 8 by default), runs that kind without graphs for the rest of
 # the process. Padding each batch to a multiple chosen from the rows' lengths keeps the lengths under it.
 LENGTH_BUCKETS = 8
-BUCKET_ALIGN = 16  # bf16 tensor cores want multiples of 8; 16 halves the search
+BUCKET_ALIGN = 8  # bf16 tensor cores take multiples of 8
 
 
 @dataclass(frozen=True)
@@ -315,21 +315,28 @@ class GraphPlan:
                 f"at most {self.max_shapes} shapes recorded; --cuda-graphs off turns it off")
 
 
-def length_bucket(lengths, buckets: int = LENGTH_BUCKETS, align: int = BUCKET_ALIGN) -> tuple[int, int]:
+def length_bucket(lengths, cap: int, buckets: int = LENGTH_BUCKETS, align: int = BUCKET_ALIGN) -> tuple[int, int] | None:
     """(multiple, padded lengths): the smallest multiple of `align` that pads every row length to one
-    of at most `buckets` lengths. A batch is as long as its longest row, so no batch can bring a
-    length outside that set, whatever the shuffle; rows of similar length get a fine multiple."""
+    of at most `buckets` lengths, none over `cap`; None if there is none. A batch is as long as its
+    longest row, so no batch can bring a length outside that set, whatever the shuffle.
+
+    The cap is --max-seq-length: Unsloth cuts longer inputs back to it but not their labels.
+    """
     unique = sorted(set(lengths)) or [1]
-    multiple = align
-    while len(padded := {-(-n // multiple) * multiple for n in unique}) > buckets:
-        multiple += align
-    return multiple, len(padded)
+    for multiple in range(align, unique[-1] + align, align):
+        padded = {-(-n // multiple) * multiple for n in unique}
+        if len(padded) <= buckets and max(padded) <= cap:
+            return multiple, len(padded)
+    return None
 
 
 def micro_batch_sizes(train_rows: int, batch_size: int, processes: int = 1) -> set[int]:
-    """The micro-batch sizes a run sees: the full one and the end of an epoch's remainder."""
-    per_rank = math.ceil(train_rows / processes)
-    return {b for b in (min(batch_size, per_rank), per_rank % batch_size) if b}
+    """The micro-batch sizes a run sees: the full one and, in one process, the epoch's remainder
+    (under several, accelerate fills each rank's last batch up to full size)."""
+    sizes = {min(batch_size, math.ceil(train_rows / processes))}
+    if processes == 1 and train_rows % batch_size:
+        sizes.add(train_rows % batch_size)
+    return sizes
 
 
 # Where auto records graphs: GPUs fast enough to outrun the CPU's kernel launches at micro-batch 2.
@@ -340,7 +347,7 @@ def micro_batch_sizes(train_rows: int, batch_size: int, processes: int = 1) -> s
 GRAPHS_MIN_CAPABILITY = (9, 0)
 
 
-def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, lengths,
+def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, lengths, max_length: int,
                      batch_sizes: set[int], capability: tuple[int, int] | None = None) -> GraphPlan:
     """The run's GraphPlan for --cuda-graphs auto|on|off.
 
@@ -367,19 +374,32 @@ def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, l
                              "wait on the GPU, not on kernel launches; --cuda-graphs on to record them anyway")
     else:
         on, reason = True, "--cuda-graphs on" if choice == "on" else "auto: sft on Unsloth's compiled blocks, fast GPU"
+    bucket = length_bucket(lengths, max_length) if on else None
+    if on and bucket is None:
+        on, reason = False, (f"no padding multiple keeps these rows within {LENGTH_BUCKETS} lengths and "
+                             f"--max-seq-length {max_length}")
     if not on:
         return GraphPlan(False, reason)
-    multiple, padded = length_bucket(lengths)
+    multiple, padded = bucket
     return GraphPlan(True, reason, multiple, max(padded * len(batch_sizes), LENGTH_BUCKETS))
+
+
+def confirm_cuda_graphs(plan: GraphPlan, model) -> GraphPlan:
+    """The plan as it stands once get_peft_model has run: Unsloth compiles no blocks at all under
+    UNSLOTH_BLOCK_COMPILE=0, UNSLOTH_COMPILE_DISABLE or an older torch, and then nothing records."""
+    if not plan.on or any(getattr(type(m).forward, "_unsloth_block_compiled", False) for m in model.modules()):
+        return plan
+    return GraphPlan(False, "Unsloth compiled no decoder blocks here (UNSLOTH_BLOCK_COMPILE, "
+                            "UNSLOTH_COMPILE_DISABLE or its torch version)")
 
 
 def install_cuda_graphs(plan: GraphPlan, backend: str, model) -> Callable[[], None]:
     """Set Unsloth's per-block compile to record CUDA graphs or not, before get_peft_model wraps the
     decoder blocks of `model`; returns an undo for the module settings.
 
-    Unsloth wraps each decoder-layer class once per process with the setting of that moment, so a
-    class an earlier run in this process wrapped (tests, a notebook) is unwrapped here to be wrapped
-    again with this run's setting.
+    Unsloth wraps each decoder-layer class once per process with the setting of that moment, and
+    may already have done so while loading (its FastModel path) or for an earlier run in this process
+    (tests, a notebook): such a class is unwrapped here, to be wrapped again with this run's setting.
     """
     if backend != "unsloth":
         return _nothing_to_undo

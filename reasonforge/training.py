@@ -203,6 +203,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         cleanup.callback(acceleration.install_cuda_graphs(graphs, backend, model))  # before get_peft_model wraps Unsloth's blocks
         model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
                             checkpointing=batch.gradient_checkpointing)
+        graphs = acceleration.confirm_cuda_graphs(graphs, model)
         if config.init_adapter:
             load_init_adapter(model, config)
         phases.mark("LoRA attach")
@@ -241,10 +242,11 @@ def plan_cuda_graphs(config: TrainConfig, backend: str, data: sft.Data, batch: a
         import pyarrow.compute as pc
 
         # The distinct lengths from Arrow: a Python list of every row's ids would cost gigabytes on big sets.
-        ids = data.train.with_format("arrow")[:]["input_ids"]
+        ids = data.train.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
         lengths = [min(n, config.max_seq_length) for n in pc.unique(pc.list_value_length(ids)).to_pylist()]
     return acceleration.plan_cuda_graphs(
         config.cuda_graphs, backend=backend, method=config.method, packing=config.packing, lengths=lengths,
+        max_length=config.max_seq_length,
         batch_sizes=acceleration.micro_batch_sizes(len(data.train), batch.batch_size, processes), capability=capability)
 
 

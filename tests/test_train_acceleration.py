@@ -269,28 +269,38 @@ def test_length_buckets_keep_padded_lengths_under_unsloths_shape_cap():
     rng = random.Random(0)
     spreads = {"one": [2048], "narrow": [rng.randint(1880, 2048) for _ in range(200)],
                "wide": [rng.randint(30, 2048) for _ in range(500)], "long": [rng.randint(1, 32768) for _ in range(500)]}
+    caps = {"one": 2048, "narrow": 2048, "wide": 2048, "long": 32768}  # --max-seq-length
     for name, lengths in spreads.items():
-        multiple, padded = acceleration.length_bucket(lengths)
+        cap = caps[name]
+        multiple, padded = acceleration.length_bucket(lengths, cap)
         shapes = {-(-n // multiple) * multiple for n in lengths}
         assert multiple % acceleration.BUCKET_ALIGN == 0 and len(shapes) == padded <= acceleration.LENGTH_BUCKETS, name
-        finer = multiple - acceleration.BUCKET_ALIGN  # the smallest such multiple: one step finer is too many
-        assert finer == 0 or len({-(-n // finer) * finer for n in lengths}) > acceleration.LENGTH_BUCKETS, name
+        assert max(shapes) <= cap, name  # never past --max-seq-length: Unsloth would cut the ids but not the labels
+        for finer in range(acceleration.BUCKET_ALIGN, multiple, acceleration.BUCKET_ALIGN):  # the smallest that fits
+            over = {-(-n // finer) * finer for n in lengths}
+            assert len(over) > acceleration.LENGTH_BUCKETS or max(over) > cap, (name, finer)
     # rows of similar length pad by little; a wide spread needs about longest / 8
-    assert acceleration.length_bucket(spreads["narrow"])[0] <= 32
-    assert acceleration.length_bucket(spreads["wide"])[0] == 256
-    assert acceleration.length_bucket([2048]) == (16, 1)
+    assert acceleration.length_bucket(spreads["narrow"], 2048)[0] <= 32
+    assert acceleration.length_bucket(spreads["wide"], 2048)[0] == 256
+    assert acceleration.length_bucket([2048], 2048) == (8, 1)
+    # rows cut to a --max-seq-length of 2000: 2048 would fit 8 lengths of 256 but overrun the cap
+    assert acceleration.length_bucket([*range(30, 2000), 2000], 2000) == (400, 5)
+    assert acceleration.length_bucket([2001], 2001) is None  # no multiple of 8 ends at 2001
 
 
 def test_micro_batch_sizes_include_the_epochs_remainder():
     assert acceleration.micro_batch_sizes(100, 2) == {2}
     assert acceleration.micro_batch_sizes(101, 2) == {2, 1}
-    assert acceleration.micro_batch_sizes(101, 4, processes=2) == {4, 3}  # 51 rows on a rank
+    assert acceleration.micro_batch_sizes(101, 4, processes=2) == {4}  # accelerate evens out the ranks' last batch
     assert acceleration.micro_batch_sizes(3, 8) == {3}
 
 
 def test_cuda_graph_plan(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
     monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS", raising=False)
-    plan = functools.partial(acceleration.plan_cuda_graphs, lengths=range(1, 2049), batch_sizes={2, 1})
+    plan = functools.partial(acceleration.plan_cuda_graphs, lengths=range(1, 2049), max_length=2048, batch_sizes={2, 1})
     on = plan("auto", backend="unsloth", method="sft", packing=False)
     assert on.on and on.pad_to_multiple_of == 256 and on.max_shapes == 16  # 8 lengths x 2 batch sizes
     assert "padded to a multiple of 256 tokens" in on.describe()
@@ -307,6 +317,14 @@ def test_cuda_graph_plan(monkeypatch):
     ampere = plan("auto", backend="unsloth", method="sft", packing=False, capability=(8, 6))  # an A10G
     assert hopper.on and not ampere.on and "compute capability 8.6" in ampere.reason
     assert plan("on", backend="unsloth", method="sft", packing=False, capability=(8, 6)).on
+    # Unsloth left the blocks stock (UNSLOTH_BLOCK_COMPILE=0): nothing would record, so the plan says off
+    stock = SimpleNamespace(modules=lambda: [torch.nn.Linear(1, 1)])
+    assert not acceleration.confirm_cuda_graphs(hopper, stock).on
+    compiled = type("Block", (torch.nn.Module,), {"forward": lambda self, x: x})
+    compiled.forward._unsloth_block_compiled = True
+    assert acceleration.confirm_cuda_graphs(hopper, SimpleNamespace(modules=lambda: [compiled()])) is hopper
+    short = plan("on", backend="unsloth", method="sft", packing=False, lengths=[2001], max_length=2001)
+    assert not short.on and "--max-seq-length 2001" in short.reason
     monkeypatch.setenv("UNSLOTH_BLOCK_CUDAGRAPHS", "0")  # the user's own setting wins over auto
     assert plan("auto", backend="unsloth", method="sft", packing=False).reason == "UNSLOTH_BLOCK_CUDAGRAPHS=0 as set"
 
@@ -326,6 +344,7 @@ def test_length_buckets_leave_the_loss_curve_unchanged(tmp_path, tiny_model, sam
         if bucket:  # a CPU run has no compiled blocks, so ask for the padding alone
             monkeypatch.setattr(training, "plan_cuda_graphs",
                                 lambda *a: acceleration.GraphPlan(True, "test", bucket, 16))
+            monkeypatch.setattr(acceleration, "confirm_cuda_graphs", lambda plan, model: plan)
         else:
             monkeypatch.setattr(training, "plan_cuda_graphs", real)
         lengths.clear()
@@ -353,6 +372,8 @@ def test_unsloth_cuda_graphs_replay_and_keep_the_losses(tmp_path, sample_dataset
     model = os.environ.get("RF_GPU_TEST_MODEL")
     if not model:
         pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
+    if torch.cuda.get_device_capability() < acceleration.GRAPHS_MIN_CAPABILITY:
+        pytest.skip("auto records CUDA graphs on compute capability 9.0+ only")
     replays, replay = [], torch.cuda.graphs.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
     curves, counts = {}, {}
