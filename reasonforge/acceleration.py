@@ -1,4 +1,4 @@
-"""GPU acceleration of training: packed-attention routing (patch and undo), the varlen kernel, the batch planner, compiler and precision settings."""
+"""GPU acceleration of training: packed-attention routing (patch and undo), the varlen kernel, the batch planner, compiler and precision settings, CUDA graphs of Unsloth's blocks."""
 
 from __future__ import annotations
 
