@@ -23,7 +23,7 @@ from pathlib import Path
 
 import utils
 from reasonforge import compile_cache, training
-from reasonforge.acceleration import CPP_WRAPPER_MIN_STEPS
+from reasonforge.acceleration import CPP_WRAPPER_MIN_STEPS, cuda_graphs_obstacle, refuse_cuda_graphs
 from reasonforge.outputs import run_dir_problem
 from reasonforge.rewards import DEFAULT_REWARDS, REWARDS
 from utils import UserError
@@ -164,11 +164,9 @@ def validate_args(args) -> None:
     if args.from_s3 and utils.path_kind(args.dataset_path) != "s3" and not args.s3_bucket:
         problems.append("--from-s3 needs an s3:// --dataset-path (or --s3-bucket to read the key from)")
     if args.cuda_graphs == "on":  # the rest (no CUDA) is known once the backend is chosen
-        why = ("the hf backend has no compiled blocks" if args.backend == "hf" else
-               "grpo's completion lengths change every step" if args.method == "grpo" else
-               "packed rows run outside Unsloth's compiled blocks" if args.packing else None)
+        why = cuda_graphs_obstacle(args.backend, args.method, args.packing)
         if why:
-            problems.append(f"--cuda-graphs on: {why}; drop the flag or use --cuda-graphs auto")
+            problems.append(refuse_cuda_graphs(why))
     if not args.target_modules.strip(","):
         problems.append("--target-modules is empty; e.g. " + DEFAULT_TARGETS)
     problems += filter(None, [run_dir_problem(Path(args.output_dir))])

@@ -347,6 +347,22 @@ def micro_batch_sizes(train_rows: int, batch_size: int, processes: int = 1) -> s
 GRAPHS_MIN_CAPABILITY = (9, 0)
 
 
+def cuda_graphs_obstacle(backend: str, method: str, packing: bool) -> str | None:
+    """Why no block of this run can replay as a CUDA graph, whatever the GPU; None if nothing stands in
+    the way. `backend` may still be train_lora.py's "auto", which may yet become unsloth."""
+    if backend == "hf":
+        return "the hf backend has no compiled blocks"
+    if backend not in ("unsloth", "auto"):
+        return "no compiled blocks on this backend"
+    if method == "grpo":
+        return "grpo's completion lengths change every step"
+    return "packed rows run outside Unsloth's compiled blocks" if packing else None
+
+
+def refuse_cuda_graphs(why: str) -> str:
+    return f"--cuda-graphs on: {why}; drop the flag or use --cuda-graphs auto"
+
+
 def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, lengths, max_length: int,
                      batch_sizes: set[int], capability: tuple[int, int] | None = None) -> GraphPlan:
     """The run's GraphPlan for --cuda-graphs auto|on|off.
@@ -359,12 +375,10 @@ def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, l
     """
     if choice == "off":
         return GraphPlan(False, "--cuda-graphs off")
-    why_not = ("no compiled blocks on this backend" if backend != "unsloth" else
-               "grpo: completion lengths change every step" if method == "grpo" else
-               "packed rows run outside Unsloth's compiled blocks" if packing else None)
+    why_not = cuda_graphs_obstacle(backend, method, packing)
     if why_not:
         if choice == "on":
-            raise UserError(f"--cuda-graphs on: {why_not}; drop the flag or use --cuda-graphs auto")
+            raise UserError(refuse_cuda_graphs(why_not))
         return GraphPlan(False, why_not)
     env = os.environ.get("UNSLOTH_BLOCK_CUDAGRAPHS")
     if choice == "auto" and env is not None:
