@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gpu-memory-gib", type=float, default=None,
                    help="treat the GPU as having this much memory (caps this process to it); default: what is free")
     t.add_argument("--gradient-checkpointing", choices=["auto", "unsloth", "on", "off"], default="auto",
-                   help="auto: Unsloth's offloaded checkpointing on that backend, plain checkpointing on other "
-                        "GPUs, off on CPU (default: %(default)s)")
+                   help="auto: on the unsloth backend (sft), Unsloth's offloaded checkpointing, with as many "
+                        "decoder layers left out of it (no recompute: faster, more memory) as fit the GPU's free "
+                        "memory at the longest batch; plain checkpointing on other GPUs; off on CPU. unsloth: every "
+                        "layer checkpointed, the least memory (default: %(default)s)")
     t.add_argument("--logging-steps", type=int, default=1, help="(default: %(default)s)")
     t.add_argument("--graph-wrapper", choices=["auto", "cpp", "python"], default="auto",
                    help="launcher code for Unsloth's compiled graphs: cpp steps faster but its build adds a minute "

@@ -11,6 +11,9 @@ g++ build) is CPU work, so every process runs under `taskset -c 0-3`. Variants, 
 - suite-cold, suite-warm: `train_lora.py` as a user runs it (CUDA graphs and Python launchers, auto);
 - nographs-cold, nographs-warm: `train_lora.py --cuda-graphs off` (Python launchers under 150 steps);
 - cpp-cold, cpp-warm: `train_lora.py --cuda-graphs off --graph-wrapper cpp`, the C++ launchers forced;
+- recompute-warm: `train_lora.py --gradient-checkpointing unsloth`, every layer recomputed in backward
+  as in stock Unsloth (the default keeps as many layers' activations as memory allows), on the
+  suite's warm caches;
 - varied, varied-nographs (only when named): the suite with and without graphs on rows of 150 to
   about 2,000 tokens, where batches come in several padded lengths (on the suite's warm caches).
 
@@ -236,7 +239,8 @@ def orchestrate(opts) -> int:
                                           "setup_s", "first_step_s", "setup_phases_s", "peak_gpu_memory_gib")} | {
                 "losses": [h["loss"] for h in m["history"] if "loss" in h],
                 "tokens_per_step": m["tokens_seen"] / max(m["global_step"], 1),
-                "compiled_graphs": json.loads((run_dir / "training_config.json").read_text()).get("compiler")}
+                "compiled_graphs": json.loads((run_dir / "training_config.json").read_text()).get("compiler"),
+                "kept_layers": json.loads((run_dir / "training_config.json").read_text()).get("kept_layers")}
         return cmd, result
 
     plan = [("baseline", "baseline", worker("baseline")), ("stock-cold", "stock", worker("stock")),
@@ -245,6 +249,7 @@ def orchestrate(opts) -> int:
                          ("cpp", ["--cuda-graphs", "off", "--graph-wrapper", "cpp"])):
         for phase in ("cold", "warm"):
             plan.append((f"{label}-{phase}", label, suite(extra, tmp / f"run-{label}-{phase}")))
+    plan.append(("recompute-warm", "suite", suite(["--gradient-checkpointing", "unsloth"], tmp / "run-recompute-warm")))
     only = set(opts.variants.split(",")) if opts.variants else None
     if only and only & {"varied", "varied-nographs"}:  # rows of widely varied length: many batch shapes
         varied = tmp / "prepared-varied"
@@ -277,7 +282,13 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {r['time_to_first_step_s']:.1f} s | {d} | {r['wall_to_last_step_s']:.1f} s | "
                      f"{r['steady_tokens_per_s']:,.0f} | {x} | {peak} |")
     lines += phase_table(runs)
-    for other, what in (("nographs", "CUDA graphs against none"), ("cpp", "CUDA graphs against the C++ wrapper")):
+    for name, r in runs.items():
+        keep = r.get("kept_layers")
+        if keep:
+            lines += ["", f"{name}: {keep['kept']} of {keep['layers']} decoder layers kept out of checkpointing "
+                      f"(predicted peak {keep['predicted_peak_gib']} GiB; {keep['reason']})."]
+    for other, what in (("nographs", "CUDA graphs against none"), ("cpp", "CUDA graphs against the C++ wrapper"),
+                        ("recompute", "layers kept against every layer recomputed")):
         for phase in ("cold", "warm"):
             a, b = runs.get(f"suite-{phase}", {}).get("losses"), runs.get(f"{other}-{phase}", {}).get("losses")
             if a and b and len(a) == len(b):

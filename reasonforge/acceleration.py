@@ -222,6 +222,69 @@ def choose_batch(config, model, backend: str) -> BatchPlan:
     return batch
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpointing: how many decoder layers keep their activations instead of recomputing them
+# ---------------------------------------------------------------------------------------------
+
+# What a CUDA graph pool added to peak reserved memory at a few padded lengths (runs 23-24 in
+# benchmarks/RESULTS.md: 4.12-4.26 against 3.05 GiB), rounded up: kept out of the layers' share.
+GRAPH_POOL_GIB = 1.5
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """Decoder layers that skip gradient checkpointing (Unsloth's checkpoint_skip_layers): each one
+    kept saves its recompute in backward and its offload copies, and holds its activations instead."""
+
+    kept: int
+    layers: int
+    reason: str
+    predicted_peak_gib: float | None = None
+
+    def describe(self) -> str:
+        if not self.kept:
+            return f"every layer recomputed in backward ({self.reason})"
+        if self.predicted_peak_gib is None:
+            return f"every layer keeps its activations ({self.reason})"
+        return (f"{self.kept} of {self.layers} layers keep their activations, the rest recompute ({self.reason}; "
+                f"predicted peak {self.predicted_peak_gib} GiB; --gradient-checkpointing unsloth recomputes all)")
+
+
+def plan_kept_layers(checkpointing: str, *, backend: str, method: str, model_config, micro: int, seq_len: int,
+                     budget_gib: float | None, used_gib: float, graphs: bool) -> KeepPlan:
+    """How many layers the run keeps un-checkpointed under --gradient-checkpointing auto.
+
+    Unsloth recomputes every layer by default, which costs about a third of the GPU's matmul work
+    and the offload copies, to save memory that an 80 GB card, or a small model on a 24 GB one,
+    does not need. As many layers are kept as fit in 85% of the budget (the GPU's memory, or
+    --gpu-memory-gib) at the run's longest padded batch, beside the model, the checkpointed layers'
+    offloaded inputs and, under CUDA graphs, their pool. Keeping a layer does not change the loss:
+    the recompute reproduces the same forward.
+    """
+    layers = model_config.num_hidden_layers
+    if checkpointing == "off":
+        return KeepPlan(layers, layers, "--gradient-checkpointing off")
+    if checkpointing != "auto" or backend != "unsloth":
+        return KeepPlan(0, layers, f"--gradient-checkpointing {checkpointing}" if checkpointing != "auto"
+                        else "plain checkpointing on this backend")
+    if method == "grpo":
+        return KeepPlan(0, layers, "grpo: its generation's memory is not in the estimate")
+    env = os.environ.get("UNSLOTH_GC_KEEP_LAYERS")
+    if env:
+        return KeepPlan(0, layers, f"UNSLOTH_GC_KEEP_LAYERS={env} as set, applied by Unsloth")
+    if budget_gib is None:
+        return KeepPlan(0, layers, "no GPU")
+    tokens = micro * seq_len
+    base = used_gib + 0.5 + tokens * activation_bytes_per_token(model_config, True) / 2**30
+    base += GRAPH_POOL_GIB if graphs else 0.0
+    per_layer = tokens * (activation_bytes_per_token(model_config, False)
+                          - activation_bytes_per_token(model_config, True)) / layers / 2**30
+    usable = 0.85 * budget_gib
+    kept = max(0, min(layers, int((usable - base) // per_layer))) if per_layer > 0 else 0
+    why = f"auto: {usable:.1f} of {budget_gib:.1f} GiB usable at {micro} x {seq_len} tokens"
+    return KeepPlan(kept, layers, why, round(base + kept * per_layer, 2))
+
+
 def precision_plan(backend: str, checkpointing: str = "auto") -> dict:
     """The Trainer's bf16/fp16/CPU and checkpointing switches for this machine and backend."""
     import torch

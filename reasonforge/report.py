@@ -68,6 +68,8 @@ def print_setup(run) -> None:
     print(f"Training:   epochs {c.num_epochs}, max steps {c.max_steps}, batch {batch.batch_size} x accum "
           f"{batch.gradient_accumulation_steps}{processes} = {eff}, lr {c.learning_rate} ({c.lr_scheduler}), "
           f"optim {run.optim} ({run.optim_reason})")
+    if run.backend == "unsloth":
+        print(f"Checkpointing: {batch.gradient_checkpointing}; {run.kept_layers.describe()}")
     print(f"LoRA:       r {c.lora_r}, alpha {c.lora_alpha}, dropout {c.lora_dropout}, targets {c.target_modules}"
           + (f"; weights from {c.init_adapter}" if c.init_adapter else ""))
     if c.method == "grpo":
@@ -88,7 +90,8 @@ def training_config(run) -> dict:
     manifest = run.data.manifest
     cfg = {"arguments": arguments, "backend": run.backend, "backend_reason": run.backend_reason, "dtype": run.dtype,
            "load_in_4bit": run.load_in_4bit, "compiler": run.compiler,
-           "cuda_graphs": dataclasses.asdict(run.cuda_graphs), "compile_cache": run.compile_cache, "packed_attention": run.packed_attention,
+           "cuda_graphs": dataclasses.asdict(run.cuda_graphs), "kept_layers": dataclasses.asdict(run.kept_layers),
+           "compile_cache": run.compile_cache, "packed_attention": run.packed_attention,
            "optim": run.optim, "rows": run.data.rows, "chat_template": run.data.template_name,
            "dataset_manifest_sha256": manifest.get("content_sha256"), "dataset_source": manifest.get("source"),
            "versions": utils.library_versions(), "gpu": utils.gpu_memory_stats()}

@@ -132,6 +132,7 @@ class Run:
     packed_attention: str
     compiler: str
     cuda_graphs: acceleration.GraphPlan
+    kept_layers: acceleration.KeepPlan  # layers that skip gradient checkpointing
     compile_cache: str  # where compiled graphs and kernels are kept between runs, and whether it was warm
     cache_mirror: compile_cache.Mirror | None  # its copy beside the run on S3
     resume: str | None  # the checkpoint folder training continues from
@@ -199,10 +200,12 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         data = (sft.Data.given(*pretokenized) if dataset is None
                 else config.method_module.prepare_data(config, dataset, tokenizer))
         phases.mark("tokenise")
-        graphs = plan_cuda_graphs(config, backend, data, batch, state.num_processes)
+        lengths = train_lengths(config, data)
+        graphs = plan_cuda_graphs(config, backend, lengths, batch, len(data.train), state.num_processes)
+        keep = plan_kept_layers(config, backend, model, batch, graphs, lengths)
         cleanup.callback(acceleration.install_cuda_graphs(graphs, backend, model))  # before get_peft_model wraps Unsloth's blocks
         model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
-                            checkpointing=batch.gradient_checkpointing)
+                            checkpointing=batch.gradient_checkpointing, keep_layers=keep.kept)
         graphs = acceleration.confirm_cuda_graphs(graphs, model)
         if config.init_adapter:
             load_init_adapter(model, config)
@@ -216,7 +219,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
                   dtype=info.get("dtype"), load_in_4bit=info.get("load_in_4bit"), model=model, tokenizer=tokenizer,
                   data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),
                   parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
-                  packed_attention=route, cuda_graphs=graphs,
+                  packed_attention=route, cuda_graphs=graphs, kept_layers=keep,
                   compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps, graphs.on),
                   compile_cache=cache, cache_mirror=mirror, resume=resume, cleanup=cleanup, phases=phases)
         if run.main_rank:
@@ -229,25 +232,49 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     return run
 
 
-def plan_cuda_graphs(config: TrainConfig, backend: str, data: sft.Data, batch: acceleration.BatchPlan,
-                     processes: int) -> acceleration.GraphPlan:
+def train_lengths(config: TrainConfig, data: sft.Data) -> list[int]:
+    """The distinct token lengths of the train rows, each at most --max-seq-length (packed rows and
+    grpo's prompts: --max-seq-length alone)."""
+    if config.packing or "input_ids" not in data.train.column_names or not len(data.train):
+        return [config.max_seq_length]
+    import pyarrow.compute as pc
+
+    # The distinct lengths from Arrow: a Python list of every row's ids would cost gigabytes on big sets.
+    ids = data.train.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
+    return sorted({min(n, config.max_seq_length) for n in pc.unique(pc.list_value_length(ids)).to_pylist()})
+
+
+def plan_cuda_graphs(config: TrainConfig, backend: str, lengths: list[int], batch: acceleration.BatchPlan,
+                     train_rows: int, processes: int) -> acceleration.GraphPlan:
     """--cuda-graphs for this run: the padding follows the lengths of the train rows actually kept."""
     import torch
 
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     if capability is None:
         backend = "cpu"  # no compiled blocks, whatever was asked
-    lengths = [config.max_seq_length]
-    if "input_ids" in data.train.column_names and len(data.train):  # grpo's rows hold prompts instead
-        import pyarrow.compute as pc
-
-        # The distinct lengths from Arrow: a Python list of every row's ids would cost gigabytes on big sets.
-        ids = data.train.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
-        lengths = [min(n, config.max_seq_length) for n in pc.unique(pc.list_value_length(ids)).to_pylist()]
     return acceleration.plan_cuda_graphs(
         config.cuda_graphs, backend=backend, method=config.method, packing=config.packing, lengths=lengths,
         max_length=config.max_seq_length,
-        batch_sizes=acceleration.micro_batch_sizes(len(data.train), batch.batch_size, processes), capability=capability)
+        batch_sizes=acceleration.micro_batch_sizes(train_rows, batch.batch_size, processes), capability=capability)
+
+
+def plan_kept_layers(config: TrainConfig, backend: str, model, batch: acceleration.BatchPlan,
+                     graphs: acceleration.GraphPlan, lengths: list[int]) -> acceleration.KeepPlan:
+    """--gradient-checkpointing auto for this run: sized at its longest padded batch, against the GPU
+    memory left after the model (or --gpu-memory-gib)."""
+    import torch
+
+    longest = max(lengths)
+    if graphs.on:
+        longest = min(-(-longest // graphs.pad_to_multiple_of) * graphs.pad_to_multiple_of, config.max_seq_length)
+    budget = used = None
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        used = torch.cuda.memory_allocated() / 2**30
+        budget = config.gpu_memory_gib or used + free / 2**30
+    return acceleration.plan_kept_layers(
+        batch.gradient_checkpointing, backend=backend, method=config.method, model_config=model.config,
+        micro=batch.batch_size, seq_len=longest, budget_gib=budget, used_gib=used or 0.0, graphs=graphs.on)
 
 
 # Schedulers transformers builds only from lr_scheduler_kwargs, which this script does not pass.
@@ -318,8 +345,10 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def attach_lora(model, config: TrainConfig, *, backend: str, load_in_4bit: bool | None, checkpointing: str):
-    """Wrap the base model with fresh LoRA adapters (Unsloth's or PEFT's path)."""
+def attach_lora(model, config: TrainConfig, *, backend: str, load_in_4bit: bool | None, checkpointing: str,
+                keep_layers: int = 0):
+    """Wrap the base model with fresh LoRA adapters (Unsloth's or PEFT's path); on Unsloth's,
+    `keep_layers` decoder layers, evenly spaced, skip gradient checkpointing."""
     targets = config.targets
     available = linear_module_names(model)
     unknown = [t for t in targets if t not in available]
@@ -333,6 +362,8 @@ def attach_lora(model, config: TrainConfig, *, backend: str, load_in_4bit: bool 
             target_modules=targets, bias="none",
             use_gradient_checkpointing={"auto": "unsloth", "unsloth": "unsloth", "on": True, "off": False}[checkpointing],
             random_state=config.seed, max_seq_length=config.max_seq_length,
+            # 0 leaves Unsloth to read UNSLOTH_GC_KEEP_LAYERS, where a user set it
+            checkpoint_skip_layers=keep_layers if checkpointing != "off" else 0,
         )
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

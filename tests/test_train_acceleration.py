@@ -213,6 +213,78 @@ def test_auto_batch_plan_keeps_effective_batch_and_budget():
         assert plan["batch_size"] * plan["gradient_accumulation_steps"] == 8 and plan["fits"]
 
 
+def _shape(layers, hidden, inter):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=16,
+                       num_key_value_heads=2)
+
+
+def test_kept_layers_fill_the_budget_and_never_pass_it(monkeypatch):
+    monkeypatch.delenv("UNSLOTH_GC_KEEP_LAYERS", raising=False)
+    keep = functools.partial(acceleration.plan_kept_layers, "auto", backend="unsloth", method="sft", micro=2,
+                             seq_len=2048)
+    qwen3b, qwen7b = _shape(36, 2048, 11008), _shape(28, 3584, 18944)
+    h100 = keep(model_config=qwen3b, budget_gib=79.2, used_gib=2.2, graphs=True)
+    a10g_3b = keep(model_config=qwen3b, budget_gib=22.0, used_gib=2.2, graphs=False)
+    a10g_7b = keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5, graphs=False)
+    tight = keep(model_config=qwen7b, budget_gib=8.0, used_gib=5.5, graphs=False)
+    assert (h100.kept, a10g_3b.kept, tight.kept) == (36, 36, 0)
+    assert 0 < a10g_7b.kept < 28  # one layer short of the whole model: 85% of 22 GiB is spent
+    for plan in (h100, a10g_3b, a10g_7b):
+        assert plan.predicted_peak_gib <= 0.85 * (79.2 if plan is h100 else 22.0)
+    # One more layer would not have fitted.
+    more = keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5 - 0.49, graphs=False)
+    assert more.kept == a10g_7b.kept + 1
+    # A longer batch or a graph pool leaves room for fewer.
+    assert keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5, graphs=True).kept < a10g_7b.kept
+    assert acceleration.plan_kept_layers("auto", backend="unsloth", method="sft", micro=4, seq_len=2048,
+                                         model_config=qwen7b, budget_gib=22.0, used_gib=5.5, graphs=False).kept < a10g_7b.kept
+    assert "14 of 28 layers" in acceleration.KeepPlan(14, 28, "x", 20.0).describe()
+
+
+def test_kept_layers_only_where_asked_and_measured(monkeypatch):
+    monkeypatch.delenv("UNSLOTH_GC_KEEP_LAYERS", raising=False)
+    keep = functools.partial(acceleration.plan_kept_layers, micro=2, seq_len=2048, model_config=_shape(36, 2048, 11008),
+                             budget_gib=79.0, used_gib=2.2, graphs=False)
+    assert keep("unsloth", backend="unsloth", method="sft").kept == 0
+    assert keep("on", backend="unsloth", method="sft").kept == 0
+    assert keep("auto", backend="hf", method="sft").kept == 0
+    assert keep("auto", backend="unsloth", method="grpo").kept == 0
+    off = keep("off", backend="unsloth", method="sft")
+    assert off.kept == 36 and "every layer keeps" in off.describe()
+    assert "every layer recomputed" in keep("unsloth", backend="unsloth", method="sft").describe()
+    no_gpu = acceleration.plan_kept_layers("auto", backend="unsloth", method="sft", micro=2, seq_len=2048,
+                                           model_config=_shape(36, 2048, 11008), budget_gib=None, used_gib=0.0, graphs=False)
+    assert no_gpu.kept == 0
+    monkeypatch.setenv("UNSLOTH_GC_KEEP_LAYERS", "4")
+    mine = keep("auto", backend="unsloth", method="sft")
+    assert mine.kept == 0 and "UNSLOTH_GC_KEEP_LAYERS=4" in mine.reason  # 0 lets Unsloth apply the user's value
+
+
+def test_kept_layers_reach_unsloths_get_peft_model(tmp_path, tiny_model, monkeypatch):
+    """attach_lora hands the plan to Unsloth's checkpoint_skip_layers, and none under --gradient-checkpointing off."""
+    import sys
+    import types
+
+    from reasonforge import training
+
+    seen = []
+    fake = types.SimpleNamespace(FastLanguageModel=types.SimpleNamespace(
+        get_peft_model=lambda model, **kw: seen.append(kw) or model))
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    config = types.SimpleNamespace(targets=["q_proj"], lora_r=8, lora_alpha=8, lora_dropout=0.0, seed=0,
+                                   max_seq_length=256)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for checkpointing, keep in (("auto", 3), ("unsloth", 0), ("off", 2)):
+        training.attach_lora(model, config, backend="unsloth", load_in_4bit=True, checkpointing=checkpointing,
+                             keep_layers=keep)
+    assert [(kw["use_gradient_checkpointing"], kw["checkpoint_skip_layers"]) for kw in seen] == [
+        ("unsloth", 3), ("unsloth", 0), (False, 0)]
+
+
 @pytest.fixture
 def inductor():
     """Inductor's config with cpp_wrapper off, put back by assignment afterwards: monkeypatch's undo
@@ -392,6 +464,52 @@ def test_unsloth_cuda_graphs_replay_and_keep_the_losses(tmp_path, sample_dataset
     assert len(curves["auto1"]) == 4
     assert curves["auto1"] == pytest.approx(curves["off0"], rel=1e-3)
     assert curves["off2"] == pytest.approx(curves["off0"], rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_unsloth_kept_layers_skip_the_recompute_and_keep_the_losses(tmp_path, sample_dataset, monkeypatch):
+    """--gradient-checkpointing auto keeps a small model's every layer out of checkpointing on a big
+    GPU: each layer then runs one training forward a micro-batch instead of two, and the losses
+    match those of every layer recomputed."""
+    import os
+
+    import torch
+
+    from reasonforge import training
+
+    model = os.environ.get("RF_GPU_TEST_MODEL")
+    if not model:
+        pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
+    calls, attach = [], training.attach_lora
+
+    def counted(*a, **kw):
+        lora = attach(*a, **kw)
+        for m in lora.modules():
+            if type(m).__name__.endswith("DecoderLayer"):
+                m.register_forward_pre_hook(lambda mod, args: calls.append(1) if mod.training else None)
+        return lora
+
+    monkeypatch.setattr(training, "attach_lora", counted)
+    curves, counts, kept = {}, {}, {}
+    for mode in ("unsloth", "auto"):
+        calls.clear()
+        code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--max-seq-length", "512",
+                          "--max-steps", "4", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--seed", "2",
+                          "--gradient-checkpointing", mode, out=mode)
+        assert code == 0
+        cfg = json.loads((out / "training_config.json").read_text())
+        kept[mode] = (cfg["kept_layers"]["kept"], cfg["kept_layers"]["layers"])
+        curves[mode] = [h["loss"] for h in json.loads((out / "training_metrics.json").read_text())["history"]
+                        if "loss" in h]
+        counts[mode] = len(calls)
+    layers = kept["auto"][1]
+    assert kept == {"unsloth": (0, layers), "auto": (layers, layers)}, kept
+    # 4 steps x 2 micro-batches; the recompute doubles each layer's training forwards.
+    assert counts["auto"] >= 8 * layers and counts["unsloth"] >= 2 * 8 * layers - layers, counts
+    assert counts["auto"] < 0.6 * counts["unsloth"], counts
+    assert len(curves["auto"]) == 4
+    assert curves["auto"] == pytest.approx(curves["unsloth"], rel=1e-3)
+    torch.cuda.empty_cache()
 
 
 def test_planned_steps():
