@@ -226,9 +226,10 @@ def choose_batch(config, model, backend: str) -> BatchPlan:
 # Checkpointing: how many decoder layers keep their activations instead of recomputing them
 # ---------------------------------------------------------------------------------------------
 
-# What a CUDA graph pool added to peak reserved memory at a few padded lengths (runs 23-24 in
-# benchmarks/RESULTS.md: 4.12-4.26 against 3.05 GiB), rounded up: kept out of the layers' share.
-GRAPH_POOL_GIB = 1.5
+# What a CUDA graph pool adds to peak memory, in units of one layer's activations at the micro-batch:
+# fitted to runs 23-24 (benchmarks/RESULTS.md; 3B shape, 2 x 2,048 tokens, 0.28 GiB a layer), where
+# the pool added 1.07-1.2 GiB at one padded length and 2.6 GiB once 8 lengths were recorded.
+GRAPH_POOL_LAYERS, GRAPH_POOL_LAYERS_PER_SHAPE = 4.0, 0.75
 
 
 @dataclass(frozen=True)
@@ -251,15 +252,15 @@ class KeepPlan:
 
 
 def plan_kept_layers(checkpointing: str, *, backend: str, method: str, model_config, micro: int, seq_len: int,
-                     budget_gib: float | None, used_gib: float, graphs: bool) -> KeepPlan:
+                     budget_gib: float | None, used_gib: float, graph_shapes: int = 0) -> KeepPlan:
     """How many layers the run keeps un-checkpointed under --gradient-checkpointing auto.
 
     Unsloth recomputes every layer by default, which costs about a third of the GPU's matmul work
     and the offload copies, to save memory that an 80 GB card, or a small model on a 24 GB one,
     does not need. As many layers are kept as fit in 85% of the budget (the GPU's memory, or
     --gpu-memory-gib) at the run's longest padded batch, beside the model, the checkpointed layers'
-    offloaded inputs and, under CUDA graphs, their pool. Keeping a layer does not change the loss:
-    the recompute reproduces the same forward.
+    offloaded inputs and, under CUDA graphs, their pool (`graph_shapes` batch shapes recorded; 0:
+    no graphs). Keeping a layer does not change the loss: the recompute reproduces the same forward.
     """
     layers = model_config.num_hidden_layers
     if checkpointing == "off":
@@ -275,10 +276,11 @@ def plan_kept_layers(checkpointing: str, *, backend: str, method: str, model_con
     if budget_gib is None:
         return KeepPlan(0, layers, "no GPU")
     tokens = micro * seq_len
-    base = used_gib + 0.5 + tokens * activation_bytes_per_token(model_config, True) / 2**30
-    base += GRAPH_POOL_GIB if graphs else 0.0
     per_layer = tokens * (activation_bytes_per_token(model_config, False)
                           - activation_bytes_per_token(model_config, True)) / layers / 2**30
+    base = used_gib + 0.5 + tokens * activation_bytes_per_token(model_config, True) / 2**30
+    if graph_shapes:
+        base += per_layer * (GRAPH_POOL_LAYERS + GRAPH_POOL_LAYERS_PER_SHAPE * (graph_shapes - 1))
     usable = 0.85 * budget_gib
     kept = max(0, min(layers, int((usable - base) // per_layer))) if per_layer > 0 else 0
     why = f"auto: {usable:.1f} of {budget_gib:.1f} GiB usable at {micro} x {seq_len} tokens"
@@ -370,6 +372,7 @@ class GraphPlan:
     reason: str
     pad_to_multiple_of: int | None = None
     max_shapes: int = 0
+    shapes: int = 0  # batch shapes the rows can bring: padded lengths x micro-batch sizes
 
     def describe(self) -> str:
         if not self.on:
@@ -458,7 +461,7 @@ def plan_cuda_graphs(choice: str, *, backend: str, method: str, packing: bool, l
     if not on:
         return GraphPlan(False, reason)
     multiple, padded = bucket
-    return GraphPlan(True, reason, multiple, max(padded * len(batch_sizes), LENGTH_BUCKETS))
+    return GraphPlan(True, reason, multiple, max(padded * len(batch_sizes), LENGTH_BUCKETS), padded * len(batch_sizes))
 
 
 def confirm_cuda_graphs(plan: GraphPlan, model) -> GraphPlan:

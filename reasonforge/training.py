@@ -274,7 +274,8 @@ def plan_kept_layers(config: TrainConfig, backend: str, model, batch: accelerati
         budget = config.gpu_memory_gib or used + free / 2**30
     return acceleration.plan_kept_layers(
         batch.gradient_checkpointing, backend=backend, method=config.method, model_config=model.config,
-        micro=batch.batch_size, seq_len=longest, budget_gib=budget, used_gib=used or 0.0, graphs=graphs.on)
+        micro=batch.batch_size, seq_len=longest, budget_gib=budget, used_gib=used or 0.0,
+        graph_shapes=graphs.shapes if graphs.on else 0)
 
 
 # Schedulers transformers builds only from lr_scheduler_kwargs, which this script does not pass.

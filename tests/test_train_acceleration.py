@@ -225,28 +225,29 @@ def test_kept_layers_fill_the_budget_and_never_pass_it(monkeypatch):
     keep = functools.partial(acceleration.plan_kept_layers, "auto", backend="unsloth", method="sft", micro=2,
                              seq_len=2048)
     qwen3b, qwen7b = _shape(36, 2048, 11008), _shape(28, 3584, 18944)
-    h100 = keep(model_config=qwen3b, budget_gib=79.2, used_gib=2.2, graphs=True)
-    a10g_3b = keep(model_config=qwen3b, budget_gib=22.0, used_gib=2.2, graphs=False)
-    a10g_7b = keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5, graphs=False)
-    tight = keep(model_config=qwen7b, budget_gib=8.0, used_gib=5.5, graphs=False)
+    h100 = keep(model_config=qwen3b, budget_gib=79.2, used_gib=2.2, graph_shapes=8)
+    a10g_3b = keep(model_config=qwen3b, budget_gib=22.0, used_gib=2.2)
+    a10g_7b = keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5)
+    tight = keep(model_config=qwen7b, budget_gib=8.0, used_gib=5.5)
     assert (h100.kept, a10g_3b.kept, tight.kept) == (36, 36, 0)
     assert 0 < a10g_7b.kept < 28  # one layer short of the whole model: 85% of 22 GiB is spent
     for plan in (h100, a10g_3b, a10g_7b):
         assert plan.predicted_peak_gib <= 0.85 * (79.2 if plan is h100 else 22.0)
     # One more layer would not have fitted.
-    more = keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5 - 0.49, graphs=False)
+    more = keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5 - 0.49)
     assert more.kept == a10g_7b.kept + 1
-    # A longer batch or a graph pool leaves room for fewer.
-    assert keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5, graphs=True).kept < a10g_7b.kept
+    # A larger batch, or a graph pool, the larger the more shapes it records, leaves room for fewer.
+    pooled = [keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5, graph_shapes=n).kept for n in (1, 8)]
+    assert a10g_7b.kept > pooled[0] > pooled[1]
     assert acceleration.plan_kept_layers("auto", backend="unsloth", method="sft", micro=4, seq_len=2048,
-                                         model_config=qwen7b, budget_gib=22.0, used_gib=5.5, graphs=False).kept < a10g_7b.kept
+                                         model_config=qwen7b, budget_gib=22.0, used_gib=5.5).kept < a10g_7b.kept
     assert "14 of 28 layers" in acceleration.KeepPlan(14, 28, "x", 20.0).describe()
 
 
 def test_kept_layers_only_where_asked_and_measured(monkeypatch):
     monkeypatch.delenv("UNSLOTH_GC_KEEP_LAYERS", raising=False)
     keep = functools.partial(acceleration.plan_kept_layers, micro=2, seq_len=2048, model_config=_shape(36, 2048, 11008),
-                             budget_gib=79.0, used_gib=2.2, graphs=False)
+                             budget_gib=79.0, used_gib=2.2)
     assert keep("unsloth", backend="unsloth", method="sft").kept == 0
     assert keep("on", backend="unsloth", method="sft").kept == 0
     assert keep("auto", backend="hf", method="sft").kept == 0
@@ -255,7 +256,7 @@ def test_kept_layers_only_where_asked_and_measured(monkeypatch):
     assert off.kept == 36 and "every layer keeps" in off.describe()
     assert "every layer recomputed" in keep("unsloth", backend="unsloth", method="sft").describe()
     no_gpu = acceleration.plan_kept_layers("auto", backend="unsloth", method="sft", micro=2, seq_len=2048,
-                                           model_config=_shape(36, 2048, 11008), budget_gib=None, used_gib=0.0, graphs=False)
+                                           model_config=_shape(36, 2048, 11008), budget_gib=None, used_gib=0.0)
     assert no_gpu.kept == 0
     monkeypatch.setenv("UNSLOTH_GC_KEEP_LAYERS", "4")
     mine = keep("auto", backend="unsloth", method="sft")
@@ -374,7 +375,7 @@ def test_cuda_graph_plan(monkeypatch):
     monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS", raising=False)
     plan = functools.partial(acceleration.plan_cuda_graphs, lengths=range(1, 2049), max_length=2048, batch_sizes={2, 1})
     on = plan("auto", backend="unsloth", method="sft", packing=False)
-    assert on.on and on.pad_to_multiple_of == 256 and on.max_shapes == 16  # 8 lengths x 2 batch sizes
+    assert on.on and on.pad_to_multiple_of == 256 and on.max_shapes == on.shapes == 16  # 8 lengths x 2 batch sizes
     assert "padded to a multiple of 256 tokens" in on.describe()
     assert plan("on", backend="unsloth", method="sft", packing=False).reason == "--cuda-graphs on"
     assert not plan("off", backend="unsloth", method="sft", packing=False).on
