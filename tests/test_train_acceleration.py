@@ -434,6 +434,15 @@ def test_length_buckets_leave_the_loss_curve_unchanged(tmp_path, tiny_model, sam
     assert curves[64][1] == pytest.approx(curves[None][1], rel=1e-5)
 
 
+# The loss comparisons of the gpu tests below run at the default learning rate, not the helper's 5e-3:
+# Adam's first updates are about lr x sign(gradient), so at 5e-3 the rounding differences between two
+# differently fused compiled graphs (a no-grad forward and its recompute, against one grad-mode
+# forward) flip whole updates of near-zero gradients. There, 4 steps of the 0.5B shape differed by
+# up to 1.8e-3 relative at one step (graphs with layers kept against every layer recomputed), where
+# 30 steps of the 3B shape at 2e-4 stayed within 6.2e-5 (benchmarks/RESULTS.md, run 25).
+LOSS_CHECK_LR = "2e-4"
+
+
 @pytest.mark.gpu
 def test_unsloth_cuda_graphs_replay_and_keep_the_losses(tmp_path, sample_dataset, monkeypatch):
     """--cuda-graphs auto records and replays graphs of Unsloth's blocks; off never does; the losses
@@ -454,13 +463,14 @@ def test_unsloth_cuda_graphs_replay_and_keep_the_losses(tmp_path, sample_dataset
         replays.clear()
         code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--max-seq-length", "512",
                           "--max-steps", "4", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--seed", "2",
-                          "--cuda-graphs", mode, out=f"{mode}{len(curves)}")
+                          "--learning-rate", LOSS_CHECK_LR, "--cuda-graphs", mode, out=f"{mode}{len(curves)}")
         assert code == 0
         cfg = json.loads((out / "training_config.json").read_text())
         assert cfg["cuda_graphs"]["on"] == (mode == "auto") and cfg["compiler"].startswith("Python wrapper")
         history = json.loads((out / "training_metrics.json").read_text())["history"]
         curves[f"{mode}{len(curves)}"] = [h["loss"] for h in history if "loss" in h]
         counts[f"{mode}{len(counts)}"] = len(replays)
+    print("per-step losses", curves)
     assert counts["off0"] == 0 and counts["auto1"] > 0 and counts["off2"] == 0, counts
     assert len(curves["auto1"]) == 4
     assert curves["auto1"] == pytest.approx(curves["off0"], rel=1e-3)
@@ -491,18 +501,20 @@ def test_unsloth_kept_layers_skip_the_recompute_and_keep_the_losses(tmp_path, sa
         return lora
 
     monkeypatch.setattr(training, "attach_lora", counted)
-    curves, counts, kept = {}, {}, {}
+    curves, counts, kept, norms = {}, {}, {}, {}
     for mode in ("unsloth", "auto"):
         calls.clear()
         code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--max-seq-length", "512",
                           "--max-steps", "4", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--seed", "2",
-                          "--gradient-checkpointing", mode, out=mode)
+                          "--learning-rate", LOSS_CHECK_LR, "--gradient-checkpointing", mode, out=mode)
         assert code == 0
         cfg = json.loads((out / "training_config.json").read_text())
         kept[mode] = (cfg["kept_layers"]["kept"], cfg["kept_layers"]["layers"])
-        curves[mode] = [h["loss"] for h in json.loads((out / "training_metrics.json").read_text())["history"]
-                        if "loss" in h]
+        history = json.loads((out / "training_metrics.json").read_text())["history"]
+        curves[mode] = [h["loss"] for h in history if "loss" in h]
+        norms[mode] = [h["grad_norm"] for h in history if "grad_norm" in h]
         counts[mode] = len(calls)
+    print("per-step losses", curves, "gradient norms", norms, "layer forwards", counts)
     layers = kept["auto"][1]
     assert kept == {"unsloth": (0, layers), "auto": (layers, layers)}, kept
     # 4 steps x 2 micro-batches; the recompute doubles each layer's training forwards.
@@ -510,6 +522,8 @@ def test_unsloth_kept_layers_skip_the_recompute_and_keep_the_losses(tmp_path, sa
     assert counts["auto"] < 0.6 * counts["unsloth"], counts
     assert len(curves["auto"]) == 4
     assert curves["auto"] == pytest.approx(curves["unsloth"], rel=1e-3)
+    # Same weights at step 1: the gradients themselves agree to bf16 rounding.
+    assert norms["auto"][0] == pytest.approx(norms["unsloth"][0], rel=1e-2)
     torch.cuda.empty_cache()
 
 
