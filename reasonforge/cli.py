@@ -135,6 +135,16 @@ _NATIVE_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
 FULL_DISK_BYTES = 16 * 2**20
 
 
+def describe_gpu_out_of_memory(exc: BaseException) -> str:
+    """One line for a CUDA out-of-memory error: torch's first sentence (what it tried to allocate)
+    and what to change. Another process taking memory mid-run looks the same, so that is named too."""
+    first = ". ".join(str(exc).strip().split(". ")[:2])[:160] or "CUDA out of memory"
+    return (f"the GPU ran out of memory ({first}); train_lora.py: --gradient-checkpointing unsloth keeps the least "
+            "activations, or lower --batch-size (raising --gradient-accumulation-steps keeps the effective batch) or "
+            "--max-seq-length, then --resume-from-checkpoint latest; evaluate_model.py / test_model.py: lower "
+            "--batch-size; and check nvidia-smi for other processes on the GPU")
+
+
 def describe_environment_error(exc: BaseException) -> str | None:
     """One line for a failure the environment caused, or None when it looks like a bug.
 
@@ -146,6 +156,8 @@ def describe_environment_error(exc: BaseException) -> str | None:
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
+        if type(cur).__name__ == "OutOfMemoryError" or str(cur).startswith("CUDA out of memory"):
+            return describe_gpu_out_of_memory(cur)
         if isinstance(cur, OSError) and describe_os_error(cur) is not None:
             return describe_os_error(cur)
         match = _NATIVE_OS_ERROR.search(str(cur))

@@ -132,6 +132,28 @@ def test_native_and_chained_environment_errors():
     assert utils.describe_environment_error(RuntimeError("unexpected pos 704 vs 598")) is None  # no lock, no disk
 
 
+def test_gpu_out_of_memory_is_one_line_that_names_the_fixes(tmp_path, tiny_model, sample_dataset, capsys, monkeypatch):
+    """A CUDA OOM in the training loop (the kept-layer plan misjudged, or another process took the
+    memory) ends in one line naming the leaner setting and the resume, not a traceback."""
+    import torch
+    import transformers
+
+    def oom(self, *a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 22.06 GiB of which 1.12 GiB is free.")
+
+    monkeypatch.setattr(transformers.Trainer, "train", oom)
+    out = tmp_path / "run"
+    assert train_lora.main(train_argv(tiny_model, sample_dataset, out)) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert "--gradient-checkpointing unsloth" in line and "--resume-from-checkpoint latest" in line
+    assert not (out / "final_model").exists() and not (out / utils.RunLock.NAME).exists()
+    wrapped = RuntimeError("step failed")
+    wrapped.__cause__ = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 MiB")
+    assert utils.describe_environment_error(wrapped).startswith("the GPU ran out of memory")
+
+
 def test_read_only_location_is_refused_up_front(small_mount, tmp_path, sample_dataset, capsys):
     subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
     assert dp.main(["--dataset", "sample", "--max-samples", "20", "--output-dir", str(small_mount / "p")]) == 2
