@@ -13,7 +13,8 @@ g++ build) is CPU work, so every process runs under `taskset -c 0-3`. Variants, 
 - cpp-cold, cpp-warm: `train_lora.py --cuda-graphs off --graph-wrapper cpp`, the C++ launchers forced;
 - recompute-warm: `train_lora.py --gradient-checkpointing unsloth`, every layer recomputed in backward
   as in stock Unsloth (the default keeps as many layers' activations as memory allows), on the
-  suite's warm caches;
+  suite's caches; only partly warm: a suite run that kept every layer compiled no no-grad block
+  graphs, which the recompute needs;
 - varied, varied-nographs (only when named): the suite with and without graphs on rows of 150 to
   about 2,000 tokens, where batches come in several padded lengths (on the suite's warm caches).
 

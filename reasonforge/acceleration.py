@@ -241,38 +241,46 @@ class KeepPlan:
     layers: int
     reason: str
     predicted_peak_gib: float | None = None
+    env: str | None = None  # UNSLOTH_GC_KEEP_LAYERS as the user set it: Unsloth applies that instead
 
     def describe(self) -> str:
+        if self.env:
+            return f"Unsloth keeps layers as UNSLOTH_GC_KEEP_LAYERS={self.env} says (set by you)"
         if not self.kept:
             return f"every layer recomputed in backward ({self.reason})"
-        if self.predicted_peak_gib is None:
-            return f"every layer keeps its activations ({self.reason})"
-        return (f"{self.kept} of {self.layers} layers keep their activations, the rest recompute ({self.reason}; "
-                f"predicted peak {self.predicted_peak_gib} GiB; --gradient-checkpointing unsloth recomputes all)")
+        peak = (f"; predicted peak {self.predicted_peak_gib} GiB; --gradient-checkpointing unsloth recomputes all"
+                if self.predicted_peak_gib is not None else "")
+        if self.kept == self.layers:
+            return f"every layer keeps its activations, none recomputed ({self.reason}{peak})"
+        return f"{self.kept} of {self.layers} layers keep their activations, the rest recompute ({self.reason}{peak})"
 
 
 def plan_kept_layers(checkpointing: str, *, backend: str, method: str, model_config, micro: int, seq_len: int,
-                     budget_gib: float | None, used_gib: float, graph_shapes: int = 0) -> KeepPlan:
+                     budget_gib: float | None, used_gib: float, graph_shapes: int = 0,
+                     chosen_by: str = "--gradient-checkpointing") -> KeepPlan:
     """How many layers the run keeps un-checkpointed under --gradient-checkpointing auto.
 
     Unsloth recomputes every layer by default, which costs about a third of the GPU's matmul work
     and the offload copies, to save memory that an 80 GB card, or a small model on a 24 GB one,
-    does not need. As many layers are kept as fit in 85% of the budget (the GPU's memory, or
-    --gpu-memory-gib) at the run's longest padded batch, beside the model, the checkpointed layers'
-    offloaded inputs and, under CUDA graphs, their pool (`graph_shapes` batch shapes recorded; 0:
-    no graphs). Keeping a layer does not change the loss: the recompute reproduces the same forward.
+    does not need. As many layers are kept as fit in 85% of the budget (what this process holds
+    plus what is free on the GPU, or --gpu-memory-gib where lower) at the run's longest padded
+    batch, beside the model, the checkpointed layers' offloaded inputs and, under CUDA graphs, their
+    pool (`graph_shapes` batch shapes recorded; 0: no graphs). Keeping a layer does not change the
+    loss: the recompute reproduces the same forward. `chosen_by` names who chose `checkpointing`.
     """
     layers = model_config.num_hidden_layers
     if checkpointing == "off":
-        return KeepPlan(layers, layers, "--gradient-checkpointing off")
-    if checkpointing != "auto" or backend != "unsloth":
-        return KeepPlan(0, layers, f"--gradient-checkpointing {checkpointing}" if checkpointing != "auto"
-                        else "plain checkpointing on this backend")
+        return KeepPlan(layers, layers, f"{chosen_by} off")
+    if backend != "unsloth":
+        return KeepPlan(0, layers, "plain checkpointing on this backend")
+    # get_peft_model is handed 0 below, and Unsloth then reads the variable whatever the other settings.
+    env = os.environ.get("UNSLOTH_GC_KEEP_LAYERS", "").strip()
+    if env not in ("", "0"):
+        return KeepPlan(0, layers, f"UNSLOTH_GC_KEEP_LAYERS={env} as set", env=env)
+    if checkpointing != "auto":
+        return KeepPlan(0, layers, f"{chosen_by} {checkpointing}")
     if method == "grpo":
         return KeepPlan(0, layers, "grpo: its generation's memory is not in the estimate")
-    env = os.environ.get("UNSLOTH_GC_KEEP_LAYERS")
-    if env:
-        return KeepPlan(0, layers, f"UNSLOTH_GC_KEEP_LAYERS={env} as set, applied by Unsloth")
     if budget_gib is None:
         return KeepPlan(0, layers, "no GPU")
     tokens = micro * seq_len

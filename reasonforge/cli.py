@@ -136,7 +136,7 @@ FULL_DISK_BYTES = 16 * 2**20
 
 
 def describe_gpu_out_of_memory(exc: BaseException) -> str:
-    """One line for a CUDA out-of-memory error: torch's first sentence (what it tried to allocate)
+    """One line for a CUDA out-of-memory error: torch's first two sentences (what it tried to allocate)
     and what to change. Another process taking memory mid-run looks the same, so that is named too."""
     first = ". ".join(str(exc).strip().split(". ")[:2])[:160] or "CUDA out of memory"
     return (f"the GPU ran out of memory ({first}); train_lora.py: --gradient-checkpointing unsloth keeps the least "

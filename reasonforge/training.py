@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +204,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         phases.mark("tokenise")
         lengths = train_lengths(config, data)
         graphs = plan_cuda_graphs(config, backend, lengths, batch, len(data.train), state.num_processes)
-        keep = plan_kept_layers(config, backend, model, batch, graphs, lengths)
+        keep = plan_kept_layers(config, backend, model, batch, graphs, lengths, state.num_processes)
         cleanup.callback(acceleration.install_cuda_graphs(graphs, backend, model))  # before get_peft_model wraps Unsloth's blocks
         model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
                             checkpointing=batch.gradient_checkpointing, keep_layers=keep.kept)
@@ -259,9 +261,10 @@ def plan_cuda_graphs(config: TrainConfig, backend: str, lengths: list[int], batc
 
 
 def plan_kept_layers(config: TrainConfig, backend: str, model, batch: acceleration.BatchPlan,
-                     graphs: acceleration.GraphPlan, lengths: list[int]) -> acceleration.KeepPlan:
-    """--gradient-checkpointing auto for this run: sized at its longest padded batch, against the GPU
-    memory left after the model (or --gpu-memory-gib)."""
+                     graphs: acceleration.GraphPlan, lengths: list[int], processes: int = 1) -> acceleration.KeepPlan:
+    """--gradient-checkpointing auto for this run: sized at its longest padded batch, against what this
+    process holds plus what is free on the GPU (or --gpu-memory-gib where lower); under several
+    processes, the smallest count any rank can keep."""
     import torch
 
     longest = max(lengths)
@@ -271,11 +274,21 @@ def plan_kept_layers(config: TrainConfig, backend: str, model, batch: accelerati
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
         used = torch.cuda.memory_allocated() / 2**30
-        budget = config.gpu_memory_gib or used + free / 2**30
-    return acceleration.plan_kept_layers(
+        # --gpu-memory-gib may name more than this card has, or than other processes leave it.
+        budget = min(config.gpu_memory_gib or math.inf, used + free / 2**30)
+    plan = acceleration.plan_kept_layers(
         batch.gradient_checkpointing, backend=backend, method=config.method, model_config=model.config,
         micro=batch.batch_size, seq_len=longest, budget_gib=budget, used_gib=used or 0.0,
-        graph_shapes=graphs.shapes if graphs.on else 0)
+        graph_shapes=graphs.shapes if graphs.on else 0,
+        chosen_by="--auto-batch chose checkpointing" if batch.auto else "--gradient-checkpointing")
+    if processes > 1:
+        # Every rank must keep the same layers: each sized K on its own card, so all take the smallest.
+        from accelerate.utils import gather_object
+
+        fewest = min(gather_object([plan.kept]))
+        if fewest != plan.kept:
+            plan = dataclasses.replace(plan, kept=fewest, reason=f"{plan.reason}; the fewest any rank could keep")
+    return plan
 
 
 # Schedulers transformers builds only from lr_scheduler_kwargs, which this script does not pass.

@@ -229,19 +229,21 @@ def test_kept_layers_fill_the_budget_and_never_pass_it(monkeypatch):
     a10g_3b = keep(model_config=qwen3b, budget_gib=22.0, used_gib=2.2)
     a10g_7b = keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5)
     tight = keep(model_config=qwen7b, budget_gib=8.0, used_gib=5.5)
-    assert (h100.kept, a10g_3b.kept, tight.kept) == (36, 36, 0)
-    assert 0 < a10g_7b.kept < 28  # 85% of 22 GiB runs out before the 7B shape's last layers
+    assert (h100.kept, a10g_3b.kept, a10g_7b.kept, tight.kept) == (36, 36, 24, 0)
     for plan in (h100, a10g_3b, a10g_7b):
         assert plan.predicted_peak_gib <= 0.85 * (79.2 if plan is h100 else 22.0)
-    # One more layer would not have fitted.
-    more = keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5 - 0.49)
-    assert more.kept == a10g_7b.kept + 1
+    # The 7B plan fills the budget: one more layer (its share is the step between two plans) would pass it.
+    fewer = keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5 + 0.49)
+    per_layer = a10g_7b.predicted_peak_gib - fewer.predicted_peak_gib + 0.49
+    assert fewer.kept == 23 and 0.4 < per_layer < 0.6
+    assert a10g_7b.predicted_peak_gib + per_layer > 0.85 * 22.0
     # A larger batch, or a graph pool, the larger the more shapes it records, leaves room for fewer.
     pooled = [keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5, graph_shapes=n).kept for n in (1, 8)]
     assert a10g_7b.kept > pooled[0] > pooled[1]
     assert acceleration.plan_kept_layers("auto", backend="unsloth", method="sft", micro=4, seq_len=2048,
                                          model_config=qwen7b, budget_gib=22.0, used_gib=5.5).kept < a10g_7b.kept
     assert "14 of 28 layers" in acceleration.KeepPlan(14, 28, "x", 20.0).describe()
+    assert "every layer keeps its activations, none recomputed" in h100.describe()
 
 
 def test_kept_layers_only_where_asked_and_measured(monkeypatch):
@@ -258,9 +260,13 @@ def test_kept_layers_only_where_asked_and_measured(monkeypatch):
     no_gpu = acceleration.plan_kept_layers("auto", backend="unsloth", method="sft", micro=2, seq_len=2048,
                                            model_config=_shape(36, 2048, 11008), budget_gib=None, used_gib=0.0)
     assert no_gpu.kept == 0
+    picked = keep("unsloth", backend="unsloth", method="sft", chosen_by="--auto-batch chose checkpointing")
+    assert "--auto-batch chose checkpointing unsloth" in picked.describe()
     monkeypatch.setenv("UNSLOTH_GC_KEEP_LAYERS", "4")
-    mine = keep("auto", backend="unsloth", method="sft")
-    assert mine.kept == 0 and "UNSLOTH_GC_KEEP_LAYERS=4" in mine.reason  # 0 lets Unsloth apply the user's value
+    # 0 lets Unsloth apply the user's value, which it does under any checkpointing setting.
+    for checkpointing, method in (("auto", "sft"), ("unsloth", "sft"), ("auto", "grpo")):
+        mine = keep(checkpointing, backend="unsloth", method=method)
+        assert mine.kept == 0 and "UNSLOTH_GC_KEEP_LAYERS=4 says (set by you)" in mine.describe()
 
 
 def test_kept_layers_reach_unsloths_get_peft_model(tmp_path, tiny_model, monkeypatch):
@@ -434,12 +440,14 @@ def test_length_buckets_leave_the_loss_curve_unchanged(tmp_path, tiny_model, sam
     assert curves[64][1] == pytest.approx(curves[None][1], rel=1e-5)
 
 
-# The loss comparisons of the gpu tests below run at the default learning rate, not the helper's 5e-3:
-# Adam's first updates are about lr x sign(gradient), so at 5e-3 the rounding differences between two
-# differently fused compiled graphs (a no-grad forward and its recompute, against one grad-mode
-# forward) flip whole updates of near-zero gradients. There, 4 steps of the 0.5B shape differed by
-# up to 1.8e-3 relative at one step (graphs with layers kept against every layer recomputed), where
-# 30 steps of the 3B shape at 2e-4 stayed within 6.2e-5 (benchmarks/RESULTS.md, run 25).
+# The loss comparisons of the gpu tests below run at the default learning rate, not the helper's 5e-3.
+# At 5e-3 (run 25, benchmarks/RESULTS.md), 4 steps of the 0.5B shape put the run with CUDA graphs and
+# every layer kept 1.6-1.8e-3 relative away, at one step, from both the run without graphs and the run
+# with every layer recomputed, which agreed with each other within 2e-4. Adam's first updates are about
+# lr x sign(gradient), so at a large rate rounding differences between compiled graphs can flip whole
+# updates of near-zero gradients; 30 steps of the 3B shape at 2e-4, graphs with every layer kept
+# against every layer recomputed, stayed within 6.2e-5. That this, and not a gradient error of graphs
+# with kept layers, explains the outlier is a reading: these tests have not run at 2e-4 yet.
 LOSS_CHECK_LR = "2e-4"
 
 
