@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient-checkpointing", choices=["auto", "unsloth", "on", "off"], default="auto",
                    help="auto: on the unsloth backend (sft), Unsloth's offloaded checkpointing, with as many "
                         "decoder layers left out of it (no recompute: faster, more memory) as fit 85%% of what this "
-                        "process holds plus what is free on the GPU (or --gpu-memory-gib) at the longest batch; plain checkpointing on other GPUs; off on CPU. unsloth: every "
-                        "layer checkpointed, the least memory (default: %(default)s)")
+                        "process holds plus what is free on the GPU (or --gpu-memory-gib) at the longest batch; "
+                        "plain checkpointing on other GPUs; off on CPU. unsloth: every layer checkpointed, the least "
+                        "memory (default: %(default)s)")
     t.add_argument("--logging-steps", type=int, default=1, help="(default: %(default)s)")
     t.add_argument("--graph-wrapper", choices=["auto", "cpp", "python"], default="auto",
                    help="launcher code for Unsloth's compiled graphs: cpp steps faster but its build adds a minute "

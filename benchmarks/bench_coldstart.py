@@ -236,12 +236,12 @@ def orchestrate(opts) -> int:
 
         def result():
             m = json.loads((run_dir / "training_metrics.json").read_text())
+            cfg = json.loads((run_dir / "training_config.json").read_text())
             return {k: m.get(k) for k in ("first_step_end_at", "last_step_end_at", "steady_tokens_per_s",
                                           "setup_s", "first_step_s", "setup_phases_s", "peak_gpu_memory_gib")} | {
                 "losses": [h["loss"] for h in m["history"] if "loss" in h],
                 "tokens_per_step": m["tokens_seen"] / max(m["global_step"], 1),
-                "compiled_graphs": json.loads((run_dir / "training_config.json").read_text()).get("compiler"),
-                "kept_layers": json.loads((run_dir / "training_config.json").read_text()).get("kept_layers")}
+                "compiled_graphs": cfg.get("compiler"), "kept_layers": cfg.get("kept_layers")}
         return cmd, result
 
     plan = [("baseline", "baseline", worker("baseline")), ("stock-cold", "stock", worker("stock")),

@@ -174,11 +174,16 @@ def activation_bytes_per_token(config, checkpointing: bool) -> float:
 # cheaper, and the alternatives have not been re-timed with them.
 PASS_COST_TOKENS, RECOMPUTE_FACTOR = 5500, 1.33
 
+# Memory plans (--auto-batch's and the kept layers') fill this share of their budget, leaving the rest
+# to fragmentation and transient buffers, and count this much beside the model for the CUDA context's
+# workspaces, LoRA weights, gradients and optimizer state.
+USABLE_SHARE, BESIDE_MODEL_GIB = 0.85, 0.5
+
 
 def plan_auto_batch(config, seq_len: int, effective: int, budget_gib: float, base_gib: float) -> dict:
     """The fastest (micro-batch, checkpointing) that fits the budget, micro-batch dividing the
-    effective batch. Keeps 15% of the budget free for fragmentation and transient buffers."""
-    usable = 0.85 * budget_gib
+    effective batch. Keeps 1 - USABLE_SHARE of the budget free for fragmentation and transient buffers."""
+    usable = USABLE_SHARE * budget_gib
     options = []
     for checkpointing in (False, True):
         per_sample = activation_bytes_per_token(config, checkpointing) * seq_len / 2**30
@@ -212,7 +217,7 @@ def choose_batch(config, model, backend: str) -> BatchPlan:
     used = torch.cuda.memory_allocated() / 2**30
     budget = config.gpu_memory_gib if config.gpu_memory_gib else used + free / 2**30
     effective = asked.batch_size * asked.gradient_accumulation_steps
-    plan = plan_auto_batch(model.config, config.max_seq_length, effective, budget, base_gib=used + 0.5)
+    plan = plan_auto_batch(model.config, config.max_seq_length, effective, budget, base_gib=used + BESIDE_MODEL_GIB)
     if backend != "unsloth" and plan["gradient_checkpointing"] == "unsloth":
         plan["gradient_checkpointing"] = "on"
     batch = BatchPlan(plan["batch_size"], plan["gradient_accumulation_steps"], plan["gradient_checkpointing"], plan)
@@ -286,10 +291,10 @@ def plan_kept_layers(checkpointing: str, *, backend: str, method: str, model_con
     tokens = micro * seq_len
     per_layer = tokens * (activation_bytes_per_token(model_config, False)
                           - activation_bytes_per_token(model_config, True)) / layers / 2**30
-    base = used_gib + 0.5 + tokens * activation_bytes_per_token(model_config, True) / 2**30
+    base = used_gib + BESIDE_MODEL_GIB + tokens * activation_bytes_per_token(model_config, True) / 2**30
     if graph_shapes:
         base += per_layer * (GRAPH_POOL_LAYERS + GRAPH_POOL_LAYERS_PER_SHAPE * (graph_shapes - 1))
-    usable = 0.85 * budget_gib
+    usable = USABLE_SHARE * budget_gib
     kept = max(0, min(layers, int((usable - base) // per_layer))) if per_layer > 0 else 0
     why = f"auto: {usable:.1f} of {budget_gib:.1f} GiB usable at {micro} x {seq_len} tokens"
     return KeepPlan(kept, layers, why, round(base + kept * per_layer, 2))
@@ -389,6 +394,11 @@ class GraphPlan:
                 f"at most {self.max_shapes} shapes recorded; --cuda-graphs off turns it off")
 
 
+def padded_length(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple`, as the collator pads a batch."""
+    return -(-length // multiple) * multiple
+
+
 def length_bucket(lengths, cap: int, buckets: int = LENGTH_BUCKETS, align: int = BUCKET_ALIGN) -> tuple[int, int] | None:
     """(multiple, padded lengths): the smallest multiple of `align` that pads every row length to one
     of at most `buckets` lengths, none over `cap`; None if there is none. A batch is as long as its
@@ -398,7 +408,7 @@ def length_bucket(lengths, cap: int, buckets: int = LENGTH_BUCKETS, align: int =
     """
     unique = sorted(set(lengths)) or [1]
     for multiple in range(align, unique[-1] + align, align):
-        padded = {-(-n // multiple) * multiple for n in unique}
+        padded = {padded_length(n, multiple) for n in unique}
         if len(padded) <= buckets and max(padded) <= cap:
             return multiple, len(padded)
     return None

@@ -267,9 +267,8 @@ def plan_kept_layers(config: TrainConfig, backend: str, model, batch: accelerati
     processes, the smallest count any rank can keep."""
     import torch
 
-    longest = max(lengths)
-    if graphs.on:
-        longest = min(-(-longest // graphs.pad_to_multiple_of) * graphs.pad_to_multiple_of, config.max_seq_length)
+    # Under graphs the plan's multiple keeps every padded length within --max-seq-length (length_bucket).
+    longest = acceleration.padded_length(max(lengths), graphs.pad_to_multiple_of) if graphs.on else max(lengths)
     budget = used = None
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
