@@ -170,6 +170,9 @@ def validate_args(args) -> None:
         why = cuda_graphs_obstacle(args.backend, args.method, args.packing)
         if why:
             problems.append(refuse_cuda_graphs(why))
+    spec = args.resume_from_checkpoint
+    if spec not in (None, "latest") and not Path(spec).is_dir():  # before minutes of model loading
+        problems.append(f"--resume-from-checkpoint {spec!r} is not a folder; pass a checkpoint-N folder or 'latest'")
     if not args.target_modules.strip(","):
         problems.append("--target-modules is empty; e.g. " + DEFAULT_TARGETS)
     problems += filter(None, [run_dir_problem(Path(args.output_dir))])

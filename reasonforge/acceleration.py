@@ -277,7 +277,9 @@ def plan_kept_layers(checkpointing: str, *, backend: str, method: str, model_con
     if checkpointing == "off":
         return KeepPlan(layers, layers, f"{chosen_by} off")
     if backend != "unsloth":
-        return KeepPlan(0, layers, "plain checkpointing on this backend")
+        if budget_gib is None and checkpointing != "on":  # precision_plan's rule for the CPU
+            return KeepPlan(layers, layers, "no GPU: the CPU checkpoints only under --gradient-checkpointing on")
+        return KeepPlan(0, layers, "transformers' plain checkpointing of every layer on this backend")
     # get_peft_model is handed 0 below, and Unsloth then reads the variable whatever the other settings.
     env = os.environ.get("UNSLOTH_GC_KEEP_LAYERS", "").strip()
     if env not in ("", "0"):

@@ -197,6 +197,23 @@ class EvaluationStopped(BaseException):
     """Raised out of a validation pass that SIGTERM cut short; train_or_stop saves and stops."""
 
 
+class PlannedEndReached(Exception):
+    """Raised before a step past the run's last: train_or_stop finishes from the checkpoint as it is."""
+
+
+class StopAtPlannedEnd(TrainerCallback):
+    """Refuse any step past state.max_steps.
+
+    The Trainer checks its step limit only after a step, so a run resumed from its own last
+    checkpoint (preempted while writing final_model, say) or given a lower --max-steps would train
+    one step more than planned, at a learning rate the schedule has already run down to zero.
+    """
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step >= state.max_steps:
+            raise PlannedEndReached(state.global_step)
+
+
 class StopOnSigterm(TrainerCallback):
     """Turn a SIGTERM request into a Trainer checkpoint (model, optimizer, scheduler, RNG) and a stop.
 

@@ -109,9 +109,9 @@ def cli_entry(main_fn):
             close_progress_bars()
             print(f"error: {message}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             close_progress_bars()
-            print("interrupted", file=sys.stderr)
+            print("interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
             return 130
         except Terminated as exc:
             print(exc, file=sys.stderr)

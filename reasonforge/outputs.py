@@ -130,7 +130,7 @@ def collect_metrics(run, result) -> dict:
         "epochs": state.epoch,
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
-        "train_loss_mean": result.output.training_loss,
+        "train_loss_mean": mean_logged_loss(history),
         "validation_losses": [{"step": h["step"], "loss": h["eval_loss"]} for h in evals],
         # sft chooses on eval_loss, grpo on the validation share of correct answers
         "best_metric_name": result.trainer.args.metric_for_best_model,
@@ -149,6 +149,17 @@ def collect_metrics(run, result) -> dict:
         "trainable_percent": round(100 * trainable / max(total, 1), 4),
         "history": history,
     }
+
+
+def mean_logged_loss(history: list[dict]) -> float | None:
+    """The mean loss a step over the whole run, from the logged losses, each the mean of the steps
+    since the previous log. The Trainer's own training_loss divides the losses since a resume by
+    every step of the run, so a resumed run would report a mean far too low."""
+    total = last = 0
+    for h in history:
+        if "loss" in h:
+            total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    return total / last if last else None
 
 
 def step_clock(trainer) -> dict:

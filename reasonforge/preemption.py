@@ -100,6 +100,13 @@ class PreemptionGuard:
             self.requested = bool(flag.item())
         return self.requested
 
+    def message_for_interrupt(self) -> str:
+        if not self.main_rank:
+            return ""
+        newest = last_good_checkpoint(self.output_dir)
+        return ((f"the newest complete checkpoint is {newest}" if newest else "no checkpoint of this run exists yet")
+                + f"\nresume with:\n  {resume_command(self.argv)}")
+
     def message(self, saved: Path | None, why: str = "") -> str:
         if not self.main_rank:
             return "stopped by SIGTERM"
@@ -114,12 +121,22 @@ class PreemptionGuard:
 
 
 def train_or_stop(trainer, resume: str | None, guard: PreemptionGuard):
-    """trainer.train(), with SIGTERM served as a checkpoint and utils.Terminated."""
-    from reasonforge.callbacks import EvaluationStopped
+    """trainer.train(), with SIGTERM served as a checkpoint and utils.Terminated, and Ctrl-C
+    naming the checkpoint to resume from."""
+    import time
+
+    from reasonforge.callbacks import EvaluationStopped, PlannedEndReached, StopAtPlannedEnd
 
     guard.phase = "training"
+    trainer.add_callback(StopAtPlannedEnd())
     try:
         result = trainer.train(resume_from_checkpoint=resume)
+    except PlannedEndReached:
+        # Resumed at or past the last planned step: the state, weights and best checkpoint are the
+        # checkpoint's; the Trainer's own wrap-up loads the best one, as after a full run.
+        result = trainer._finalize_training(None, 0, time.time())
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(guard.message_for_interrupt()) from None
     except EvaluationStopped:
         # The step's weights, optimizer and scheduler are whole; only the validation pass was cut
         # short, so the checkpoint is the one the step's end would have written.

@@ -68,8 +68,10 @@ def print_setup(run) -> None:
     print(f"Training:   epochs {c.num_epochs}, max steps {c.max_steps}, batch {batch.batch_size} x accum "
           f"{batch.gradient_accumulation_steps}{processes} = {eff}, lr {c.learning_rate} ({c.lr_scheduler}), "
           f"optim {run.optim} ({run.optim_reason})")
-    if run.backend == "unsloth":
-        print(f"Checkpointing: {batch.gradient_checkpointing}; {run.kept_layers.describe()}")
+    # Off the unsloth backend the Trainer's switch is what runs: auto and unsloth become plain or none.
+    ckpt = (batch.gradient_checkpointing if run.backend == "unsloth" else
+            f"{'on' if run.precision['gradient_checkpointing'] else 'off'} (--gradient-checkpointing {batch.gradient_checkpointing})")
+    print(f"Checkpointing: {ckpt}; {run.kept_layers.describe()}")
     print(f"LoRA:       r {c.lora_r}, alpha {c.lora_alpha}, dropout {c.lora_dropout}, targets {c.target_modules}"
           + (f"; weights from {c.init_adapter}" if c.init_adapter else ""))
     if c.method == "grpo":
@@ -119,11 +121,14 @@ def print_summary(run, metrics: dict, final: Path, plotted: bool) -> None:
     steady = metrics.get("steady_tokens_per_s")
     if metrics.get("setup_phases_s"):
         print(f"Setup: {Phases.line(metrics['setup_phases_s'])}")
-    print(f"Time: first step {utils.sig4(metrics.get('time_to_first_step_s'))} s after start "
-          f"(the step itself {utils.sig4(metrics.get('first_step_s'))} s); then "
-          + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
-             "too few steps for a steady rate")
-          + f"; training loop {metrics['runtime_s']:.1f} s in all")
+    if metrics.get("time_to_first_step_s") is None:
+        print(f"Time: no step trained in this run; training loop {metrics['runtime_s']:.1f} s in all")
+    else:
+        print(f"Time: first step {utils.sig4(metrics['time_to_first_step_s'])} s after start "
+              f"(the step itself {utils.sig4(metrics.get('first_step_s'))} s); then "
+              + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
+                 "too few steps for a steady rate")
+              + f"; training loop {metrics['runtime_s']:.1f} s in all")
     print(utils.format_memory_stats(utils.gpu_memory_stats()))
     print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(c.out / 'loss_curve.png').resolve()}" if plotted else ""))
     if (c.out / "reward_curve.png").is_file() and c.method == "grpo":

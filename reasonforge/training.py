@@ -170,6 +170,10 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     """
     phases = report.Phases()
     backend, backend_reason = utils.choose_backend(config.backend)
+    if config.cuda_graphs == "on" and acceleration.cuda_graphs_obstacle(backend, config.method, config.packing):
+        # train_lora.py refused what it could; "auto" is known only now, and before the model loads
+        why = acceleration.cuda_graphs_obstacle(backend, config.method, config.packing)
+        raise UserError(acceleration.refuse_cuda_graphs(f"{why} (backend {backend}: {backend_reason})"))
     mirror = compile_cache.Mirror.for_run(config.compile_cache_dir, backend, config.run_uri)
     if mirror is not None:  # first, so that the banner's account of the folder includes what it brought
         phases.mark("start-up")
@@ -214,9 +218,13 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         phases.mark("LoRA attach")
         optim, optim_reason = choose_optim(config.optim)
         resume = checkpoints.resume_on_all_ranks(config.resume_from_checkpoint, config.out, config.run_uri, state)
-        steps = acceleration.planned_steps(len(data.train), batch, epochs=config.num_epochs, max_steps=config.max_steps,
-                                           processes=state.num_processes,
-                                           done=checkpoints.checkpoint_step(Path(resume)) if resume else 0)
+        total = acceleration.planned_steps(len(data.train), batch, epochs=config.num_epochs,
+                                           max_steps=config.max_steps, processes=state.num_processes)
+        done = checkpoints.checkpoint_step(Path(resume)) if resume else 0
+        steps = max(total - done, 0)
+        if resume and not steps and state.is_main_process:
+            log.warning("%s is at step %d, and this run plans %d (--max-steps, --num-epochs): no step is trained; "
+                        "the final outputs come from its best checkpoint", resume, done, total)
         run = Run(config=config, state=state, guard=guard, backend=backend, backend_reason=backend_reason,
                   dtype=info.get("dtype"), load_in_4bit=info.get("load_in_4bit"), model=model, tokenizer=tokenizer,
                   data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -246,6 +247,9 @@ BAD_TRAIN = [
     (["--run-name", "a\tb", "--s3-bucket", "rf-bucket"], "--run-name 'a\\tb' holds control characters"),
     (["--run-name", "a//b"], "--run-name 'a//b' has an empty"),
     (["--run-name", ""], "--run-name '' is empty"),
+    (["--resume-from-checkpoint", "/no/such/checkpoint-4"], "'/no/such/checkpoint-4' is not a folder; pass a checkpoint-N"),
+    # the default backend (auto) becomes hf on a machine without CUDA: known before the model loads
+    (["--cuda-graphs", "on"], "--cuda-graphs on: the hf backend has no compiled blocks (backend hf: no CUDA GPU"),
 ]
 
 
@@ -379,3 +383,69 @@ def test_garbage_checkpoint_metadata(tmp_path, checkpointed_run, name, caplog):
     assert f"skipping {run / 'checkpoint-8'}" in caplog.text and "is not valid JSON" in caplog.text
     with pytest.raises(utils.UserError, match=r"cannot resume from .*checkpoint-8: .* is not valid JSON"):
         checkpoints.resolve_resume(str(run / "checkpoint-8"), run, run_uri=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Resuming a run that already reached its end; Ctrl-C
+# ---------------------------------------------------------------------------------------------
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_resuming_a_finished_run_trains_no_step_past_its_end(tmp_path, checkpointed_run, tiny_model, sample_dataset,
+                                                                capsys):
+    """The Trainer checks --max-steps only after a step: resumed from its last checkpoint (preempted
+    while writing final_model, say) a run trained step 9 of 8. Now it trains none and finishes from
+    the checkpoint as a full run would."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    before = json.loads((run / "training_metrics.json").read_text())
+    shutil.rmtree(run / "final_model")  # as if the kill came while it was written
+    argv = train_argv(tiny_model, sample_dataset, run, "--max-steps", "8", "--save-steps", "4", "--eval-steps", "4",
+                      "--num-epochs", "1", "--resume-from-checkpoint", "latest")
+    assert train_lora.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint-8 is at step 8, and this run plans 8" in err and "no step is trained" in err
+    after = json.loads((run / "training_metrics.json").read_text())
+    assert after["global_step"] == 8 and not (run / "checkpoint-9").exists()
+    assert [h["loss"] for h in after["history"] if "loss" in h] == [h["loss"] for h in before["history"] if "loss" in h]
+    # The mean over the whole run, not the Trainer's (nothing since the resume, divided by 8 steps: 0).
+    assert after["train_loss_mean"] == pytest.approx(before["train_loss_mean"], rel=1e-9)
+    assert after["train_loss_mean"] > 1
+    best = run / Path(before["best_checkpoint"]).name
+    final, kept = adapter_tensors(run / "final_model"), adapter_tensors(best)
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+    # A lower --max-steps than the checkpoint's step trains nothing either (the Trainer went to step 10 of 4).
+    assert train_lora.main([*argv[:-2], "--max-steps", "4", "--resume-from-checkpoint", "latest"]) == 0
+    assert json.loads((run / "training_metrics.json").read_text())["global_step"] == 8
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, tiny_model, sample_dataset, capsys, monkeypatch):
+    from reasonforge.callbacks import StepLogger
+
+    step_end = StepLogger.on_step_end
+
+    def interrupt_at_6(self, args, state, control, **kw):
+        if state.global_step == 6:
+            raise KeyboardInterrupt
+        return step_end(self, args, state, control, **kw)
+
+    monkeypatch.setattr(StepLogger, "on_step_end", interrupt_at_6)
+    out = tmp_path / "run"
+    assert train_lora.main(train_argv(tiny_model, sample_dataset, out, "--max-steps", "8", "--save-steps", "4",
+                                      "--eval-steps", "4")) == 130
+    captured = capsys.readouterr()
+    assert f"interrupted; the newest complete checkpoint is {out / 'checkpoint-4'}\nresume with:" in captured.err
+    assert captured.err.rstrip().endswith("--resume-from-checkpoint latest")
+    assert not (out / "final_model").exists() and not (out / utils.RunLock.NAME).exists()
+    # On the CPU the Trainer does not checkpoint under auto, and the banner and config say so.
+    assert "Checkpointing: off (--gradient-checkpointing auto); every layer keeps its activations" in captured.out
+    kept = json.loads((out / "training_config.json").read_text())["kept_layers"]
+    assert kept["kept"] == kept["layers"] == 2

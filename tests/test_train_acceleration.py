@@ -260,6 +260,12 @@ def test_kept_layers_only_where_asked_and_measured(monkeypatch):
     no_gpu = acceleration.plan_kept_layers("auto", backend="unsloth", method="sft", micro=2, seq_len=2048,
                                            model_config=_shape(36, 2048, 11008), budget_gib=None, used_gib=0.0)
     assert no_gpu.kept == 0
+    # Off Unsloth, the Trainer's switch: on the CPU no checkpointing unless asked for plainly.
+    for checkpointing in ("auto", "unsloth", "off"):
+        cpu = keep(checkpointing, backend="hf", method="sft", budget_gib=None)
+        assert cpu.kept == 36 and "none recomputed" in cpu.describe(), cpu
+    assert keep("on", backend="hf", method="sft", budget_gib=None).kept == 0
+    assert "plain checkpointing of every layer" in keep("unsloth", backend="hf", method="sft").describe()
     picked = keep("unsloth", backend="unsloth", method="sft", chosen_by="--auto-batch chose checkpointing")
     assert "--auto-batch chose checkpointing unsloth" in picked.describe()
     monkeypatch.setenv("UNSLOTH_GC_KEEP_LAYERS", "4")
