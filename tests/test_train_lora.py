@@ -213,7 +213,6 @@ BAD = [
     (["--packing"], "would let packed rows attend to each other"),
     (["--cuda-graphs", "on", "--packing"], "--cuda-graphs on: packed rows run outside"),
     (["--cuda-graphs", "on", "--backend", "hf"], "--cuda-graphs on: the hf backend has no compiled blocks"),
-    (["--cuda-graphs", "on"], "--cuda-graphs on: no compiled blocks on this backend"),  # CPU: known after the backend
 ]
 
 
