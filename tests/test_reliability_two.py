@@ -421,7 +421,7 @@ def test_resuming_a_finished_run_trains_no_step_past_its_end(tmp_path, checkpoin
     best = run / Path(before["best_checkpoint"]).name
     final, kept = adapter_tensors(run / "final_model"), adapter_tensors(best)
     assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
-    # A lower --max-steps than the checkpoint's step trains nothing either (the Trainer went to step 10 of 4).
+    # A lower --max-steps than the checkpoint's step trains nothing either (the Trainer alone would train step 9 of 4).
     assert train_lora.main([*argv[:-2], "--max-steps", "4", "--resume-from-checkpoint", "latest"]) == 0
     assert json.loads((run / "training_metrics.json").read_text())["global_step"] == 8
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
