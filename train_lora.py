@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import utils
-from reasonforge import compile_cache, training
+from reasonforge import checkpoints, compile_cache, training
 from reasonforge.acceleration import CPP_WRAPPER_MIN_STEPS, cuda_graphs_obstacle, refuse_cuda_graphs
 from reasonforge.outputs import run_dir_problem
 from reasonforge.rewards import DEFAULT_REWARDS, REWARDS
@@ -170,9 +170,7 @@ def validate_args(args) -> None:
         why = cuda_graphs_obstacle(args.backend, args.method, args.packing)
         if why:
             problems.append(refuse_cuda_graphs(why))
-    spec = args.resume_from_checkpoint
-    if spec not in (None, "latest") and not Path(spec).is_dir():  # before minutes of model loading
-        problems.append(f"--resume-from-checkpoint {spec!r} is not a folder; pass a checkpoint-N folder or 'latest'")
+    problems += filter(None, [checkpoints.resume_flag_problem(args.resume_from_checkpoint)])  # before minutes of loading
     if not args.target_modules.strip(","):
         problems.append("--target-modules is empty; e.g. " + DEFAULT_TARGETS)
     problems += filter(None, [run_dir_problem(Path(args.output_dir))])

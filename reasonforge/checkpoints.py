@@ -126,15 +126,24 @@ def download_checkpoint(run_uri: utils.S3Uri, step: int, output_dir: Path) -> Pa
 # ---------------------------------------------------------------------------------------------
 
 
+def resume_flag_problem(spec: str | None) -> str | None:
+    """What is wrong with --resume-from-checkpoint `spec` before anything loads (train_lora.py's
+    checks), or None."""
+    if spec in (None, "latest") or Path(spec).is_dir():
+        return None
+    return f"--resume-from-checkpoint {spec!r} is not a folder; pass a checkpoint-N folder or 'latest'"
+
+
 def resolve_resume(spec: str | None, output_dir: Path, run_uri: utils.S3Uri | None) -> str | None:
     """Turn --resume-from-checkpoint `spec` into a complete local checkpoint folder (or None to start
     fresh); 'latest' also looks on S3 under `run_uri` and downloads what it picks from there."""
     if spec is None:
         return None
     if spec != "latest":
+        problem = resume_flag_problem(spec)
+        if problem:
+            raise UserError(problem)
         path = Path(spec)
-        if not path.is_dir():
-            raise UserError(f"--resume-from-checkpoint {spec!r} is not a folder; pass a checkpoint-N folder or 'latest'")
         problem = checkpoint_problem(path)
         if problem:
             raise UserError(f"cannot resume from {spec}: {problem}; pick an older checkpoint or 'latest'")

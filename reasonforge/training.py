@@ -170,9 +170,9 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     """
     phases = report.Phases()
     backend, backend_reason = utils.choose_backend(config.backend)
-    if config.cuda_graphs == "on" and acceleration.cuda_graphs_obstacle(backend, config.method, config.packing):
-        # train_lora.py refused what it could; "auto" is known only now, and before the model loads
-        why = acceleration.cuda_graphs_obstacle(backend, config.method, config.packing)
+    # train_lora.py refused what it could; the backend "auto" becomes is known only now, before the model loads
+    why = acceleration.cuda_graphs_obstacle(backend, config.method, config.packing)
+    if config.cuda_graphs == "on" and why:
         raise UserError(acceleration.refuse_cuda_graphs(f"{why} (backend {backend}: {backend_reason})"))
     mirror = compile_cache.Mirror.for_run(config.compile_cache_dir, backend, config.run_uri)
     if mirror is not None:  # first, so that the banner's account of the folder includes what it brought
