@@ -295,6 +295,9 @@ def markdown(results: dict) -> str:
     # recompute runs on the suite's caches, so it has a warm run only; caches do not change the losses.
     pairs += [("recompute-warm", f"suite-{phase}", f"layers kept ({phase}) against every layer recomputed (warm)")
               for phase in ("cold", "warm")]
+    # the caches only skip compiles, so a warm run must train as the cold one did
+    pairs += [("suite-warm", "suite-cold", "warm caches against cold"),
+              ("stock-cold", "suite-cold", "stock Unsloth against the suite (cold; other kernels and checkpointing)")]
     for other, suite, what in pairs:
         a, b = runs.get(suite, {}).get("losses"), runs.get(other, {}).get("losses")
         if a and b and len(a) == len(b):

@@ -117,8 +117,11 @@ def test_coldstart_report_lays_phases_side_by_side():
     runs = {"stock-warm": {**run, "setup_phases_s": {"imports": 30.0, "model load": 5.0, "trainer build": 1.0}},
             "suite-warm": {**run, "time_to_first_step_s": 55.0, "steady_tokens_per_s": 18000.0, "first_step_s": 7.5,
                            "setup_phases_s": {"imports": 31.0, "dataset load": 0.2, "model load": 5.5}}}
+    runs["suite-cold"] = {**run, "losses": [2.0, 1.5]}
+    runs["suite-warm"]["losses"] = [2.0, 1.503]
     text = bench.markdown({"shape": "s", "steps": 20, "micro": 2, "accum": 4, "cores": "0-3",
                            "runs": {"stock-cold": {**run, "time_to_first_step_s": 90.0}, **runs}})
+    assert "Per-step losses, warm caches against cold: largest relative difference 2.0e-03." in text
     assert "| suite-warm | 55.0 s | -35.0 s |" in text and "2.00x" in text
     assert "| part | stock-warm | suite-warm |" in text
     assert "| dataset load | - | 0.2 |" in text and "| trainer build | 1.0 | - |" in text
