@@ -297,7 +297,7 @@ def markdown(results: dict) -> str:
               for phase in ("cold", "warm")]
     # the caches only skip compiles, so a warm run must train as the cold one did
     pairs += [("suite-warm", "suite-cold", "warm caches against cold"),
-              ("stock-cold", "suite-cold", "stock Unsloth against the suite (cold; other kernels and checkpointing)")]
+              ("stock-cold", "suite-cold", "stock Unsloth against the suite (cold; no warmup against the suite's 5 steps)")]
     for other, suite, what in pairs:
         a, b = runs.get(suite, {}).get("losses"), runs.get(other, {}).get("losses")
         if a and b and len(a) == len(b):
