@@ -135,7 +135,7 @@ def accuracy(model, tokenizer, rows, settings, batch_size: int, system_prompt, d
     verdicts = []
     for out, reference in zip(outs, rows["answer"]):
         predicted = answers.final_answer(out["response"])
-        verdicts.append({"reference": reference, "predicted": predicted,
+        verdicts.append({"reference": answers.reference_answer(reference), "predicted": predicted,
                          "correct": answers.answers_match(predicted, reference), "stopped": out["stopped"],
                          "response": out["response"]})
     correct = sum(v["correct"] for v in verdicts)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import logging
 import re
 
-_ANSWER_LINE = re.compile(r"(?:\bfinal answer\b|\banswer\b)\s*(?:is)?\s*[:=]?\s*(.+)|^#{4}\s*(.+)", re.I | re.M)
+# "answer" counts only as a marker, followed by ':' or '=' or 'is' (markdown emphasis allowed):
+# prose that uses the word ("I hope this answer helps", "to answer the question") states nothing.
+_ANSWER_LINE = re.compile(r"\banswer\b[*_ \t]*(?:is\b[ \t]*:?|[:=])[*_ \t]*(.+)|^#{4}\s*(.+)", re.I | re.M)
+_INNER_ANSWER = re.compile(r"\banswer\s+is\b\s*:?\s*(.+)", re.I)
+# what follows the value on the same line: a new sentence ("42. I hope it is correct") or an aside in
+# parentheses after a space ("42 (the sum)"); "f(x)" and "(1, 2)" have no space before the parenthesis
+_SENTENCE_AFTER = re.compile(r"\.\s+[A-Z].*$")
+_ASIDE_AFTER = re.compile(r"(?<=\S)\s+\([^()]*\)$")
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _E_NOTATION = re.compile(r"(\d)[eE]([-+]?\d+)\b")
 # Single letters are variables ("2x", "2 x"); these few are read as units when they follow a number.
@@ -40,6 +47,23 @@ def _strip_wrappers(s: str) -> str:
     return s.rstrip(".").strip()
 
 
+def answer_lines(text: str) -> list[str]:
+    """The values of the reply's explicit answer statements ('Answer: 42', 'the answer is 42',
+    '#### 42'), in order, each cut to the value itself."""
+    out = []
+    for a, b in _ANSWER_LINE.findall(text):
+        value = a or b
+        inner = _INNER_ANSWER.search(value)
+        while inner:  # "Final Answer: The final answer is 42."
+            value = inner.group(1)
+            inner = _INNER_ANSWER.search(value)
+        value = _ASIDE_AFTER.sub("", _SENTENCE_AFTER.sub("", value.strip()))
+        value = _strip_wrappers(value)
+        if value:
+            out.append(value)
+    return out
+
+
 def final_answer(response: str) -> str | None:
     """The answer a reply commits to: the last \\boxed{}, else the last 'answer: ...' line, else
     the last number; None where there is none, or where a <think> block was never closed."""
@@ -51,9 +75,9 @@ def final_answer(response: str) -> str | None:
     boxed = _last_boxed(response)
     if boxed is not None:
         return boxed.strip() or None
-    lines = [a or b for a, b in _ANSWER_LINE.findall(response)]
+    lines = answer_lines(response)
     if lines:
-        return _strip_wrappers(lines[-1]) or None
+        return lines[-1]
     numbers = _NUMBER.findall(response)
     return numbers[-1] if numbers else None
 
@@ -84,10 +108,28 @@ def _text(answer: str) -> str:
     return " ".join(_strip_wrappers(answer).casefold().split())
 
 
+def reference_answer(reference: str) -> str:
+    """The value a reference states. GSM8K-style references are whole worked solutions ending in
+    '#### 72', MATH-style ones box their result; either is cut to that value, since the worked text
+    never equals a reply's final answer. A short reference is its own value."""
+    text = str(reference).strip()
+    if "####" in text:
+        return _strip_wrappers(text.rpartition("####")[2].strip().partition("\n")[0])
+    boxed = _last_boxed(text)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    if "\n" in text:
+        return final_answer(text) or text
+    return text
+
+
 def answers_match(predicted: str | None, reference: str | None) -> bool:
-    """Whether an extracted answer equals the reference: as values where the reference is math,
-    as case- and space-insensitive text where it is not (e.g. 'mitochondria')."""
+    """Whether an extracted answer equals the reference's value (see reference_answer): as values
+    where the reference is math, as case- and space-insensitive text where it is not ('mitochondria')."""
     if not predicted or not reference or not str(reference).strip():
+        return False
+    reference = reference_answer(reference)
+    if not reference:
         return False
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     gold = _parse(str(reference))

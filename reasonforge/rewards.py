@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from reasonforge.answers import _ANSWER_LINE, answers_match, final_answer
+from reasonforge.answers import answer_lines, answers_match, final_answer
 from utils import UserError
 
 DEFAULT_REWARDS = "correctness=1,format=0.2"
@@ -60,7 +60,7 @@ def think_closed(text: str) -> bool:
 def explicit_answers(text: str) -> int:
     """How many answers the reply states outright after its thinking: \\boxed{} and 'answer: ...' lines."""
     reply = text.rpartition("</think>")[2]
-    return reply.count("\\boxed{") + reply.count("\\fbox{") + len(_ANSWER_LINE.findall(reply))
+    return reply.count("\\boxed{") + reply.count("\\fbox{") + len(answer_lines(reply))
 
 
 def format_score(text: str) -> float:

@@ -55,3 +55,38 @@ def test_extraction_then_match_end_to_end():
     assert answers_match(final_answer("Adding: 2 + 3 = 5. Answer: 5 m"), "5")
     assert not answers_match(final_answer("The answer is \\boxed{2^{10}}."), "2")
     assert not answers_match(final_answer("<think>the answer is 1024"), "1024")
+
+
+@pytest.mark.parametrize("response,expected", [
+    # prose that only uses the word states no answer: the stated one, or the last number, wins
+    ("Answer: 42\n\nThis answer uses addition.", "42"),
+    ("Answer: 7\nI hope this answer helps!", "7"),
+    ("To answer the question, we add 3 and 4 to get 7.", "7"),
+    ("Let me answer this.\n3 + 4 is 7. Total: 7", "7"),
+    ("Answer: 42 (the sum)", "42"),
+    ("Final Answer: The final answer is 42. I hope it is correct.", "42"),
+    ("**Answer:** 15", "15"),
+    ("**Answer**: 15", "15"),
+    ("Answer: f(x) = 2x", "f(x) = 2x"),
+    ("Answer: (1, 2)", "(1, 2)"),
+])
+def test_only_stated_answers_are_read(response, expected):
+    assert final_answer(response) == expected
+
+
+GSM8K_REFERENCE = ("Each box holds 1,774,032 pens, so 3 boxes hold 3 * 1,774,032 = <<3*1774032=5322096>>5,322,096 pens.\n"
+                   "#### 5,322,096")
+
+
+def test_worked_solution_references_are_cut_to_their_value():
+    """GSM8K's answer column is a whole worked solution ending in '#### N'; it is the reference
+    data_preparation keeps, so every correct reply scored wrong against it before."""
+    from reasonforge.answers import reference_answer
+
+    assert reference_answer(GSM8K_REFERENCE) == "5,322,096"
+    assert answers_match(final_answer("so 5322096 pens.\nAnswer: 5322096"), GSM8K_REFERENCE)
+    assert answers_match("5,322,096", GSM8K_REFERENCE)
+    assert not answers_match("1774032", GSM8K_REFERENCE)  # a number from the working is not the answer
+    assert reference_answer("The sum is \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert answers_match("0.5", "The sum is \\boxed{\\frac{1}{2}}.")
+    assert reference_answer("mitochondria") == "mitochondria"
