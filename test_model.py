@@ -12,9 +12,13 @@ max_new_tokens, repetition_penalty), `reset` clears the conversation, `quit` / `
 leave. Ctrl-C while a reply is being written stops that reply and keeps it out of the
 conversation. Each session's turns are written as they happen to
 OUTPUT_FOLDER/chat_<UTC stamp>.jsonl (OUTPUT_FOLDER: the folder of --output-file).
-The instructions file is a JSON list of strings or of objects with an "instruction" field.
+The instructions file is a JSON list of strings or of objects with an "instruction" field (and an
+optional Alpaca "input", joined after it as training data joins it).
 Batch results are appended to OUTPUT.partial.jsonl as they complete, so an interrupted batch
-resumes where it stopped; the final JSON is written when all are done.
+resumes where it stopped; the final JSON is written when all are done. That file's first line
+records the model and generation settings, and a resume with others is refused, so one report
+never mixes answers of two models. The chat and a single instruction never replace a batch's
+report: with --output-file naming one, they are refused before the model loads.
 """
 
 from __future__ import annotations
@@ -64,8 +68,26 @@ def validate_args(args) -> None:
     problems += utils.inference_flag_problems(args)
     # Checked before the model loads, so a bad --output-file cannot cost the answers.
     problems += filter(None, [utils.report_file_problem(args.output_file, "--output-file", "test_model.py", REPORT_KEYS)])
+    if not args.batch and not problems:
+        problems += filter(None, [batch_report_problem(Path(args.output_file), "the chat" if args.interactive else "this instruction")])
     if problems:
         raise UserError("; ".join(problems))
+
+
+def batch_report_problem(path: Path, what: str) -> str | None:
+    """A chat or one answer must not replace a batch's report: those answers cost a whole run."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+        return None
+    # reports from before "mode" was written: a batch's results, and only they, carry an index
+    legacy_batch = bool(report["results"]) and all(isinstance(r, dict) and "index" in r for r in report["results"])
+    if report.get("mode", "batch" if legacy_batch else None) != "batch":
+        return None
+    return (f"--output-file {path} holds a batch report ({len(report['results'])} answers); "
+            f"pass another --output-file for {what}, e.g. --output-file {path.with_name('chat.json' if what == 'the chat' else 'instruction.json')}")
 
 
 def read_instructions(path: str) -> list[str]:
@@ -89,6 +111,11 @@ def read_instructions(path: str) -> list[str]:
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"instructions file {path}: entry {i} is not a non-empty string or an object with "
                             "an \"instruction\" string")
+        extra = item.get("input") if isinstance(item, dict) else None
+        if extra is not None and not isinstance(extra, str):
+            raise UserError(f"instructions file {path}: entry {i} has an \"input\" that is not a string")
+        if extra and extra.strip():  # Alpaca rows: joined as data_preparation.py joins them for training
+            text = f"{text.strip()}\n\n{extra.strip()}"
         out.append(text)
     return out
 
@@ -259,10 +286,10 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
         turn = chat_turn(model, tokenizer, text, system_prompt, history, settings)
         if not turn.get("interrupted"):
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": turn["response"]}]
+        turn["generation"] = settings.as_dict()  # settings change mid-chat: each reply keeps its own
         turns.append(turn)
         if transcript:
-            transcript.write({"type": "turn", "turn": len(turns), **turn, "interrupted": bool(turn.get("interrupted")),
-                              "generation": settings.as_dict()})
+            transcript.write({"type": "turn", "turn": len(turns), **turn, "interrupted": bool(turn.get("interrupted"))})
     print("bye" + saved, flush=True)
     return turns, settings
 
@@ -279,22 +306,72 @@ def run_interactive(model, tokenizer, settings, args, info: dict, output_file: P
         transcript.close()
 
 
-def run_batch(model, tokenizer, instructions: list[str], settings, args, output_file: Path) -> list[dict]:
-    """Answer every instruction; finished ones are appended to a JSONL file and skipped on resume."""
-    partial = output_file.with_name(output_file.name + ".partial.jsonl")
+def partial_path(output_file: Path) -> Path:
+    return output_file.with_name(output_file.name + ".partial.jsonl")
+
+
+def weights_stamp(model_path: str) -> str | None:
+    """Sizes and times of a local model folder's weight files: a retrained adapter saved to the
+    same folder is another model. None for s3:// and Hub ids (their path names them)."""
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        return None
+    files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) or None
+
+
+def batch_identity(args, settings) -> dict:
+    """What a batch's answers depend on, as given on the command line; a resume must match it."""
+    local = Path(args.model_path).expanduser()
+    return json.loads(json.dumps({
+        "model_path": str(local.resolve()) if local.exists() else args.model_path,
+        "model_weights": weights_stamp(args.model_path), "base_model": args.base_model, "backend": args.backend,
+        "max_seq_length": args.max_seq_length, "load_in_4bit": args.load_in_4bit,
+        "system_prompt": args.system_prompt, **settings.as_dict()}))
+
+
+def read_partial(partial: Path, instructions: list[str], identity: dict) -> tuple[dict[int, dict], bool]:
+    """(answers kept from an interrupted batch, whether the file records its run). Refuses answers
+    of another model or other settings: resuming would mix two models' answers in one report."""
     done: dict[int, dict] = {}
-    if partial.is_file():
-        for line in partial.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by the interruption
-            if rec.get("index", -1) < len(instructions) and instructions[rec["index"]] == rec.get("instruction"):
-                done[rec["index"]] = rec
-        if done:
-            print(f"resuming: {len(done)} of {len(instructions)} instructions already answered in {partial}")
+    recorded = None
+    if not partial.is_file():
+        return done, False
+    for line in partial.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by the interruption
+        if isinstance(rec, dict) and isinstance(rec.get("batch_of"), dict):
+            recorded = rec["batch_of"]
+        elif isinstance(rec, dict) and isinstance(rec.get("index"), int) and 0 <= rec["index"] < len(instructions) \
+                and instructions[rec["index"]] == rec.get("instruction"):
+            done[rec["index"]] = rec
+    if done and recorded is not None and recorded != identity:
+        changed = ", ".join(f"{k} {recorded.get(k)!r} there, {identity[k]!r} here"
+                            for k in identity if recorded.get(k) != identity[k])
+        raise UserError(f"{partial} holds {len(done)} answers of an interrupted batch run with other settings ({changed}); "
+                        "run with the same ones to resume it, or choose another --output-file to start afresh")
+    if done and recorded is None:
+        print(f"warning: {partial} does not record the model and settings its {len(done)} answers came from "
+              "(written by an older version); they are kept as they are", flush=True)
+    return done, recorded is not None
+
+
+def run_batch(model, tokenizer, instructions: list[str], settings, args, output_file: Path,
+              done: dict[int, dict] | None = None, identity: dict | None = None) -> list[dict]:
+    """Answer every instruction; finished ones are appended to a JSONL file and skipped on resume."""
+    partial = partial_path(output_file)
+    if done is None:
+        identity = identity or batch_identity(args, settings)
+        done, _ = read_partial(partial, instructions, identity)
+    if done:
+        print(f"resuming: {len(done)} of {len(instructions)} instructions already answered in {partial}")
     todo = [i for i in range(len(instructions)) if i not in done]
     partial.parent.mkdir(parents=True, exist_ok=True)
+    if not done:  # a new batch: the first line says which run its answers belong to
+        with open(partial, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps({"batch_of": identity or batch_identity(args, settings)}, ensure_ascii=False) + "\n")
     from tqdm.auto import tqdm
 
     with open(partial, "a", encoding="utf-8") as fh, tqdm(total=len(instructions), initial=len(done), desc="batch",
@@ -313,9 +390,12 @@ def run_batch(model, tokenizer, instructions: list[str], settings, args, output_
 def write_results(output_file: Path, results: list[dict], args, settings, info: dict) -> None:
     tokens = sum(r["tokens"] for r in results)
     seconds = sum(r["seconds"] for r in results)
+    used = {json.dumps(r["generation"], sort_keys=True) for r in results if "generation" in r}
+    if len(used) > 1:  # a chat whose settings changed: no one set describes it, each result has its own
+        settings = None
     utils.atomic_write_json(output_file, {
-        "model_path": args.model_path, "base_model": info.get("base_model"), "backend": info.get("backend"),
-        "generation": settings.as_dict(), "system_prompt": args.system_prompt, "count": len(results),
+        "mode": "batch" if args.batch else "chat" if args.interactive else "instruction", "model_path": args.model_path, "base_model": info.get("base_model"), "backend": info.get("backend"),
+        "generation": settings.as_dict() if settings else None, "system_prompt": args.system_prompt, "count": len(results),
         "tokens_generated": tokens, "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
         "results": results, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
@@ -328,19 +408,22 @@ def main(argv=None) -> int:
     validate_args(args)
     settings = utils.generation_settings_from_args(args)
     instructions = read_instructions(args.instructions_file) if args.batch else None
-    model, tokenizer, info, _ = utils.load_for_inference(args)
     output_file = Path(args.output_file)
+    if args.batch:  # before the model loads: a resume with other settings is refused at once
+        identity = batch_identity(args, settings)
+        done, _ = read_partial(partial_path(output_file), instructions, identity)
+    model, tokenizer, info, _ = utils.load_for_inference(args)
     if args.interactive:
         results, settings = run_interactive(model, tokenizer, settings, args, info, output_file)
     elif args.batch:
-        results = run_batch(model, tokenizer, instructions, settings, args, output_file)
+        results = run_batch(model, tokenizer, instructions, settings, args, output_file, done, identity)
     else:
         print("assistant> ", end="", flush=True)
         results = [stream_reply(model, tokenizer, conversation(args.instruction, args.system_prompt), settings)]
         results[0] = {"instruction": args.instruction, **results[0]}
     write_results(output_file, results, args, settings, info)
     if args.batch:
-        output_file.with_name(output_file.name + ".partial.jsonl").unlink(missing_ok=True)
+        partial_path(output_file).unlink(missing_ok=True)
     print(f"\nResults: {output_file.resolve()}")
     return 0
 

@@ -146,6 +146,68 @@ def test_batch_resumes_without_redoing(adapter_run, tmp_path, monkeypatch):
     assert results[1]["response"] == "KEPT" and [r["index"] for r in results] == [0, 1, 2, 3]
 
 
+def test_batch_resume_with_other_settings_is_refused_before_the_model_loads(adapter_run, tmp_path, monkeypatch, capsys):
+    """A batch killed midway and resumed with another model or temperature would mix two runs'
+    answers in one report under the second run's header."""
+    _, adapter = adapter_run
+    instr = tmp_path / "i.json"
+    instr.write_text(json.dumps([f"question {i}" for i in range(3)]))
+    out = tmp_path / "inf.json"
+    first = ["--model-path", str(adapter), "--batch", "--instructions-file", str(instr), "--max-new-tokens", "3",
+             "--temperature", "0", "--batch-size", "1", "--output-file", str(out)]
+    original = utils.generate_batch
+    calls = []
+
+    def killed_after_one(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(utils, "generate_batch", killed_after_one)
+    assert tm.main(first) == 130
+    partial = tmp_path / "inf.json.partial.jsonl"
+    lines = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert "batch_of" in lines[0] and [r["index"] for r in lines[1:]] == [0]
+    monkeypatch.setattr(utils, "generate_batch", original)
+    loaded = []
+    monkeypatch.setattr(utils, "load_for_inference", lambda args: loaded.append(1) or 1 / 0)
+    capsys.readouterr()
+    assert tm.main([*first[:-4], "--temperature", "0.9", "--output-file", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "holds 1 answers of an interrupted batch" in err and "temperature 0.0 there, 0.9 here" in err
+    assert not loaded and partial.read_text().splitlines()[1:] == [json.dumps(lines[1], ensure_ascii=False)]
+    monkeypatch.undo()
+    assert tm.main(first) == 0  # the same settings resume it
+    results = json.loads(out.read_text())["results"]
+    assert results[0] == {k: v for k, v in lines[1].items()} and [r["index"] for r in results] == [0, 1, 2]
+
+
+def test_chat_and_one_instruction_never_replace_a_batch_report(adapter_run, tmp_path, capsys):
+    _, adapter = adapter_run
+    instr = tmp_path / "i.json"
+    instr.write_text(json.dumps(["What is 2 + 2?", {"instruction": "How many apples?", "input": "Maya has 8 and gets 7."}]))
+    out = tmp_path / "inf.json"
+    assert tm.main(["--model-path", str(adapter), "--batch", "--instructions-file", str(instr), "--max-new-tokens", "2",
+                    "--output-file", str(out)]) == 0
+    report = out.read_text()
+    assert json.loads(report)["mode"] == "batch"
+    # an Alpaca "input" is part of the prompt, joined as training data joins it
+    assert json.loads(report)["results"][1]["instruction"] == "How many apples?\n\nMaya has 8 and gets 7."
+    for mode in (["--instruction", "hi"], ["--interactive"]):
+        capsys.readouterr()
+        assert tm.main(["--model-path", str(adapter), *mode, "--output-file", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and "holds a batch report (2 answers)" in err and "pass another --output-file" in err
+    assert out.read_text() == report
+    # a report of one instruction is replaced by the next, as before
+    single = tmp_path / "one.json"
+    for text in ("hi", "hello"):
+        assert tm.main(["--model-path", str(adapter), "--instruction", text, "--max-new-tokens", "2",
+                        "--output-file", str(single)]) == 0
+    assert json.loads(single.read_text())["results"][0]["instruction"] == "hello"
+
+
 def spawn_chat(adapter, tmp_path, *extra):
     import pexpect
 
@@ -282,7 +344,8 @@ def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", fake_input)
     turns, _ = tm.interactive(None, None, utils.GenerationSettings(), None)
     assert seen[2] == ["one", "r1", "three"]  # the stopped reply is not in the history
-    assert turns[1] == {"instruction": "two", "response": "half a", "tokens": 2, "seconds": 0.1, "interrupted": True}
+    assert turns[1] == {"instruction": "two", "response": "half a", "tokens": 2, "seconds": 0.1, "interrupted": True,
+                        "generation": utils.GenerationSettings().as_dict()}
     assert "[reply stopped" in capsys.readouterr().out
 
 
@@ -310,6 +373,10 @@ def test_chat_transcript_records_each_turn(adapter_run, tmp_path, monkeypatch, c
     assert session["model_path"] == str(adapter) and session["system_prompt"] == "Be brief." and session["base_model"]
     assert [first["instruction"], second["instruction"]] == ["first question", "second question"]
     assert first["generation"]["temperature"] == 0.7 and second["generation"]["temperature"] == 0.0
+    report = json.loads((out_dir / "chat.json").read_text())
+    # the settings changed mid-chat: no single set describes the report, each result keeps its own
+    assert report["mode"] == "chat" and report["generation"] is None
+    assert [r["generation"]["temperature"] for r in report["results"]] == [0.7, 0.0]
     for turn in (first, second):
         assert isinstance(turn["response"], str) and 0 < turn["tokens"] <= 3 and turn["seconds"] >= 0
 
