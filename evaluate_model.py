@@ -164,6 +164,42 @@ def load_eval_split(args):
     return rows, manifest
 
 
+def trained_rows_check(rows, args, manifest: dict, run_info: dict) -> dict | None:
+    """Whether the evaluated rows may be rows the adapter trained on, which inflates every number.
+
+    Same prepared data as training: only --split train is. Other data: the prompts of this split
+    are looked up in the training folder the adapter recorded, where that folder is on this machine.
+    """
+    trained_on = run_info.get("dataset_manifest_sha256")
+    if not trained_on:
+        return None  # a plain model, or an adapter trained elsewhere: nothing recorded to compare
+    if trained_on == manifest.get("content_sha256"):
+        if args.split != "train":
+            return {"same_dataset_as_training": True, "rows_seen_in_training": 0, "of": len(rows)}
+        return {"same_dataset_as_training": True, "rows_seen_in_training": len(rows), "of": len(rows),
+                "warning": f"--split train is the data this adapter trained on: every number below measures "
+                           "recall of training rows, not generalisation; evaluate --split validation"}
+    from reasonforge.conversations import prompt_key
+
+    path = run_info.get("dataset_path")
+    source = Path(path) if path and utils.path_kind(path) == "local" else None
+    if source is None or not (source / "manifest.json").is_file():
+        return {"same_dataset_as_training": False, "rows_seen_in_training": None, "of": len(rows),
+                "warning": "this dataset is not the one the adapter trained on, and that one "
+                           f"({path or 'not recorded'}) is not on this machine to compare prompts with; "
+                           "rows it trained on would inflate every number"}
+    train, _ = utils.load_prepared_dataset(source)
+    seen = {prompt_key(m) for m in train["train"]["messages"]}
+    overlap = sum(prompt_key(m) in seen for m in rows["messages"])
+    out = {"same_dataset_as_training": False, "rows_seen_in_training": overlap, "of": len(rows),
+           "training_dataset": str(source)}
+    if overlap:
+        out["warning"] = (f"{overlap} of the {len(rows)} rows evaluated have a prompt the adapter trained on "
+                          f"(in {source}); their scores measure recall, not generalisation: evaluate the "
+                          "validation split of the dataset it trained on")
+    return out
+
+
 def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) -> dict:
     metrics: dict = {}
     timings: dict = {}
@@ -209,6 +245,9 @@ def samples(model, tokenizer, rows, args, settings) -> list[dict]:
 
 def print_summary(report: dict, output_file: Path) -> None:
     m = report["metrics"]
+    leak = report.get("trained_rows_check") or {}
+    if leak.get("warning"):  # again beside the numbers it qualifies, where it cannot scroll away
+        print(f"warning: {leak['warning']}")
     for name, r in m.get("perplexity", {}).items():
         if isinstance(r, dict):
             print(f"Perplexity ({name}): {utils.sig4(r['perplexity'])} (avg loss {utils.sig4(r['avg_loss'])}, "
@@ -230,12 +269,19 @@ def main(argv=None) -> int:
     rows, manifest = load_eval_split(args)
     model, tokenizer, info, adapter_info = utils.load_for_inference(args)
     has_adapter = "adapter" in info
+    if args.compare_base and not has_adapter:
+        log.warning("--compare-base: %s is a plain model, not an adapter, so there is no base to compare; "
+                    "only its own numbers are measured", args.model_path)
+    leak = trained_rows_check(rows, args, manifest, adapter_info.get("reasonforge", {})) if has_adapter else None
+    if leak and leak.get("warning"):
+        log.warning(leak["warning"])
     measured = run_measurements(model, tokenizer, rows, args, settings, has_adapter)
     report = {
         "model_path": args.model_path, "base_model": info["base_model"], "adapter": info.get("adapter"),
         "backend": info["backend"], "dataset_path": args.dataset_path, "split": args.split, "rows": len(rows),
         "dataset_manifest_sha256": manifest.get("content_sha256"),
         "adapter_dataset_manifest_sha256": adapter_info.get("reasonforge", {}).get("dataset_manifest_sha256"),
+        "trained_rows_check": leak,
         "generation": settings.as_dict(), "metrics": measured["metrics"],
         "settings": {name: getattr(args, name) for name in utils.RECORDED_DEFAULTS},
         "settings_source": args.settings_source,

@@ -18,7 +18,8 @@ Batch results are appended to OUTPUT.partial.jsonl as they complete, so an inter
 resumes where it stopped; the final JSON is written when all are done. That file's first line
 records the model and generation settings, and a resume with others is refused, so one report
 never mixes answers of two models. The chat and a single instruction never replace a batch's
-report: with --output-file naming one, they are refused before the model loads.
+report: by default each mode writes its own file under ./test_results/, and an --output-file that
+names a batch's report is refused for them before the model loads.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--instructions-file", default=None, help="JSON list of strings or {\"instruction\": ...} objects")
     mode.add_argument("--batch-size", type=int, default=8, help="prompts per generate call in --batch (default: %(default)s)")
     utils.add_generation_flags(p)
-    p.add_argument("--output-file", default="./test_results/inference.json", help="(default: %(default)s)")
+    p.add_argument("--output-file", default=None,
+                   help="report file (default: ./test_results/ and inference.json for --batch, instruction.json for "
+                        "--instruction, chat.json for --interactive, so no mode replaces another's report; the chat's "
+                        "transcripts go beside it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
     return p
@@ -56,10 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 REPORT_KEYS = ("results", "generation", "created_at")  # how an earlier report of ours is recognised
 
 
+DEFAULT_OUTPUT = {"batch": "./test_results/inference.json", "instruction": "./test_results/instruction.json",
+                  "interactive": "./test_results/chat.json"}
+
+
 def validate_args(args) -> None:
     modes = [bool(args.interactive), args.instruction is not None, bool(args.batch)]
     if sum(modes) != 1:
         raise UserError("choose exactly one of --interactive, --instruction TEXT, --batch --instructions-file FILE")
+    if args.output_file is None:
+        args.output_file = DEFAULT_OUTPUT["batch" if args.batch else "interactive" if args.interactive else "instruction"]
     if args.batch and not args.instructions_file:
         raise UserError("--batch needs --instructions-file FILE (a JSON list of instructions)")
     if args.instruction is not None and not args.instruction.strip():

@@ -87,6 +87,8 @@ def path_kind(name: str | Path) -> str:
         return "s3"
     if name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
         return "local"
+    if name.count("/") > 1 or "\\" in name:  # a Hub id is NAME or OWNER/NAME: this is a path that is not there
+        return "local"
     return "hub"
 
 
@@ -120,6 +122,12 @@ def holds_json(folder: str | Path, name: str, *keys: str) -> bool:
     return isinstance(obj, dict) and all(k in obj for k in keys)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see either the old content or the whole new one."""
     path = Path(path)
@@ -127,6 +135,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # mkstemp makes the file owner-only; a report should get the mode a plain write would give
+        # (or keep the one of the file it replaces), so colleagues on a shared box can still read it
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

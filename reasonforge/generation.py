@@ -19,7 +19,8 @@ class GenerationSettings:
     repetition_penalty: float = 1.1
 
     LIMITS = {
-        "temperature": (float, lambda v: 0 <= v <= 5, "between 0 (greedy) and 5"),
+        # below about 1e-200 the logits divided by it overflow and sampling fails on inf; 1e-4 is already greedy
+        "temperature": (float, lambda v: v == 0 or 1e-4 <= v <= 5, "between 0 (greedy) and 5, and 0 or at least 0.0001"),
         "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
         "top_k": (int, lambda v: v >= 0, "0 (off) or more"),
         "max_new_tokens": (int, lambda v: 1 <= v <= 32768, "between 1 and 32768"),

@@ -146,11 +146,36 @@ def no_bpe_cleanup(tokenizer) -> None:
         tokenizer.clean_up_tokenization_spaces = False
 
 
+def _adapter_depth_problem(model, adapter_path: Path, base_name: str) -> str | None:
+    """PEFT loads an adapter onto a shallower base of the same width without a word: the weights of
+    the layers the base lacks are dropped and the model that answers is a broken one."""
+    import re
+
+    weights = adapter_path / "adapter_model.safetensors"
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not weights.is_file() or not isinstance(layers, int):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            indices = {int(m.group(1)) for k in fh.keys() for m in [re.search(r"\.layers\.(\d+)\.", k)] if m}
+    except Exception:  # unreadable weights get PEFT's own error below
+        return None
+    if indices and max(indices) >= layers:
+        return (f"adapter {adapter_path} has LoRA weights for decoder layer {max(indices)}, but base model "
+                f"{base_name!r} has {layers} layers; pass the --base-model it was trained on")
+    return None
+
+
 def _attach_saved_adapter(model, tokenizer, adapter_path: Path, base_name: str, trainable: bool):
     """Load a saved LoRA adapter onto `model`; the adapter folder's tokenizer (and so its chat
     template, the one training used) replaces the base's."""
     from peft import PeftModel
 
+    depth_problem = _adapter_depth_problem(model, adapter_path, base_name)
+    if depth_problem:
+        raise UserError(depth_problem)
     try:
         model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -216,7 +241,10 @@ def _load_hf(model_name, load_in_4bit, dtype, trust_remote_code):
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
     except OSError as exc:
-        raise UserError(f"cannot load model {model_name!r}: {first_line(exc)}") from exc
+        owner = str(model_name).split("/")[0]
+        hint = (f"; and there is no local folder {str(model_name)!r} (the folder {owner!r} exists: check the path)"
+                if "/" in str(model_name) and Path(owner).is_dir() and not Path(model_name).exists() else "")
+        raise UserError(f"cannot load model {model_name!r}: {first_line(exc)}{hint}") from exc
     return model, tokenizer, {"dtype": str(torch_dtype).replace("torch.", ""), "load_in_4bit": quantized}
 
 

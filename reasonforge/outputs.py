@@ -49,6 +49,9 @@ def run_info(run, trainer) -> dict:
     return {"base_model": c.model_name, "backend": run.backend, "chat_template": run.data.template_name,
             "max_seq_length": c.max_seq_length, "train_on_responses_only": c.train_on_responses_only,
             "long_rows": c.long_rows, "dataset_manifest_sha256": run.data.manifest.get("content_sha256"),
+            # where the training rows are, so evaluation can tell whether its rows were among them
+            "dataset_path": (str(Path(c.dataset_path).expanduser().resolve())
+                             if utils.path_kind(c.dataset_path) == "local" else str(c.dataset_path)),
             "best_checkpoint": trainer.state.best_model_checkpoint, "method": c.method,
             "best_metric_name": trainer.args.metric_for_best_model, "best_metric": trainer.state.best_metric,
             "best_validation_loss": trainer.state.best_metric if trainer.args.metric_for_best_model == "eval_loss" else None,

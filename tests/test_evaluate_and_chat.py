@@ -450,6 +450,25 @@ def test_mismatched_base_model(adapter_run, tmp_path, capsys):
     assert "does not fit base model" in capsys.readouterr().err
 
 
+def test_an_adapter_on_a_shallower_base_is_refused(adapter_run, tmp_path, capsys):
+    """Same width, fewer layers: PEFT drops the deeper layers' weights without a word."""
+    from conftest import build_tiny_qwen
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    other = tmp_path / "shallow"
+    build_tiny_qwen(other)
+    cfg = json.loads((other / "config.json").read_text())
+    _, adapter = adapter_run
+    layers = cfg["num_hidden_layers"]
+    assert layers > 1
+    kept = {k: v for k, v in cfg.items() if k in Qwen2Config().to_dict() and k != "layer_types"}
+    Qwen2ForCausalLM(Qwen2Config(**{**kept, "num_hidden_layers": layers - 1})).save_pretrained(str(other))
+    assert tm.main(["--model-path", str(adapter), "--base-model", str(other), "--instruction", "hi",
+                    "--output-file", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"has LoRA weights for decoder layer {layers - 1}, but base model" in err and f"has {layers - 1} layers" in err
+
+
 BAD_CHAT = [
     (["--batch", "--instructions-file", "{notlist}"], "must hold a JSON list, found a dict"),
     (["--batch", "--instructions-file", "{badentry}"], "entry 1 is not a non-empty string"),
@@ -457,6 +476,7 @@ BAD_CHAT = [
     (["--batch"], "--batch needs --instructions-file"),
     (["--instruction", "x", "--interactive"], "choose exactly one of"),
     (["--instruction", "x", "--temperature", "-1"], "--temperature -1.0 must be between 0"),
+    (["--instruction", "x", "--temperature", "1e-300"], "--temperature 1e-300 must be between 0 (greedy) and 5, and 0 or at least 0.0001"),
     (["--instruction", "x", "--max-new-tokens", "0"], "--max-new-tokens 0 must be between 1"),
 ]
 
@@ -508,3 +528,48 @@ def test_unsloth_evaluate_and_chat(tmp_path, sample_dataset):
     assert tm.main(["--model-path", str(run / "final_model"), "--backend", "unsloth", "--batch", "--instructions-file",
                     str(instr), "--max-new-tokens", "32", "--output-file", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["count"] == 16
+
+
+def test_a_mistyped_relative_model_path_says_it_does_not_exist(adapter_run, tmp_path, monkeypatch, capsys):
+    """A Hub id has at most one '/': 'run/checkpoints/nope' is a folder that is not there, not a Hub
+    id to look up (which offline ended in a Hub error naming no folder)."""
+    from reasonforge.core import path_kind
+
+    assert path_kind("Qwen/Qwen2.5-3B-Instruct") == "hub" and path_kind("run/checkpoints/nope") == "local"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert tm.main(["--model-path", "run/checkpoints/nope", "--instruction", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "does not exist" in err and "run/checkpoints/nope" in err
+
+
+def test_rows_the_adapter_trained_on_are_counted_and_warned(adapter_run, tmp_path, capsys):
+    """The same source prepared with another --seed splits differently: most of its validation
+    prompts were training prompts of the adapter, and their scores would pass for generalisation."""
+    import datasets
+
+    from reasonforge.conversations import prompt_key
+
+    data, adapter = adapter_run
+    other = tmp_path / "reseeded"
+    assert dp.main(["--dataset", "sample", "--max-samples", "60", "--seed", "7", "--skip-upload",
+                    "--output-dir", str(other)]) == 0
+    trained = {prompt_key(m) for m in datasets.load_from_disk(str(data))["train"]["messages"]}
+    val = datasets.load_from_disk(str(other))["validation"]["messages"]
+    expected = sum(prompt_key(m) in trained for m in val)
+    assert 0 < expected  # the check below would pass vacuously otherwise
+    out = tmp_path / "e.json"
+    capsys.readouterr()
+    assert ev.main(["--model-path", str(adapter), "--dataset-path", str(other), "--compute-perplexity",
+                    "--output-file", str(out)]) == 0
+    check = json.loads(out.read_text())["trained_rows_check"]
+    assert check["rows_seen_in_training"] == expected and check["of"] == len(val) and not check["same_dataset_as_training"]
+    printed = capsys.readouterr().out
+    assert f"warning: {expected} of the {len(val)} rows evaluated have a prompt the adapter trained on" in printed
+    # its own validation split: nothing seen, no warning; its train split: all of it, warned
+    for split, seen in (("validation", 0), ("train", None)):
+        assert ev.main(["--model-path", str(adapter), "--dataset-path", str(data), "--split", split,
+                        "--compute-perplexity", "--max-eval-samples", "4", "--output-file", str(out)]) == 0
+        check = json.loads(out.read_text())["trained_rows_check"]
+        assert check["same_dataset_as_training"] and check["rows_seen_in_training"] == (4 if seen is None else 0)
+        assert ("warning" in check) == (seen is None)

@@ -207,3 +207,24 @@ def test_lock_is_released_when_the_run_fails(tmp_path, tiny_model, sample_datase
     assert train_lora.main(train_argv(tiny_model, tmp_path / "no-data", out)) == 2
     assert "does not exist" in one_error_line(capsys)
     assert out.is_dir() and not (out / utils.RunLock.NAME).exists()
+
+
+def test_atomic_writes_get_a_plain_files_mode(tmp_path):
+    """Reports were written owner-only (mkstemp's 0600): a colleague on a shared box could not read them."""
+    import os
+    import stat
+
+    from reasonforge.core import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "report.json"
+        atomic_write_text(new, "{}")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644
+        kept = tmp_path / "shared.json"
+        kept.write_text("{}")
+        kept.chmod(0o664)
+        atomic_write_text(kept, '{"a": 1}')  # a replaced file keeps the mode it had
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o664 and kept.read_text() == '{"a": 1}'
+    finally:
+        os.umask(old)
