@@ -90,3 +90,6 @@ def test_worked_solution_references_are_cut_to_their_value():
     assert reference_answer("The sum is \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
     assert answers_match("0.5", "The sum is \\boxed{\\frac{1}{2}}.")
     assert reference_answer("mitochondria") == "mitochondria"
+    assert reference_answer("3 + 4 = 7.\nAnswer: 7") == "7"
+    free_text = "Paris is the capital.\nIt has about 2 million people."
+    assert reference_answer(free_text) == free_text and not answers_match("2", free_text)
