@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import sys
@@ -183,10 +184,13 @@ def trained_rows_check(rows, args, manifest: dict, run_info: dict) -> dict | Non
 
     path = run_info.get("dataset_path")
     source = Path(path) if path and utils.path_kind(path) == "local" else None
-    if source is None or not (source / "manifest.json").is_file():
+    recorded = utils.holds_json(source, "manifest.json", "content_sha256") and \
+        json.loads((source / "manifest.json").read_text(encoding="utf-8")).get("content_sha256") if source else None
+    if recorded != trained_on:  # gone, remote, or prepared again in place since: its rows are not the trained ones
+        where = f"{path}, prepared again since" if recorded else (path or "not recorded")
         return {"same_dataset_as_training": False, "rows_seen_in_training": None, "of": len(rows),
                 "warning": "this dataset is not the one the adapter trained on, and that one "
-                           f"({path or 'not recorded'}) is not on this machine to compare prompts with; "
+                           f"({where}) is not on this machine as it was trained on to compare prompts with; "
                            "rows it trained on would inflate every number"}
     train, _ = utils.load_prepared_dataset(source)
     seen = {prompt_key(m) for m in train["train"]["messages"]}
@@ -216,7 +220,9 @@ def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) 
         if "base" in ppl:
             ppl["improvement_percent"] = 100 * (ppl["base"]["perplexity"] - ppl["finetuned"]["perplexity"]) / ppl["base"]["perplexity"]
     if args.compute_accuracy:
-        scored = rows.filter(lambda r: bool(r["answer"])) if "answer" in rows.column_names else rows.select([])
+        # a reference of 0 or False is an answer too: only missing or blank ones are left out
+        scored = (rows.filter(lambda r: r["answer"] is not None and str(r["answer"]).strip() != "")
+                  if "answer" in rows.column_names else rows.select([]))
         if len(scored) == 0:
             raise UserError(f"--compute-accuracy: no rows of split {args.split!r} have a reference answer "
                             "(the data-preparation 'answer' column); drop the flag or prepare data with answers")

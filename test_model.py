@@ -344,7 +344,7 @@ def read_partial(partial: Path, instructions: list[str], identity: dict) -> tupl
     """(answers kept from an interrupted batch, whether the file records its run). Refuses answers
     of another model or other settings: resuming would mix two models' answers in one report."""
     done: dict[int, dict] = {}
-    recorded = None
+    recorded, other = None, 0
     if not partial.is_file():
         return done, False
     for line in partial.read_text(encoding="utf-8").splitlines():
@@ -357,6 +357,12 @@ def read_partial(partial: Path, instructions: list[str], identity: dict) -> tupl
         elif isinstance(rec, dict) and isinstance(rec.get("index"), int) and 0 <= rec["index"] < len(instructions) \
                 and instructions[rec["index"]] == rec.get("instruction"):
             done[rec["index"]] = rec
+        elif isinstance(rec, dict) and "index" in rec:
+            other += 1
+    if other:  # starting afresh would throw those answers away
+        raise UserError(f"{partial} holds {other} answers to instructions that are not at those places in "
+                        "--instructions-file (was the file changed since the batch stopped?); run with the file it "
+                        "was started with to resume it, or choose another --output-file to start afresh")
     if done and recorded is not None and recorded != identity:
         changed = ", ".join(f"{k} {recorded.get(k)!r} there, {identity[k]!r} here"
                             for k in identity if recorded.get(k) != identity[k])

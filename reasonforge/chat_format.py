@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -274,8 +275,21 @@ def map_fingerprint(ds, tokenizer, *settings) -> str:
     that shape the output identify the result just as well.
     """
     key = [ds._fingerprint, getattr(tokenizer, "name_or_path", None), len(tokenizer) if tokenizer is not None else None,
-           *map(str, settings)]
+           _code_digest(), *map(str, settings)]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The code that turns rows into messages and tokens, and the tokenizer library's version: with
+    only the data and settings in the fingerprint, a rerun after an upgrade or a fix was served the
+    old rows from the datasets cache."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256(version("transformers").encode())
+    for name in ("chat_format.py", "conversations.py", "sft.py", "grpo.py"):
+        h.update((Path(__file__).with_name(name)).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def keeps_row(row: dict, limit: int, long_rows: str) -> bool:

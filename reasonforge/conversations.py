@@ -47,6 +47,11 @@ def detect_schema(columns: list[str], column_map: dict[str, str] | None) -> tupl
             raise UserError(f"--column-map names columns {missing} that are not in the data (columns: {columns})")
         if "user" not in column_map.values() or "assistant" not in column_map.values():
             raise UserError("--column-map must map one column to user and one to assistant, e.g. question=user,answer=assistant")
+        for target in dict.fromkeys(column_map.values()):
+            cols = [c for c, t in column_map.items() if t == target]
+            if len(cols) > 1:  # only the first would be kept: the others' text would vanish from every row
+                raise UserError(f"--column-map maps {' and '.join(cols)} all to {target}; map one column to each role "
+                                f"(join {' and '.join(cols)} into one column first if the {target} turn needs both)")
         return "column-map", dict(column_map)
     for conv in ("messages", "conversations", "conversation"):
         if conv in columns:

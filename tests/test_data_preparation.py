@@ -167,6 +167,8 @@ BAD = [
     (["--dataset", "{empty}"], "empty"),
     (["--dataset", "{tiny}", "--val-size", "0.01"], "leave an empty split"),
     (["--dataset", "{tiny}", "--column-map", "nope=user,answer=assistant"], "not in the data"),
+    # two columns to one role: all but one would vanish from every row without a count
+    (["--dataset", "{tiny}", "--column-map", "question=user,extra=user,answer=assistant"], "maps question and extra all to user"),
     (["--s3-bucket", "Bad_Bucket"], "invalid S3 bucket name"),
 ]
 
@@ -178,7 +180,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
         "unknown_schema": write_jsonl(tmp_path / "u.jsonl", [{"text_in": "a", "label": "b"}] * 3),
         "malformed": tmp_path / "m.jsonl",
         "empty": tmp_path / "e.jsonl",
-        "tiny": write_jsonl(tmp_path / "t.jsonl", [{"question": f"q{i}", "answer": "a"} for i in range(3)]),
+        "tiny": write_jsonl(tmp_path / "t.jsonl", [{"question": f"q{i}", "answer": "a", "extra": "x"} for i in range(3)]),
     }
     files["malformed"].write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": "d"}\n{"question": oops}\n')
     files["empty"].write_text("")

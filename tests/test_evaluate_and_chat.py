@@ -177,6 +177,11 @@ def test_batch_resume_with_other_settings_is_refused_before_the_model_loads(adap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "holds 1 answers of an interrupted batch" in err and "temperature 0.0 there, 0.9 here" in err
     assert not loaded and partial.read_text().splitlines()[1:] == [json.dumps(lines[1], ensure_ascii=False)]
+    other_file = tmp_path / "other.json"
+    other_file.write_text(json.dumps(["another question"]))
+    assert tm.main([*first[:3], "--instructions-file", str(other_file), *first[5:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds 1 answers to instructions that are not at those places" in err and len(partial.read_text().splitlines()) == 2
     monkeypatch.undo()
     assert tm.main(first) == 0  # the same settings resume it
     results = json.loads(out.read_text())["results"]
@@ -566,6 +571,19 @@ def test_rows_the_adapter_trained_on_are_counted_and_warned(adapter_run, tmp_pat
     assert check["rows_seen_in_training"] == expected and check["of"] == len(val) and not check["same_dataset_as_training"]
     printed = capsys.readouterr().out
     assert f"warning: {expected} of the {len(val)} rows evaluated have a prompt the adapter trained on" in printed
+    # the training folder prepared again in place: its rows are no longer the ones trained on, so
+    # comparing with them would report 0 seen; the check says it cannot tell instead
+    info = json.loads((adapter / "reasonforge.json").read_text())
+    assert Path(info["dataset_path"]).is_absolute() and Path(info["base_model"]).is_absolute()
+    moved = tmp_path / "adapter"
+    shutil.copytree(adapter, moved)
+    replaced = tmp_path / "replaced"
+    shutil.copytree(other, replaced)
+    (moved / "reasonforge.json").write_text(json.dumps({**info, "dataset_path": str(replaced)}))
+    assert ev.main(["--model-path", str(moved), "--dataset-path", str(other), "--compute-perplexity",
+                    "--max-eval-samples", "2", "--output-file", str(out)]) == 0
+    check = json.loads(out.read_text())["trained_rows_check"]
+    assert check["rows_seen_in_training"] is None and "prepared again since" in check["warning"]
     # its own validation split: nothing seen, no warning; its train split: all of it, warned
     for split, seen in (("validation", 0), ("train", None)):
         assert ev.main(["--model-path", str(adapter), "--dataset-path", str(data), "--split", split,
@@ -573,3 +591,21 @@ def test_rows_the_adapter_trained_on_are_counted_and_warned(adapter_run, tmp_pat
         check = json.loads(out.read_text())["trained_rows_check"]
         assert check["same_dataset_as_training"] and check["rows_seen_in_training"] == (4 if seen is None else 0)
         assert ("warning" in check) == (seen is None)
+
+
+def test_a_reference_of_zero_is_scored(adapter_run, tmp_path):
+    """Parquet or mixed JSON keep a numeric answer column: 0 (or False) is a reference, not a missing one."""
+    import datasets
+
+    data, adapter = adapter_run
+    dd = datasets.load_from_disk(str(data))
+    typed = tmp_path / "typed"
+    dd = datasets.DatasetDict({name: split.remove_columns("answer").add_column("answer", [0] * len(split))
+                               for name, split in dd.items()})
+    dd.save_to_disk(str(typed))
+    shutil.copy(data / "manifest.json", typed / "manifest.json")
+    out = tmp_path / "e.json"
+    assert ev.main(["--model-path", str(adapter), "--dataset-path", str(typed), "--compute-accuracy",
+                    "--max-eval-samples", "3", "--max-new-tokens", "2", "--output-file", str(out)]) == 0
+    acc = json.loads(out.read_text())["metrics"]["accuracy"]["finetuned"]
+    assert acc["total"] == 3 and [v["reference"] for v in acc["verdicts"]] == ["0"] * 3

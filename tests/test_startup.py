@@ -56,6 +56,32 @@ def test_map_fingerprint_follows_the_settings(tiny_model, sample_dataset):
     assert a != utils.map_fingerprint(dd["validation"], tok, "sft", "template", 2048, True)
 
 
+def test_map_fingerprint_follows_the_code(tiny_model, sample_dataset, monkeypatch):
+    """A rerun after a fix to the row conversion must not be served the old rows from the cache."""
+    from reasonforge import chat_format
+
+    import utils
+
+    dd, _ = utils.load_prepared_dataset(sample_dataset)
+    a = utils.map_fingerprint(dd["train"], None, "prepare")
+    monkeypatch.setattr(chat_format, "_code_digest", lambda: "edited")
+    assert a != utils.map_fingerprint(dd["train"], None, "prepare")
+    monkeypatch.undo()
+    assert a == utils.map_fingerprint(dd["train"], None, "prepare")
+    # the digest reads the conversion's source: an edit to conversations.py changes it
+    from pathlib import Path
+
+    real = Path.read_bytes
+    before = chat_format._code_digest()
+    chat_format._code_digest.cache_clear()
+    monkeypatch.setattr(Path, "read_bytes", lambda self: real(self) + (b"#" if self.name == "conversations.py" else b""))
+    try:
+        assert chat_format._code_digest() != before
+    finally:
+        monkeypatch.undo()
+        chat_format._code_digest.cache_clear()
+
+
 @pytest.fixture
 def clean_cache_env():
     """No cache variable set; afterwards, what was there before (use() writes os.environ itself)."""
