@@ -19,6 +19,7 @@ _INNER_ANSWER = re.compile(r"\banswer\s+is\b\s*:?\s*(.+)", re.I)
 # parentheses after a space ("42 (the sum)"); "f(x)" and "(1, 2)" have no space before the parenthesis
 _SENTENCE_AFTER = re.compile(r"\.\s+[A-Z].*$")
 _ASIDE_AFTER = re.compile(r"(?<=\S)\s+\([^()]*\)$")
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # words of prose; \frac and other LaTeX commands are not
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _E_NOTATION = re.compile(r"(\d)[eE]([-+]?\d+)\b")
 # Single letters are variables ("2x", "2 x"); these few are read as units when they follow a number.
@@ -118,10 +119,10 @@ def reference_answer(reference: str) -> str:
     boxed = _last_boxed(text)
     if boxed is not None and boxed.strip():
         return boxed.strip()
-    if "\n" in text:  # a worked solution that states its answer ("Answer: 7"); never its last number,
-        stated = answer_lines(text)  # which in free text ("... 2 million people") is no answer at all
-        return stated[-1] if stated else text
-    return text
+    # a reference that states its answer ("Answer: 7", "... so the answer is 7"); never its last
+    # number, which in free text ("... about 2 million people") is no answer at all
+    stated = answer_lines(text)
+    return stated[-1] if stated else text
 
 
 def answers_match(predicted: str | None, reference: str | None) -> bool:
@@ -136,12 +137,17 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
     gold = _parse(str(reference))
     if not gold:
         return _text(predicted) == _text(str(reference))
-    pred = _parse(predicted)
-    if not pred:
-        return False
     from math_verify import verify
 
-    try:
-        return bool(verify(gold, pred))
-    except Exception:
-        return False
+    candidates = [predicted]
+    numbers = _NUMBER.findall(predicted)
+    if len(numbers) == 1 and len(_WORD.findall(predicted.replace("\\", " \\"))) >= 2:
+        candidates.append(numbers[0])  # a sentence around one number ("She has 7 apples"): that number
+    for candidate in candidates:
+        pred = _parse(candidate)
+        try:
+            if pred and verify(gold, pred):
+                return True
+        except Exception:
+            continue
+    return False

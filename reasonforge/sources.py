@@ -114,6 +114,22 @@ def load_source(args):
     return ds, f"hub:{name}"
 
 
+def csv_as_text(files: list[str]) -> dict:
+    """Read every CSV column as the text in the file. Left to infer types, pandas turned answers
+    '007' into 7, '1.50' into 1.5 and 20-digit numbers into floats, and dropped 'NA', 'None' and
+    'null' as missing: training targets and references silently different from the file."""
+    import csv
+
+    import datasets
+
+    with open(files[0], newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    if not header or len(set(header)) != len(header):
+        return {}  # no header or repeated names: left to pandas, whose error names the problem
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False, "na_values": [""]}
+
+
 def load_local(path: Path, split: str):
     import datasets
 
@@ -135,8 +151,9 @@ def load_local(path: Path, split: str):
     elif kind == "csv":
         for f in files:
             check_utf8(Path(f))
+    options = csv_as_text(files) if kind == "csv" else {}
     try:
-        return datasets.load_dataset(kind, data_files=files, split="train")
+        return datasets.load_dataset(kind, data_files=files, split="train", **options)
     except Exception as exc:
         raise UserError(f"cannot read {path} as {kind}: {utils.first_line(exc)}") from exc
 

@@ -91,5 +91,13 @@ def test_worked_solution_references_are_cut_to_their_value():
     assert answers_match("0.5", "The sum is \\boxed{\\frac{1}{2}}.")
     assert reference_answer("mitochondria") == "mitochondria"
     assert reference_answer("3 + 4 = 7.\nAnswer: 7") == "7"
+    assert reference_answer("The answer is 1,234") == "1,234" and answers_match("1234", "Answer: 1234")
     free_text = "Paris is the capital.\nIt has about 2 million people."
     assert reference_answer(free_text) == free_text and not answers_match("2", free_text)
+
+
+def test_a_sentence_around_one_number_is_that_number():
+    assert answers_match(final_answer("Answer: She has 7 apples."), "7")
+    assert not answers_match(final_answer("Answer: She has 8 apples."), "7")
+    # more than one number in the sentence: no guessing which one is meant
+    assert not answers_match("between 6 and 7 apples", "7")

@@ -126,6 +126,20 @@ def test_csv_and_parquet_and_folder(tmp_path, ext):
     assert code == 0 and json.loads((out / "manifest.json").read_text())["counts"]["kept_rows"] == 12
 
 
+def test_csv_answers_keep_the_text_of_the_file(tmp_path):
+    """Type inference turned '007' into 7 and '1.50' into 1.5, and dropped 'NA' as missing."""
+    src = tmp_path / "num.csv"
+    answers = ["1.50", "007", "NA", "None", "12345678901234567890", "2.50", "-0", "1e3"]
+    src.write_text("question,answer\n" + "".join(f"what is item {i}?,{a}\n" for i, a in enumerate(answers * 2)))
+    code, out = run(tmp_path, "--dataset", str(src), "--val-size", "0.25")
+    assert code == 0
+    dd = load(out)
+    got = {row["messages"][-2]["content"]: (row["messages"][-1]["content"], row["answer"])
+           for split in dd.values() for row in split}
+    for i, a in enumerate(answers * 2):
+        assert got[f"what is item {i}?"] == (a, a)
+
+
 def test_save_to_disk_folder_and_column_map(tmp_path):
     import datasets
 
