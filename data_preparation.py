@@ -7,7 +7,7 @@
     python data_preparation.py --dataset "TuringEnterprises/Turing-Open-Reasoning" --s3-bucket my-bucket --val-size 0.1
 
     # local files, with an explicit mapping and token-length checks against a tokenizer
-    python data_preparation.py --dataset data/*.jsonl --column-map prompt=user,reply=assistant \
+    python data_preparation.py --dataset data/ --column-map prompt=user,reply=assistant \
         --tokenizer Qwen/Qwen2.5-Coder-3B-Instruct --max-seq-length 2048 --skip-upload
 
 The output folder holds a datasets `DatasetDict` (train, validation), `manifest.json` and
@@ -98,6 +98,8 @@ def validate_args(args) -> None:
         utils.validate_bucket_name(args.s3_bucket)
     if args.s3_prefix is not None:
         problems += filter(None, [utils.s3_key_problem(args.s3_prefix, "--s3-prefix")])
+        if not args.s3_bucket:  # else it was dropped without a word and nothing went to S3
+            problems.append(f"--s3-prefix {args.s3_prefix} needs --s3-bucket BUCKET, the bucket it names a place in")
     if args.column_map:
         bad = {k: v for k, v in utils.parse_key_value_list(args.column_map, "--column-map").items() if v not in TARGETS}
         if bad:

@@ -97,6 +97,9 @@ def load_source(args):
 
         n = args.max_samples or 3000
         return datasets.Dataset.from_list(sample_data.sample_rows(n, seed=1234, level=name)), f"builtin:{name}"
+    if utils.path_kind(name) == "s3":
+        raise UserError(f"--dataset {name} is on S3, which data preparation does not read; copy it here first "
+                        f"(aws s3 cp --recursive {name} ./raw_data/) and pass --dataset ./raw_data")
     path = Path(name).expanduser()
     if utils.path_kind(name) == "local" or path.suffix.lower() in FILE_TYPES:
         if not path.exists():

@@ -184,6 +184,8 @@ BAD = [
     # two columns to one role: all but one would vanish from every row without a count
     (["--dataset", "{tiny}", "--column-map", "question=user,extra=user,answer=assistant"], "maps question and extra all to user"),
     (["--s3-bucket", "Bad_Bucket"], "invalid S3 bucket name"),
+    (["--s3-prefix", "datasets/mine"], "--s3-prefix datasets/mine needs --s3-bucket BUCKET"),
+    (["--dataset", "s3://bucket/raw/train.jsonl"], "is on S3, which data preparation does not read; copy it here first"),
 ]
 
 
