@@ -321,13 +321,24 @@ def partial_path(output_file: Path) -> Path:
 
 
 def weights_stamp(model_path: str) -> str | None:
-    """Sizes and times of a local model folder's weight files: a retrained adapter saved to the
-    same folder is another model. None for s3:// and Hub ids (their path names them)."""
+    """A digest of a local model folder's weight files: a retrained adapter saved to the same folder
+    is another model, while the same adapter copied again (a new instance, fresh mtimes) is not.
+    Each file's size and its first and last MiB: the values differ there, and a 6 GB merged model
+    is not read whole. None for s3:// and Hub ids (their path names them)."""
+    import hashlib
+
     folder = Path(model_path).expanduser()
     if not folder.is_dir():
         return None
+    h = hashlib.sha256()
     files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
-    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) or None
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(2**20)
+            fh.seek(max(size - 2**20, 0))
+            h.update(f"{f.name}:{size}:".encode() + head + fh.read())
+    return h.hexdigest()[:16] if files else None
 
 
 def batch_identity(args, settings) -> dict:

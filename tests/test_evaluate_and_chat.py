@@ -609,3 +609,20 @@ def test_a_reference_of_zero_is_scored(adapter_run, tmp_path):
                     "--max-eval-samples", "3", "--max-new-tokens", "2", "--output-file", str(out)]) == 0
     acc = json.loads(out.read_text())["metrics"]["accuracy"]["finetuned"]
     assert acc["total"] == 3 and [v["reference"] for v in acc["verdicts"]] == ["0"] * 3
+
+
+def test_the_weights_stamp_follows_the_values_not_the_copy(adapter_run, tmp_path):
+    """A batch resumed on a new instance reads the adapter copied again (new mtimes): same stamp;
+    a retrained adapter saved to the same folder: another stamp."""
+    import os
+
+    _, adapter = adapter_run
+    copy = tmp_path / "copy"
+    shutil.copytree(adapter, copy)
+    weights = copy / "adapter_model.safetensors"
+    os.utime(weights, ns=(1, 1))
+    assert tm.weights_stamp(str(copy)) == tm.weights_stamp(str(adapter)) is not None
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one value changed, same size
+    weights.write_bytes(bytes(data))
+    assert tm.weights_stamp(str(copy)) != tm.weights_stamp(str(adapter))
