@@ -79,12 +79,13 @@ def validate_args(args) -> None:
     # Checked before the model loads, so a bad --output-file cannot cost the answers.
     problems += filter(None, [utils.report_file_problem(args.output_file, "--output-file", "test_model.py", REPORT_KEYS)])
     if not args.batch and not problems:
-        problems += filter(None, [batch_report_problem(Path(args.output_file), "the chat" if args.interactive else "this instruction")])
+        mode = "interactive" if args.interactive else "instruction"
+        problems += filter(None, [batch_report_problem(Path(args.output_file), mode)])
     if problems:
         raise UserError("; ".join(problems))
 
 
-def batch_report_problem(path: Path, what: str) -> str | None:
+def batch_report_problem(path: Path, mode: str) -> str | None:
     """A chat or one answer must not replace a batch's report: those answers cost a whole run."""
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -96,8 +97,9 @@ def batch_report_problem(path: Path, what: str) -> str | None:
     legacy_batch = bool(report["results"]) and all(isinstance(r, dict) and "index" in r for r in report["results"])
     if report.get("mode", "batch" if legacy_batch else None) != "batch":
         return None
-    return (f"--output-file {path} holds a batch report ({len(report['results'])} answers); "
-            f"pass another --output-file for {what}, e.g. --output-file {path.with_name('chat.json' if what == 'the chat' else 'instruction.json')}")
+    what = "the chat" if mode == "interactive" else "this instruction"
+    return (f"--output-file {path} holds a batch report ({len(report['results'])} answers); pass another "
+            f"--output-file for {what}, e.g. --output-file {path.with_name(Path(DEFAULT_OUTPUT[mode]).name)}")
 
 
 def read_instructions(path: str) -> list[str]:
@@ -351,13 +353,14 @@ def batch_identity(args, settings) -> dict:
         "system_prompt": args.system_prompt, **settings.as_dict()}))
 
 
-def read_partial(partial: Path, instructions: list[str], identity: dict) -> tuple[dict[int, dict], bool]:
-    """(answers kept from an interrupted batch, whether the file records its run). Refuses answers
-    of another model or other settings: resuming would mix two models' answers in one report."""
+def read_partial(partial: Path, instructions: list[str], identity: dict) -> dict[int, dict]:
+    """The answers kept from an interrupted batch, by index. Refuses answers of another model or
+    other settings (resuming would mix two models' answers in one report) and answers to other
+    instructions (starting afresh would throw them away)."""
     done: dict[int, dict] = {}
     recorded, other = None, 0
     if not partial.is_file():
-        return done, False
+        return done
     for line in partial.read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
@@ -370,7 +373,7 @@ def read_partial(partial: Path, instructions: list[str], identity: dict) -> tupl
             done[rec["index"]] = rec
         elif isinstance(rec, dict) and "index" in rec:
             other += 1
-    if other:  # starting afresh would throw those answers away
+    if other:
         raise UserError(f"{partial} holds {other} answers to instructions that are not at those places in "
                         "--instructions-file (was the file changed since the batch stopped?); run with the file it "
                         "was started with to resume it, or choose another --output-file to start afresh")
@@ -382,7 +385,7 @@ def read_partial(partial: Path, instructions: list[str], identity: dict) -> tupl
     if done and recorded is None:
         print(f"warning: {partial} does not record the model and settings its {len(done)} answers came from "
               "(written by an older version); they are kept as they are", flush=True)
-    return done, recorded is not None
+    return done
 
 
 def run_batch(model, tokenizer, instructions: list[str], settings, args, output_file: Path,
@@ -391,7 +394,7 @@ def run_batch(model, tokenizer, instructions: list[str], settings, args, output_
     partial = partial_path(output_file)
     if done is None:
         identity = identity or batch_identity(args, settings)
-        done, _ = read_partial(partial, instructions, identity)
+        done = read_partial(partial, instructions, identity)
     if done:
         print(f"resuming: {len(done)} of {len(instructions)} instructions already answered in {partial}")
     todo = [i for i in range(len(instructions)) if i not in done]
@@ -421,7 +424,8 @@ def write_results(output_file: Path, results: list[dict], args, settings, info: 
     if len(used) > 1:  # a chat whose settings changed: no one set describes it, each result has its own
         settings = None
     utils.atomic_write_json(output_file, {
-        "mode": "batch" if args.batch else "chat" if args.interactive else "instruction", "model_path": args.model_path, "base_model": info.get("base_model"), "backend": info.get("backend"),
+        "mode": "batch" if args.batch else "chat" if args.interactive else "instruction",
+        "model_path": args.model_path, "base_model": info.get("base_model"), "backend": info.get("backend"),
         "generation": settings.as_dict() if settings else None, "system_prompt": args.system_prompt, "count": len(results),
         "tokens_generated": tokens, "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
         "results": results, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -438,7 +442,7 @@ def main(argv=None) -> int:
     output_file = Path(args.output_file)
     if args.batch:  # before the model loads: a resume with other settings is refused at once
         identity = batch_identity(args, settings)
-        done, _ = read_partial(partial_path(output_file), instructions, identity)
+        done = read_partial(partial_path(output_file), instructions, identity)
     model, tokenizer, info, _ = utils.load_for_inference(args)
     if args.interactive:
         results, settings = run_interactive(model, tokenizer, settings, args, info, output_file)

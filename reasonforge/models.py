@@ -275,8 +275,9 @@ def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: s
     base = base_model or recorded
     if not base:
         raise UserError(f"{local} does not record its base model; pass --base-model")
-    same = (Path(base_model).expanduser().resolve() == Path(recorded).expanduser().resolve()
-            if base_model and recorded and path_kind(base_model) == path_kind(recorded) == "local" else base_model == recorded)
+    both_local = bool(base_model and recorded) and path_kind(base_model) == path_kind(recorded) == "local"
+    same = (Path(base_model).expanduser().resolve() == Path(recorded).expanduser().resolve()) if both_local \
+        else base_model == recorded
     if base_model and recorded and not same:
         log.warning("--base-model %s differs from the recorded base %s; the shapes are checked on load", base_model, recorded)
     return base, local, adapter
