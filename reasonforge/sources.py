@@ -41,21 +41,25 @@ def check_utf8(path: Path) -> None:
             lineno += block.count(b"\n")
 
 
-def check_json_file(path: Path) -> None:
-    """Find the first malformed record of a JSON / JSON-lines file and name its line."""
-    check_utf8(path)
+def json_records(path: Path):
+    """The records of a JSON / JSON-lines file in order; the first malformed one is named by its line."""
     with open(path, encoding="utf-8") as fh:
         head = fh.read(1 << 16).lstrip()
     if not head:
         raise UserError(f"dataset file {path} is empty; point --dataset at a file with records")
     if head.startswith("["):
         try:
-            json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise UserError(f"malformed JSON in {path} at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
         except RecursionError:
             raise UserError(f"{path} nests JSON arrays/objects deeper than the parser allows (about "
                             f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten the data") from None
+        for i, obj in enumerate(records):
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}: item {i} of its JSON array is a {type(obj).__name__}, not an object; "
+                                "each record must be one {...} object")
+            yield obj
         return
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -70,6 +74,37 @@ def check_json_file(path: Path) -> None:
                                 f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten or remove it") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path} line {lineno} is not a JSON object; each line must be one {{...}} record")
+            yield obj
+
+
+def _kind(value) -> str:
+    return ("none" if value is None else "bool" if isinstance(value, bool) else "num" if isinstance(value, (int, float))
+            else "str" if isinstance(value, str) else "nested")
+
+
+def check_json_file(path: Path) -> dict[str, set[str]]:
+    """Check a JSON / JSON-lines file (UTF-8, well-formed, one object per record); returns the kinds
+    of value each top-level field holds ("str", "num", "bool", "none", "nested")."""
+    check_utf8(path)
+    kinds: dict[str, set[str]] = {}
+    for obj in json_records(path):
+        for key, value in obj.items():
+            kinds.setdefault(key, set()).add(_kind(value))
+    return kinds
+
+
+def text_as_written(ds, files: list[str], kinds: dict[str, set[str]]):
+    """Fields that mix text with numbers or booleans, read back as the file's text.
+
+    datasets types such a field as Json and parses its strings on the way: an answer "1.50" came
+    back as 1.5, "null" as a missing value and "[1, 2]" as a list. Here the strings stay as written
+    and a number becomes its JSON text."""
+    mixed = [k for k, found in kinds.items() if "str" in found and found & {"num", "bool"} and "nested" not in found]
+    for key in mixed:
+        values = [None if (v := obj.get(key)) is None else v if isinstance(v, str) else json.dumps(v)
+                  for f in files for obj in json_records(Path(f))]
+        ds = ds.remove_columns(key).add_column(key, values)
+    return ds
 
 
 def local_data_files(path: Path) -> tuple[str, list[str]]:
@@ -148,15 +183,18 @@ def load_local(path: Path, split: str):
             return loaded[split]
         return loaded
     kind, files = local_data_files(path)
+    kinds: dict[str, set[str]] = {}
     if kind == "json":
         for f in files:
-            check_json_file(Path(f))
+            for key, found in check_json_file(Path(f)).items():
+                kinds.setdefault(key, set()).update(found)
     elif kind == "csv":
         for f in files:
             check_utf8(Path(f))
     options = csv_as_text(files) if kind == "csv" else {}
     try:
-        return datasets.load_dataset(kind, data_files=files, split="train", **options)
+        ds = datasets.load_dataset(kind, data_files=files, split="train", **options)
     except Exception as exc:
         raise UserError(f"cannot read {path} as {kind}: {utils.first_line(exc)}") from exc
+    return text_as_written(ds, files, kinds) if kinds else ds
 

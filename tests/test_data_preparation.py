@@ -229,3 +229,18 @@ def test_rerun_replaces_previous_output_whole(tmp_path):
     _, out = run(tmp_path, "--dataset", "sample", "--max-samples", "60")
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "manifest.json").read_text())["counts"]["input_rows"] == 60
+
+
+def test_jsonl_answers_mixing_text_and_numbers_keep_the_text(tmp_path):
+    """datasets types such a field as Json and parses its strings: "1.50" came back as 1.5, "null" as
+    a missing answer (the row dropped) and "[1, 2]" as a list (the whole run refused)."""
+    answers = ["1.50", 7, '"quoted"', "[1, 2]", "null", 2.5, "007", True]
+    rows = [{"question": f"what is item {i}?", "answer": a} for i, a in enumerate(answers * 2)]
+    src = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    code, out = run(tmp_path, "--dataset", str(src), "--val-size", "0.25")
+    assert code == 0
+    dd = load(out)
+    got = {row["messages"][-2]["content"]: row["answer"] for split in dd.values() for row in split}
+    expected = {"1.50": "1.50", 7: "7", '"quoted"': '"quoted"', "[1, 2]": "[1, 2]", "null": "null", 2.5: "2.5",
+                "007": "007", True: "true"}
+    assert got == {f"what is item {i}?": expected[a] for i, a in enumerate(answers * 2)}
