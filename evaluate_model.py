@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import sys
@@ -178,14 +177,16 @@ def trained_rows_check(rows, args, manifest: dict, run_info: dict) -> dict | Non
         if args.split != "train":
             return {"same_dataset_as_training": True, "rows_seen_in_training": 0, "of": len(rows)}
         return {"same_dataset_as_training": True, "rows_seen_in_training": len(rows), "of": len(rows),
-                "warning": f"--split train is the data this adapter trained on: every number below measures "
+                "warning": "--split train is the data this adapter trained on: every number below measures "
                            "recall of training rows, not generalisation; evaluate --split validation"}
     from reasonforge.conversations import prompt_key
 
     path = run_info.get("dataset_path")
     source = Path(path) if path and utils.path_kind(path) == "local" else None
-    recorded = utils.holds_json(source, "manifest.json", "content_sha256") and \
-        json.loads((source / "manifest.json").read_text(encoding="utf-8")).get("content_sha256") if source else None
+    recorded = None
+    if source is not None:
+        with contextlib.suppress(utils.CorruptFile):  # missing or damaged: not the folder it trained on
+            recorded = utils.read_json(source / "manifest.json", "dataset manifest").get("content_sha256")
     if recorded != trained_on:  # gone, remote, or prepared again in place since: its rows are not the trained ones
         where = f"{path}, prepared again since" if recorded else (path or "not recorded")
         return {"same_dataset_as_training": False, "rows_seen_in_training": None, "of": len(rows),

@@ -345,9 +345,8 @@ def weights_stamp(model_path: str) -> str | None:
 
 def batch_identity(args, settings) -> dict:
     """What a batch's answers depend on, as given on the command line; a resume must match it."""
-    local = Path(args.model_path).expanduser()
     return json.loads(json.dumps({
-        "model_path": str(local.resolve()) if local.exists() else args.model_path,
+        "model_path": utils.absolute_if_local(args.model_path),
         "model_weights": weights_stamp(args.model_path), "base_model": args.base_model, "backend": args.backend,
         "max_seq_length": args.max_seq_length, "load_in_4bit": args.load_in_4bit,
         "system_prompt": args.system_prompt, **settings.as_dict()}))

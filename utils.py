@@ -38,6 +38,7 @@ from reasonforge.core import (
     CorruptFile,
     Terminated,
     UserError,
+    absolute_if_local,
     atomic_write_json,
     first_line,
     holds_json,

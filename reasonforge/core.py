@@ -92,6 +92,12 @@ def path_kind(name: str | Path) -> str:
     return "hub"
 
 
+def absolute_if_local(name: str | Path) -> str:
+    """A local path made absolute (so it means the same from any working folder); an s3:// URI or a
+    Hub id as given."""
+    return str(Path(name).expanduser().resolve()) if path_kind(name) == "local" else str(name)
+
+
 def read_json(path: str | Path, what: str, fix: str = "restore it or create it again") -> dict:
     """The JSON object in a metadata file; anything else raises CorruptFile naming the file."""
     path = Path(path)

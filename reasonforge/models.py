@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from reasonforge.core import UserError, first_line, log, path_kind, read_json
+from reasonforge.core import UserError, absolute_if_local, first_line, log, path_kind, read_json
 from reasonforge.rundirs import atomic_directory, output_dir_problem
 from reasonforge.s3 import fetch_if_s3
 
@@ -275,10 +275,7 @@ def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: s
     base = base_model or recorded
     if not base:
         raise UserError(f"{local} does not record its base model; pass --base-model")
-    both_local = bool(base_model and recorded) and path_kind(base_model) == path_kind(recorded) == "local"
-    same = (Path(base_model).expanduser().resolve() == Path(recorded).expanduser().resolve()) if both_local \
-        else base_model == recorded
-    if base_model and recorded and not same:
+    if base_model and recorded and absolute_if_local(base_model) != absolute_if_local(recorded):
         log.warning("--base-model %s differs from the recorded base %s; the shapes are checked on load", base_model, recorded)
     return base, local, adapter
 

@@ -47,12 +47,11 @@ def run_info(run, trainer) -> dict:
     """reasonforge.json beside the adapter: what evaluation and chat read back as their defaults."""
     c = run.config
     # local paths absolute: evaluation and chat load the base from wherever they are started
-    local = lambda p: str(Path(p).expanduser().resolve()) if utils.path_kind(p) == "local" else str(p)  # noqa: E731
-    return {"base_model": local(c.model_name), "backend": run.backend, "chat_template": run.data.template_name,
+    return {"base_model": utils.absolute_if_local(c.model_name), "backend": run.backend, "chat_template": run.data.template_name,
             "max_seq_length": c.max_seq_length, "train_on_responses_only": c.train_on_responses_only,
             "long_rows": c.long_rows, "dataset_manifest_sha256": run.data.manifest.get("content_sha256"),
             # where the training rows are, so evaluation can tell whether its rows were among them
-            "dataset_path": local(c.dataset_path),
+            "dataset_path": utils.absolute_if_local(c.dataset_path),
             "best_checkpoint": trainer.state.best_model_checkpoint, "method": c.method,
             "best_metric_name": trainer.args.metric_for_best_model, "best_metric": trainer.state.best_metric,
             "best_validation_loss": trainer.state.best_metric if trainer.args.metric_for_best_model == "eval_loss" else None,

@@ -100,10 +100,16 @@ def text_as_written(ds, files: list[str], kinds: dict[str, set[str]]):
     back as 1.5, "null" as a missing value and "[1, 2]" as a list. Here the strings stay as written
     and a number becomes its JSON text."""
     mixed = [k for k, found in kinds.items() if "str" in found and found & {"num", "bool"} and "nested" not in found]
+    if not mixed:
+        return ds
+    values: dict[str, list] = {key: [] for key in mixed}
+    for f in files:
+        for obj in json_records(Path(f)):
+            for key in mixed:
+                v = obj.get(key)
+                values[key].append(None if v is None else v if isinstance(v, str) else json.dumps(v))
     for key in mixed:
-        values = [None if (v := obj.get(key)) is None else v if isinstance(v, str) else json.dumps(v)
-                  for f in files for obj in json_records(Path(f))]
-        ds = ds.remove_columns(key).add_column(key, values)
+        ds = ds.remove_columns(key).add_column(key, values[key])
     return ds
 
 
