@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset-path", default="./data_cache/processed_reasoning", help="prepared folder or s3:// URI")
     d.add_argument("--split", default="validation", help="(default: %(default)s)")
     d.add_argument("--max-eval-samples", type=int, default=None, help="evaluate at most this many rows")
-    d.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch (default: 8 for perplexity; for generation, as many as free GPU memory "
+                        "holds with --engine static, else 8)")
     w = p.add_argument_group("what to measure (default: perplexity and samples)")
     w.add_argument("--compute-perplexity", action="store_true")
     w.add_argument("--compare-base", action="store_true", help="also measure the base model (adapter disabled)")
@@ -57,7 +59,7 @@ REPORT_KEYS = ("metrics", "generation", "created_at")  # how an earlier report o
 
 def validate_args(args) -> None:
     problems = [f"{flag} {v} must be a positive integer" for flag, v in
-                (("--batch-size", args.batch_size), ("--num-samples", args.num_samples)) if v < 1]
+                (("--batch-size", args.batch_size), ("--num-samples", args.num_samples)) if v is not None and v < 1]
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         problems.append(f"--max-eval-samples {args.max_eval_samples} must be at least 1")
     problems += utils.inference_flag_problems(args)
@@ -129,9 +131,11 @@ def prompt_of(messages: list[dict], system_prompt: str | None) -> list[dict]:
     return prompt
 
 
-def accuracy(model, tokenizer, rows, settings, batch_size: int, system_prompt, desc: str) -> dict:
-    prompts = [prompt_of(m, system_prompt) for m in rows["messages"]]
-    outs = utils.generate_batch(model, tokenizer, prompts, settings, batch_size, desc=desc)
+def accuracy(model, tokenizer, rows, settings, args, desc: str) -> dict:
+    prompts = [prompt_of(m, args.system_prompt) for m in rows["messages"]]
+    speed: dict = {}
+    outs = utils.generate_batch(model, tokenizer, prompts, settings, args.batch_size, desc=desc, engine=args.engine,
+                                stats=speed)
     verdicts = []
     for out, reference in zip(outs, rows["answer"]):
         predicted = answers.final_answer(out["response"])
@@ -141,7 +145,8 @@ def accuracy(model, tokenizer, rows, settings, batch_size: int, system_prompt, d
     correct = sum(v["correct"] for v in verdicts)
     return {"accuracy": correct / len(verdicts), "correct": correct, "total": len(verdicts),
             "no_answer": sum(v["predicted"] is None for v in verdicts),
-            "hit_max_new_tokens": sum(not v["stopped"] for v in verdicts), "verdicts": verdicts}
+            "hit_max_new_tokens": sum(not v["stopped"] for v in verdicts), "generation_speed": speed,
+            "verdicts": verdicts}
 
 
 def adapter_off(model):
@@ -214,7 +219,7 @@ def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) 
         for name, base in passes:
             t0 = time.perf_counter()
             with adapter_off(model) if base else contextlib.nullcontext():
-                metrics.setdefault("perplexity", {})[name] = perplexity(model, encoded, args.batch_size,
+                metrics.setdefault("perplexity", {})[name] = perplexity(model, encoded, args.batch_size or 8,
                                                                         tokenizer.pad_token_id, f"perplexity ({name})")
             timings[f"perplexity_{name}_s"] = round(time.perf_counter() - t0, 2)
         ppl = metrics["perplexity"]
@@ -231,8 +236,8 @@ def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) 
         for name, base in passes:
             t0 = time.perf_counter()
             with adapter_off(model) if base else contextlib.nullcontext():
-                metrics.setdefault("accuracy", {})[name] = accuracy(model, tokenizer, scored, greedy, args.batch_size,
-                                                                    args.system_prompt, f"answers ({name})")
+                metrics.setdefault("accuracy", {})[name] = accuracy(model, tokenizer, scored, greedy, args,
+                                                                    f"answers ({name})")
             timings[f"accuracy_{name}_s"] = round(time.perf_counter() - t0, 2)
     return {"metrics": metrics, "timings": timings}
 
@@ -240,7 +245,8 @@ def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) 
 def samples(model, tokenizer, rows, args, settings) -> list[dict]:
     picked = rows.select(range(min(args.num_samples, len(rows))))
     prompts = [prompt_of(m, args.system_prompt) for m in picked["messages"]]
-    outs = utils.generate_batch(model, tokenizer, prompts, settings, args.batch_size, desc="samples")
+    outs = utils.generate_batch(model, tokenizer, prompts, settings, args.batch_size, desc="samples",
+                                engine=args.engine)
     result = []
     for prompt, messages, out in zip(prompts, picked["messages"], outs):
         last = [m for m in messages if m["role"] == "assistant"][-1]
@@ -264,6 +270,10 @@ def print_summary(report: dict, output_file: Path) -> None:
     for name, r in m.get("accuracy", {}).items():
         print(f"Answer accuracy ({name}): {r['accuracy']:.3f} ({r['correct']}/{r['total']}; "
               f"{r['no_answer']} without an answer, {r['hit_max_new_tokens']} cut at --max-new-tokens)")
+        speed = r.get("generation_speed") or {}
+        if speed.get("tokens_per_s"):
+            print(f"  generated {speed['tokens']} tokens in {speed['seconds']:.1f} s ({speed['tokens_per_s']:,.0f} "
+                  f"tokens/s; engine {speed['engine']}, batch {speed['batch_size']})")
     print(f"Report: {output_file.resolve()}")
 
 
@@ -285,7 +295,7 @@ def main(argv=None) -> int:
     measured = run_measurements(model, tokenizer, rows, args, settings, has_adapter)
     report = {
         "model_path": args.model_path, "base_model": info["base_model"], "adapter": info.get("adapter"),
-        "backend": info["backend"], "dataset_path": args.dataset_path, "split": args.split, "rows": len(rows),
+        "backend": info["backend"], "engine": args.engine, "dataset_path": args.dataset_path, "split": args.split, "rows": len(rows),
         "dataset_manifest_sha256": manifest.get("content_sha256"),
         "adapter_dataset_manifest_sha256": adapter_info.get("reasonforge", {}).get("dataset_manifest_sha256"),
         "trained_rows_check": leak,

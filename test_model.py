@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--instruction", default=None, help="answer one instruction")
     mode.add_argument("--batch", action="store_true", help="answer every instruction of --instructions-file")
     mode.add_argument("--instructions-file", default=None, help="JSON list of strings or {\"instruction\": ...} objects")
-    mode.add_argument("--batch-size", type=int, default=8, help="prompts per generate call in --batch (default: %(default)s)")
+    mode.add_argument("--batch-size", type=int, default=None,
+                      help="prompts generated together in --batch (default: as many as free GPU memory holds with "
+                           "--engine static, else 8)")
     utils.add_generation_flags(p)
     p.add_argument("--output-file", default=None,
                    help="report file (default: ./test_results/ and inference.json for --batch, instruction.json for "
@@ -74,7 +76,8 @@ def validate_args(args) -> None:
         raise UserError("--batch needs --instructions-file FILE (a JSON list of instructions)")
     if args.instruction is not None and not args.instruction.strip():
         raise UserError("--instruction is empty; give the text to answer")
-    problems = [f"--batch-size {args.batch_size} must be a positive integer"] if args.batch_size < 1 else []
+    problems = ([f"--batch-size {args.batch_size} must be a positive integer"]
+                if args.batch_size is not None and args.batch_size < 1 else [])
     problems += utils.inference_flag_problems(args)
     # Checked before the model loads, so a bad --output-file cannot cost the answers.
     problems += filter(None, [utils.report_file_problem(args.output_file, "--output-file", "test_model.py", REPORT_KEYS)])
@@ -169,7 +172,8 @@ def collecting_streamer(tokenizer):
     return CollectingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def stream_reply(model, tokenizer, messages: list[dict], settings: utils.GenerationSettings) -> dict:
+def stream_reply(model, tokenizer, messages: list[dict], settings: utils.GenerationSettings,
+                 engine: str = "static") -> dict:
     """Generate one reply, printing tokens as they arrive; Ctrl-C raises ReplyInterrupted."""
     import torch
 
@@ -178,14 +182,28 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: utils.Generat
     streamer = collecting_streamer(tokenizer)
     t0 = time.perf_counter()
     kwargs = utils.fit_to_context(model, enc["input_ids"].shape[1], settings.generate_kwargs(tokenizer, model))
+    stops = set(kwargs["eos_token_id"])
     try:
-        with torch.inference_mode():
-            out = model.generate(**enc, streamer=streamer, **kwargs)
+        if engine == "static":
+            streamer.put(enc["input_ids"][0])  # the prompt, which the streamer skips
+
+            def on_step(_row, tok):
+                if tok not in stops:
+                    streamer.put(torch.tensor([tok]))
+
+            reply = utils.engine_for(model, tokenizer).generate(
+                [enc["input_ids"][0].tolist()], settings, stops, batch_size=1,
+                context=utils.context_length(model), on_step=on_step)[0]
+            streamer.end()
+            ids, stopped = reply.ids, reply.stopped
+        else:
+            with torch.inference_mode():
+                out = model.generate(**enc, streamer=streamer, **kwargs)
+            ids, stopped = utils.reply_tokens(out[0, enc["input_ids"].shape[1]:], stops)
     except KeyboardInterrupt:
         streamer.end()  # prints the words still held back, so the screen shows what the partial reply is
         raise ReplyInterrupted({"response": streamer.text.strip(), "tokens": streamer.tokens,
                                 "seconds": round(time.perf_counter() - t0, 3)}) from None
-    ids, stopped = utils.reply_tokens(out[0, enc["input_ids"].shape[1]:], set(kwargs["eos_token_id"]))
     return {"response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids),
             "seconds": round(time.perf_counter() - t0, 3), "stopped": stopped}
 
@@ -255,11 +273,12 @@ class Transcript:
         self._fh.close()
 
 
-def chat_turn(model, tokenizer, text: str, system_prompt: str | None, history: list[dict], settings) -> dict:
+def chat_turn(model, tokenizer, text: str, system_prompt: str | None, history: list[dict], settings,
+              engine: str = "static") -> dict:
     """One reply; a Ctrl-C while it is written stops it and marks it interrupted."""
     print("assistant> ", end="", flush=True)
     try:
-        result = stream_reply(model, tokenizer, conversation(text, system_prompt, history), settings)
+        result = stream_reply(model, tokenizer, conversation(text, system_prompt, history), settings, engine)
     except KeyboardInterrupt as exc:
         partial = exc.result if isinstance(exc, ReplyInterrupted) else {"response": "", "tokens": 0, "seconds": 0.0}
         print("[reply stopped; it is left out of the conversation]", flush=True)
@@ -268,7 +287,7 @@ def chat_turn(model, tokenizer, text: str, system_prompt: str | None, history: l
 
 
 def interactive(model, tokenizer, settings: utils.GenerationSettings, system_prompt: str | None,
-                transcript: Transcript | None = None):
+                transcript: Transcript | None = None, engine: str = "static"):
     """Run the chat loop; returns (turns, the settings in force at the end)."""
     history: list[dict] = []
     turns: list[dict] = []
@@ -295,7 +314,7 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
             settings, shown = handle_command(text, settings)
             print(shown, flush=True)
             continue
-        turn = chat_turn(model, tokenizer, text, system_prompt, history, settings)
+        turn = chat_turn(model, tokenizer, text, system_prompt, history, settings, engine)
         if not turn.get("interrupted"):
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": turn["response"]}]
         turn["generation"] = settings.as_dict()  # settings change mid-chat: each reply keeps its own
@@ -310,10 +329,11 @@ def run_interactive(model, tokenizer, settings, args, info: dict, output_file: P
     """The chat with its transcript beside --output-file; returns (turns, final settings)."""
     transcript = Transcript(output_file.parent, {
         "model_path": args.model_path, "base_model": info.get("base_model"), "adapter": info.get("adapter"),
-        "backend": info.get("backend"), "system_prompt": args.system_prompt, "generation": settings.as_dict(),
+        "backend": info.get("backend"), "engine": args.engine, "system_prompt": args.system_prompt,
+        "generation": settings.as_dict(),
     })
     try:
-        return interactive(model, tokenizer, settings, args.system_prompt, transcript)
+        return interactive(model, tokenizer, settings, args.system_prompt, transcript, args.engine)
     finally:
         transcript.close()
 
@@ -405,10 +425,13 @@ def run_batch(model, tokenizer, instructions: list[str], settings, args, output_
 
     with open(partial, "a", encoding="utf-8") as fh, tqdm(total=len(instructions), initial=len(done), desc="batch",
                                                            unit="prompt") as bar:
-        for start in range(0, len(todo), args.batch_size):
-            chunk = todo[start:start + args.batch_size]
+        # answers reach the partial file a chunk at a time; the engine sizes its batches within a chunk
+        step = args.batch_size or (256 if args.engine == "static" else 8)
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
             convs = [conversation(instructions[i], args.system_prompt) for i in chunk]
-            for i, out in zip(chunk, utils.generate_batch(model, tokenizer, convs, settings, args.batch_size, desc=None)):
+            for i, out in zip(chunk, utils.generate_batch(model, tokenizer, convs, settings, args.batch_size, desc=None,
+                                                          engine=args.engine)):
                 done[i] = {"index": i, "instruction": instructions[i], **out}
                 fh.write(json.dumps(done[i], ensure_ascii=False) + "\n")
             fh.flush()
@@ -425,7 +448,8 @@ def write_results(output_file: Path, results: list[dict], args, settings, info: 
     utils.atomic_write_json(output_file, {
         "mode": "batch" if args.batch else "chat" if args.interactive else "instruction",
         "model_path": args.model_path, "base_model": info.get("base_model"), "backend": info.get("backend"),
-        "generation": settings.as_dict() if settings else None, "system_prompt": args.system_prompt, "count": len(results),
+        "engine": args.engine, "generation": settings.as_dict() if settings else None,
+        "system_prompt": args.system_prompt, "count": len(results),
         "tokens_generated": tokens, "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
         "results": results, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
@@ -449,11 +473,16 @@ def main(argv=None) -> int:
         results = run_batch(model, tokenizer, instructions, settings, args, output_file, done, identity)
     else:
         print("assistant> ", end="", flush=True)
-        results = [stream_reply(model, tokenizer, conversation(args.instruction, args.system_prompt), settings)]
+        results = [stream_reply(model, tokenizer, conversation(args.instruction, args.system_prompt), settings,
+                                args.engine)]
         results[0] = {"instruction": args.instruction, **results[0]}
     write_results(output_file, results, args, settings, info)
     if args.batch:
         partial_path(output_file).unlink(missing_ok=True)
+        tokens, seconds = sum(r["tokens"] for r in results), sum(r["seconds"] for r in results)
+        if seconds:
+            print(f"Generated {tokens} tokens for {len(results)} prompts in {seconds:.1f} s of generation "
+                  f"({tokens / seconds:,.0f} tokens/s; engine {args.engine})")
     print(f"\nResults: {output_file.resolve()}")
     return 0
 

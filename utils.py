@@ -56,6 +56,8 @@ from reasonforge.generation import (
     GenerationSettings,
     add_generation_flags,
     add_inference_model_flags,
+    context_length,
+    engine_for,
     fit_to_context,
     generate_batch,
     generation_settings_from_args,

@@ -102,6 +102,7 @@ def add_inference_model_flags(parser) -> None:
                    help="token limit (default: the one training recorded beside the adapter, else 2048)")
     m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", default=None,
                    help="load the base in 16-bit on GPU (default: as training did, else 4-bit)")
+    add_engine_flag(m)
 
 
 def load_for_inference(args):
@@ -109,7 +110,11 @@ def load_for_inference(args):
 
     Returns (model, tokenizer, info, adapter metadata); info["load_s"] is the load time.
     """
-    backend, backend_reason = choose_backend(args.backend)
+    args.engine, backend_flag = resolve_engine(args.engine, args.backend)
+    backend, backend_reason = choose_backend(backend_flag)
+    if backend_flag != args.backend:
+        backend_reason = ("--engine static runs transformers' own forward with a static KV cache "
+                          "(Unsloth's patched attention keeps a cache of its own)")
     if backend == "unsloth":
         import_unsloth_first()
     base, adapter_dir, adapter_info = resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
@@ -207,35 +212,117 @@ def prepare_for_inference(model, backend: str):
     return model
 
 
+ENGINES = ("auto", "static", "generate")
+
+
+def add_engine_flag(group) -> None:
+    group.add_argument("--engine", choices=ENGINES, default="auto",
+                       help="static: a static KV cache with the decode step replayed as a CUDA graph (reasonforge."
+                            "engine); generate: transformers' generate, launch by launch (with --backend unsloth, "
+                            "Unsloth's fast decode); auto: static, unless --backend unsloth (default: %(default)s)")
+
+
+def resolve_engine(requested: str, backend_flag: str) -> tuple[str, str]:
+    """(engine, backend flag to load with). The static engine runs transformers' own forward:
+    Unsloth replaces the attention forward with one that keeps its own KV cache (tuples), which a
+    StaticCache cannot feed, so under auto the model is loaded with --backend hf for it."""
+    if requested == "static" and backend_flag == "unsloth":
+        raise UserError("--engine static runs transformers' forward and cannot run on Unsloth's patched model; "
+                        "drop --backend unsloth (the 4-bit base and adapter load the same with --backend hf), "
+                        "or pass --engine generate")
+    if requested == "auto":
+        import torch
+
+        if backend_flag == "unsloth" or not torch.cuda.is_available():
+            # without a GPU there is no graph to replay, and the eager static step costs a little more
+            # than generate's (its attention spans the whole cache)
+            log.info("generation: transformers' generate (%s)", "--backend unsloth: Unsloth's fast decode"
+                     if backend_flag == "unsloth" else "no CUDA device; the static engine's gain is its CUDA graph")
+            requested = "generate"
+        else:
+            requested = "static"
+    return requested, ("hf" if requested == "static" else backend_flag)
+
+
+def engine_for(model, tokenizer):
+    """The model's reasonforge.engine.Engine, made once and kept on the model, so its captured
+    graph and cache serve every later call of the same shape."""
+    from reasonforge.engine import Engine
+
+    engine = getattr(model, "_reasonforge_engine", None)
+    if engine is None:
+        engine = Engine(model, tokenizer.pad_token_id)
+        model._reasonforge_engine = engine
+    return engine
+
+
 def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: GenerationSettings,
-                   batch_size: int = 8, desc: str | None = "generating") -> list[dict]:
-    """Generate one reply per conversation, batched with left padding.
+                   batch_size: int | None = None, desc: str | None = "generating", engine: str = "static",
+                   stats: dict | None = None) -> list[dict]:
+    """Generate one reply per conversation.
 
     Returns per conversation {response, tokens, seconds, stopped}; seconds is the batch's wall time
     shared out by generated tokens; stopped is False where the reply hit --max-new-tokens.
+    `engine` "static" runs reasonforge.engine (batch None: sized from free GPU memory), "generate"
+    transformers' generate (batch None: 8). `stats`, where given, receives the run's figures
+    (tokens, seconds, tokens_per_s, batch_size, engine).
     """
+    prompts = [tokenizer(render_chat(c, tokenizer=tokenizer, add_generation_prompt=True), add_special_tokens=False)
+               ["input_ids"] for c in conversations]
+    if not prompts:
+        return []
+    # refuses a prompt that fills the context alone, warns where replies will be clipped to fit it
+    fit_to_context(model, max(len(p) for p in prompts), {"max_new_tokens": settings.max_new_tokens})
+    stops = stop_token_ids(tokenizer, model)
+    started = time.perf_counter()
+    if engine == "static":
+        from tqdm.auto import tqdm
+
+        runner = engine_for(model, tokenizer)
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None) as bar:
+            replies = runner.generate(prompts, settings, set(stops), batch_size=batch_size,
+                                      context=context_length(model), on_batch=bar.update)
+        outs = [(r.ids, r.stopped, r.seconds) for r in replies]
+        figures = runner.stats.as_dict()
+    else:
+        outs = _generate_hf(model, tokenizer, prompts, settings, batch_size or 8, desc)
+        figures = {"engine": "generate", "batch_size": batch_size or 8}
+    seconds = time.perf_counter() - started
+    tokens = sum(len(ids) for ids, _, _ in outs)
+    if stats is not None:
+        stats.update(figures, tokens=tokens, seconds=round(seconds, 3),
+                     tokens_per_s=round(tokens / seconds, 1) if seconds else None)
+    return [{"response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids),
+             "seconds": secs, "stopped": stopped} for ids, stopped, secs in outs]
+
+
+def _generate_hf(model, tokenizer, prompts: list[list[int]], settings, batch_size: int, desc):
+    """transformers' generate over left-padded batches: [(ids, stopped, seconds)] per prompt."""
     import torch
     from tqdm.auto import tqdm
 
-    tokenizer.padding_side = "left"
     kwargs = settings.generate_kwargs(tokenizer, model)
     stops = set(kwargs["eos_token_id"])
-    # Longest first, so that each batch holds conversations of like length and pads little.
-    order = sorted(range(len(conversations)), key=lambda i: -len(str(conversations[i])))
-    by_index: dict[int, dict] = {}
-    with tqdm(total=len(conversations), desc=desc, unit="prompt", disable=desc is None) as bar:
+    # Longest first, so that each batch holds prompts of like length and pads little.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    by_index: dict[int, tuple] = {}
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            prompts = [render_chat(conversations[i], tokenizer=tokenizer, add_generation_prompt=True) for i in idx]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(**enc, **fit_to_context(model, enc["input_ids"].shape[1], kwargs))
+                out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                     **fit_to_context(model, width, kwargs))
             seconds = time.perf_counter() - t0
-            replies = [reply_tokens(row, stops) for row in out[:, enc["input_ids"].shape[1]:]]
-            total = max(sum(len(ids) for ids, _ in replies), 1)
-            for i, (ids, stopped) in zip(idx, replies):
-                by_index[i] = {"response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids),
-                               "seconds": round(seconds * len(ids) / total, 4), "stopped": stopped}
+            replies = [reply_tokens(row, stops) for row in out[:, width:]]
+            total = max(sum(len(r) for r, _ in replies), 1)
+            for i, (reply, stopped) in zip(idx, replies):
+                by_index[i] = (reply, stopped, round(seconds * len(reply) / total, 4))
             bar.update(len(idx))
-    return [by_index[i] for i in range(len(conversations))]
+    return [by_index[i] for i in range(len(prompts))]
