@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ("generate-unsloth", "generate-hf", "static", "static-bf16", "continuous")
+VARIANTS = ("generate-unsloth", "generate-hf", "static", "static-bf16", "static-compiled", "continuous")
 WORDS = ["train", "price", "apple", "garden", "runner", "machine", "ticket", "answer", "total", "step", "river",
          "number", "seven", "twelve", "speed", "hour", "metre", "cost", "share", "people"]
 
@@ -55,6 +55,9 @@ def make_assets(shape: str, model_dir: Path) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from reasonforge.models import tolerate_old_torchao
+
+    tolerate_old_torchao()
     make_model.build(shape, model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
     lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -102,6 +105,10 @@ def worker(opts) -> dict:
     greedy = utils.GenerationSettings(temperature=0, max_new_tokens=opts.new_tokens, repetition_penalty=1.0)
     sampled = utils.GenerationSettings(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=opts.new_tokens,
                                        repetition_penalty=1.0)
+    if variant == "static-compiled":
+        from reasonforge.engine import Engine
+
+        model._reasonforge_engine = Engine(model, tok.pad_token_id, compile_step=True)
     rows = prompts(opts.rows)
     out: dict = {"variant": variant, "load_s": round(load_s, 1), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
@@ -119,12 +126,25 @@ def worker(opts) -> dict:
               flush=True)
         return res
 
+    if opts.profile and variant == "static":
+        try:
+            out["profile"] = profile_steps(model, tok, rows, greedy)
+        except Exception as exc:  # the timings below matter more than the profile
+            out["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"[{variant}] profile failed: {out['profile']['error']}", flush=True)
+    if variant == "static-compiled":  # one shape only: every new shape compiles again
+        run("eval_default_with_compile", rows, greedy, None)
+        out["greedy_replies"] = [r["response"] for r in run("eval_default", rows, greedy, None)]
+        return out
     run("warmup", rows[:2], greedy, 2)
     # evaluation: batch 8 (the old default; today's path only on a quarter of the rows, at the same rate per batch)
-    few = rows[: opts.rows // 4] if variant == "generate-unsloth" else rows
-    run("eval_batch8", few, greedy, 8)
+    few = rows[: opts.rows // 4] if variant in ("generate-unsloth", "generate-hf") else rows
+    if variant != "generate-hf":  # that one is here for its greedy replies; its speed is the Unsloth path's or worse
+        run("eval_batch8", few, greedy, 8)
     replies = run("eval_default", rows, greedy, None if engine == "static" else opts.rows)
     out["greedy_replies"] = [r["response"] for r in replies]
+    if variant == "generate-hf":
+        return out
     group = [rows[0]] * opts.group
     run("grpo_one_group", group, sampled, opts.group)
     many = [r for r in rows[: opts.prompts_per_step] for _ in range(opts.group)]
@@ -132,6 +152,51 @@ def worker(opts) -> dict:
     out["chat"] = chat_latency(model, tok, rows[1], engine, variant)
     out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None
     return out
+
+
+def profile_steps(model, tok, rows, greedy) -> dict:
+    """Kernels and GPU time of eager decode steps at batch --rows (16 new tokens), by kernel name:
+    what a replayed graph still has to run, launch overhead aside."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import utils
+    from reasonforge.engine import Engine
+
+    engine = Engine(model, tok.pad_token_id, cuda_graphs=False)
+    convs = [[{"role": "user", "content": r[0]["content"]}] for r in rows]
+    ids = [tok(utils.render_chat(c, tokenizer=tok, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+           for c in convs]
+    settings = utils.GenerationSettings(temperature=0, max_new_tokens=2, repetition_penalty=1.0)
+    stops = set(utils.stop_token_ids(tok, model))
+    engine.generate(ids, settings, stops, batch_size=len(ids))  # warm
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(ids, settings, stops, batch_size=len(ids))
+        torch.cuda.synchronize()
+    settings17 = utils.GenerationSettings(temperature=0, max_new_tokens=17, repetition_penalty=1.0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof17:
+        engine.generate(ids, settings17, stops, batch_size=len(ids))
+        torch.cuda.synchronize()
+
+    def kernels(p):
+        out = {}
+        for e in p.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                n, t = out.get(e.name, (0, 0.0))
+                out[e.name] = (n + 1, t + e.device_time_total)
+        return out
+
+    a, b = kernels(prof), kernels(prof17)
+    per_step = {k: ((b[k][0] - a.get(k, (0, 0))[0]) / 15, (b[k][1] - a.get(k, (0, 0.0))[1]) / 15 / 1000) for k in b}
+    top = sorted(per_step.items(), key=lambda kv: -kv[1][1])[:15]
+    result = {"kernels_per_step": round(sum(n for n, _ in per_step.values()), 1),
+              "gpu_ms_per_step": round(sum(t for _, t in per_step.values()), 3),
+              "top": [{"kernel": k[:90], "per_step": round(n, 1), "ms": round(t, 3)} for k, (n, t) in top]}
+    print(f"profile: {result['kernels_per_step']} kernels and {result['gpu_ms_per_step']} ms of GPU time per decode step "
+          f"at batch {len(ids)}", flush=True)
+    for row in result["top"]:
+        print(f"  {row['ms']:7.3f} ms  x{row['per_step']:6.1f}  {row['kernel']}", flush=True)
+    return result
 
 
 def chat_latency(model, tok, conv, engine, variant) -> dict:
@@ -189,8 +254,14 @@ def continuous(model, tok, convs, settings, name, out):
 def run_variant(variant: str, opts, model: Path, adapter: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--model", str(model), "--adapter", str(adapter),
            "--rows", str(opts.rows), "--new-tokens", str(opts.new_tokens), "--group", str(opts.group),
-           "--prompts-per-step", str(opts.prompts_per_step)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+           "--prompts-per-step", str(opts.prompts_per_step)] + (["--profile"] if opts.profile else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=opts.variant_timeout)
+    except subprocess.TimeoutExpired as exc:
+        print(f"[{variant}] stopped after {opts.variant_timeout} s", flush=True)
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        sys.stdout.write("".join(l + "\n" for l in out.splitlines() if l.startswith("[")))
+        return {"variant": variant, "error": f"timed out after {opts.variant_timeout} s"}
     sys.stdout.write("".join(l + "\n" for l in proc.stdout.splitlines() if l.startswith("[")))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -236,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--variant-timeout", type=int, default=900, help="seconds one variant may take")
+    p.add_argument("--profile", action="store_true", help="profile eager decode steps of the static engine")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default="generation")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -57,6 +57,7 @@ class EngineStats:
     capture_s: float = 0.0
     seconds: float = 0.0
     kv_cache_gib: float = 0.0
+    replay_ms: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -110,17 +111,18 @@ class Engine:
     on or off (evaluation's base pass), since the graph would replay the other path.
     """
 
-    def __init__(self, model, pad_id: int, *, cuda_graphs: bool | None = None):
+    def __init__(self, model, pad_id: int, *, cuda_graphs: bool | None = None, compile_step: bool = False):
         import torch
 
         self.model = model
+        # torch.compile fuses the step's small kernels before it is captured; costs a compile per shape
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
         self.pad_id = int(pad_id)
         self.device = model.device if hasattr(model, "device") else next(model.parameters()).device
         on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
         self.stats = EngineStats(cuda_graphs=self.cuda_graphs)
         self._slot = None  # the cache, buffers and graph of the last batch shape
-        self._pool = None
 
     # -----------------------------------------------------------------------------------------
     # Public
@@ -162,7 +164,6 @@ class Engine:
     def release(self) -> None:
         """Free the cache and graph (GPU memory) held for the next batch."""
         self._slot = None
-        self._pool = None
 
     # -----------------------------------------------------------------------------------------
     # One batch
@@ -293,26 +294,32 @@ class Engine:
 
         slot.tok.copy_(tokens.view(-1, 1))
         if not self.cuda_graphs:
-            self._step(slot)
+            self._step_fn(slot)
             return slot.logits
         if slot.graph is None and slot.warm < 2:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._step(slot)
+                self._step_fn(slot)
             torch.cuda.current_stream().wait_stream(stream)
             slot.warm += 1
             return slot.logits
         if slot.graph is None:
             t0 = time.perf_counter()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
+            # its own memory pool: a pool shared with a freed graph of another shape trips an allocator assert
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._step(slot)
+            with torch.cuda.graph(graph):
+                self._step_fn(slot)
             slot.graph = graph
             self.stats.capture_s += time.perf_counter() - t0
-        slot.graph.replay()
+        if 8 <= step < 16:  # a few replays timed alone, to tell the GPU's share of a step from the host's
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            slot.graph.replay()
+            torch.cuda.synchronize()
+            self.stats.replay_ms.append(round(1000 * (time.perf_counter() - t0), 3))
+        else:
+            slot.graph.replay()
         return slot.logits
 
     def _step(self, slot) -> None:

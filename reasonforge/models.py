@@ -168,10 +168,44 @@ def _adapter_depth_problem(model, adapter_path: Path, base_name: str) -> str | N
     return None
 
 
+def tolerate_old_torchao() -> None:
+    """Let PEFT build LoRA layers beside the torchao that Unsloth's extra installs.
+
+    PEFT 0.21 raises ImportError on creating any LoRA layer when a torchao older than 0.16 is
+    installed (it probes torchao for its quantised-layer support); the gpu extra brings 0.14.1 with
+    Unsloth, which patches the probe itself, so only a process that never imports Unsloth (the
+    static engine's --backend hf) meets the error. torchao-quantised bases are never used here, so
+    the probe answers False for such a version.
+    """
+    import importlib
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        return
+    from packaging.version import Version
+
+    try:
+        if Version(importlib.metadata.version("torchao")) >= Version("0.16.0"):
+            return
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        pass
+    def is_torchao_available() -> bool:
+        return False
+
+    # each module bound the probe by name at import, so each binding is replaced
+    for name in ("peft.import_utils", "peft.tuners.lora.torchao", "peft.utils.quantization_utils"):
+        module = importlib.import_module(name)
+        if hasattr(module, "is_torchao_available"):
+            module.is_torchao_available = is_torchao_available
+
+
 def _attach_saved_adapter(model, tokenizer, adapter_path: Path, base_name: str, trainable: bool):
     """Load a saved LoRA adapter onto `model`; the adapter folder's tokenizer (and so its chat
     template, the one training used) replaces the base's."""
     from peft import PeftModel
+
+    tolerate_old_torchao()
 
     depth_problem = _adapter_depth_problem(model, adapter_path, base_name)
     if depth_problem:

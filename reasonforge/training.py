@@ -388,6 +388,10 @@ def attach_lora(model, config: TrainConfig, *, backend: str, load_in_4bit: bool 
         )
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from reasonforge.models import tolerate_old_torchao
+
+    tolerate_old_torchao()
+
     if load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing != "off",
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
