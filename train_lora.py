@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--beta", type=float, default=0.0,
                    help="grpo: KL penalty towards the starting policy; 0 skips the reference pass (default: %(default)s)")
     r.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature (default: %(default)s)")
+    r.add_argument("--engine", choices=["auto", "static", "generate"], default="auto",
+                   help="grpo: what generates rollouts and validation replies. static: reasonforge.engine (static KV "
+                        "cache, decode step as a CUDA graph) on transformers' forward, so the model loads with "
+                        "--backend hf; generate: TRL's generate (Unsloth's fast decode under --backend unsloth); "
+                        "auto: static on a GPU unless --backend unsloth (default: %(default)s)")
+    r.add_argument("--prompts-per-generation", type=int, default=None,
+                   help="grpo: questions whose groups are generated in one call; TRL spreads their completions over "
+                        "the next optimizer steps (its generation_batch_size). Default: 8 with the static engine, "
+                        "else one optimizer step's worth")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -195,6 +204,17 @@ def method_problems(args) -> list[str]:
     if args.auto_batch:
         problems.append("--auto-batch plans sft batches; for grpo set --batch-size and --gradient-accumulation-steps "
                         "(--gpu-memory-gib still caps the process)")
+    if args.prompts_per_generation is not None:
+        completions = args.prompts_per_generation * args.num_generations
+        if args.prompts_per_generation < 1:
+            problems.append(f"--prompts-per-generation {args.prompts_per_generation} must be at least 1")
+        elif completions % args.batch_size:
+            problems.append(f"--prompts-per-generation {args.prompts_per_generation} x --num-generations "
+                            f"{args.num_generations} = {completions} completions do not split into batches of "
+                            f"--batch-size {args.batch_size}; choose a multiple of the batch")
+    if args.engine == "static" and args.backend == "unsloth":
+        problems.append("--engine static runs transformers' forward and cannot run on Unsloth's patched model; drop "
+                        "--backend unsloth or pass --engine generate")
     if args.max_completion_length >= args.max_seq_length:
         problems.append(f"--max-completion-length {args.max_completion_length} leaves no room for the question in "
                         f"--max-seq-length {args.max_seq_length}; raise --max-seq-length or lower the completion length")

@@ -58,6 +58,7 @@ from reasonforge.generation import (
     add_inference_model_flags,
     context_length,
     engine_for,
+    resolve_engine,
     fit_to_context,
     generate_batch,
     generation_settings_from_args,

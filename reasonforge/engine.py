@@ -178,8 +178,7 @@ class Engine:
         padded_rows = rows + [rows[0]] * (slots - n) if self.cuda_graphs else rows
         width = max(len(r) for r in padded_rows)
         t0 = time.perf_counter()
-        slot = self._prepare_slot(len(padded_rows), cache_len)
-        first_logits, prompt_ids = self._prefill(slot, padded_rows, width)
+        slot, first_logits, prompt_ids = self._prefill(padded_rows, width, cache_len)
         self.stats.prefill_s += time.perf_counter() - t0
         processors = logits_processors(settings)
         sample = settings.temperature > 0
@@ -234,13 +233,14 @@ class Engine:
     # Cache, prefill, decode step
     # -----------------------------------------------------------------------------------------
 
-    def _prepare_slot(self, batch: int, cache_len: int):
+    def _prepare_slot(self, batch: int, cache_len: int, dtype):
         """The StaticCache and the step's fixed buffers for this shape: the last ones where the
-        shape and the adapter state match, else new ones (the old graph is freed first)."""
+        shape and the adapter state match, else new ones (the old graph is freed first). `dtype` is
+        the prefill's keys': a model prepared for k-bit training keeps some layers in float32."""
         import torch
         from transformers import StaticCache
 
-        key = (batch, cache_len, adapter_state(self.model))
+        key = (batch, cache_len, dtype, adapter_state(self.model))
         if self._slot is not None and self._slot.key == key:
             self._slot.reset()
             return self._slot
@@ -251,16 +251,16 @@ class Engine:
         cfg = self.model.config.get_text_config(decoder=True)
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        cache.early_initialization(batch, getattr(cfg, "num_key_value_heads", None) or heads, head_dim,
-                                   compute_dtype(self.model), self.device)
+        cache.early_initialization(batch, getattr(cfg, "num_key_value_heads", None) or heads, head_dim, dtype,
+                                   self.device)
         self._slot = _Slot(key, cache, batch, cache_len, self.device)
         self.stats.kv_cache_gib = kv_bytes_per_token(self.model) * batch * cache_len / 1024**3
         return self._slot
 
-    def _prefill(self, slot, rows: list[list[int]], width: int):
+    def _prefill(self, rows: list[list[int]], width: int, cache_len: int):
         """Prompts through the ordinary forward (DynamicCache, left padding, positions from the
         mask, as `generate` does), their keys and values copied into the static cache; returns
-        (the last position's logits, the padded prompt ids)."""
+        (the slot, the last position's logits, the padded prompt ids)."""
         import torch
 
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -270,14 +270,17 @@ class Engine:
             mask[i, width - len(r):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         chunk = max(1, PREFILL_TOKENS // width)
-        logits = []
+        logits, slot = [], None
         for start in range(0, len(rows), chunk):
             part = slice(start, start + chunk)
             positions = (mask[part].cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=ids[part], attention_mask=mask[part], position_ids=positions, use_cache=True,
                              logits_to_keep=1)
             logits.append(out.logits[:, -1, :])
-            for layer, (k, v) in zip(slot.cache.layers, cache_tensors(out.past_key_values)):
+            layers = cache_tensors(out.past_key_values)
+            if slot is None:
+                slot = self._prepare_slot(len(rows), cache_len, layers[0][0].dtype)
+            for layer, (k, v) in zip(slot.cache.layers, layers):
                 layer.keys[part, :, :width].copy_(k)
                 layer.values[part, :, :width].copy_(v)
         for layer in slot.cache.layers:
@@ -285,7 +288,7 @@ class Engine:
         slot.mask[:, 0, 0, :width] = mask.bool()
         slot.write_pos.fill_(width)
         slot.pos.copy_(mask.sum(-1, keepdim=True))  # the next token's position: the row's real length
-        return torch.cat(logits), ids
+        return slot, torch.cat(logits), ids
 
     def _decode(self, slot, tokens, step: int):
         """One decode step for every row: logits of the next token. Eager for the first two steps

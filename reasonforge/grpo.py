@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # Metrics TRL's GRPOTrainer logs (evaluation adds the eval_ prefix); the generation rate is ours.
 COMPLETION_LENGTH = "completions/mean_length"
 GENERATION_RATE = "generation/tokens_per_s"
+GENERATION_SECONDS = "generation/seconds"
 STEP_TIME = "step_time"
 
 
@@ -159,7 +160,7 @@ def best_metric(reward_weights: dict[str, float]) -> str:
 
 def grpo_config(settings: GRPOSettings, reward_weights: dict[str, float], *, output_dir: str | Path,
                 max_steps: int = -1, num_epochs: float = 1.0, batch_size: int = 8, gradient_accumulation_steps: int = 1,
-                eval_batch_size: int | None = None, save_steps: int = 50, eval_steps: int | None = None,
+                eval_batch_size: int | None = None, generation_batch_size: int | None = None, save_steps: int = 50, eval_steps: int | None = None,
                 save_total_limit: int | None = None, logging_steps: int = 1, seed: int = 42, warmup_steps: int = 0,
                 lr_scheduler: str = "linear", weight_decay: float = 0.0, optim: str = "adamw_torch",
                 precision: dict | None = None, report_to: tuple[str, ...] = ("tensorboard",),
@@ -188,6 +189,7 @@ def grpo_config(settings: GRPOSettings, reward_weights: dict[str, float], *, out
         lr_scheduler_type=lr_scheduler, optim=optim, logging_steps=logging_steps, report_to=list(report_to),
         save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit, **evaluate,
         num_generations=settings.num_generations, num_generations_eval=1,
+        generation_batch_size=generation_batch_size,
         max_completion_length=settings.max_completion_length, beta=settings.beta,
         temperature=settings.temperature, reward_weights=weights,
         gradient_checkpointing=checkpointing,
@@ -246,17 +248,23 @@ def use_torch_logprobs_without_triton() -> bool:
 
 
 def grpo_trainer_class():
-    """TRL's GRPOTrainer (Unsloth's patched one where Unsloth was imported first) with two changes:
+    """TRL's GRPOTrainer (Unsloth's patched one where Unsloth was imported first) with three changes:
     validation decodes greedily, one reply per prompt, so the best-checkpoint metric is the
     accuracy evaluate_model.py would measure rather than a sample of it (and eight times cheaper);
-    and every generation call is timed, logged as generation/tokens_per_s. On a machine without
-    Triton it also installs TorchLogProbs (see there)."""
+    every generation call is timed, logged as generation/tokens_per_s; and where the trainer is
+    given `engine=True` (a model that runs transformers' own forward), rollouts and validation go
+    through reasonforge.engine instead of `generate`. On a machine without Triton it also installs
+    TorchLogProbs (see there)."""
     from transformers import GenerationConfig
     from trl import GRPOTrainer
 
     use_torch_logprobs_without_triton()
 
     class ReasonForgeGRPOTrainer(GRPOTrainer):
+        def __init__(self, *args, engine: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._use_engine = engine
+
         @contextlib.contextmanager
         def _greedy(self):
             sampling = self.generation_config
@@ -274,18 +282,51 @@ def grpo_trainer_class():
             mode = "train" if self.model.training else "eval"
             greedy = mode == "eval" and getattr(self, "generation_config", None) is not None
             started = time.perf_counter()
-            with self._greedy() if greedy else contextlib.nullcontext():
-                completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+            if self._use_engine:
+                completion_ids, logprobs = self._engine_rollouts(prompt_ids, greedy=mode == "eval")
+            else:
+                with self._greedy() if greedy else contextlib.nullcontext():
+                    completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
             seconds = time.perf_counter() - started
             tokens = sum(len(ids) for ids in completion_ids)
             self._metrics[mode][GENERATION_RATE].append(tokens / max(seconds, 1e-9))
+            self._metrics[mode][GENERATION_SECONDS].append(seconds)
             return completion_ids, logprobs
+
+        def _engine_rollouts(self, prompt_ids, greedy: bool):
+            """Completions as TRL's generate path returns them: the ids up to and including the
+            stop token. The policy runs in eval mode (no LoRA dropout, as vLLM would sample it);
+            the captured graph and cache are freed afterwards for the backward pass."""
+            engine = rollout_engine(self.model, self._tokenizer.pad_token_id)
+            settings = utils.GenerationSettings(
+                temperature=0.0 if greedy else self.temperature, top_p=1.0 if greedy else self.top_p,
+                top_k=0 if greedy else (self.top_k or 0), max_new_tokens=self.max_completion_length,
+                repetition_penalty=self.repetition_penalty)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                replies = engine.generate([list(p) for p in prompt_ids], settings, set(self.eos_token_ids))
+            finally:
+                engine.release()
+                self.model.train(was_training)
+            return [r.ids + ([r.stop_id] if r.stopped else []) for r in replies], None
 
     return ReasonForgeGRPOTrainer
 
 
+def rollout_engine(model, pad_id: int):
+    """The reasonforge.engine.Engine of the policy, kept on the model between steps."""
+    from reasonforge.engine import Engine
+
+    engine = getattr(model, "_reasonforge_engine", None)
+    if engine is None:
+        engine = Engine(model, pad_id)
+        model._reasonforge_engine = engine
+    return engine
+
+
 def build_grpo_trainer(model, tokenizer, train_ds, eval_ds, config, reward_weights: dict[str, float],
-                       callbacks: list | None = None):
+                       callbacks: list | None = None, engine: bool = False):
     """A GRPOTrainer over `model` (already LoRA-wrapped by the caller, e.g. a PeftModel) with the
     named rewards; `config` comes from grpo_config with the same `reward_weights`. The stock
     printers are removed: GRPOStepLogger (see grpo_step_logger) prints one summary per step."""
@@ -294,7 +335,8 @@ def build_grpo_trainer(model, tokenizer, train_ds, eval_ds, config, reward_weigh
         raise ValueError(f"config.reward_weights {config.reward_weights} do not match the rewards {reward_weights}; "
                          "build the config with grpo_config(..., reward_weights) from the same rewards")
     trainer = grpo_trainer_class()(model=model, reward_funcs=funcs, args=config, train_dataset=train_ds,
-                                   eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
+                                   eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks,
+                                   engine=engine)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for stock in (PrinterCallback, ProgressCallback):
@@ -425,6 +467,22 @@ def plot_rewards(history: list[dict], path: str | Path) -> bool:
     return True
 
 
+# Questions per rollout call with the static engine: 8 groups of 8 is batch 64, where its decode step
+# has the card busy (benchmarks/RESULTS.md, run 27) while the KV cache stays small.
+ENGINE_PROMPTS_PER_GENERATION = 8
+
+
+def generation_batch_size(config, engine: str, batch_size: int) -> int | None:
+    """TRL's generation_batch_size: --prompts-per-generation groups, by default 8 with the static
+    engine; None (one optimizer step's completions, TRL's default) with generate. Rounded up to
+    whole batches, which TRL requires."""
+    prompts = config.prompts_per_generation or (ENGINE_PROMPTS_PER_GENERATION if engine == "static" else None)
+    if prompts is None:
+        return None
+    completions = prompts * config.num_generations
+    return -(-completions // batch_size) * batch_size
+
+
 def build_trainer(run, callbacks: list):
     """The GRPO trainer of a train_lora.py Run (reasonforge.training): its model with LoRA, its
     prompts, the flags' group size, completion length, KL coefficient and temperature."""
@@ -440,8 +498,10 @@ def build_trainer(run, callbacks: list):
                          # Validation decodes one reply per prompt; a batch as large as a training
                          # generation batch is known to fit, and greedy decoding is launch-bound.
                          eval_batch_size=batch.batch_size * batch.gradient_accumulation_steps,
+                         generation_batch_size=generation_batch_size(c, run.engine, batch.batch_size),
                          save_steps=c.save_steps, eval_steps=c.eval_steps, save_total_limit=c.save_total_limit,
                          logging_steps=c.logging_steps, seed=c.seed, warmup_steps=c.warmup_steps,
                          lr_scheduler=c.lr_scheduler, weight_decay=c.weight_decay, optim=run.optim,
                          precision=run.precision, run_name=c.run_name, has_eval=len(run.data.validation) > 0)
-    return build_grpo_trainer(run.model, run.tokenizer, run.data.train, run.data.validation, config, weights, callbacks)
+    return build_grpo_trainer(run.model, run.tokenizer, run.data.train, run.data.validation, config, weights, callbacks,
+                              engine=run.engine == "static")

@@ -78,6 +78,10 @@ def print_setup(run) -> None:
         print(f"GRPO:       {c.num_generations} replies of up to {c.max_completion_length} tokens per question, "
               f"temperature {c.temperature}, beta {c.beta}, rewards {c.rewards}; best checkpoint on "
               f"{grpo.best_metric(parse_rewards(c.rewards))}")
+        gen = grpo.generation_batch_size(c, run.engine, batch.batch_size)
+        print(f"Rollouts:   engine {run.engine}" + (" (static KV cache, decode step replayed as a CUDA graph)"
+                                                     if run.engine == "static" else " (TRL's generate)")
+              + (f"; {gen} completions generated per call" if gen else "; one optimizer step's completions per call"))
     print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     print(utils.format_memory_stats(utils.gpu_memory_stats()))
     print("=" * 72)
@@ -94,7 +98,8 @@ def training_config(run) -> dict:
            "load_in_4bit": run.load_in_4bit, "compiler": run.compiler,
            "cuda_graphs": dataclasses.asdict(run.cuda_graphs), "kept_layers": dataclasses.asdict(run.kept_layers),
            "compile_cache": run.compile_cache, "packed_attention": run.packed_attention,
-           "optim": run.optim, "rows": run.data.rows, "chat_template": run.data.template_name,
+           "optim": run.optim, "rollout_engine": run.engine if run.config.method == "grpo" else None,
+           "rows": run.data.rows, "chat_template": run.data.template_name,
            "dataset_manifest_sha256": manifest.get("content_sha256"), "dataset_source": manifest.get("source"),
            "versions": utils.library_versions(), "gpu": utils.gpu_memory_stats()}
     cfg = utils.redact_secrets(cfg)

@@ -82,6 +82,8 @@ class TrainConfig:
     max_completion_length: int
     beta: float
     temperature: float
+    engine: str
+    prompts_per_generation: int | None
     verbose: bool
 
     @classmethod
@@ -140,6 +142,7 @@ class Run:
     resume: str | None  # the checkpoint folder training continues from
     cleanup: contextlib.ExitStack  # puts back what setup changed outside the run (Unsloth's attention routing)
     phases: report.Phases  # where the time before the first step went
+    engine: str = "generate"  # what generates grpo's rollouts: "static" (reasonforge.engine) or TRL's "generate"
 
     @property
     def main_rank(self) -> bool:
@@ -162,6 +165,14 @@ class Result:
 # ---------------------------------------------------------------------------------------------
 
 
+def rollout_engine_and_backend(config: TrainConfig) -> tuple[str, str]:
+    """(what generates grpo's rollouts, the --backend to load with): sft generates nothing; grpo's
+    static engine needs transformers' own forward, so under auto it brings --backend hf with it."""
+    if config.method != "grpo":
+        return "generate", config.backend
+    return utils.resolve_engine(config.engine, config.backend)
+
+
 def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tuple | None = None) -> Run:
     """Everything before the first step; prints the banner and writes training_config.json (rank 0).
 
@@ -169,7 +180,11 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     (train, validation) pair of lists of input_ids/labels rows, stands in for --dataset-path.
     """
     phases = report.Phases()
-    backend, backend_reason = utils.choose_backend(config.backend)
+    engine, backend_flag = rollout_engine_and_backend(config)
+    backend, backend_reason = utils.choose_backend(backend_flag)
+    if backend_flag != config.backend:
+        backend_reason = ("grpo's rollouts through the static engine run transformers' forward (Unsloth's patched "
+                          "attention keeps a KV cache of its own)")
     # train_lora.py refused what it could; the backend "auto" becomes is known only now, before the model loads
     why = acceleration.cuda_graphs_obstacle(backend, config.method, config.packing)
     if config.cuda_graphs == "on" and why:
@@ -231,7 +246,8 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
                   parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
                   packed_attention=route, cuda_graphs=graphs, kept_layers=keep,
                   compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps, graphs.on),
-                  compile_cache=cache, cache_mirror=mirror, resume=resume, cleanup=cleanup, phases=phases)
+                  compile_cache=cache, cache_mirror=mirror, resume=resume, cleanup=cleanup, phases=phases,
+                  engine=engine)
         if run.main_rank:
             report.print_setup(run)
         report.record_config(run)

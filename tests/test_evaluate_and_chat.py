@@ -331,7 +331,7 @@ def test_settings_dialog_keeps_refuses_and_cancels(capsys):
 def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, capsys):
     seen = []
 
-    def reply(model, tok, messages, settings):
+    def reply(model, tok, messages, settings, engine="static"):
         seen.append([m["content"] for m in messages])
         if len(seen) == 2:
             raise tm.ReplyInterrupted({"response": "half a", "tokens": 2, "seconds": 0.1})
@@ -390,7 +390,7 @@ def test_chat_history_is_kept_across_turns(adapter_run, tiny_model, monkeypatch,
     _, adapter = adapter_run
     model, tok, _ = utils.load_model(str(tiny_model), backend="hf", adapter_path=adapter)
     seen = []
-    monkeypatch.setattr(tm, "stream_reply", lambda m, t, msgs, s: seen.append(msgs) or {"response": f"r{len(seen)}", "tokens": 1, "seconds": 0})
+    monkeypatch.setattr(tm, "stream_reply", lambda m, t, msgs, s, engine="static": seen.append(msgs) or {"response": f"r{len(seen)}", "tokens": 1, "seconds": 0})
     lines = iter(["one", "two", "reset", "three"])
 
     def fake_input(prompt=""):
