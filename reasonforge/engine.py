@@ -97,9 +97,14 @@ def plan_batch_size(model, rows: int, cache_len: int, requested: int | None = No
         return max(1, min(8, rows)), "CPU default"
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info()
-    fits = int(CACHE_SHARE * free_bytes // max(kv_bytes_per_token(model) * cache_len, 1))
-    size = max(1, min(rows, MAX_BATCH, fits))
+    size = rows_that_fit(free_bytes, kv_bytes_per_token(model), cache_len, rows)
     return size, f"{CACHE_SHARE:.0%} of {free_bytes / 1024**3:.1f} GiB free at {cache_len} tokens a row"
+
+
+def rows_that_fit(free_bytes: int, per_token: int, cache_len: int, rows: int) -> int:
+    """Rows whose KV cache of `cache_len` tokens fits CACHE_SHARE of `free_bytes`, from 1 to MAX_BATCH."""
+    fits = int(CACHE_SHARE * free_bytes // max(per_token * cache_len, 1))
+    return max(1, min(rows, MAX_BATCH, fits))
 
 
 class Engine:

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 # Metrics TRL's GRPOTrainer logs (evaluation adds the eval_ prefix); the generation rate is ours.
 COMPLETION_LENGTH = "completions/mean_length"
 GENERATION_RATE = "generation/tokens_per_s"
-GENERATION_SECONDS = "generation/seconds"
+# Where a step's time goes, per phase; log-probabilities and the backward pass are the step's rest.
+GENERATION_SECONDS = "time/generation_s"
+REWARD_SECONDS = "time/rewards_s"
+LOGPROB_SECONDS = "time/logprobs_s"
 STEP_TIME = "step_time"
 
 
@@ -293,6 +296,21 @@ def grpo_trainer_class():
             self._metrics[mode][GENERATION_SECONDS].append(seconds)
             return completion_ids, logprobs
 
+        def _calculate_rewards(self, *args, **kwargs):
+            started = time.perf_counter()
+            out = super()._calculate_rewards(*args, **kwargs)
+            self._metrics["train" if self.model.training else "eval"][REWARD_SECONDS].append(
+                time.perf_counter() - started)
+            return out
+
+        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+            # the forward passes that score completions (the old policy's, the reference's, the loss's)
+            started = time.perf_counter()
+            out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            key = "train" if self.model.training else "eval"
+            self._metrics[key].setdefault(LOGPROB_SECONDS, []).append(time.perf_counter() - started)
+            return out
+
         def _engine_rollouts(self, prompt_ids, greedy: bool):
             """Completions as TRL's generate path returns them: the ids up to and including the
             stop token. The policy runs in eval mode (no LoRA dropout, as vLLM would sample it);
@@ -366,6 +384,9 @@ def step_summary(logs: dict, completions_per_step: int) -> dict:
     length = logs.get(prefix + COMPLETION_LENGTH)
     if length is not None:
         out[f"{prefix}completion_length_mean"] = length
+    for key, name in ((GENERATION_SECONDS, "generation_s"), (REWARD_SECONDS, "rewards_s"), (LOGPROB_SECONDS, "logprobs_s")):
+        if logs.get(prefix + key) is not None:
+            out[f"{prefix}{name}"] = logs[prefix + key]
     rate = logs.get(prefix + GENERATION_RATE)
     if rate is None and length is not None and logs.get(STEP_TIME) and not prefix:
         rate = length * completions_per_step / logs[STEP_TIME]
@@ -389,6 +410,11 @@ def summary_line(summary: dict, step: int, max_steps: int) -> str | None:
         parts.append(f"completion {summary[prefix + 'completion_length_mean']:.0f} tok")
     if summary.get(prefix + "generation_tokens_per_s") is not None:
         parts.append(f"generation {summary[prefix + 'generation_tokens_per_s']:,.0f} tok/s")
+    phases = [f"{label} {summary[prefix + key]:.1f}s" for key, label in
+              (("generation_s", "generate"), ("rewards_s", "rewards"), ("logprobs_s", "log-probs"))
+              if summary.get(prefix + key) is not None]
+    if phases:
+        parts.append(" ".join(phases))
     return " | ".join(parts)
 
 

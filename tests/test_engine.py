@@ -1,0 +1,194 @@
+"""reasonforge.engine against transformers' generate: the same greedy tokens, stops, settings and
+adapter state, on the tiny random Qwen, the real SmolLM2 chat model, and (GPU) a 4-bit model with
+LoRA whose decode step is replayed as a CUDA graph."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+import evaluate_model
+import test_model as tm
+import train_lora
+import utils
+from reasonforge import engine as engine_mod
+from reasonforge.core import UserError
+
+WORDS = ["What", "is", "12", "times", "7", "apple", "train", "how", "many", "minutes", "Explain", "why", "sky", "blue"]
+
+
+def conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    rng = random.Random(seed)
+    return [[{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 25)))}]
+            for _ in range(n)]
+
+
+def load(path):
+    model, tok, _ = utils.load_model(str(path), backend="hf")
+    model.eval()
+    return model, tok
+
+
+def both_engines(model, tok, convs, settings, batch_size):
+    old = utils.generate_batch(model, tok, convs, settings, batch_size, desc=None, engine="generate")
+    new = utils.generate_batch(model, tok, convs, settings, batch_size, desc=None, engine="static")
+    return old, new
+
+
+def same_replies(old: list[dict], new: list[dict]) -> int:
+    return sum((a["response"], a["tokens"], a["stopped"]) == (b["response"], b["tokens"], b["stopped"])
+               for a, b in zip(old, new))
+
+
+@pytest.mark.parametrize("penalty,batch_size", [(1.0, 4), (1.1, 3)])
+def test_greedy_replies_equal_generate_on_the_tiny_qwen(tiny_model, penalty, batch_size):
+    model, tok = load(tiny_model)
+    convs = conversations(7)
+    settings = utils.GenerationSettings(temperature=0, max_new_tokens=24, repetition_penalty=penalty)
+    old, new = both_engines(model, tok, convs, settings, batch_size)
+    assert same_replies(old, new) == len(convs), [(a["response"], b["response"]) for a, b in zip(old, new)]
+    assert all(r["tokens"] == 24 and not r["stopped"] for r in new)  # random weights never stop: every step is compared
+
+
+@pytest.mark.slow
+def test_greedy_replies_equal_generate_on_smollm2(demo_model):
+    """The real chat model: replies that stop at <|im_end|> at different lengths within a batch."""
+    model, tok = load(demo_model)
+    convs = conversations(12, seed=3)
+    settings = utils.GenerationSettings(temperature=0, max_new_tokens=64, repetition_penalty=1.0)
+    old, new = both_engines(model, tok, convs, settings, 4)
+    assert same_replies(old, new) == len(convs)
+    assert any(r["stopped"] for r in new) and any(not r["stopped"] for r in new)
+    assert len({r["tokens"] for r in new}) > 3
+
+
+def test_adapter_state_gets_its_own_slot_and_replies(tiny_model):
+    """With the adapter switched off (evaluation's base pass) the engine must not reuse the slot of
+    the adapter's path; each state's replies equal generate's in that state, and they differ."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = load(tiny_model)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=1.0)
+    model.eval()
+    convs = conversations(4, seed=5)
+    settings = utils.GenerationSettings(temperature=0, max_new_tokens=16, repetition_penalty=1.0)
+    tuned_old, tuned_new = both_engines(model, tok, convs, settings, 4)
+    with model.disable_adapter():
+        base_old, base_new = both_engines(model, tok, convs, settings, 4)
+    assert same_replies(tuned_old, tuned_new) == 4 and same_replies(base_old, base_new) == 4
+    assert [r["response"] for r in tuned_new] != [r["response"] for r in base_new]
+
+
+def test_stops_include_the_stop_token_for_grpo_and_respect_max_new_tokens(tiny_model):
+    """A reply ends at the first stop id; Reply.stop_id keeps it (TRL's completions include it)."""
+    model, tok = load(tiny_model)
+    prompt = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    settings = utils.GenerationSettings(temperature=0, max_new_tokens=12, repetition_penalty=1.0)
+    free = engine_mod.Engine(model, tok.pad_token_id).generate([prompt], settings, {-1})[0]
+    assert not free.stopped and len(free.ids) == 12 and free.stop_id is None
+    stop = free.ids[5]  # the sixth greedy token becomes a stop id: the reply must end just before it
+    first = free.ids.index(stop)
+    cut = engine_mod.Engine(model, tok.pad_token_id).generate([prompt], settings, {stop})[0]
+    assert cut.stopped and cut.ids == free.ids[:first] and cut.stop_id == stop
+
+
+def test_sampling_follows_the_seed_and_the_settings(tiny_model):
+    import torch
+
+    model, tok = load(tiny_model)
+    convs = conversations(3, seed=9)
+    settings = utils.GenerationSettings(temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=10, repetition_penalty=1.1)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append([r["response"] for r in utils.generate_batch(model, tok, convs, settings, 3, desc=None,
+                                                                  engine="static")])
+    assert runs[0] == runs[1]
+    procs = engine_mod.logits_processors(settings)
+    assert [type(p).__name__ for p in procs] == ["RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper",
+                                                 "TopKLogitsWarper", "TopPLogitsWarper"]
+    assert engine_mod.logits_processors(utils.GenerationSettings(temperature=0, repetition_penalty=1.0)) is None
+
+
+def test_batch_plan_fills_free_memory_within_limits():
+    per_token = 36 * 2 * 2 * 128 * 2  # the Qwen2.5-3B shape: 36 layers, K and V, 2 KV heads of 128, bf16
+    assert engine_mod.rows_that_fit(4 * 1024**3, per_token, 768, rows=500) == 91  # 0.6 x 4 GiB / 27 MiB a row
+    assert engine_mod.rows_that_fit(80 * 1024**3, per_token, 768, rows=500) == engine_mod.MAX_BATCH
+    assert engine_mod.rows_that_fit(80 * 1024**3, per_token, 768, rows=64) == 64
+    assert engine_mod.rows_that_fit(1024**2, per_token, 768, rows=64) == 1
+    assert engine_mod.plan_batch_size(None, 100, 512, requested=16) == (16, "--batch-size")
+
+
+def test_engine_choice():
+    assert utils.resolve_engine("generate", "auto") == ("generate", "auto")
+    assert utils.resolve_engine("static", "auto") == ("static", "hf")
+    assert utils.resolve_engine("auto", "unsloth") == ("generate", "unsloth")
+    assert utils.resolve_engine("auto", "auto") == ("generate", "auto")  # no CUDA here: nothing to replay
+    with pytest.raises(UserError, match="--engine static"):
+        utils.resolve_engine("static", "unsloth")
+
+
+@pytest.mark.slow
+def test_cli_reports_agree_across_engines(tiny_model, sample_dataset, tmp_path):
+    """evaluate_model.py and test_model.py give the same greedy answers with either engine, and
+    their reports say which engine ran and how fast."""
+    verdicts = {}
+    for engine in ("generate", "static"):
+        report = tmp_path / f"eval_{engine}.json"
+        assert evaluate_model.main(["--model-path", str(tiny_model), "--dataset-path", str(sample_dataset),
+                                    "--compute-accuracy", "--max-eval-samples", "6", "--max-new-tokens", "12",
+                                    "--engine", engine, "--output-file", str(report)]) == 0
+        data = json.loads(report.read_text())
+        assert data["engine"] == engine
+        acc = data["metrics"]["accuracy"]["model"]
+        assert acc["generation_speed"]["engine"] == engine and acc["generation_speed"]["tokens_per_s"] > 0
+        verdicts[engine] = [(v["response"], v["correct"]) for v in acc["verdicts"]]
+    assert verdicts["generate"] == verdicts["static"]
+    answers = {}
+    instructions = tmp_path / "i.json"
+    instructions.write_text(json.dumps(["Hello", "What is 2 + 2?", "Name a colour.", "Count to three."]))
+    for engine in ("generate", "static"):
+        out = tmp_path / f"batch_{engine}.json"
+        assert tm.main(["--model-path", str(tiny_model), "--batch", "--instructions-file", str(instructions),
+                        "--temperature", "0", "--max-new-tokens", "10", "--engine", engine,
+                        "--output-file", str(out)]) == 0
+        data = json.loads(out.read_text())
+        assert data["engine"] == engine
+        answers[engine] = [r["response"] for r in data["results"]]
+    assert answers["generate"] == answers["static"]
+
+
+@pytest.mark.slow
+def test_grpo_rollouts_through_the_engine(tiny_qwen25, sample_dataset, tmp_path):
+    """train_lora.py --method grpo --engine static: rollouts and validation from the engine, several
+    prompts' groups per generation call, the generation time in the step log."""
+    out = tmp_path / "grpo"
+    assert train_lora.main(["--model-name", str(tiny_qwen25), "--dataset-path", str(sample_dataset), "--output-dir",
+                            str(out), "--max-steps", "2", "--save-steps", "2", "--eval-steps", "2", "--warmup-steps",
+                            "0", "--max-seq-length", "384", "--method", "grpo", "--num-generations", "2",
+                            "--max-completion-length", "8", "--batch-size", "2", "--gradient-accumulation-steps", "1",
+                            "--engine", "static", "--prompts-per-generation", "2"]) == 0
+    cfg = json.loads((out / "training_config.json").read_text())
+    assert cfg["rollout_engine"] == "static" and cfg["backend"] == "hf"
+    assert cfg["arguments"]["engine"] == "static" and cfg["arguments"]["prompts_per_generation"] == 2
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [r for r in records if "time/generation_s" in r]
+    assert train_logs and all(r["time/generation_s"] > 0 for r in train_logs)
+    assert any("eval_generation_tokens_per_s" in r for r in records)
+
+
+def test_prompts_per_generation_must_split_into_batches(tmp_path, capsys):
+    assert train_lora.main(["--model-name", "x", "--output-dir", str(tmp_path / "o"), "--method", "grpo",
+                            "--num-generations", "3", "--batch-size", "2", "--gradient-accumulation-steps", "3",
+                            "--prompts-per-generation", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --prompts-per-generation 3 x --num-generations 3 = 9 completions")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
