@@ -137,6 +137,10 @@ def worker(opts) -> dict:
         out["greedy_replies"] = [r["response"] for r in run("eval_default", rows, greedy, None)]
         return out
     run("warmup", rows[:2], greedy, 2)
+    if opts.quick:  # the profile and the default evaluation only, with its greedy replies for the comparison
+        out["greedy_replies"] = [r["response"] for r in run("eval_default", rows, greedy,
+                                                            None if engine == "static" else opts.rows)]
+        return out
     # evaluation: batch 8 (the old default; today's path only on a quarter of the rows, at the same rate per batch)
     few = rows[: opts.rows // 4] if variant in ("generate-unsloth", "generate-hf") else rows
     if variant != "generate-hf":  # that one is here for its greedy replies; its speed is the Unsloth path's or worse
@@ -254,7 +258,7 @@ def continuous(model, tok, convs, settings, name, out):
 def run_variant(variant: str, opts, model: Path, adapter: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--model", str(model), "--adapter", str(adapter),
            "--rows", str(opts.rows), "--new-tokens", str(opts.new_tokens), "--group", str(opts.group),
-           "--prompts-per-step", str(opts.prompts_per_step)] + (["--profile"] if opts.profile else [])
+           "--prompts-per-step", str(opts.prompts_per_step)] + (["--profile"] if opts.profile else []) + (["--quick"] if opts.quick else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=opts.variant_timeout)
     except subprocess.TimeoutExpired as exc:
@@ -308,6 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--variant-timeout", type=int, default=900, help="seconds one variant may take")
+    p.add_argument("--quick", action="store_true", help="only the default evaluation (and --profile)")
     p.add_argument("--profile", action="store_true", help="profile eager decode steps of the static engine")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default="generation")

