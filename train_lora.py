@@ -132,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", choices=["auto", "static", "generate"], default="auto",
                    help="grpo: what generates rollouts and validation replies. static: reasonforge.engine (static KV "
                         "cache, decode step as a CUDA graph) on transformers' forward, so the model loads with "
-                        "--backend hf; generate: TRL's generate (Unsloth's fast decode under --backend unsloth); "
-                        "auto: static on a GPU unless --backend unsloth (default: %(default)s)")
+                        "--backend hf; generate and auto: TRL's generate (Unsloth's fast decode under Unsloth) "
+                        "(default: %(default)s)")
     r.add_argument("--prompts-per-generation", type=int, default=None,
                    help="grpo: questions whose groups are generated in one call; TRL spreads their completions over "
-                        "the next optimizer steps (its generation_batch_size). Default: 8 with the static engine, "
-                        "else one optimizer step's worth")
+                        "the next optimizer steps (its generation_batch_size). Default: 8 on a GPU, one optimizer "
+                        "step's worth on a CPU")
     p.add_argument("--verbose", action="store_true")
     return p
 

@@ -166,11 +166,13 @@ class Result:
 
 
 def rollout_engine_and_backend(config: TrainConfig) -> tuple[str, str]:
-    """(what generates grpo's rollouts, the --backend to load with): sft generates nothing; grpo's
-    static engine needs transformers' own forward, so under auto it brings --backend hf with it."""
-    if config.method != "grpo":
+    """(what generates grpo's rollouts, the --backend to load with). sft generates nothing. grpo's
+    auto keeps TRL's generate on the backend chosen for training: the static engine needs
+    transformers' own forward (--backend hf), and grpo's training on that backend has not been run
+    on a GPU, so it is asked for with --engine static, which brings --backend hf with it."""
+    if config.method != "grpo" or config.engine != "static":
         return "generate", config.backend
-    return utils.resolve_engine(config.engine, config.backend)
+    return utils.resolve_engine("static", config.backend)
 
 
 def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tuple | None = None) -> Run:

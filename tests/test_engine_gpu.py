@@ -83,16 +83,18 @@ def test_graph_replay_is_exact_and_matches_generate_on_4bit_lora(peaked_lora_mod
     assert equal >= 0.95 * len(convs)
 
 
-def test_grpo_default_rollouts_use_the_engine(small_lora_model, sample_dataset, tmp_path):
+def test_grpo_rollouts_through_the_engine_on_4bit(small_lora_model, sample_dataset, tmp_path):
+    """--engine static: grpo trains on --backend hf (4-bit, PEFT) with rollouts from the engine."""
     base, _ = small_lora_model  # the 0.5B shape: GRPO's memory and batch plan at a real width
     out = tmp_path / "grpo"
     code = train_lora.main(["--model-name", str(base), "--dataset-path", str(sample_dataset), "--output-dir", str(out),
                             "--max-steps", "2", "--save-steps", "2", "--eval-steps", "2", "--warmup-steps", "0",
                             "--max-seq-length", "512", "--method", "grpo", "--num-generations", "4",
-                            "--max-completion-length", "64", "--batch-size", "4", "--gradient-accumulation-steps", "1"])
+                            "--max-completion-length", "64", "--batch-size", "4", "--gradient-accumulation-steps", "1",
+                            "--engine", "static"])
     assert code == 0
     cfg = json.loads((out / "training_config.json").read_text())
-    assert cfg["rollout_engine"] == "static" and cfg["backend"] == "hf"
+    assert cfg["rollout_engine"] == "static" and cfg["backend"] == "hf" and cfg["load_in_4bit"]
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["generation_tokens_per_s"] for r in records if r.get("generation_tokens_per_s")]
     print("grpo generation tokens/s:", rates)
