@@ -190,7 +190,11 @@ def validate_args(args) -> None:
 def method_problems(args) -> list[str]:
     """What --method grpo needs of the other flags; --init-adapter's folder is checked when it is fetched."""
     if args.method != "grpo":
-        return []
+        given = [flag for flag, unset in (("--engine", args.engine == "auto"),
+                                          ("--prompts-per-generation", args.prompts_per_generation is None)) if not unset]
+        verb, them = ("set", "them") if len(given) > 1 else ("sets", "it")
+        return ([f"{' and '.join(given)} {verb} how grpo generates its rollouts; --method {args.method} generates "
+                 f"nothing, so drop {them} (or pass --method grpo)"] if given else [])
     from reasonforge.grpo import GRPOSettings
     from reasonforge.rewards import parse_rewards
 

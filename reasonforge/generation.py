@@ -219,7 +219,8 @@ def add_engine_flag(group) -> None:
     group.add_argument("--engine", choices=ENGINES, default="auto",
                        help="static: a static KV cache with the decode step replayed as a CUDA graph (reasonforge."
                             "engine); generate: transformers' generate, launch by launch (with --backend unsloth, "
-                            "Unsloth's fast decode); auto: static, unless --backend unsloth (default: %(default)s)")
+                            "Unsloth's fast decode); auto: static on a GPU unless --backend unsloth, else generate "
+                            "(default: %(default)s)")
 
 
 def resolve_engine(requested: str, backend_flag: str) -> tuple[str, str]:
@@ -264,8 +265,8 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
     Returns per conversation {response, tokens, seconds, stopped}; seconds is the batch's wall time
     shared out by generated tokens; stopped is False where the reply hit --max-new-tokens.
     `engine` "static" runs reasonforge.engine (batch None: sized from free GPU memory), "generate"
-    transformers' generate (batch None: 8), "auto" static where the model is on CUDA, else generate. `stats`, where given, receives the run's figures
-    (tokens, seconds, tokens_per_s, batch_size, engine).
+    transformers' generate (batch None: 8), "auto" static where the model is on CUDA, else generate.
+    `stats`, where given, receives the run's figures (tokens, seconds, tokens_per_s, batch_size, engine).
     """
     prompts = [tokenizer(render_chat(c, tokenizer=tokenizer, add_generation_prompt=True), add_special_tokens=False)
                ["input_ids"] for c in conversations]
