@@ -207,3 +207,9 @@ def test_chat_streams_the_engine_reply_as_generate_does(tiny_model, capsys):
         shown[engine] = capsys.readouterr().out
     assert replies["static"]["response"] == replies["generate"]["response"] and replies["static"]["tokens"] == 20
     assert shown["static"] == shown["generate"] and replies["static"]["response"] in shown["static"]
+
+
+def test_rollout_flags_are_refused_for_sft(tmp_path, capsys):
+    assert train_lora.main(["--model-name", "x", "--output-dir", str(tmp_path / "o"), "--engine", "static"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --engine sets how grpo generates") and len(err.splitlines()) == 1
