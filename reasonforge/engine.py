@@ -32,6 +32,7 @@ from reasonforge.core import log
 # activations, the graph's pool and the logits.
 CACHE_SHARE = 0.6
 MAX_BATCH = 256  # past this the step is compute-bound on an H100 and latency per reply only grows
+CACHE_LEN_STEP = 256  # cache lengths are whole steps of this many tokens
 PREFILL_TOKENS = 16384  # prompt tokens per prefill chunk: bounds the MLP activations at long prompts
 
 
@@ -147,7 +148,12 @@ class Engine:
         max_new = settings.max_new_tokens
         if context:
             max_new = max(1, min(max_new, context - longest))
-        size, why = plan_batch_size(self.model, len(prompts), longest + max_new, batch_size)
+        # the cache length is rounded up, so the next call (a chat's next turn, the next batch of
+        # another split) of a like size finds its graph already captured
+        cache_len = -(-(longest + max_new) // CACHE_LEN_STEP) * CACHE_LEN_STEP
+        if context:
+            cache_len = max(longest + max_new, min(cache_len, context))
+        size, why = plan_batch_size(self.model, len(prompts), cache_len, batch_size)
         self.stats.batch_size = size
         self.stats.notes.append(f"batch {size} ({why})")
         replies: dict[int, Reply] = {}
@@ -156,7 +162,7 @@ class Engine:
                 idx = order[start:start + size]
                 rows = [prompts[i] for i in idx]
                 # every batch shares one cache length, so one captured graph serves them all
-                outs = self._run_batch(rows, settings, stops, max_new, longest + max_new, size, on_step)
+                outs = self._run_batch(rows, settings, stops, max_new, cache_len, size, on_step)
                 for i, reply in zip(idx, outs):
                     replies[i] = reply
                 self.stats.batches += 1
