@@ -242,11 +242,12 @@ def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) 
     return {"metrics": metrics, "timings": timings}
 
 
-def samples(model, tokenizer, rows, args, settings) -> list[dict]:
+def samples(model, tokenizer, rows, args, settings, speed: dict) -> list[dict]:
+    """Replies to the first --num-samples rows beside their reference; `speed` receives the figures."""
     picked = rows.select(range(min(args.num_samples, len(rows))))
     prompts = [prompt_of(m, args.system_prompt) for m in picked["messages"]]
     outs = utils.generate_batch(model, tokenizer, prompts, settings, args.batch_size, desc="samples",
-                                engine=args.engine)
+                                engine=args.engine, stats=speed)
     result = []
     for prompt, messages, out in zip(prompts, picked["messages"], outs):
         last = [m for m in messages if m["role"] == "assistant"][-1]
@@ -293,6 +294,7 @@ def main(argv=None) -> int:
     if leak and leak.get("warning"):
         log.warning(leak["warning"])
     measured = run_measurements(model, tokenizer, rows, args, settings, has_adapter)
+    sample_speed: dict = {}
     report = {
         "model_path": args.model_path, "base_model": info["base_model"], "adapter": info.get("adapter"),
         "backend": info["backend"], "engine": args.engine, "dataset_path": args.dataset_path, "split": args.split, "rows": len(rows),
@@ -302,7 +304,8 @@ def main(argv=None) -> int:
         "generation": settings.as_dict(), "metrics": measured["metrics"],
         "settings": {name: getattr(args, name) for name in utils.RECORDED_DEFAULTS},
         "settings_source": args.settings_source,
-        "samples": samples(model, tokenizer, rows, args, settings) if args.generate_samples else [],
+        "samples": samples(model, tokenizer, rows, args, settings, sample_speed) if args.generate_samples else [],
+        "samples_generation_speed": sample_speed or None,
         "timings": {"model_load_s": info["load_s"], **measured["timings"]},
         "memory": utils.gpu_memory_stats(), "versions": utils.library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

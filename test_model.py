@@ -425,8 +425,9 @@ def run_batch(model, tokenizer, instructions: list[str], settings, args, output_
 
     with open(partial, "a", encoding="utf-8") as fh, tqdm(total=len(instructions), initial=len(done), desc="batch",
                                                            unit="prompt") as bar:
-        # answers reach the partial file a chunk at a time; the engine sizes its batches within a chunk
-        step = args.batch_size or (256 if args.engine == "static" else 8)
+        # answers reach the partial file a batch at a time, so a Ctrl-C loses at most the batch in flight
+        step = utils.planned_batch_size(model, tokenizer, [conversation(instructions[i], args.system_prompt) for i in todo],
+                                        settings, args.engine, args.batch_size)
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             convs = [conversation(instructions[i], args.system_prompt) for i in chunk]

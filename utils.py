@@ -60,6 +60,7 @@ from reasonforge.generation import (
     engine_for,
     resolve_engine,
     fit_to_context,
+    planned_batch_size,
     generate_batch,
     generation_settings_from_args,
     inference_flag_problems,

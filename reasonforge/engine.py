@@ -146,13 +146,11 @@ class Engine:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         longest = len(prompts[order[0]]) if prompts else 0
         max_new = settings.max_new_tokens
-        if context:
-            max_new = max(1, min(max_new, context - longest))
-        # the cache length is rounded up, so the next call (a chat's next turn, the next batch of
-        # another split) of a like size finds its graph already captured
+        # Each row may generate up to max_new tokens, or what its own prompt leaves of the model's
+        # context (positions are per row); the cache, laid out left-padded, holds the longest prompt
+        # plus max_new, rounded up so that the next call of a like size (a chat's next turn, the next
+        # batch) finds its graph already captured.
         cache_len = -(-(longest + max_new) // CACHE_LEN_STEP) * CACHE_LEN_STEP
-        if context:
-            cache_len = max(longest + max_new, min(cache_len, context))
         size, why = plan_batch_size(self.model, len(prompts), cache_len, batch_size)
         self.stats.batch_size = size
         self.stats.notes.append(f"batch {size} ({why})")
@@ -162,7 +160,8 @@ class Engine:
                 idx = order[start:start + size]
                 rows = [prompts[i] for i in idx]
                 # every batch shares one cache length, so one captured graph serves them all
-                outs = self._run_batch(rows, settings, stops, max_new, cache_len, size, on_step)
+                limits = [max(1, min(max_new, context - len(r))) if context else max_new for r in rows]
+                outs = self._run_batch(rows, settings, stops, limits, cache_len, size, on_step)
                 for i, reply in zip(idx, outs):
                     replies[i] = reply
                 self.stats.batches += 1
@@ -180,11 +179,13 @@ class Engine:
     # One batch
     # -----------------------------------------------------------------------------------------
 
-    def _run_batch(self, rows: list[list[int]], settings, stops: set[int], max_new: int, cache_len: int,
+    def _run_batch(self, rows: list[list[int]], settings, stops: set[int], limits: list[int], cache_len: int,
                    slots: int, on_step) -> list[Reply]:
+        """Replies to `rows`, row i at most limits[i] tokens long."""
         import torch
 
         n = len(rows)
+        max_new = max(limits)
         # a short last batch is padded with copies of its first row, so the captured graph fits it
         padded_rows = rows + [rows[0]] * (slots - n) if self.cuda_graphs else rows
         width = max(len(r) for r in padded_rows)
@@ -199,6 +200,7 @@ class Engine:
         done = torch.zeros(len(padded_rows), dtype=torch.bool, device=self.device)
         done[n:] = True  # padding rows never count
         stop_at = torch.full((len(padded_rows),), -1, dtype=torch.long, device=self.device)
+        limit = torch.tensor(limits + [1] * (len(padded_rows) - n), device=self.device)
         logits = first_logits
         t1 = time.perf_counter()
         steps = 0
@@ -212,7 +214,7 @@ class Engine:
             history[:, width + step] = nxt
             hit = torch.isin(nxt, stop_tensor) & ~done
             stop_at = torch.where(hit, torch.full_like(stop_at, step), stop_at)
-            done |= hit
+            done |= hit | (limit <= step + 1)  # a row out of tokens is done, without a stop
             if on_step is not None and n == 1:
                 on_step(0, int(nxt[0]))
             # one host read per step: it waits for the step to finish, a gap of microseconds between
@@ -226,16 +228,16 @@ class Engine:
         seconds = time.perf_counter() - t1
         self.stats.decode_s += seconds
         self.stats.decode_steps += steps
-        return self._replies(history[:n, width:], stop_at[:n], seconds + (t1 - t0))
+        return self._replies(history[:n, width:], stop_at[:n], limits, seconds + (t1 - t0))
 
-    def _replies(self, generated, stop_at, seconds: float) -> list[Reply]:
+    def _replies(self, generated, stop_at, limits: list[int], seconds: float) -> list[Reply]:
         generated, stop_at = generated.tolist(), stop_at.tolist()
         out = []
-        for ids, at in zip(generated, stop_at):
+        for ids, at, most in zip(generated, stop_at, limits):
             if at >= 0:
                 out.append(Reply(ids[:at], True, 0.0, ids[at]))
             else:
-                out.append(Reply(ids, False, 0.0))
+                out.append(Reply(ids[:most], False, 0.0))
         total = max(sum(len(r.ids) for r in out), 1)
         for r in out:
             r.seconds = round(seconds * len(r.ids) / total, 4)

@@ -289,7 +289,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
         figures = runner.stats.as_dict()
     else:
         outs = _generate_hf(model, tokenizer, prompts, settings, batch_size or 8, desc)
-        figures = {"engine": "generate", "batch_size": batch_size or 8}
+        figures = {"engine": "generate", "batch_size": min(batch_size or 8, len(prompts))}
     seconds = time.perf_counter() - started
     tokens = sum(len(ids) for ids, _, _ in outs)
     if stats is not None:
@@ -297,6 +297,21 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
                      tokens_per_s=round(tokens / seconds, 1) if seconds else None)
     return [{"response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids),
              "seconds": secs, "stopped": stopped} for ids, stopped, secs in outs]
+
+
+def planned_batch_size(model, tokenizer, conversations: list[list[dict]], settings: GenerationSettings,
+                       engine: str, batch_size: int | None = None) -> int:
+    """The rows generate_batch would put in one batch for these conversations: what a caller that
+    saves answers batch by batch (test_model.py --batch) should hand it at a time."""
+    if batch_size:
+        return batch_size
+    if engine != "static" or not conversations:
+        return 8
+    from reasonforge.engine import plan_batch_size
+
+    longest = max(len(tokenizer(render_chat(c, tokenizer=tokenizer, add_generation_prompt=True),
+                                add_special_tokens=False)["input_ids"]) for c in conversations)
+    return plan_batch_size(model, len(conversations), longest + settings.max_new_tokens)[0]
 
 
 def _generate_hf(model, tokenizer, prompts: list[list[int]], settings, batch_size: int, desc):

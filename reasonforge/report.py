@@ -79,8 +79,9 @@ def print_setup(run) -> None:
               f"temperature {c.temperature}, beta {c.beta}, rewards {c.rewards}; best checkpoint on "
               f"{grpo.best_metric(parse_rewards(c.rewards))}")
         gen = grpo.generation_batch_size(c, batch.batch_size)
-        print(f"Rollouts:   engine {run.engine}" + (" (static KV cache, decode step replayed as a CUDA graph)"
-                                                     if run.engine == "static" else " (TRL's generate)")
+        how = ("TRL's generate" if run.engine != "static" else "static KV cache, decode step replayed as a CUDA graph"
+               if run.precision.get("use_cpu") is False else "static KV cache, decode steps run eagerly: no CUDA")
+        print(f"Rollouts:   engine {run.engine} ({how})"
               + (f"; {gen} completions generated per call" if gen else "; one optimizer step's completions per call"))
     print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     print(utils.format_memory_stats(utils.gpu_memory_stats()))

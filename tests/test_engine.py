@@ -213,3 +213,18 @@ def test_rollout_flags_are_refused_for_sft(tmp_path, capsys):
     assert train_lora.main(["--model-name", "x", "--output-dir", str(tmp_path / "o"), "--engine", "static"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --engine sets how grpo generates") and len(err.splitlines()) == 1
+
+
+def test_a_long_prompt_limits_only_its_own_reply(tiny_model):
+    """Near the end of the context, a row gets what its own prompt leaves; its batch-mates keep
+    their --max-new-tokens (positions are per row)."""
+    model, tok = load(tiny_model)
+    context = model.config.max_position_embeddings
+    short = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    long = short[:-3] + [tok.convert_tokens_to_ids("Ġthe")] * (context - 10 - len(short)) + short[-3:]
+    settings = utils.GenerationSettings(temperature=0, max_new_tokens=24, repetition_penalty=1.0)
+    replies = engine_mod.Engine(model, tok.pad_token_id).generate([short, long, short], settings, {-1},
+                                                                   context=context)
+    assert [len(r.ids) for r in replies] == [24, 10, 24] and not any(r.stopped for r in replies)
+    alone = engine_mod.Engine(model, tok.pad_token_id).generate([short], settings, {-1}, context=context)[0]
+    assert replies[0].ids == replies[2].ids == alone.ids
