@@ -163,8 +163,8 @@ def best_metric(reward_weights: dict[str, float]) -> str:
 
 def grpo_config(settings: GRPOSettings, reward_weights: dict[str, float], *, output_dir: str | Path,
                 max_steps: int = -1, num_epochs: float = 1.0, batch_size: int = 8, gradient_accumulation_steps: int = 1,
-                eval_batch_size: int | None = None, generation_batch_size: int | None = None, save_steps: int = 50, eval_steps: int | None = None,
-                save_total_limit: int | None = None, logging_steps: int = 1, seed: int = 42, warmup_steps: int = 0,
+                eval_batch_size: int | None = None, generation_batch_size: int | None = None, save_steps: int = 50,
+                eval_steps: int | None = None, save_total_limit: int | None = None, logging_steps: int = 1, seed: int = 42, warmup_steps: int = 0,
                 lr_scheduler: str = "linear", weight_decay: float = 0.0, optim: str = "adamw_torch",
                 precision: dict | None = None, report_to: tuple[str, ...] = ("tensorboard",),
                 run_name: str | None = None, has_eval: bool = True):
@@ -384,7 +384,8 @@ def step_summary(logs: dict, completions_per_step: int) -> dict:
     length = logs.get(prefix + COMPLETION_LENGTH)
     if length is not None:
         out[f"{prefix}completion_length_mean"] = length
-    for key, name in ((GENERATION_SECONDS, "generation_s"), (REWARD_SECONDS, "rewards_s"), (LOGPROB_SECONDS, "logprobs_s")):
+    phases = ((GENERATION_SECONDS, "generation_s"), (REWARD_SECONDS, "rewards_s"), (LOGPROB_SECONDS, "logprobs_s"))
+    for key, name in phases:
         if logs.get(prefix + key) is not None:
             out[f"{prefix}{name}"] = logs[prefix + key]
     rate = logs.get(prefix + GENERATION_RATE)
@@ -499,10 +500,10 @@ def plot_rewards(history: list[dict], path: str | Path) -> bool:
 GPU_PROMPTS_PER_GENERATION = 8
 
 
-def generation_batch_size(config, batch_size: int, on_gpu: bool | None = None) -> int | None:
+def generation_batch_size(config, batch_size: int, processes: int = 1, on_gpu: bool | None = None) -> int | None:
     """TRL's generation_batch_size: --prompts-per-generation groups, by default 8 on a GPU; on a CPU
     None (one optimizer step's completions, TRL's default), where a bigger batch gains nothing.
-    Rounded up to whole batches, which TRL requires."""
+    Rounded up to whole groups and whole global batches, both of which TRL requires."""
     if on_gpu is None:
         import torch
 
@@ -511,7 +512,8 @@ def generation_batch_size(config, batch_size: int, on_gpu: bool | None = None) -
     if prompts is None:
         return None
     completions = prompts * config.num_generations
-    return -(-completions // batch_size) * batch_size
+    unit = math.lcm(batch_size * processes, config.num_generations)
+    return -(-completions // unit) * unit
 
 
 def build_trainer(run, callbacks: list):
@@ -520,16 +522,17 @@ def build_trainer(run, callbacks: list):
     import os
 
     c, batch = run.config, run.batch
-    gen_batch = generation_batch_size(c, batch.batch_size)
+    gen_batch = generation_batch_size(c, batch.batch_size, run.processes)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(c.output_dir) / "logs")
     weights = rewards_mod.parse_rewards(c.rewards)
     settings = GRPOSettings(num_generations=c.num_generations, max_completion_length=c.max_completion_length,
                             beta=c.beta, temperature=c.temperature, learning_rate=c.learning_rate)
     config = grpo_config(settings, weights, output_dir=c.output_dir, max_steps=c.max_steps, num_epochs=c.num_epochs,
                          batch_size=batch.batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
-                         # Validation decodes one greedy reply per prompt, as many prompts per call as
-                         # training generates completions per call: a batch known to fit.
-                         eval_batch_size=max(batch.batch_size * batch.gradient_accumulation_steps, gen_batch or 0),
+                         # Validation decodes one greedy reply per prompt; with the engine as many
+                         # prompts per call as training generates completions: a batch known to fit.
+                         eval_batch_size=max(batch.batch_size * batch.gradient_accumulation_steps,
+                                             gen_batch if run.engine == "static" and gen_batch else 0),
                          generation_batch_size=gen_batch,
                          save_steps=c.save_steps, eval_steps=c.eval_steps, save_total_limit=c.save_total_limit,
                          logging_steps=c.logging_steps, seed=c.seed, warmup_steps=c.warmup_steps,

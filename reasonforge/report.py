@@ -78,7 +78,7 @@ def print_setup(run) -> None:
         print(f"GRPO:       {c.num_generations} replies of up to {c.max_completion_length} tokens per question, "
               f"temperature {c.temperature}, beta {c.beta}, rewards {c.rewards}; best checkpoint on "
               f"{grpo.best_metric(parse_rewards(c.rewards))}")
-        gen = grpo.generation_batch_size(c, batch.batch_size)
+        gen = grpo.generation_batch_size(c, batch.batch_size, run.processes)
         how = ("TRL's generate" if run.engine != "static" else "static KV cache, decode step replayed as a CUDA graph"
                if run.precision.get("use_cpu") is False else "static KV cache, decode steps run eagerly: no CUDA")
         print(f"Rollouts:   engine {run.engine} ({how})"

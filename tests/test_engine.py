@@ -228,3 +228,17 @@ def test_a_long_prompt_limits_only_its_own_reply(tiny_model):
     assert [len(r.ids) for r in replies] == [24, 10, 24] and not any(r.stopped for r in replies)
     alone = engine_mod.Engine(model, tok.pad_token_id).generate([short], settings, {-1}, context=context)[0]
     assert replies[0].ids == replies[2].ids == alone.ids
+
+
+def test_grpo_generation_batch_holds_whole_groups_and_batches():
+    from types import SimpleNamespace
+
+    from reasonforge import grpo
+
+    default = SimpleNamespace(prompts_per_generation=None, num_generations=8)
+    assert grpo.generation_batch_size(default, 2, on_gpu=True) == 64  # 8 questions x 8
+    assert grpo.generation_batch_size(default, 3, on_gpu=True) == 72  # whole batches of 3 and groups of 8
+    assert grpo.generation_batch_size(default, 2, processes=3, on_gpu=True) == 72
+    assert grpo.generation_batch_size(default, 2, on_gpu=False) is None  # a CPU keeps TRL's default
+    asked = SimpleNamespace(prompts_per_generation=2, num_generations=4)
+    assert grpo.generation_batch_size(asked, 4, on_gpu=False) == 8
