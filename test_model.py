@@ -266,7 +266,7 @@ class Transcript:
 
     def write(self, record: dict) -> None:
         record = {**record, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.write(utils.to_json(record, ensure_ascii=False) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
@@ -420,7 +420,8 @@ def run_batch(model, tokenizer, instructions: list[str], settings, args, output_
     partial.parent.mkdir(parents=True, exist_ok=True)
     if not done:  # a new batch: the first line says which run its answers belong to
         with open(partial, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps({"batch_of": identity or batch_identity(args, settings)}, ensure_ascii=False) + "\n")
+            first = {"batch_of": identity or batch_identity(args, settings)}
+            fh.write(utils.to_json(first, ensure_ascii=False) + "\n")
     from tqdm.auto import tqdm
 
     with open(partial, "a", encoding="utf-8") as fh, tqdm(total=len(instructions), initial=len(done), desc="batch",
@@ -434,7 +435,7 @@ def run_batch(model, tokenizer, instructions: list[str], settings, args, output_
             for i, out in zip(chunk, utils.generate_batch(model, tokenizer, convs, settings, args.batch_size, desc=None,
                                                           engine=args.engine)):
                 done[i] = {"index": i, "instruction": instructions[i], **out}
-                fh.write(json.dumps(done[i], ensure_ascii=False) + "\n")
+                fh.write(utils.to_json(done[i], ensure_ascii=False) + "\n")
             fh.flush()
             bar.update(len(chunk))
     return [done[i] for i in range(len(instructions))]

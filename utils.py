@@ -40,6 +40,7 @@ from reasonforge.core import (
     UserError,
     absolute_if_local,
     atomic_write_json,
+    finite_float,
     first_line,
     holds_json,
     library_versions,
@@ -49,6 +50,7 @@ from reasonforge.core import (
     read_json,
     redact_secrets,
     sig4,
+    to_json,
     utc_stamp,
 )
 from reasonforge.generation import (

@@ -6,7 +6,6 @@ script that did so at import time would load it before Unsloth, which must patch
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -65,7 +64,7 @@ class StepLogger(TrainerCallback):
         elif "eval_loss" in logs:
             self.bar.write(f"step {state.global_step}/{state.max_steps} | validation loss {logs['eval_loss']:.4f}")
         with open(self.jsonl_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(utils.to_json(record) + "\n")
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:

@@ -159,8 +159,39 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None: json.dumps would write them as the
+    bare words NaN and Infinity, which strict JSON readers (jq, JavaScript, most other languages) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, **kwargs) -> str:
+    """Strict JSON text of `obj` (non-finite numbers as null); every file and line the suite writes goes through it."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, to_json(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type of the float flags: a finite number. float() alone takes "nan" and "inf",
+    which pass every range check written as a comparison and end in NaN settings."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a value such as 0.1")
+    return value
 
 
 _SECRET_NAME = re.compile(r"(secret|password|passwd|api[_-]?key|access[_-]?key|credential|(^|_)token$|^auth)", re.I)

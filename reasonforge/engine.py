@@ -26,8 +26,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from reasonforge.core import log
-
 # Share of the free GPU memory the KV cache of one batch may take; the rest holds the prefill's
 # activations, the graph's pool and the logits.
 CACHE_SHARE = 0.6

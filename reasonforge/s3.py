@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from reasonforge.core import CorruptFile, UserError, describe_os_error, first_line, log, path_kind
+from reasonforge.core import CorruptFile, UserError, describe_os_error, first_line, log, path_kind, to_json
 
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
@@ -324,7 +324,7 @@ def download_prefix(uri: S3Uri | str, local_dir: str | Path, desc: str = "downlo
 def s3_put_json(uri: S3Uri, obj: Any) -> None:
     client = s3_client()
     with s3_errors(uri.bucket, "upload"):
-        client.put_object(Bucket=uri.bucket, Key=uri.prefix, Body=json.dumps(obj, indent=2).encode())
+        client.put_object(Bucket=uri.bucket, Key=uri.prefix, Body=to_json(obj, indent=2).encode())
 
 
 def s3_get_json(uri: S3Uri) -> Any | None:
