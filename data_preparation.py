@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--long-rows", choices=["drop", "keep"], default="drop",
                      help="what to do with rows over --max-seq-length (default: %(default)s)")
     out = p.add_argument_group("output")
-    out.add_argument("--val-size", type=utils.finite_float, default=0.1, help="validation fraction, in (0, 1) (default: %(default)s)")
+    out.add_argument("--val-size", type=float, default=0.1, help="validation fraction, in (0, 1) (default: %(default)s)")
     out.add_argument("--seed", type=int, default=42, help="shuffle/split seed (default: %(default)s)")
     out.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="local output folder (default: %(default)s)")
     out.add_argument("--s3-bucket", default=None, help="bucket to upload to (needs credentials)")

@@ -56,20 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loss on assistant tokens only (default: on)")
     d.add_argument("--packing", action="store_true", help="pack short examples into full sequences")
     t = p.add_argument_group("training")
-    t.add_argument("--num-epochs", type=utils.finite_float, default=3, help="(default: %(default)s)")
+    t.add_argument("--num-epochs", type=float, default=3, help="(default: %(default)s)")
     t.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (default: epochs)")
     t.add_argument("--batch-size", type=int, default=2, help="per-device micro-batch (default: %(default)s)")
     t.add_argument("--gradient-accumulation-steps", type=int, default=4, help="(default: %(default)s)")
-    t.add_argument("--learning-rate", type=utils.finite_float, default=None,
+    t.add_argument("--learning-rate", type=float, default=None,
                    help=f"(default: {training.DEFAULT_LEARNING_RATE['sft']} for sft, {training.DEFAULT_LEARNING_RATE['grpo']} for grpo)")
-    t.add_argument("--weight-decay", type=utils.finite_float, default=0.01, help="(default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="(default: %(default)s)")
     t.add_argument("--warmup-steps", type=int, default=5, help="(default: %(default)s)")
     t.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name (default: %(default)s)")
     t.add_argument("--optim", default="auto", help="optimizer; auto = adamw_8bit where bitsandbytes works, else adamw_torch")
     t.add_argument("--seed", type=int, default=3407, help="(default: %(default)s)")
     t.add_argument("--auto-batch", action="store_true",
                    help="pick micro-batch and checkpointing from the GPU's free memory, keeping the effective batch")
-    t.add_argument("--gpu-memory-gib", type=utils.finite_float, default=None,
+    t.add_argument("--gpu-memory-gib", type=float, default=None,
                    help="treat the GPU as having this much memory (caps this process to it); default: what is free")
     t.add_argument("--gradient-checkpointing", choices=["auto", "unsloth", "on", "off"], default="auto",
                    help="auto: on the unsloth backend (sft), Unsloth's offloaded checkpointing, with as many "
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora-r", type=int, default=16, help="(default: %(default)s)")
     lo.add_argument("--lora-alpha", type=int, default=16, help="(default: %(default)s)")
-    lo.add_argument("--lora-dropout", type=utils.finite_float, default=0.0, help="(default: %(default)s)")
+    lo.add_argument("--lora-dropout", type=float, default=0.0, help="(default: %(default)s)")
     lo.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated (default: %(default)s)")
     c = p.add_argument_group("checkpoints and evaluation")
     c.add_argument("--output-dir", default="./checkpoints/qwen_lora", help="(default: %(default)s)")
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume-from-checkpoint", default=None, metavar="PATH|latest",
                    help="a checkpoint folder, or 'latest' (newest complete one, local or on S3)")
     c.add_argument("--save-merged", action="store_true", help="also save a 16-bit merged model beside the adapter")
-    c.add_argument("--sigterm-deadline-s", type=utils.finite_float, default=90,
+    c.add_argument("--sigterm-deadline-s", type=float, default=90,
                    help="on SIGTERM a checkpoint is saved at the end of the current step; exit without one if "
                         "none has begun after this many seconds (spot instances get 120) (default: %(default)s)")
     u = p.add_argument_group("upload")
@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grpo: replies sampled per question; batch x accumulation must hold whole groups (default: %(default)s)")
     r.add_argument("--max-completion-length", type=int, default=512,
                    help="grpo: tokens per sampled reply; the question gets --max-seq-length minus this (default: %(default)s)")
-    r.add_argument("--beta", type=utils.finite_float, default=0.0,
+    r.add_argument("--beta", type=float, default=0.0,
                    help="grpo: KL penalty towards the starting policy; 0 skips the reference pass (default: %(default)s)")
-    r.add_argument("--temperature", type=utils.finite_float, default=1.0, help="grpo: sampling temperature (default: %(default)s)")
+    r.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature (default: %(default)s)")
     r.add_argument("--engine", choices=["auto", "static", "generate"], default="auto",
                    help="grpo: what generates rollouts and validation replies. static: reasonforge.engine (static KV "
                         "cache, decode step as a CUDA graph) on transformers' forward, so the model loads with "
@@ -163,8 +163,9 @@ def validate_args(args) -> None:
     if args.eval_steps is not None and (args.eval_steps < 1 or args.save_steps % args.eval_steps):
         problems.append(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
                         "(the best checkpoint is chosen among saved ones)")
-    if args.sigterm_deadline_s <= 0:
-        problems.append(f"--sigterm-deadline-s {args.sigterm_deadline_s} must be positive, e.g. 90")
+    # NaN passes a "<= 0" test, and a NaN deadline saves no checkpoint on SIGTERM
+    problems += utils.number_problems({"--sigterm-deadline-s": (args.sigterm_deadline_s, lambda v: v > 0,
+                                                                "positive, e.g. 90")})
     if args.save_total_limit is not None and args.save_total_limit < 1:
         problems.append("--save-total-limit must be at least 1")
     if args.s3_bucket:

@@ -40,7 +40,6 @@ from reasonforge.core import (
     UserError,
     absolute_if_local,
     atomic_write_json,
-    finite_float,
     first_line,
     holds_json,
     library_versions,

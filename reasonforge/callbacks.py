@@ -63,6 +63,10 @@ class StepLogger(TrainerCallback):
                            + (f" | peak {mem['peak_gib']:.2f} GiB" if mem else ""))
         elif "eval_loss" in logs:
             self.bar.write(f"step {state.global_step}/{state.max_steps} | validation loss {logs['eval_loss']:.4f}")
+        # strict JSON writes a NaN or infinite value as null; the names say which ones were
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            record["non_finite"] = bad
         with open(self.jsonl_path, "a", encoding="utf-8") as fh:
             fh.write(utils.to_json(record) + "\n")
 

@@ -180,20 +180,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, to_json(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def finite_float(text: str) -> float:
-    """argparse type of the float flags: a finite number. float() alone takes "nan" and "inf",
-    which pass every range check written as a comparison and end in NaN settings."""
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a value such as 0.1")
-    return value
-
-
 _SECRET_NAME = re.compile(r"(secret|password|passwd|api[_-]?key|access[_-]?key|credential|(^|_)token$|^auth)", re.I)
 
 

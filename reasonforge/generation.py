@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from reasonforge.chat_format import IM_END, IM_START, render_chat, single_token
-from reasonforge.core import SEED_MAX, UserError, finite_float, log, number_problems
+from reasonforge.core import SEED_MAX, UserError, log, number_problems
 from reasonforge.models import choose_backend, import_unsloth_first, load_model, resolve_model_for_inference
 
 
@@ -188,11 +188,11 @@ def inference_flag_problems(args) -> list[str]:
 def add_generation_flags(parser) -> None:
     g = parser.add_argument_group("generation")
     d = GenerationSettings()
-    g.add_argument("--temperature", type=finite_float, default=d.temperature, help="0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=finite_float, default=d.top_p, help="(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="(default: %(default)s)")
     g.add_argument("--top-k", type=int, default=d.top_k, help="(default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="(default: %(default)s)")
-    g.add_argument("--repetition-penalty", type=finite_float, default=d.repetition_penalty, help="(default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="(default: %(default)s)")
     g.add_argument("--system-prompt", default=None, help="system message for every prompt")
 
 
