@@ -315,7 +315,7 @@ def grpo_trainer_class():
             """Completions as TRL's generate path returns them: the ids up to and including the
             stop token. The policy runs in eval mode (no LoRA dropout, as vLLM would sample it);
             the captured graph and cache are freed afterwards for the backward pass."""
-            engine = rollout_engine(self.model, self._tokenizer.pad_token_id)
+            engine = utils.engine_for(self.model, self._tokenizer)
             settings = utils.GenerationSettings(
                 temperature=0.0 if greedy else self.temperature, top_p=1.0 if greedy else self.top_p,
                 top_k=0 if greedy else (self.top_k or 0), max_new_tokens=self.max_completion_length,
@@ -330,17 +330,6 @@ def grpo_trainer_class():
             return [r.ids + ([r.stop_id] if r.stopped else []) for r in replies], None
 
     return ReasonForgeGRPOTrainer
-
-
-def rollout_engine(model, pad_id: int):
-    """The reasonforge.engine.Engine of the policy, kept on the model between steps."""
-    from reasonforge.engine import Engine
-
-    engine = getattr(model, "_reasonforge_engine", None)
-    if engine is None:
-        engine = Engine(model, pad_id)
-        model._reasonforge_engine = engine
-    return engine
 
 
 def build_grpo_trainer(model, tokenizer, train_ds, eval_ds, config, reward_weights: dict[str, float],
