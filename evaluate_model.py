@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--compute-accuracy", action="store_true", help="greedy answers scored against the reference")
     w.add_argument("--generate-samples", action="store_true")
     w.add_argument("--num-samples", type=int, default=10, help="(default: %(default)s)")
-    utils.add_generation_flags(p)
+    # unset: samples use the chat default, --compute-accuracy none (see accuracy_settings)
+    utils.add_generation_flags(p, penalty_unset_help=(
+        f"(default: {utils.GenerationSettings().repetition_penalty} for --generate-samples; "
+        "none for --compute-accuracy unless given)"))
     p.add_argument("--output-file", default="./eval_results/evaluation.json", help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
@@ -81,17 +84,18 @@ def encode_rows(rows, tokenizer, args) -> tuple[list[dict], dict]:
     """Rows as training saw them: the same rendering and mask, and the same --long-rows policy
     (dropped rows are not scored; cut rows are scored on what is left). Returns (rows, counts)."""
     limit = args.max_seq_length
-    encoded = [utils.encode_conversation(m, tokenizer, args.train_on_responses_only, limit) for m in rows["messages"]]
+    # a multi-turn row whose template rewrites earlier turns is scored turn by turn, as it was trained
+    encoded = [r for m in rows["messages"] for r in utils.encode_rows(m, tokenizer, args.train_on_responses_only, limit)]
     over = sum(1 for r in encoded if r["n_tokens"] > limit)
     out = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded
            if utils.keeps_row(r, limit, args.long_rows)]
     if over:
         log.warning("%d of %d rows are longer than --max-seq-length %d: %s (as in training, --long-rows %s)",
-                    over, len(rows), args.max_seq_length, "not scored" if args.long_rows == "drop" else "cut",
+                    over, len(encoded), args.max_seq_length, "not scored" if args.long_rows == "drop" else "cut",
                     args.long_rows)
     if not out:
         raise UserError(f"no row of the split fits --max-seq-length {args.max_seq_length}; raise it")
-    return out, {"rows": len(rows), "over_max_seq_length": over, "scored": len(out)}
+    return out, {"rows": len(rows), "rows_scored_as": len(encoded), "over_max_seq_length": over, "scored": len(out)}
 
 
 def perplexity(model, encoded: list[dict], batch_size: int, pad_id: int, desc: str) -> dict:
@@ -138,15 +142,23 @@ def accuracy(model, tokenizer, rows, settings, args, desc: str) -> dict:
                                 stats=speed)
     verdicts = []
     for out, reference in zip(outs, rows["answer"]):
-        predicted = answers.final_answer(out["response"])
+        # a reply the token limit cut off has no answer unless it already stated one
+        predicted = answers.final_answer(out["response"], truncated=not out["stopped"])
         verdicts.append({"reference": answers.reference_answer(reference), "predicted": predicted,
                          "correct": answers.answers_match(predicted, reference), "stopped": out["stopped"],
                          "response": out["response"]})
     correct = sum(v["correct"] for v in verdicts)
-    return {"accuracy": correct / len(verdicts), "correct": correct, "total": len(verdicts),
+    return {"accuracy": correct / len(verdicts), "correct": correct, "total": len(verdicts), "settings": settings.as_dict(),
             "no_answer": sum(v["predicted"] is None for v in verdicts),
             "hit_max_new_tokens": sum(not v["stopped"] for v in verdicts), "generation_speed": speed,
             "verdicts": verdicts}
+
+
+def accuracy_settings(settings, penalty_given: bool):
+    """Greedy, and with no repetition penalty unless --repetition-penalty was passed: a penalty
+    keeps a model from repeating digits an answer needs (11 + 11 = 22)."""
+    return utils.GenerationSettings(**{**settings.as_dict(), "temperature": 0.0,
+                                       "repetition_penalty": settings.repetition_penalty if penalty_given else 1.0})
 
 
 def adapter_off(model):
@@ -232,7 +244,7 @@ def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) 
         if len(scored) == 0:
             raise UserError(f"--compute-accuracy: no rows of split {args.split!r} have a reference answer "
                             "(the data-preparation 'answer' column); drop the flag or prepare data with answers")
-        greedy = utils.GenerationSettings(**{**settings.as_dict(), "temperature": 0.0, "repetition_penalty": 1.0})
+        greedy = accuracy_settings(settings, args.repetition_penalty_given)
         for name, base in passes:
             t0 = time.perf_counter()
             with adapter_off(model) if base else contextlib.nullcontext():
@@ -281,6 +293,9 @@ def print_summary(report: dict, output_file: Path) -> None:
 @utils.cli_entry
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.repetition_penalty_given = args.repetition_penalty is not None
+    if not args.repetition_penalty_given:
+        args.repetition_penalty = utils.GenerationSettings().repetition_penalty
     utils.setup_logging(args.verbose)
     validate_args(args)
     settings = utils.generation_settings_from_args(args)

@@ -23,6 +23,7 @@ from reasonforge.chat_format import (
     TEMPLATE_CHOICES,
     clean_messages,
     encode_conversation,
+    encode_rows,
     keeps_row,
     map_fingerprint,
     load_prepared_dataset,
@@ -31,6 +32,7 @@ from reasonforge.chat_format import (
     template_family,
     template_misfit,
     tokenize_for_training,
+    training_turns,
 )
 from reasonforge.cli import cli_entry, describe_environment_error, setup_logging
 from reasonforge.core import (

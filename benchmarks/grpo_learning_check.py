@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewards", default="correctness=1,format=0.2")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-truncated", action="store_true",
+                   help="TRL's mask_truncated_completions: completions cut by the length limit left out of the loss")
     p.add_argument("--engine", choices=["auto", "static", "generate"], default="auto",
                    help="what generates rollouts and held-out replies (auto: generate on a CPU, static on a GPU)")
     # One thread: on a machine whose cores other jobs share, more threads spin against each other
@@ -88,7 +90,8 @@ def accuracy(model, tokenizer, rows, max_new_tokens: int, engine: str = "auto") 
     started = time.perf_counter()
     replies = utils.generate_batch(model, tokenizer, [conversation(q) for q, _, _ in rows], settings,
                                    batch_size=32, desc=None, engine=engine)
-    right = [answers_match(final_answer(r["response"]), str(a)) for r, (_, a, _) in zip(replies, rows)]
+    right = [answers_match(final_answer(r["response"], truncated=not r["stopped"]), str(a))
+             for r, (_, a, _) in zip(replies, rows)]
     by_op = {}
     for ok, (_, _, op) in zip(right, rows):
         by_op.setdefault(op, []).append(ok)
@@ -118,7 +121,7 @@ def train(model, tokenizer, train_rows, args) -> tuple[object, dict]:
         raise SystemExit("; ".join(problems))
     config = grpo.grpo_config(settings, weights, output_dir=args.run_dir, max_steps=args.steps, batch_size=batch,
                               save_steps=args.steps, seed=args.seed, warmup_steps=2, report_to=(), has_eval=False,
-                              lr_scheduler="constant_with_warmup")
+                              lr_scheduler="constant_with_warmup", mask_truncated=args.mask_truncated)
     log_path = Path(args.run_dir) / "logs" / "metrics.jsonl"
     log_path.unlink(missing_ok=True)
     trainer = grpo.build_grpo_trainer(model, tokenizer, train_ds, None, config, weights,

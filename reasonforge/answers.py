@@ -3,7 +3,14 @@
 Equivalence is math-verify's (the checker the open R1-style recipes use): numbers, fractions,
 roots, powers, percents, tuples, intervals and equations are compared as values, so `-\\frac{1}{2}`
 equals `-0.5` and `2^{10}` does not equal `2`. Extraction is ours and deliberately narrow: a reply
-whose thinking block never closed has no answer at all, rather than whatever number it stopped on.
+whose thinking block never closed, or that was cut off at the token limit without stating an
+answer, has no answer at all, rather than whatever number it stopped on.
+
+Rules on top of math-verify's (TRAINING_GUIDE, "How answers are checked"):
+- a hedged or multi-valued answer in prose ("3 or 4", "12 and 13", "10 minus 3") is wrong against a
+  reference that is one value; a list written as math ("3, 4") is a set and compared as one;
+- a mixed number ("2 1/2", "2\\frac{1}{2}") is its value, 5/2;
+- a lettered choice ("(B) 12", "B.", "Option B") is compared by its letter where the reference is one.
 """
 
 from __future__ import annotations
@@ -19,11 +26,21 @@ _INNER_ANSWER = re.compile(r"\banswer\s+is\b\s*:?\s*(.+)", re.I)
 # parentheses after a space ("42 (the sum)"); "f(x)" and "(1, 2)" have no space before the parenthesis
 _SENTENCE_AFTER = re.compile(r"\.\s+[A-Z].*$")
 _ASIDE_AFTER = re.compile(r"(?<=\S)\s+\([^()]*\)$")
+# an aside that offers another value is a hedge ("3 (or 4)"), not a remark to strip
+_HEDGE = re.compile(r"\b(?:or|either|maybe|perhaps|possibly)\b", re.I)
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # words of prose; \frac and other LaTeX commands are not
-_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_TRAILING_WORDS = re.compile(r"(?:\s+[A-Za-z]{2,}[.,]?)+\s*$")
+_NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _E_NOTATION = re.compile(r"(\d)[eE]([-+]?\d+)\b")
 # Single letters are variables ("2x", "2 x"); these few are read as units when they follow a number.
 _SI_LETTERS = {"m", "s", "g", "K", "A", "N", "J", "W", "V", "L", "C", "T", "h"}
+# a whole number and a proper fraction: 2 1/2, 2\frac{1}{2}
+_MIXED = re.compile(r"(?<![\d.,/}])(-?)(\d+)\s*(?:\s(\d+)/(\d+)|\\[dt]?frac\{(\d+)\}\{(\d+)\})(?![\d/])")
+# what belongs to one number when counting the values an answer states: a fraction, a power, 10^n
+_ONE_VALUE = re.compile(r"\\[dt]?frac\{[^{}]*\}\{[^{}]*\}|\s*\\times\s*10\^\{?[-+]?\d+\}?|\^\{[^{}]*\}|\^-?\d+"
+                        r"|(?<=\d)[eE][-+]?\d+\b")
+# a lettered choice: "B", "(B)", "B)", "B.", "B: 12", "Option B" (a lone capital, so the article "a" is not one)
+_CHOICE = re.compile(r"^(?:(?:[Oo]ption|[Cc]hoice)\s+)?(?:\(([A-Ja-j])\)|([A-J])(?=$|[.):]|\s))")
 _NUMBER_THEN_UNIT = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?(?:\s*\\times\s*10\^\{?[-+]?\d+\}?)?)\s+([A-Za-z][A-Za-z/^\d.\s-]*)$")
 
 
@@ -58,16 +75,21 @@ def answer_lines(text: str) -> list[str]:
         while inner:  # "Final Answer: The final answer is 42."
             value = inner.group(1)
             inner = _INNER_ANSWER.search(value)
-        value = _ASIDE_AFTER.sub("", _SENTENCE_AFTER.sub("", value.strip()))
+        value = _SENTENCE_AFTER.sub("", value.strip())
+        aside = _ASIDE_AFTER.search(value)
+        if aside and not _HEDGE.search(aside.group(0)):
+            value = value[:aside.start()]
         value = _strip_wrappers(value)
         if value:
             out.append(value)
     return out
 
 
-def final_answer(response: str) -> str | None:
+def final_answer(response: str, truncated: bool = False) -> str | None:
     """The answer a reply commits to: the last \\boxed{}, else the last 'answer: ...' line, else
-    the last number; None where there is none, or where a <think> block was never closed."""
+    the last number; None where there is none, where a <think> block was never closed, or where
+    the reply was `truncated` (stopped by the token limit) before it boxed or stated an answer:
+    the last number of a sentence cut in half is no answer, even where it happens to be right."""
     head, sep, tail = response.rpartition("</think>")
     if sep:
         response = tail
@@ -79,6 +101,8 @@ def final_answer(response: str) -> str | None:
     lines = answer_lines(response)
     if lines:
         return lines[-1]
+    if truncated:
+        return None
     numbers = _NUMBER.findall(response)
     return numbers[-1] if numbers else None
 
@@ -87,13 +111,39 @@ def _as_latex(answer: str) -> str:
     """Spell an answer the way math-verify's LaTeX parser reads it: units that are words dropped,
     1e-3 written as a power of ten."""
     s = _strip_wrappers(answer)
+    s = _MIXED.sub(_mixed_as_fraction, s)
     s = _E_NOTATION.sub(r"\1\\times 10^{\2}", s)
-    m = _NUMBER_THEN_UNIT.match(s)
+    m = _NUMBER_THEN_UNIT.match(s) if values_stated(s) == 1 else None
     if m:
         words = re.findall(r"[A-Za-z]+", m.group(2))
         if all(len(w) > 1 or w in _SI_LETTERS for w in words):
             s = m.group(1)
     return s
+
+
+def _mixed_as_fraction(m: re.Match) -> str:
+    sign, whole = m.group(1), int(m.group(2))
+    num, den = (int(m.group(3)), int(m.group(4))) if m.group(3) else (int(m.group(5)), int(m.group(6)))
+    if den == 0 or num >= den:  # not a proper fraction: "3 4/2" is no mixed number; leave it as written
+        return m.group(0)
+    return f"{sign}\\frac{{{whole * den + num}}}{{{den}}}"
+
+
+def values_stated(answer: str) -> int:
+    """How many separate numbers an answer states: a fraction, a power or a mixed number is one."""
+    s = _ONE_VALUE.sub("", _MIXED.sub("1", _strip_wrappers(answer)))
+    return len(_NUMBER.findall(s))
+
+
+def is_prose(answer: str) -> bool:
+    """Whether words (not LaTeX commands or unit letters) surround the answer's value."""
+    return bool(_WORD.findall(answer.replace("\\", " \\")))
+
+
+def choice_letter(answer: str) -> str | None:
+    """The letter of a lettered choice the answer starts with ("(B) 12" -> "B"), else None."""
+    m = _CHOICE.match(_strip_wrappers(answer))
+    return (m.group(1) or m.group(2)).upper() if m else None
 
 
 def _parse(answer: str):
@@ -126,23 +176,33 @@ def reference_answer(reference: str) -> str:
 
 
 def answers_match(predicted: str | None, reference: str | None) -> bool:
-    """Whether an extracted answer equals the reference's value (see reference_answer): as values
-    where the reference is math, as case- and space-insensitive text where it is not ('mitochondria')."""
+    """Whether an extracted answer equals the reference's value (see reference_answer): by letter
+    where the reference is a lettered choice, as values where it is math, as case- and
+    space-insensitive text where it is not ('mitochondria'). A prose answer that names several
+    numbers ("3 or 4", "12 and 13") never equals a reference that is one number."""
     if not predicted or not reference or not str(reference).strip():
         return False
     reference = reference_answer(reference)
     if not reference:
         return False
+    gold_letter = choice_letter(reference)
+    if gold_letter and (_strip_wrappers(reference).strip("()") == gold_letter or choice_letter(predicted)):
+        return choice_letter(predicted) == gold_letter
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     gold = _parse(str(reference))
     if not gold:
         return _text(predicted) == _text(str(reference))
     from math_verify import verify
 
+    several = values_stated(predicted) > 1
+    if several and is_prose(predicted) and getattr(gold[0], "is_number", False):
+        return False  # a hedge or a list in words, against one value
     candidates = [predicted]
     numbers = _NUMBER.findall(predicted)
-    if len(numbers) == 1 and len(_WORD.findall(predicted.replace("\\", " \\"))) >= 2:
+    if not several and len(numbers) == 1 and len(_WORD.findall(predicted.replace("\\", " \\"))) >= 2:
         candidates.append(numbers[0])  # a sentence around one number ("She has 7 apples"): that number
+    if not several and is_prose(predicted):
+        candidates.append(_TRAILING_WORDS.sub("", predicted))  # "\\frac{1}{2} cup": the value before its unit
     for candidate in candidates:
         pred = _parse(candidate)
         try:

@@ -206,8 +206,10 @@ def assistant_spans(text: str) -> list[tuple[int, int]]:
     return [m.span(1) for m in _ASSISTANT_TURN.finditer(text)]
 
 
-def tokenize_for_training(text: str, tokenizer, train_on_responses_only: bool = True) -> dict[str, list[int]]:
-    """Tokenize rendered chat text; labels are -100 outside the assistant spans.
+def tokenize_for_training(text: str, tokenizer, train_on_responses_only: bool = True,
+                          last_turn_only: bool = False) -> dict[str, list[int]]:
+    """Tokenize rendered chat text; labels are -100 outside the assistant spans (outside the last
+    one with `last_turn_only`).
 
     Works on the whole text with character offsets, so token merges at turn boundaries are
     exactly those of inference-time tokenization.
@@ -217,6 +219,8 @@ def tokenize_for_training(text: str, tokenizer, train_on_responses_only: bool = 
     if not train_on_responses_only:
         return {"input_ids": ids, "labels": list(ids)}
     spans = assistant_spans(text)
+    if last_turn_only:
+        spans = spans[-1:]
     labels, k = [], 0
     for tok, (start, end) in zip(ids, enc["offset_mapping"]):
         while k < len(spans) and start >= spans[k][1]:
@@ -250,15 +254,53 @@ def load_prepared_dataset(path: Path):
     return dd, read_json(manifest_file, "dataset manifest", "prepare the dataset again with data_preparation.py")
 
 
-def encode_conversation(messages: list[dict], tokenizer, train_on_responses_only: bool = True,
-                        limit: int | None = None) -> dict:
-    """One conversation as input ids and labels, rendered with the tokenizer's (training's) template.
-    Training and evaluate_model.py's perplexity share it, so both see the same tokens and mask.
+def training_turns(messages: list[dict], tokenizer, source: str | None = None) -> list[list[dict]]:
+    """The conversations one row is trained as, each ending in the assistant turn it teaches.
 
-    With `limit`, ids and labels are cut to it and the row also carries its full length
+    One (the row itself) where the template renders every earlier assistant turn exactly as it
+    rendered that turn when it was the last. A template that rewrites history does not: Qwen3's
+    drops the <think> block of earlier turns, so in the whole conversation an earlier reply sits
+    as a bare answer right after `<|im_start|>assistant\\n`, where at inference the model opens
+    <think>. Such a row becomes one conversation per assistant turn, cut after it, so every target
+    is rendered as the model would produce it then, earlier reasoning included (TRAINING_GUIDE,
+    "Multi-turn rows").
+    """
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if len(ends) < 2:
+        return [messages]
+    whole = render_chat(messages, tokenizer=tokenizer, source=source)
+    if all(whole.startswith(render_chat(messages[:i + 1], tokenizer=tokenizer, source=source)) for i in ends[:-1]):
+        return [messages]
+    return [messages[:i + 1] for i in ends]
+
+
+def encode_rows(messages: list[dict], tokenizer, train_on_responses_only: bool = True, limit: int | None = None,
+                source: str | None = None) -> list[dict]:
+    """A conversation as the rows training learns from (see training_turns), rendered with `source`
+    (default: the tokenizer's template). Training and evaluate_model.py's perplexity share it, so
+    both see the same tokens and mask.
+
+    With `limit`, ids and labels are cut to it and each row also carries its full length
     (`n_tokens`) and the target tokens left after the cut (`n_target`), for keeps_row.
     """
-    enc = tokenize_for_training(render_chat(messages, tokenizer=tokenizer), tokenizer, train_on_responses_only)
+    turns = training_turns(messages, tokenizer, source)
+    out = []
+    for conversation in turns:
+        text = render_chat(conversation, tokenizer=tokenizer, source=source)
+        enc = tokenize_for_training(text, tokenizer, train_on_responses_only, last_turn_only=len(turns) > 1)
+        if limit is not None:
+            labels = enc["labels"][:limit]
+            enc = {"input_ids": enc["input_ids"][:limit], "labels": labels, "n_tokens": len(enc["input_ids"]),
+                   "n_target": sum(1 for x in labels if x != -100)}
+        out.append(enc)
+    return out
+
+
+def encode_conversation(messages: list[dict], tokenizer, train_on_responses_only: bool = True,
+                        limit: int | None = None, source: str | None = None) -> dict:
+    """One conversation as one row, every assistant turn a target (see encode_rows for what training uses)."""
+    enc = tokenize_for_training(render_chat(messages, tokenizer=tokenizer, source=source), tokenizer,
+                                train_on_responses_only)
     if limit is None:
         return enc
     labels = enc["labels"][:limit]

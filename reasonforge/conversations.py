@@ -257,7 +257,7 @@ KEY_COLUMNS = ("_digest", "_prompt", "_prompt_raw")
 def row_keys(messages: list[dict]) -> dict[str, str]:
     """Short keys computed once per row, so that deduplication and the split never hold every
     conversation in memory at once: the whole row's digest, its prompt key and its raw prompt's digest."""
-    raw = "\n".join(m["content"] for m in messages if m["role"] == "user")
+    raw = first_user_turn(messages)
     whole = json.dumps(utils.clean_messages(messages), sort_keys=True)
     return {"_digest": hashlib.sha1(whole.encode()).hexdigest(), "_prompt": prompt_key(messages),
             "_prompt_raw": hashlib.sha1(raw.encode()).hexdigest()}
@@ -304,10 +304,15 @@ def preview_template(args, tokenizer) -> tuple[str, str]:
     return name, source
 
 
+def first_user_turn(messages: list[dict]) -> str:
+    return next((m["content"] or "" for m in messages if m["role"] == "user"), "")
+
+
 def prompt_key(messages: list[dict]) -> str:
-    """What makes two rows the same question: their user turns, case-folded, whitespace collapsed."""
-    users = "\n".join(m["content"] for m in messages if m["role"] == "user")
-    return " ".join(unicodedata.normalize("NFKC", users).casefold().split())
+    """What makes two rows the same question: their first user turn, case-folded, whitespace
+    collapsed. Not all user turns: two conversations that open alike and branch later share their
+    opening exchange, which either side would then hold."""
+    return " ".join(unicodedata.normalize("NFKC", first_user_turn(messages)).casefold().split())
 
 
 def split_by_prompt(prompts: list[str], raw_prompts: list[str], val_size: float,

@@ -185,14 +185,18 @@ def inference_flag_problems(args) -> list[str]:
                                          args.repetition_penalty).problems()
 
 
-def add_generation_flags(parser) -> None:
+def add_generation_flags(parser, penalty_unset_help: str | None = None) -> None:
+    """The generation group. With `penalty_unset_help`, --repetition-penalty defaults to None (the
+    caller tells "not given" from the default) and says so in that help."""
     g = parser.add_argument_group("generation")
     d = GenerationSettings()
     g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=d.top_p, help="(default: %(default)s)")
     g.add_argument("--top-k", type=int, default=d.top_k, help="(default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="(default: %(default)s)")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="(default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float,
+                   default=None if penalty_unset_help else d.repetition_penalty,
+                   help=penalty_unset_help or "(default: %(default)s)")
     g.add_argument("--system-prompt", default=None, help="system message for every prompt")
 
 

@@ -167,7 +167,7 @@ def grpo_config(settings: GRPOSettings, reward_weights: dict[str, float], *, out
                 eval_steps: int | None = None, save_total_limit: int | None = None, logging_steps: int = 1, seed: int = 42, warmup_steps: int = 0,
                 lr_scheduler: str = "linear", weight_decay: float = 0.0, optim: str = "adamw_torch",
                 precision: dict | None = None, report_to: tuple[str, ...] = ("tensorboard",),
-                run_name: str | None = None, has_eval: bool = True):
+                run_name: str | None = None, has_eval: bool = True, mask_truncated: bool = False):
     """A trl.GRPOConfig from the GRPO settings and the training settings SFT also has.
 
     `batch_size` counts completions (TRL's per-device batch): batch_size x gradient_accumulation_steps
@@ -194,6 +194,7 @@ def grpo_config(settings: GRPOSettings, reward_weights: dict[str, float], *, out
         num_generations=settings.num_generations, num_generations_eval=1,
         generation_batch_size=generation_batch_size,
         max_completion_length=settings.max_completion_length, beta=settings.beta,
+        mask_truncated_completions=mask_truncated,
         temperature=settings.temperature, reward_weights=weights,
         gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
@@ -296,9 +297,14 @@ def grpo_trainer_class():
             self._metrics[mode][GENERATION_SECONDS].append(seconds)
             return completion_ids, logprobs
 
-        def _calculate_rewards(self, *args, **kwargs):
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             started = time.perf_counter()
-            out = super()._calculate_rewards(*args, **kwargs)
+            # TRL's own rule (its clipped_ratio): a completion not ended by a stop or pad token was cut by
+            # --max-completion-length; the rewards read this column, so a cut reply earns no correctness
+            ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+            inputs = [{**row, "truncated": not ids or ids[-1] not in ends}
+                      for row, ids in zip(inputs, completion_ids_list)]
+            out = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             self._metrics["train" if self.model.training else "eval"][REWARD_SECONDS].append(
                 time.perf_counter() - started)
             return out

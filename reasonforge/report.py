@@ -64,6 +64,12 @@ def print_setup(run) -> None:
         verb = "dropped" if c.long_rows == "drop" else "cut to fit"
         print(f"Long rows:  {', '.join(f'{n} {k}' for k, n in over.items())} rows over {c.max_seq_length} tokens "
               f"{verb} (--long-rows {c.long_rows})")
+    per_turn = {k: rows[k] for k in ("train", "validation") if rows.get(k, {}).get("conversations_one_row_per_turn")}
+    if per_turn:
+        convs = ", ".join(f"{r['conversations_one_row_per_turn']} {k}" for k, r in per_turn.items())
+        made = ", ".join(f"{r['rows_one_per_turn']} {k}" for k, r in per_turn.items())
+        print(f"Multi-turn: {convs} conversations trained as one row per assistant turn ({made} rows): template "
+              f"{run.data.template_name} renders earlier turns differently, so each reply is taught as it is generated")
     processes = f" x {run.processes} processes" if run.processes > 1 else ""
     print(f"Training:   epochs {c.num_epochs}, max steps {c.max_steps}, batch {batch.batch_size} x accum "
           f"{batch.gradient_accumulation_steps}{processes} = {eff}, lr {c.learning_rate} ({c.lr_scheduler}), "
@@ -88,6 +94,10 @@ def print_setup(run) -> None:
     print("=" * 72)
 
 
+MULTI_TURN_POLICY = ("every assistant turn is a target; where the template renders earlier turns differently "
+                     "from the last (qwen3 drops their reasoning), one row per assistant turn, only its last turn a target")
+
+
 def training_config(run) -> dict:
     """training_config.json: the flags as they ran (the batch --auto-batch picked) and what setup found."""
     batch = run.batch
@@ -101,6 +111,7 @@ def training_config(run) -> dict:
            "compile_cache": run.compile_cache, "packed_attention": run.packed_attention,
            "optim": run.optim, "rollout_engine": run.engine if run.config.method == "grpo" else None,
            "rows": run.data.rows, "chat_template": run.data.template_name,
+           "multi_turn_policy": MULTI_TURN_POLICY if run.config.method == "sft" else None,
            "dataset_manifest_sha256": manifest.get("content_sha256"), "dataset_source": manifest.get("source"),
            "versions": utils.library_versions(), "gpu": utils.gpu_memory_stats()}
     cfg = utils.redact_secrets(cfg)

@@ -37,16 +37,19 @@ def completion_text(completion) -> str:
     return "\n".join(parts)
 
 
-def correctness(completions, answer=None, **kwargs) -> list[float | None]:
+def correctness(completions, answer=None, truncated=None, **kwargs) -> list[float | None]:
     """1.0 where the completion's final answer equals the reference `answer`, else 0.0; None
-    (TRL: not scored) where the row has no reference."""
+    (TRL: not scored) where the row has no reference. A completion `truncated` by the length limit
+    has an answer only where it boxed or stated one before the cut (answers.final_answer)."""
     references = answer if answer is not None else [None] * len(completions)
+    cut = truncated if truncated is not None else [False] * len(completions)
     out: list[float | None] = []
-    for completion, reference in zip(completions, references):
+    for completion, reference, was_cut in zip(completions, references, cut):
         if reference is None or not str(reference).strip():
             out.append(None)
             continue
-        out.append(1.0 if answers_match(final_answer(completion_text(completion)), str(reference)) else 0.0)
+        predicted = final_answer(completion_text(completion), truncated=bool(was_cut))
+        out.append(1.0 if answers_match(predicted, str(reference)) else 0.0)
     return out
 
 
@@ -63,7 +66,7 @@ def explicit_answers(text: str) -> int:
     return reply.count("\\boxed{") + reply.count("\\fbox{") + len(answer_lines(reply))
 
 
-def format_score(text: str) -> float:
+def format_score(text: str, truncated: bool = False) -> float:
     """Half for a closed (or absent) thinking block, half for committing to one final answer.
 
     The answer half is 0.5 (so 0.25 of the total) where the answer is only a bare last number or
@@ -72,14 +75,15 @@ def format_score(text: str) -> float:
     """
     if not think_closed(text):
         return 0.0
-    if final_answer(text) is None:
+    if final_answer(text, truncated=truncated) is None:
         return 0.5
     return 0.5 + (0.5 if explicit_answers(text) == 1 else 0.25)
 
 
-def format_reward(completions, **kwargs) -> list[float]:
+def format_reward(completions, truncated=None, **kwargs) -> list[float]:
     """One final answer present and any <think> block closed; see format_score for the partial credit."""
-    return [format_score(completion_text(c)) for c in completions]
+    cut = truncated if truncated is not None else [False] * len(completions)
+    return [format_score(completion_text(c), bool(t)) for c, t in zip(completions, cut)]
 
 
 # TRL names each reward's metrics after the function (rewards/<name>/mean); "format" would shadow a builtin as a def.

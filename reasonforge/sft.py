@@ -69,29 +69,42 @@ def choose_template(config, manifest: dict, tokenizer) -> tuple[str, str]:
 
 def tokenize_splits(dd, tokenizer, template_source: str, config):
     """Render with the chosen template, tokenize and mask; rows over --max-seq-length are dropped
-    (or cut with --long-rows truncate) and rows left with no target are dropped.
+    (or cut with --long-rows truncate) and rows left with no target are dropped. A multi-turn row
+    whose template rewrites earlier turns becomes one row per assistant turn (utils.encode_rows).
 
     Returns (train, validation, counts per split for the banner and training_config.json).
     """
-    tokenizer.chat_template = template_source
     limit = config.max_seq_length
 
-    def encode(row):
-        return utils.encode_conversation(row["messages"], tokenizer, config.train_on_responses_only, limit)
+    def encode(batch):
+        out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "n_target": [], "turns": []}
+        for messages in batch["messages"]:
+            rows = utils.encode_rows(messages, tokenizer, config.train_on_responses_only, limit, template_source)
+            for i, row in enumerate(rows):
+                for key in ("input_ids", "labels", "n_tokens", "n_target"):
+                    out[key].append(row[key])
+                out["turns"].append(len(rows) if i == 0 else 0)  # on a conversation's first row only
+        return out
 
     out, counts = {}, {"policy": config.long_rows, "max_seq_length": limit}
     for split in ("train", "validation"):
         ds = dd[split]
+        conversations = len(ds)
         # In memory: no cache files written into the prepared dataset folder (shared by every rank).
-        ds = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenizing {split}", keep_in_memory=True,
+        ds = ds.map(encode, batched=True, batch_size=64, remove_columns=ds.column_names, desc=f"tokenizing {split}",
+                    keep_in_memory=True,
                     new_fingerprint=utils.map_fingerprint(ds, tokenizer, "sft", template_source, limit,
                                                           config.train_on_responses_only))
-        lengths = ds.select_columns(["n_tokens", "n_target"]).to_list()
+        lengths = ds.select_columns(["n_tokens", "n_target", "turns"]).to_list()
         over = [r["n_tokens"] > limit for r in lengths]
         no_target = [r["n_target"] == 0 for r in lengths]
         keep = [utils.keeps_row(r, limit, config.long_rows) for r in lengths]
+        per_turn = [r["turns"] for r in lengths if r["turns"] > 1]
         counts[split] = {"rows": len(ds), "over_max_seq_length": sum(over), "kept": sum(keep),
-                         "longest_tokens": max(ds["n_tokens"]), "no_answer_tokens": sum(no_target)}
+                         "longest_tokens": max(ds["n_tokens"]), "no_answer_tokens": sum(no_target),
+                         "conversations": conversations,
+                         # conversations whose template rewrites earlier turns, trained as one row per assistant turn
+                         "conversations_one_row_per_turn": len(per_turn), "rows_one_per_turn": sum(per_turn)}
         if not any(keep):
             shortest = min(ds["n_tokens"])
             raise UserError(
@@ -101,9 +114,23 @@ def tokenize_splits(dd, tokenizer, template_source: str, config):
             verb = "dropping" if config.long_rows == "drop" else "cutting (their answers lose the end and <|im_end|>)"
             log.warning("%s: %s %d of %d rows longer than --max-seq-length %d (longest %d tokens)",
                         split, verb, sum(over), len(ds), limit, counts[split]["longest_tokens"])
-        ds = ds.select([i for i, k in enumerate(keep) if k]).remove_columns(["n_target", "n_tokens"])
+        ds = ds.select([i for i, k in enumerate(keep) if k]).remove_columns(["n_target", "n_tokens", "turns"])
         out[split] = ds
     return out["train"], out["validation"], counts
+
+
+def run_tokenizer(tokenizer, data: Data):
+    """The tokenizer the run trains, validates and saves with: the loaded one with the run's chat
+    template (a shallow copy, so the loaded tokenizer is not changed). Both methods take this step,
+    so the template saved beside the adapter and in checkpoints is the one the rows were rendered
+    with, whatever the model's own."""
+    import copy
+
+    if not data.template_source:  # rows tokenized by the caller (Data.given): no template chosen here
+        return tokenizer
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.chat_template = data.template_source
+    return tokenizer
 
 
 def prepare_data(config, dataset, tokenizer) -> Data:

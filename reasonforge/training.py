@@ -222,6 +222,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         batch = acceleration.choose_batch(config, model, backend)
         data = (sft.Data.given(*pretokenized) if dataset is None
                 else config.method_module.prepare_data(config, dataset, tokenizer))
+        tokenizer = sft.run_tokenizer(tokenizer, data)
         phases.mark("tokenise")
         lengths = train_lengths(config, data)
         graphs = plan_cuda_graphs(config, backend, lengths, batch, len(data.train), state.num_processes)

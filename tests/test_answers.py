@@ -1,5 +1,7 @@
 """The answer scorer: every pair from the correctness report, and the extraction rules."""
 
+import collections
+
 import pytest
 
 from reasonforge.answers import answers_match, final_answer
@@ -101,3 +103,69 @@ def test_a_sentence_around_one_number_is_that_number():
     assert not answers_match(final_answer("Answer: She has 8 apples."), "7")
     # more than one number in the sentence: no guessing which one is meant
     assert not answers_match("between 6 and 7 apples", "7")
+
+
+# Round two's seventy independent pairs: the seven the checker got wrong, each with its neighbours.
+HEDGED_OR_SEVERAL = [
+    ("Answer: 3 or 4", "3"), ("Answer: 12 and 13", "12"), ("Answer: 5 apples and 3 oranges", "5"),
+    ("Answer: 10 minus 3", "10"), ("Answer: 3 (or 4)", "3"), ("Answer: either 3 or 4", "4"),
+    ("Answer: (C) 12", "B"), ("Answer: 2 1/2", "2"), ("Answer: 3, 4", "3"),
+]
+RIGHT_AFTER_ALL = [
+    ("Answer: 2 1/2", "2.5"), ("Answer: -2 1/2", "-2.5"), ("Answer: 2\\frac{1}{2}", "\\frac{5}{2}"),
+    ("Answer: (B) 12", "B"), ("Answer: B) 12", "(B)"), ("Answer: Option B", "B"), ("Answer: B", "(B) 12"),
+    ("Answer: 12 and 13", "12 and 13"), ("Answer: \\frac{1}{2} cup", "0.5"), ("Answer: 42 (the sum)", "42"),
+    ("Answer: 6.02e23 molecules", "6.02 \\times 10^{23}"), ("Answer: 1,000 apples", "1000"),
+]
+
+
+@pytest.mark.parametrize("response,reference", HEDGED_OR_SEVERAL)
+def test_hedged_or_multi_valued_answers_are_wrong(response, reference):
+    assert answers_match(final_answer(response), reference) is False
+
+
+@pytest.mark.parametrize("response,reference", RIGHT_AFTER_ALL)
+def test_mixed_numbers_choices_and_units_are_read_as_values(response, reference):
+    assert answers_match(final_answer(response), reference) is True
+
+
+def test_a_reply_cut_off_without_a_stated_answer_has_none():
+    cut = "First 3 + 4 = 7, then multiply by"
+    assert final_answer(cut) == "7"  # read as a finished reply, its last number
+    assert final_answer(cut, truncated=True) is None
+    assert not answers_match(final_answer("So we have 7 groups of 12, giving", truncated=True), "12")
+    # an answer stated or boxed before the cut still counts
+    assert final_answer("Answer: 7\nLet me double-check: 3 + 4", truncated=True) == "7"
+    assert final_answer("\\boxed{7} because 3 + 4 is", truncated=True) == "7"
+
+
+def test_grpo_correctness_gives_a_cut_reply_nothing():
+    from reasonforge.rewards import correctness, format_reward
+
+    replies = ["3 + 4 gives 7, and then", "Answer: 7"]
+    assert correctness(replies, answer=["7", "7"]) == [1.0, 1.0]  # TRL's columns without the flag: as before
+    assert correctness(replies, answer=["7", "7"], truncated=[True, True]) == [0.0, 1.0]
+    assert format_reward(replies, truncated=[True, False]) == [0.5, 1.0]
+
+
+def test_grpo_trainer_marks_completions_the_length_limit_cut(monkeypatch):
+    """The trainer hands the rewards a `truncated` column by TRL's own rule: no stop or pad token at the end."""
+    from trl import GRPOTrainer
+
+    from reasonforge import grpo
+
+    seen = {}
+
+    def fake(self, inputs, prompts, completions, completion_ids_list):
+        seen["truncated"] = [row["truncated"] for row in inputs]
+        return None
+
+    monkeypatch.setattr(GRPOTrainer, "_calculate_rewards", fake)
+    cls = grpo.grpo_trainer_class()
+    trainer = cls.__new__(cls)
+    trainer.eos_token_ids = [2]
+    trainer._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
+    trainer._tokenizer = type("T", (), {"pad_token_id": 0})()
+    trainer.model = type("M", (), {"training": True})()
+    trainer._calculate_rewards([{"answer": "7"}] * 3, ["p"] * 3, ["a", "b", "c"], [[5, 2], [5, 6], [5, 0]])
+    assert seen["truncated"] == [False, True, False]

@@ -30,6 +30,29 @@ def adapter_run(tmp_path_factory, tiny_model):
     return data, out / "final_model"
 
 
+@pytest.mark.parametrize("extra, penalty", [((), 1.0), (("--repetition-penalty", "1.3"), 1.3)])
+def test_accuracy_uses_no_repetition_penalty_unless_asked(adapter_run, tmp_path, monkeypatch, extra, penalty):
+    """A penalty keeps a model from repeating the digits an answer needs (11 + 11 = 22): accuracy is
+    greedy without one unless --repetition-penalty is given; the report says what was used."""
+    data, adapter = adapter_run
+    used = []
+    real = utils.generate_batch
+
+    def spy(model, tokenizer, prompts, settings, *a, **k):
+        used.append(settings.repetition_penalty)
+        return real(model, tokenizer, prompts, settings, *a, **k)
+
+    monkeypatch.setattr(utils, "generate_batch", spy)
+    out = tmp_path / "r.json"
+    assert ev.main(["--model-path", str(adapter), "--dataset-path", str(data), "--compute-accuracy", "--generate-samples",
+                    "--num-samples", "1", "--max-eval-samples", "2", "--max-new-tokens", "4", "--output-file", str(out),
+                    *extra]) == 0
+    report = json.loads(out.read_text())
+    assert used == [penalty, 1.3 if extra else 1.1]  # accuracy, then samples (the chat default unless given)
+    settings = report["metrics"]["accuracy"]["finetuned"]["settings"]
+    assert settings["repetition_penalty"] == penalty and settings["temperature"] == 0.0
+
+
 def test_perplexity_matches_independent_computation(adapter_run, tiny_model, tmp_path):
     import datasets
     import torch
