@@ -85,6 +85,36 @@ def last_good_checkpoint(output_dir: Path) -> Path | None:
     return good[-1] if good else None
 
 
+def previous_run_problem(output_dir: Path, run_uri: utils.S3Uri | None, resume: str | None) -> str | None:
+    """Why a new run may not start here, or None: --output-dir (or the --run-name prefix on S3)
+    holds the checkpoints or final model of a run that this one does not resume. Started there,
+    the new run's checkpoints would sit beside the old run's, `latest` would pick the old run's
+    newest, and its final model and metrics would replace the new run's.
+
+    A resume (`resume` set) continues the run the folder holds; whether its settings may do so is
+    check_resume_settings' question."""
+    if resume is not None:
+        return None
+    found = [p.name for p in local_checkpoints(output_dir)]
+    found += [n for n in ("final_model", "training_metrics.json") if (output_dir / n).exists()]
+    if found:
+        return (f"--output-dir {output_dir} holds another run's {_names(found)}: to continue that run pass "
+                "--resume-from-checkpoint latest; to start a new one choose a fresh --output-dir (or remove the old run)")
+    if run_uri is None:
+        return None
+    remote = [n for n in utils.list_s3_subfolders(run_uri) if n in ("checkpoints", "final_model")]
+    if "checkpoints" in remote:
+        remote = utils.list_s3_subfolders(run_uri.join("checkpoints")) + [n for n in remote if n != "checkpoints"]
+    if remote:
+        return (f"--run-name {run_uri.prefix.rsplit('/', 1)[-1]}: {run_uri} holds another run's {_names(remote)}: to "
+                "continue that run pass --resume-from-checkpoint latest; to start a new one choose another --run-name")
+    return None
+
+
+def _names(found: list[str], limit: int = 3) -> str:
+    return ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # The S3 mirror: s3://BUCKET/adapters/RUN/checkpoints/checkpoint-N/
 # ---------------------------------------------------------------------------------------------

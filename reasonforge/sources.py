@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -41,32 +42,42 @@ def check_utf8(path: Path) -> None:
             lineno += block.count(b"\n")
 
 
-def json_records(path: Path):
-    """The records of a JSON / JSON-lines file in order; the first malformed one is named by its line."""
+def json_records(path: Path, exact_numbers: bool = False):
+    """The records of a JSON / JSON-lines file in order; the first malformed one is named by its line.
+    With `exact_numbers`, every number comes back as the text the file writes it with."""
+    for _, obj in placed_json_records(path, exact_numbers):
+        yield obj
+
+
+def placed_json_records(path: Path, exact_numbers: bool = False):
+    """(where, record) pairs of json_records: "line N" of a JSON-lines file, "item N" of an array."""
+    load = functools.partial(json.loads, parse_int=str, parse_float=str) if exact_numbers else json.loads
     with open(path, encoding="utf-8") as fh:
         head = fh.read(1 << 16).lstrip()
     if not head:
         raise UserError(f"dataset file {path} is empty; point --dataset at a file with records")
     if head.startswith("["):
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = load(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise UserError(f"malformed JSON in {path} at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
         except RecursionError:
             raise UserError(f"{path} nests JSON arrays/objects deeper than the parser allows (about "
                             f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten the data") from None
+        if not records:
+            raise UserError(f"{path} is an empty JSON array; it holds no records to prepare")
         for i, obj in enumerate(records):
             if not isinstance(obj, dict):
                 raise UserError(f"{path}: item {i} of its JSON array is a {type(obj).__name__}, not an object; "
                                 "each record must be one {...} object")
-            yield obj
+            yield f"item {i}", obj
         return
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = load(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"malformed JSON line in {path} at line {lineno}: {exc.msg}; fix or remove that line") from exc
             except RecursionError:
@@ -74,7 +85,17 @@ def json_records(path: Path):
                                 f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten or remove it") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path} line {lineno} is not a JSON object; each line must be one {{...}} record")
-            yield obj
+            yield f"line {lineno}", obj
+
+
+def record_schema(keys) -> str | None:
+    """The schema a record's own fields make (conversations.detect_schema's choice), None for none."""
+    from reasonforge.conversations import detect_schema
+
+    try:
+        return detect_schema(list(keys), None)[0]
+    except UserError:
+        return None
 
 
 def _kind(value) -> str:
@@ -82,33 +103,48 @@ def _kind(value) -> str:
             else "str" if isinstance(value, str) else "nested")
 
 
-def check_json_file(path: Path) -> dict[str, set[str]]:
+def check_json_file(path: Path, schemas: dict | None = None) -> dict[str, set[str]]:
     """Check a JSON / JSON-lines file (UTF-8, well-formed, one object per record); returns the kinds
-    of value each top-level field holds ("str", "num", "bool", "none", "nested")."""
+    of value each top-level field holds ("str", "num", "bool", "none", "nested").
+
+    With `schemas` (a dict shared across the files of one dataset), every record must have the
+    schema of the first: datasets would read the union of the fields and one schema, and rows of
+    the other would come out empty and be dropped."""
     check_utf8(path)
     kinds: dict[str, set[str]] = {}
-    for obj in json_records(path):
+    for where, obj in placed_json_records(path):
         for key, value in obj.items():
             kinds.setdefault(key, set()).add(_kind(value))
+        if schemas is not None:
+            schema = record_schema(k for k, v in obj.items() if v is not None)
+            if schema is None:
+                continue  # no schema at all: the row is dropped and counted as empty, as before
+            first = schemas.setdefault("first", (schema, f"{path} {where}"))
+            if schema != first[0]:
+                raise UserError(
+                    f"{path} {where} is a {schema} record, but {first[1]} starts {first[0]} records; one dataset holds "
+                    f"one schema: put the {schema} records in a file of their own and prepare it separately, or convert them")
     return kinds
 
 
 def text_as_written(ds, files: list[str], kinds: dict[str, set[str]]):
-    """Fields that mix text with numbers or booleans, read back as the file's text.
+    """Fields that hold numbers, or mix text with booleans, read back as the file's text.
 
-    datasets types such a field as Json and parses its strings on the way: an answer "1.50" came
-    back as 1.5, "null" as a missing value and "[1, 2]" as a list. Here the strings stay as written
-    and a number becomes its JSON text."""
-    mixed = [k for k, found in kinds.items() if "str" in found and found & {"num", "bool"} and "nested" not in found]
-    if not mixed:
+    Left to datasets, a number column is typed int64 or float64: 12345678901234567890 became
+    12345678901234567168 (or a float), a 400-digit integer became inf and "1.50" came back as 1.5;
+    a field mixing text and numbers is typed Json and its strings parsed ("null" became a missing
+    value, "[1, 2]" a list). Here every such value is the file's own text, digits as written."""
+    text = [k for k, found in kinds.items()
+            if "nested" not in found and ("num" in found or ("str" in found and "bool" in found))]
+    if not text:
         return ds
-    values: dict[str, list] = {key: [] for key in mixed}
+    values: dict[str, list] = {key: [] for key in text}
     for f in files:
-        for obj in json_records(Path(f)):
-            for key in mixed:
+        for obj in json_records(Path(f), exact_numbers=True):
+            for key in text:
                 v = obj.get(key)
                 values[key].append(None if v is None else v if isinstance(v, str) else json.dumps(v))
-    for key in mixed:
+    for key in text:
         ds = ds.remove_columns(key).add_column(key, values[key])
     return ds
 
@@ -145,7 +181,7 @@ def load_source(args):
     if utils.path_kind(name) == "local" or path.suffix.lower() in FILE_TYPES:
         if not path.exists():
             raise UserError(f"dataset path {name!r} does not exist; pass a file, a folder, a Hub id or 'sample'")
-        return load_local(path, args.split), f"local:{path.resolve()}"
+        return load_local(path, args.split, check_schemas=not args.column_map), f"local:{path.resolve()}"
     try:
         ds = datasets.load_dataset(name, split=args.split)
     except ValueError as exc:
@@ -174,7 +210,9 @@ def csv_as_text(files: list[str]) -> dict:
             "keep_default_na": False, "na_values": [""]}
 
 
-def load_local(path: Path, split: str):
+def load_local(path: Path, split: str, check_schemas: bool = True):
+    """A local file or folder as one Dataset; `check_schemas` (off under --column-map, which names
+    the columns itself) refuses JSON records of more than one schema."""
     import datasets
 
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
@@ -191,8 +229,9 @@ def load_local(path: Path, split: str):
     kind, files = local_data_files(path)
     kinds: dict[str, set[str]] = {}
     if kind == "json":
+        schemas: dict | None = {} if check_schemas else None
         for f in files:
-            for key, found in check_json_file(Path(f)).items():
+            for key, found in check_json_file(Path(f), schemas).items():
                 kinds.setdefault(key, set()).update(found)
     elif kind == "csv":
         for f in files:

@@ -359,6 +359,10 @@ def claim_output_dir(config: TrainConfig) -> None:
     utils.RunLock(config.out).acquire()
     if config.run_uri is not None:
         utils.check_s3_bucket(config.s3_bucket, "upload")
+    # a checkpoint belongs to its run: a new run never starts among another run's checkpoints
+    problem = checkpoints.previous_run_problem(config.out, config.run_uri, config.resume_from_checkpoint)
+    if problem:
+        raise UserError(problem)
 
 
 def load_base_model(config: TrainConfig, backend: str, main_rank: bool):
@@ -437,6 +441,11 @@ def load_init_adapter(model, config: TrainConfig) -> None:
         raise UserError(f"--init-adapter {config.init_adapter} has r {found['r']}, alpha {found['lora_alpha']}, targets "
                         f"{','.join(found['target_modules'])}; pass --lora-r {found['r']} --lora-alpha {found['lora_alpha']} "
                         f"--target-modules {','.join(found['target_modules'])} to continue it")
+    recorded = init_adapter_base(folder, saved)
+    if recorded and utils.absolute_if_local(recorded) != utils.absolute_if_local(config.model_name):
+        # as evaluation does for --base-model: the same model under another path or id is common; the shapes are checked below
+        log.warning("--init-adapter %s was trained on %s, not --model-name %s; continuing it on %s",
+                    config.init_adapter, recorded, config.model_name, config.model_name)
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"--init-adapter {config.init_adapter} has no adapter_model.safetensors; give a final_model/ "
@@ -447,6 +456,13 @@ def load_init_adapter(model, config: TrainConfig) -> None:
         raise UserError(f"--init-adapter {config.init_adapter}: {len(unexpected)} saved tensors fit no layer of "
                         f"{config.model_name} (e.g. {unexpected[0]}); was it trained on another base model?")
     log.info("LoRA weights loaded from %s", config.init_adapter)
+
+
+def init_adapter_base(folder: Path, adapter_config: dict) -> str | None:
+    """The base model an adapter folder records: train_lora's run info, else PEFT's config."""
+    info = folder / utils.RUN_INFO_FILE
+    recorded = utils.read_json(info, "the adapter's run info").get("base_model") if info.is_file() else None
+    return recorded or adapter_config.get("base_model_name_or_path")
 
 
 def count_parameters(model) -> tuple[int, int]:

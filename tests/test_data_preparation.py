@@ -244,3 +244,48 @@ def test_jsonl_answers_mixing_text_and_numbers_keep_the_text(tmp_path):
     expected = {"1.50": "1.50", 7: "7", '"quoted"': '"quoted"', "[1, 2]": "[1, 2]", "null": "null", 2.5: "2.5",
                 "007": "007", True: "true"}
     assert got == {f"what is item {i}?": expected[a] for i, a in enumerate(answers * 2)}
+
+
+def test_numbers_keep_the_files_digits(tmp_path):
+    """datasets types a number column as int64 or float64: 12345678901234567890 was trained as
+    12345678901234567168 and scored against 1.2345678901234567e+19, 10^400 became inf, 1.50 became 1.5."""
+    huge = "1" + "0" * 400
+    src = tmp_path / "numbers.jsonl"
+    src.write_text("".join(f'{{"question": "Q{i}?", "answer": {a}}}\n'
+                           for i, a in enumerate(["12345678901234567890", huge, "1.50", "-0.0", "7"] * 4)))
+    code, out = run(tmp_path, "--dataset", str(src))
+    assert code == 0
+    dd = load(out)
+    rows = [r for s in ("train", "validation") for r in dd[s]]
+    answers = {r["answer"] for r in rows}
+    assert answers == {"12345678901234567890", huge, "1.50", "-0.0", "7"}
+    for r in rows:
+        assert r["messages"][-1]["content"] == r["answer"]  # the trained target is the file's text too
+    from reasonforge.answers import answers_match
+
+    assert answers_match("12345678901234567890", "12345678901234567890")
+    assert not answers_match("12345678901234567168", "12345678901234567890")
+
+
+def test_a_file_mixing_schemas_is_refused_at_the_line_it_changes(tmp_path, capsys):
+    src = tmp_path / "mixed.jsonl"
+    write_jsonl(src, [{"question": "a?", "answer": "1"}, {"question": "b?", "answer": "2"},
+                      {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}])
+    assert dp.main(["--dataset", str(src), "--skip-upload", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "line 3 is a messages record" in err[0]
+    assert "line 1 starts question/answer records" in err[0] and not (tmp_path / "o").exists()
+    # across the files of one folder as well
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"instruction": "x", "output": "y"}])
+    write_jsonl(folder / "b.jsonl", [{"prompt": "x", "response": "y"}])
+    assert dp.main(["--dataset", str(folder), "--skip-upload", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "b.jsonl line 1 is a prompt/response record" in capsys.readouterr().err
+
+
+def test_an_empty_json_array_says_so(tmp_path, capsys):
+    src = tmp_path / "empty.json"
+    src.write_text("[]")
+    assert dp.main(["--dataset", str(src), "--skip-upload", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "is an empty JSON array; it holds no records" in capsys.readouterr().err

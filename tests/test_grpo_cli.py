@@ -89,6 +89,18 @@ def test_init_adapter_of_another_shape_is_refused(tiny_qwen25, sample_dataset, t
     assert not (tmp_path / "grpo" / "final_model").exists()
 
 
+def test_init_adapter_of_another_base_is_named_in_one_warning(tiny_qwen25, tiny_model, sample_dataset, tmp_path, capsys):
+    """Same shape, other base model: the weights load, and one line says whose adapter it was."""
+    sft = tmp_path / "sft"
+    assert train_lora.main(argv(tiny_qwen25, sample_dataset, sft, "--batch-size", "4", "--gradient-accumulation-steps",
+                                "1", "--max-steps", "1", "--save-steps", "1", "--eval-steps", "1")) == 0
+    capsys.readouterr()
+    assert train_lora.main(argv(tiny_model, sample_dataset, tmp_path / "grpo", *GRPO_SMALL,
+                                "--init-adapter", str(sft / "final_model"))) == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if "was trained on" in l]
+    assert len(lines) == 1 and str(tiny_qwen25) in lines[0] and f"not --model-name {tiny_model}" in lines[0]
+
+
 @pytest.mark.parametrize("stages", ["dpo", "sft,dpo", "sft grpo"])
 def test_pipeline_refuses_an_unknown_stage_before_doing_anything(tmp_path, stages):
     import os
