@@ -276,8 +276,8 @@ class Transcript:
 def chat_turn(model, tokenizer, text: str, system_prompt: str | None, history: list[dict], settings,
               engine: str = "static") -> dict:
     """One reply; a Ctrl-C while it is written stops it and marks it interrupted."""
-    print("assistant> ", end="", flush=True)
     try:
+        print("assistant> ", end="", flush=True)
         result = stream_reply(model, tokenizer, conversation(text, system_prompt, history), settings, engine)
     except KeyboardInterrupt as exc:
         partial = exc.result if isinstance(exc, ReplyInterrupted) else {"response": "", "tokens": 0, "seconds": 0.0}
@@ -299,6 +299,11 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
         except EOFError:
             print()
             break
+        except UnicodeDecodeError:  # stdin is strict UTF-8 under a UTF-8 locale
+            line = "\udcff"
+        if utils.not_utf8(line) is not None:  # under a C locale the bytes arrive as surrogates instead
+            print("refused: that line is not UTF-8 text; type it again (check the terminal's encoding)", flush=True)
+            continue
         text = line.strip()
         if not text:
             continue
@@ -314,7 +319,11 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
             settings, shown = handle_command(text, settings)
             print(shown, flush=True)
             continue
-        turn = chat_turn(model, tokenizer, text, system_prompt, history, settings, engine)
+        try:
+            turn = chat_turn(model, tokenizer, text, system_prompt, history, settings, engine)
+        except KeyboardInterrupt:  # landed as the reply started or ended, outside its own handler: the same stop
+            print("\n[reply stopped; it is left out of the conversation]", flush=True)
+            turn = {"instruction": text, "response": "", "tokens": 0, "seconds": 0.0, "interrupted": True}
         if not turn.get("interrupted"):
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": turn["response"]}]
         turn["generation"] = settings.as_dict()  # settings change mid-chat: each reply keeps its own

@@ -34,7 +34,7 @@ from reasonforge.chat_format import (
     tokenize_for_training,
     training_turns,
 )
-from reasonforge.cli import cli_entry, describe_environment_error, setup_logging
+from reasonforge.cli import cli_entry, describe_environment_error, not_utf8, setup_logging
 from reasonforge.core import (
     SEED_MAX,
     CorruptFile,

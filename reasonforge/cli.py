@@ -85,6 +85,56 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("transformers.modeling_utils").setLevel(logging.WARNING)
 
 
+class PipeSafeStream:
+    """A standard stream whose reader may go away (`... | head -3`): the first write into the closed
+    pipe points the stream's descriptor at /dev/null, and the run carries on as if nobody read its
+    output (training keeps training; its metrics and checkpoints are files), where BrokenPipeError
+    would have ended it with a traceback and no checkpoint."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text):
+        if self.reader_gone:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self):
+        if self.reader_gone:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.reader_gone = True
+        # the buffer still holds the unwritten text, which the interpreter flushes at exit: into /dev/null now
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def pipe_safe_output() -> Iterator[None]:
+    """sys.stdout and sys.stderr as PipeSafeStreams for the duration of the block."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s if isinstance(s, PipeSafeStream) else PipeSafeStream(s) for s in saved)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 def cli_entry(main_fn):
     """Wrap a script's main(argv): user mistakes and an environment in the way (full disk,
     read-only folder, a file where a folder should be) become one line on stderr and exit code 2.
@@ -93,33 +143,56 @@ def cli_entry(main_fn):
 
     @functools.wraps(main_fn)
     def wrapper(argv=None) -> int:
-        try:
-            with sigterm_raises():
-                return main_fn(argv) or 0
-        except UserError as exc:
-            log.debug("details of the error below", exc_info=True)
-            close_progress_bars()
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except Exception as exc:
-            message = describe_environment_error(exc)
-            if message is None:
-                raise
-            log.debug("details of the error below", exc_info=True)
-            close_progress_bars()
-            print(f"error: {message}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt as exc:
-            close_progress_bars()
-            print("interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
-            return 130
-        except Terminated as exc:
-            print(exc, file=sys.stderr)
-            return 143
-        finally:
-            RunLock.release_all()
+        with pipe_safe_output():  # the error lines below too: stderr may be a closed pipe as well
+            try:
+                check_utf8_arguments(sys.argv[1:] if argv is None else argv)
+                with sigterm_raises():
+                    return main_fn(argv) or 0
+            except UserError as exc:
+                log.debug("details of the error below", exc_info=True)
+                close_progress_bars()
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            except Exception as exc:
+                message = describe_environment_error(exc)
+                if message is None:
+                    raise
+                log.debug("details of the error below", exc_info=True)
+                close_progress_bars()
+                print(f"error: {message}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt as exc:
+                close_progress_bars()
+                print("interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
+                return 130
+            except Terminated as exc:
+                print(exc, file=sys.stderr)
+                return 143
+            finally:
+                RunLock.release_all()
 
     return wrapper
+
+
+def not_utf8(text: str) -> int | None:
+    """The first byte that is not UTF-8 in a string Python decoded with surrogateescape (command-line
+    arguments, and stdin under a C locale), else None."""
+    for ch in text:
+        if "\udc80" <= ch <= "\udcff":
+            return ord(ch) - 0xDC00
+    return None
+
+
+def check_utf8_arguments(argv) -> None:
+    """Refuse an argument that is not UTF-8 text in one line: it would fail later, when it is written
+    into a JSON file, a prompt or a path's name, with a traceback (and possibly after the work)."""
+    for i, arg in enumerate(argv):
+        byte = not_utf8(str(arg))
+        if byte is not None:
+            flag = next((a for a in reversed(argv[:i]) if str(a).startswith("--")), None) if not str(arg).startswith("--") else None
+            shown = f"the value of {flag}" if flag else f"argument {str(arg).encode('utf-8', 'backslashreplace').decode()!r}"
+            raise UserError(f"{shown} is not UTF-8 text (byte 0x{byte:02x}); pass it as UTF-8, "
+                            "e.g. convert it with iconv -f latin1 -t utf-8")
 
 
 def close_progress_bars() -> None:

@@ -120,10 +120,17 @@ def load_model(
     """
     backend, reason = choose_backend(backend)
     check_model_path(model_name)
-    if backend == "unsloth":
-        model, tokenizer, info = _load_unsloth(model_name, max_seq_length, load_in_4bit, dtype, trust_remote_code)
-    else:
-        model, tokenizer, info = _load_hf(model_name, load_in_4bit, dtype, trust_remote_code)
+    try:
+        if backend == "unsloth":
+            model, tokenizer, info = _load_unsloth(model_name, max_seq_length, load_in_4bit, dtype, trust_remote_code)
+        else:
+            model, tokenizer, info = _load_hf(model_name, load_in_4bit, dtype, trust_remote_code)
+    except (ValueError, KeyError, TypeError) as exc:  # safetensors' and json's errors are ValueErrors or named below
+        raise damaged_model_error(model_name, exc) from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise damaged_model_error(model_name, exc) from exc
     info.update(backend=backend, backend_reason=reason, base_model=model_name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -235,6 +242,15 @@ def _torch_dtype(dtype: str):
         return torch.float32
     return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
             "fp32": torch.float32, "float32": torch.float32}[dtype]
+
+
+def damaged_model_error(model_name: str, exc: BaseException) -> Exception:
+    """A local model folder whose files cannot be read (a config.json without model_type, a cut
+    model.safetensors) as one line naming the folder and the fix; other errors are returned as they are."""
+    if path_kind(model_name) != "local":
+        return exc
+    return UserError(f"model folder {model_name!r} cannot be loaded ({type(exc).__name__}: {first_line(exc, 160)}); "
+                     "its files look damaged or incomplete (config.json, *.safetensors): copy or download it again")
 
 
 def _load_unsloth(model_name, max_seq_length, load_in_4bit, dtype, trust_remote_code):

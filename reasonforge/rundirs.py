@@ -206,9 +206,11 @@ class RunLock:
     STALE_UNREADABLE_S = 30  # a lock still empty after this long was left by a process killed while writing it
     _held: list["RunLock"] = []
 
-    def __init__(self, folder: str | Path, flag: str = "--output-dir"):
+    def __init__(self, folder: str | Path, flag: str = "--output-dir", remove_if_empty: bool = False):
         self.path = Path(folder) / self.NAME
         self.flag = flag
+        # a folder this run created is removed again where the run ended before writing anything into it
+        self.remove_if_empty = remove_if_empty
         self.me = {"pid": os.getpid(), "hostname": socket.gethostname(),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -235,6 +237,9 @@ class RunLock:
         if self._read(self.path) == self.me:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+            if self.remove_if_empty:
+                with contextlib.suppress(OSError):  # not empty: the run wrote something, which stays
+                    self.path.parent.rmdir()
 
     @classmethod
     def held_folders(cls) -> list[Path]:

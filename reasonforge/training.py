@@ -355,8 +355,9 @@ def distributed_state():
 
 def claim_output_dir(config: TrainConfig) -> None:
     # One run per folder: two would interleave checkpoints and metrics. Released by cli_entry.
+    created = not config.out.exists()
     config.out.mkdir(parents=True, exist_ok=True)
-    utils.RunLock(config.out).acquire()
+    utils.RunLock(config.out, remove_if_empty=created).acquire()
     if config.run_uri is not None:
         utils.check_s3_bucket(config.s3_bucket, "upload")
     # a checkpoint belongs to its run: a new run never starts among another run's checkpoints

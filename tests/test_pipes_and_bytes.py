@@ -1,0 +1,148 @@
+"""The scripts as shell users chain them: output into a pipe that closes early (`| head`), bytes
+that are not UTF-8 in arguments or typed into the chat, damaged model folders, a missing PYTHON,
+Ctrl-C as a chat reply starts. Each ends in one `error:` line and exit 2, or carries on; never a
+traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import one_error_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str, *args, stdin=None, **popen):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / name), *map(os.fsencode, args)], cwd=ROOT, env=env,
+                            stdin=stdin, **popen)
+
+
+def read_then_close(proc, lines: int) -> tuple[int, str]:
+    """`| head -N`: read N lines of stdout, close the pipe, wait for the process."""
+    got = [proc.stdout.readline() for _ in range(lines)]
+    proc.stdout.close()
+    err = proc.stderr.read().decode(errors="replace")
+    return proc.wait(timeout=600), "".join(x.decode() for x in got) + err
+
+
+@pytest.mark.slow
+def test_training_into_a_pipe_that_closes_keeps_training(tiny_model, sample_dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = script("train_lora.py", "--model-name", str(tiny_model), "--dataset-path", str(sample_dataset),
+                  "--output-dir", str(out), "--max-steps", "6", "--save-steps", "3", "--eval-steps", "3",
+                  "--batch-size", "2", "--gradient-accumulation-steps", "1", "--warmup-steps", "0",
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    code, text = read_then_close(proc, 3)
+    assert code == 0 and "Traceback" not in text and "BrokenPipeError" not in text, text[-2000:]
+    steps = [json.loads(l)["step"] for l in (out / "logs" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps[-1] == 6 and (out / "final_model" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name, args", [
+    ("test_model.py", ["--instruction", "hi", "--max-new-tokens", "4"]),
+    ("evaluate_model.py", ["--dataset-path", "{data}", "--compute-perplexity", "--max-eval-samples", "2",
+                           "--output-file", "{tmp}/e.json"]),
+])
+def test_inference_into_a_closed_pipe_ends_quietly(tiny_model, sample_dataset, tmp_path, name, args):
+    """`... | head -c1`: the reader is gone before the script has said anything much."""
+    args = [a.format(data=sample_dataset, tmp=tmp_path) for a in args]
+    proc = script(name, "--model-path", str(tiny_model), "--output-file", str(tmp_path / "r.json"), *args,
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+
+
+@pytest.mark.parametrize("name, args, flag", [
+    ("test_model.py", ["--model-path", "m", "--instruction", b"caf\xe9"], "--instruction"),
+    ("test_model.py", ["--model-path", "m", "--system-prompt", b"sys\xff", "--instruction", "hi"], "--system-prompt"),
+    ("train_lora.py", ["--model-name", "m", "--dataset-path", "d", "--output-dir", b"OUT_\xff"], "--output-dir"),
+    ("evaluate_model.py", ["--model-path", "m", "--dataset-path", b"d\xfe"], "--dataset-path"),
+    ("data_preparation.py", ["--dataset", b"x\xff.jsonl"], "--dataset"),
+])
+def test_arguments_that_are_not_utf8_are_one_error_line(tmp_path, name, args, flag):
+    proc = script(name, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, err.decode()[-1500:]
+    assert lines[0].startswith(f"error: the value of {flag} is not UTF-8 text")
+    assert not (tmp_path / "OUT_").exists()
+
+
+def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(tiny_model, tmp_path):
+    proc = script("test_model.py", "--model-path", str(tiny_model), "--interactive", "--max-new-tokens", "3",
+                  "--output-file", str(tmp_path / "chat.json"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE)
+    out, err = proc.communicate(b"\xff\xfe\nhello\nquit\n", timeout=300)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()[-1500:]
+    assert b"refused: that line is not UTF-8 text" in out
+    turns = json.loads((tmp_path / "chat.json").read_text())["results"]
+    assert [t["instruction"] for t in turns] == ["hello"]
+
+
+def test_ctrl_c_as_a_reply_starts_stops_only_that_reply(monkeypatch, capsys):
+    """A Ctrl-C landing before the reply's own handler (as `assistant>` is printed) stopped the whole
+    chat with exit 130 and no chat.json."""
+    import test_model as tm
+
+    calls = []
+
+    def turn(model, tokenizer, text, *a, **k):
+        calls.append(text)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return {"instruction": text, "response": "ok", "tokens": 1, "seconds": 0.0, "stopped": True}
+
+    monkeypatch.setattr(tm, "chat_turn", turn)
+    answers = iter(["first", "second", "quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    turns, _ = tm.interactive(None, None, tm.utils.GenerationSettings(), None)
+    assert [t.get("interrupted", False) for t in turns] == [True, False]
+    assert "[reply stopped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["empty_config", "cut_weights"])
+def test_a_damaged_model_folder_is_one_error_line(tiny_model, sample_dataset, tmp_path, capsys, damage):
+    import shutil
+
+    import evaluate_model
+    import train_lora
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    if damage == "empty_config":
+        (broken / "config.json").write_text("{}")
+    else:
+        data = (broken / "model.safetensors").read_bytes()
+        (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    out = tmp_path / "run"
+    assert train_lora.main(["--model-name", str(broken), "--dataset-path", str(sample_dataset),
+                            "--output-dir", str(out), "--max-steps", "1"]) == 2
+    assert "cannot be loaded" in one_error_line(capsys) and not out.exists()  # no empty folder left behind
+    assert evaluate_model.main(["--model-path", str(broken), "--dataset-path", str(sample_dataset),
+                                "--compute-perplexity", "--max-eval-samples", "2",
+                                "--output-file", str(tmp_path / "e.json")]) == 2
+    assert "files look damaged or incomplete" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("python, words", [("/nonexistent/python", "cannot be run"),
+                                            ("no-packages", "cannot import the suite's packages")])
+def test_pipeline_with_an_unusable_python_speaks_as_the_scripts_do(tmp_path, python, words):
+    if python == "no-packages":  # an interpreter without the suite installed: its imports fail
+        fake = tmp_path / "python"
+        fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named datasets' >&2\nexit 1\n")
+        fake.chmod(0o755)
+        python = str(fake)
+    env = {**os.environ, "PYTHON": python, "WORK": str(tmp_path / "w")}
+    done = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], env=env, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert words in lines[0] and not (tmp_path / "w").exists()
