@@ -1,9 +1,9 @@
 """Evaluate a fine-tuned adapter: perplexity (base vs tuned), answer accuracy, sample generations.
 
-    # the adapter from train_lora.py against its recorded base, on the validation split
+    # the adapter from train_lora.py against its recorded base, on the validation split of the data it
+    # trained on (recorded beside it; --dataset-path to evaluate other data)
     python evaluate_model.py --model-path ./checkpoints/qwen3_4b_reasoning/final_model \
-        --dataset-path ./data_cache/processed_reasoning --compute-perplexity --compare-base \
-        --compute-accuracy --generate-samples --num-samples 10
+        --compute-perplexity --compare-base --compute-accuracy --generate-samples --num-samples 10
 
     # everything from S3
     python evaluate_model.py --model-path s3://adapters-bucket/adapters/my-run/final_model \
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_inference_model_flags(p)
     d = p.add_argument_group("data")
-    d.add_argument("--dataset-path", default="./data_cache/processed_reasoning", help="prepared folder or s3:// URI")
+    d.add_argument("--dataset-path", default=None,
+                   help="prepared folder or s3:// URI (default: the data the adapter trained on, as recorded beside "
+                        f"it; else {SEED_DATASET})")
     d.add_argument("--split", default="validation", help="(default: %(default)s)")
     d.add_argument("--max-eval-samples", type=int, default=None, help="evaluate at most this many rows")
     d.add_argument("--batch-size", type=int, default=None,
@@ -171,6 +173,25 @@ def adapter_off(model):
 # ---------------------------------------------------------------------------------------------
 
 
+SEED_DATASET = "./data_cache/processed_reasoning"  # data_preparation.py's --output-dir default
+
+
+def dataset_to_evaluate(args) -> tuple[str, str]:
+    """(--dataset-path, where it came from): the flag; else the dataset the adapter recorded (its
+    local folder, or its S3 URI, fetched once into the cache); else data_preparation.py's default."""
+    if args.dataset_path:
+        return args.dataset_path, "--dataset-path"
+    info = utils.read_adapter_info(args.model_path) if utils.path_kind(args.model_path) == "local" and \
+        Path(args.model_path).is_dir() else None
+    recorded = ((info or {}).get("reasonforge") or {}).get("dataset_path")
+    if recorded and (utils.path_kind(recorded) == "s3" or Path(recorded).is_dir()):
+        return recorded, "recorded by the adapter"
+    if recorded:
+        raise UserError(f"the adapter trained on {recorded}, which is not on this machine; pass --dataset-path "
+                        "with that data (or its s3:// URI) to evaluate on it")
+    return SEED_DATASET, f"default ({SEED_DATASET})"
+
+
 def load_eval_split(args):
     dd, manifest = utils.load_prepared_dataset(utils.fetch_if_s3(args.dataset_path))
     if args.split not in dd:
@@ -205,11 +226,17 @@ def trained_rows_check(rows, args, manifest: dict, run_info: dict) -> dict | Non
         with contextlib.suppress(utils.CorruptFile):  # missing or damaged: not the folder it trained on
             recorded = utils.read_json(source / "manifest.json", "dataset manifest").get("content_sha256")
     if recorded != trained_on:  # gone, remote, or prepared again in place since: its rows are not the trained ones
-        where = f"{path}, prepared again since" if recorded else (path or "not recorded")
+        fix = (f"; to evaluate on the data it trained on, pass --dataset-path {path} (or leave --dataset-path out)"
+               if path and not (source is not None and recorded) else "")
+        if recorded:
+            where = f"{path} has been prepared again since training"
+        elif path and utils.path_kind(path) == "s3":
+            where = f"it trained on {path}"
+        else:
+            where = f"it trained on {path or 'data not recorded'}, which is not on this machine"
         return {"same_dataset_as_training": False, "rows_seen_in_training": None, "of": len(rows),
-                "warning": "this dataset is not the one the adapter trained on, and that one "
-                           f"({where}) is not on this machine as it was trained on to compare prompts with; "
-                           "rows it trained on would inflate every number"}
+                "warning": f"--dataset-path {args.dataset_path} is not the data this adapter trained on ({where}), "
+                           f"so rows it trained on cannot be ruled out and would inflate every number{fix}"}
     train, _ = utils.load_prepared_dataset(source)
     seen = {prompt_key(m) for m in train["train"]["messages"]}
     overlap = sum(prompt_key(m) in seen for m in rows["messages"])
@@ -272,7 +299,7 @@ def samples(model, tokenizer, rows, args, settings, speed: dict) -> list[dict]:
 def print_summary(report: dict, output_file: Path) -> None:
     m = report["metrics"]
     leak = report.get("trained_rows_check") or {}
-    if leak.get("warning"):  # again beside the numbers it qualifies, where it cannot scroll away
+    if leak.get("warning"):  # beside the numbers it qualifies, where it cannot scroll away
         print(f"warning: {leak['warning']}")
     for name, r in m.get("perplexity", {}).items():
         if isinstance(r, dict):
@@ -293,11 +320,17 @@ def print_summary(report: dict, output_file: Path) -> None:
 @utils.cli_entry
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    hub = utils.hub_model_problem(args.model_path, "--model-path")  # before any data is fetched
+    if hub:
+        raise UserError(hub)
+    args.dataset_path, args.dataset_source = dataset_to_evaluate(args)
     args.repetition_penalty_given = args.repetition_penalty is not None
     if not args.repetition_penalty_given:
         args.repetition_penalty = utils.GenerationSettings().repetition_penalty
     utils.setup_logging(args.verbose)
     validate_args(args)
+    if args.dataset_source != "--dataset-path":
+        log.info("evaluating on %s (%s)", args.dataset_path, args.dataset_source)
     settings = utils.generation_settings_from_args(args)
     rows, manifest = load_eval_split(args)
     model, tokenizer, info, adapter_info = utils.load_for_inference(args)
@@ -306,13 +339,12 @@ def main(argv=None) -> int:
         log.warning("--compare-base: %s is a plain model, not an adapter, so there is no base to compare; "
                     "only its own numbers are measured", args.model_path)
     leak = trained_rows_check(rows, args, manifest, adapter_info.get("reasonforge", {})) if has_adapter else None
-    if leak and leak.get("warning"):
-        log.warning(leak["warning"])
     measured = run_measurements(model, tokenizer, rows, args, settings, has_adapter)
     sample_speed: dict = {}
     report = {
         "model_path": args.model_path, "base_model": info["base_model"], "adapter": info.get("adapter"),
-        "backend": info["backend"], "engine": args.engine, "dataset_path": args.dataset_path, "split": args.split, "rows": len(rows),
+        "backend": info["backend"], "engine": args.engine, "dataset_path": args.dataset_path,
+        "dataset_path_source": args.dataset_source, "split": args.split, "rows": len(rows),
         "dataset_manifest_sha256": manifest.get("content_sha256"),
         "adapter_dataset_manifest_sha256": adapter_info.get("reasonforge", {}).get("dataset_manifest_sha256"),
         "trained_rows_check": leak,

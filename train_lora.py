@@ -186,6 +186,10 @@ def validate_args(args) -> None:
     problems += filter(None, [run_dir_problem(Path(args.output_dir))])
     if problems:
         raise UserError("; ".join(problems))
+    # last and alone: it may wait a few seconds for a name lookup, and a flag mistake should not
+    hub = utils.hub_model_problem(args.model_name, "--model-name")
+    if hub:
+        raise UserError(hub)
 
 
 def method_problems(args) -> list[str]:

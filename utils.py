@@ -80,8 +80,10 @@ from reasonforge.models import (
     export_demo_model,
     format_memory_stats,
     gpu_memory_stats,
+    hub_model_problem,
     import_unsloth_first,
     load_model,
+    read_adapter_info,
     resolve_model_for_inference,
 )
 from reasonforge.rundirs import RunLock, atomic_directory, output_dir_problem, process_start_time, report_file_problem

@@ -87,6 +87,40 @@ def check_model_path(name: str, needs: tuple[str, ...] = ("config.json", "adapte
             raise UserError(f"{what} folder {name!r} has no {' or '.join(needs)} (found: {found})")
 
 
+HUB_LOOKUP_S = 3.0  # a resolver that does not answer in this long is as good as none
+
+
+def hub_model_problem(name: str, flag: str) -> str | None:
+    """Why the Hub id `name` cannot be loaded on this machine, found in seconds rather than after a
+    minute of retries: offline (HF_HUB_OFFLINE) and not in the local cache, or the Hub's host does
+    not resolve. None for local paths, cached ids and a Hub that answers."""
+    if path_kind(name) != "hub":
+        return None
+    import concurrent.futures
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None
+    fix = (f"pass a local model folder instead (the demo's is ./pipeline_run/base_model, see TRAINING_GUIDE.md, "
+           f"'A local model'), or fetch it into the cache where there is network (hf download {name})")
+    if constants.HF_HUB_OFFLINE:
+        return (f"{flag} {name} is a Hugging Face Hub id, HF_HUB_OFFLINE is set and it is not in the local cache "
+                f"({constants.HF_HUB_CACHE}); {fix}, then run without HF_HUB_OFFLINE")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=HUB_LOOKUP_S)
+    except (OSError, concurrent.futures.TimeoutError):
+        return (f"{flag} {name} is a Hugging Face Hub id, but {host} cannot be reached from here (its name does not "
+                f"resolve) and the model is not in the local cache; {fix}")
+    finally:
+        pool.shutdown(wait=False)
+    return None
+
+
 def read_adapter_info(path: str | Path) -> dict | None:
     """Adapter metadata of a folder, or None when it holds no adapter."""
     path = Path(path)
@@ -305,6 +339,9 @@ def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: s
     adapter_config.json), or a full model folder / Hub id.
     """
     kind = path_kind(model_path)
+    problem = hub_model_problem(model_path, "--model-path")
+    if problem:
+        raise UserError(problem)
     local = fetch_if_s3(model_path, cache_root="./model_cache/s3") if kind == "s3" else Path(model_path)
     looks_local = kind != "hub"
     if looks_local and not local.is_dir():
@@ -327,6 +364,9 @@ def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: s
         raise UserError(f"{local} does not record its base model; pass --base-model")
     if base_model and recorded and absolute_if_local(base_model) != absolute_if_local(recorded):
         log.warning("--base-model %s differs from the recorded base %s; the shapes are checked on load", base_model, recorded)
+    problem = hub_model_problem(base, "--base-model" if base_model else f"the adapter's base model (--base-model)")
+    if problem:
+        raise UserError(problem)
     return base, local, adapter
 
 

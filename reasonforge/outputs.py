@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import utils
+from reasonforge import sft
 from reasonforge.checkpoints import local_checkpoints
 from utils import UserError
 
@@ -51,7 +52,7 @@ def run_info(run, trainer) -> dict:
             "max_seq_length": c.max_seq_length, "train_on_responses_only": c.train_on_responses_only,
             "long_rows": c.long_rows, "dataset_manifest_sha256": run.data.manifest.get("content_sha256"),
             # where the training rows are, so evaluation can tell whether its rows were among them
-            "dataset_path": utils.absolute_if_local(c.dataset_path),
+            "dataset_path": sft.dataset_location(c),
             "best_checkpoint": trainer.state.best_model_checkpoint, "method": c.method,
             "best_metric_name": trainer.args.metric_for_best_model, "best_metric": trainer.state.best_metric,
             "best_validation_loss": trainer.state.best_metric if trainer.args.metric_for_best_model == "eval_loss" else None,

@@ -356,12 +356,21 @@ def list_s3_subfolders(uri: S3Uri) -> list[str]:
     return names
 
 
-def fetch_if_s3(path: str, cache_root: str | Path = "./data_cache/s3") -> Path:
+S3_CACHE = "./data_cache/s3"
+
+
+def s3_cache_path(path: str, cache_root: str | Path = S3_CACHE) -> Path:
+    """Where fetch_if_s3 mirrors an s3:// URI (whether or not it has been fetched yet)."""
+    uri = parse_s3_uri(str(path))
+    return Path(cache_root) / uri.bucket / uri.prefix
+
+
+def fetch_if_s3(path: str, cache_root: str | Path = S3_CACHE) -> Path:
     """Local path for `path`; an s3:// URI is first mirrored into a cache folder."""
     if path_kind(path) != "s3":
         return Path(path)
     uri = parse_s3_uri(str(path))
-    target = Path(cache_root) / uri.bucket / uri.prefix
+    target = s3_cache_path(str(path), cache_root)
     log.info("downloading %s -> %s", uri, target)
     download_prefix(uri, target)
     return target

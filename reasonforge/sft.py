@@ -38,12 +38,18 @@ class Data:
         return cls(datasets.Dataset.from_list(train), datasets.Dataset.from_list(validation), "given", "", {}, None)
 
 
-def load_dataset(config):
-    """(DatasetDict, manifest) of --dataset-path, fetched first when it is on S3."""
+def dataset_location(config) -> str:
+    """Where --dataset-path is: an s3:// URI (also a bucket-relative path under --from-s3) or an
+    absolute local folder. reasonforge.json records it, so evaluation can find the same rows."""
     path = config.dataset_path
     if config.from_s3 and utils.path_kind(path) != "s3":
-        path = f"s3://{config.s3_bucket}/{path.strip('/')}"
-    return utils.load_prepared_dataset(utils.fetch_if_s3(path))
+        return f"s3://{config.s3_bucket}/{path.strip('/')}"
+    return utils.absolute_if_local(path)
+
+
+def load_dataset(config):
+    """(DatasetDict, manifest) of --dataset-path, fetched first when it is on S3."""
+    return utils.load_prepared_dataset(utils.fetch_if_s3(dataset_location(config)))
 
 
 def choose_template(config, manifest: dict, tokenizer) -> tuple[str, str]:
