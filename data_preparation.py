@@ -1,4 +1,4 @@
-"""Turn an instruction/reasoning dataset into Qwen chat format, split it, save it, upload it.
+r"""Turn an instruction/reasoning dataset into Qwen chat format, split it, save it, upload it.
 
     # the built-in offline sample (no network), kept local
     python data_preparation.py --dataset sample --max-samples 1000 --skip-upload
@@ -211,7 +211,12 @@ def main(argv=None) -> int:
     c = manifest["counts"]
     print(f"Rows: {c['input_rows']} read, {c['kept_rows']} kept -> train {c['train']}, validation {c['validation']}; "
           f"dropped {manifest['dropped'] or 'none'}")
-    print(f"Schema: {manifest['schema']}; template: {manifest['chat_template']['name']}")
+    template = manifest["chat_template"]["name"]
+    if "preview only" in template:  # no --tokenizer: the rows are chat messages; training renders them with the model's template
+        print(f"Schema: {manifest['schema']}; chat messages (training renders them with the model's own template; "
+              f"the text preview uses {template.split(' ')[0]})")
+    else:
+        print(f"Schema: {manifest['schema']}; template: {template}")
     print(f"Saved to: {out.resolve()}")
     if uri:
         print(f"S3 URI: {uri}")

@@ -1,4 +1,4 @@
-"""Evaluate a fine-tuned adapter: perplexity (base vs tuned), answer accuracy, sample generations.
+r"""Evaluate a fine-tuned adapter: perplexity (base vs tuned), answer accuracy, sample generations.
 
     # the adapter from train_lora.py against its recorded base, on the validation split of the data it
     # trained on (recorded beside it; --dataset-path to evaluate other data)
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import utils
-from reasonforge import answers
+from reasonforge import answers, progress
 from utils import UserError
 
 log = logging.getLogger("reasonforge.eval")
@@ -104,11 +104,9 @@ def perplexity(model, encoded: list[dict], batch_size: int, pad_id: int, desc: s
     """exp(sum NLL / sum target tokens); the same shift and mask as the training loss."""
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
     total_nll, total_tokens = 0.0, 0
     device = model.device
-    with tqdm(total=len(encoded), desc=desc, unit="row") as bar, torch.inference_mode():
+    with progress.bar(total=len(encoded), desc=desc, unit="row") as bar, torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start:start + batch_size]
             width = max(len(r["input_ids"]) for r in batch)
@@ -266,8 +264,8 @@ def run_measurements(model, tokenizer, rows, args, settings, has_adapter: bool) 
             ppl["improvement_percent"] = 100 * (ppl["base"]["perplexity"] - ppl["finetuned"]["perplexity"]) / ppl["base"]["perplexity"]
     if args.compute_accuracy:
         # a reference of 0 or False is an answer too: only missing or blank ones are left out
-        scored = (rows.filter(lambda r: r["answer"] is not None and str(r["answer"]).strip() != "")
-                  if "answer" in rows.column_names else rows.select([]))
+        answers_of = rows["answer"] if "answer" in rows.column_names else []
+        scored = rows.select([i for i, a in enumerate(answers_of) if a is not None and str(a).strip() != ""])
         if len(scored) == 0:
             raise UserError(f"--compute-accuracy: no rows of split {args.split!r} have a reference answer "
                             "(the data-preparation 'answer' column); drop the flag or prepare data with answers")
@@ -303,7 +301,8 @@ def print_summary(report: dict, output_file: Path) -> None:
         print(f"warning: {leak['warning']}")
     for name, r in m.get("perplexity", {}).items():
         if isinstance(r, dict):
-            print(f"Perplexity ({name}): {utils.sig4(r['perplexity'])} (avg loss {utils.sig4(r['avg_loss'])}, "
+            # three decimals for every model, so that 1.050 and 4.918 line up as numbers of one kind
+            print(f"Perplexity ({name}): {r['perplexity']:.3f} (avg loss {r['avg_loss']:.4f}, "
                   f"{r['tokens']} tokens, {r['samples']} samples)")
     if "improvement_percent" in m.get("perplexity", {}):
         print(f"Perplexity improvement over base: {m['perplexity']['improvement_percent']:.2f}%")

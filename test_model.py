@@ -1,4 +1,4 @@
-"""Chat with a fine-tuned model: interactive, one instruction, or a batch from a file.
+r"""Chat with a fine-tuned model: interactive, one instruction, or a batch from a file.
 
     python test_model.py --model-path ./checkpoints/qwen3_4b_reasoning/final_model --interactive
     python test_model.py --model-path ./checkpoints/qwen3_4b_reasoning/final_model \
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import utils
+from reasonforge import progress
 from utils import UserError
 
 log = logging.getLogger("reasonforge.chat")
@@ -321,6 +322,9 @@ def interactive(model, tokenizer, settings: utils.GenerationSettings, system_pro
             continue
         try:
             turn = chat_turn(model, tokenizer, text, system_prompt, history, settings, engine)
+            if turn.get("stopped") is False:  # the limit, not the model, ended it: say so where it stops
+                print(f"\n[reply cut at --max-new-tokens {settings.max_new_tokens}; raise it with "
+                      f"`settings max_new_tokens N`]", flush=True)
         except KeyboardInterrupt:  # landed as the reply started or ended, outside its own handler: the same stop
             print("\n[reply stopped; it is left out of the conversation]", flush=True)
             turn = {"instruction": text, "response": "", "tokens": 0, "seconds": 0.0, "interrupted": True}
@@ -431,9 +435,7 @@ def run_batch(model, tokenizer, instructions: list[str], settings, args, output_
         with open(partial, "w", encoding="utf-8") as fh:
             first = {"batch_of": identity or batch_identity(args, settings)}
             fh.write(utils.to_json(first, ensure_ascii=False) + "\n")
-    from tqdm.auto import tqdm
-
-    with open(partial, "a", encoding="utf-8") as fh, tqdm(total=len(instructions), initial=len(done), desc="batch",
+    with open(partial, "a", encoding="utf-8") as fh, progress.bar(total=len(instructions), initial=len(done), desc="batch",
                                                            unit="prompt") as bar:
         # answers reach the partial file a batch at a time, so a Ctrl-C loses at most the batch in flight
         step = utils.planned_batch_size(model, tokenizer, [conversation(instructions[i], args.system_prompt) for i in todo],

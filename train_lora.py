@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of a Qwen chat model: Unsloth 4-bit on a GPU, transformers + PEFT elsewhere.
+r"""LoRA fine-tuning of a Qwen chat model: Unsloth 4-bit on a GPU, transformers + PEFT elsewhere.
 
     # the seed's run: dataset from S3, adapter back to S3
     python train_lora.py --model-name "unsloth/Qwen2.5-Coder-3B-Instruct" \

@@ -14,11 +14,12 @@ from typing import Callable
 from transformers import TrainerCallback
 
 import utils
+from reasonforge import progress
 from utils import UserError
 
 
 class StepLogger(TrainerCallback):
-    """A tqdm bar plus one line per logging step (step/total, loss, lr, tokens/s, memory); JSON lines too."""
+    """A progress bar (reasonforge.progress) plus one line per logging step (step/total, loss, lr, tokens/s, memory); JSON lines too."""
 
     def __init__(self, jsonl_path: Path):
         self.jsonl_path = jsonl_path
@@ -29,10 +30,9 @@ class StepLogger(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.clock.train_begin(state.num_input_tokens_seen)
         if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True)
+            self.bar = progress.bar(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                                    dynamic_ncols=True, periodic=False)
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_step_begin(self, args, state, control, **kw):
@@ -58,9 +58,9 @@ class StepLogger(TrainerCallback):
             self.last = (now, tokens)
             mem = utils.gpu_memory_stats()
             record.update(tokens_per_s=round(rate, 1), peak_gpu_gib=round(mem.get("peak_gib", 0.0), 3))
-            self.bar.write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
-                           f"lr {logs.get('learning_rate', 0):.2e} | {rate:,.0f} tok/s"
-                           + (f" | peak {mem['peak_gib']:.2f} GiB" if mem else ""))
+            line = self.step_line(state, logs, rate, mem)
+            if line:
+                self.bar.write(line)
         elif "eval_loss" in logs:
             self.bar.write(f"step {state.global_step}/{state.max_steps} | validation loss {logs['eval_loss']:.4f}")
         # strict JSON writes a NaN or infinite value as null; the names say which ones were
@@ -73,6 +73,12 @@ class StepLogger(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:
             self.bar.close()
+
+    def step_line(self, state, logs: dict, rate: float, mem: dict) -> str | None:
+        """The printed line of a logging step (None: the subclass prints its own)."""
+        return (f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+                f"lr {logs.get('learning_rate', 0):.2e} | {rate:,.0f} tok/s"
+                + (f" | peak {mem['peak_gib']:.2f} GiB" if mem else ""))
 
 
 class StepClock:

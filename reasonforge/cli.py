@@ -11,6 +11,7 @@ import shutil
 import sys
 from typing import Iterator
 
+from reasonforge import progress
 from reasonforge.core import _PATH_ERRNO_FIXES, Terminated, UserError, describe_os_error, log
 from reasonforge.rundirs import RunLock
 
@@ -143,7 +144,8 @@ def cli_entry(main_fn):
 
     @functools.wraps(main_fn)
     def wrapper(argv=None) -> int:
-        with pipe_safe_output():  # the error lines below too: stderr may be a closed pipe as well
+        # the error lines below inside too: stderr may be a closed pipe as well
+        with pipe_safe_output(), progress.library_bars_off_in_line_mode():
             try:
                 check_utf8_arguments(sys.argv[1:] if argv is None else argv)
                 with sigterm_raises():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from reasonforge import progress
 from reasonforge.chat_format import IM_END, IM_START, render_chat, single_token
 from reasonforge.core import SEED_MAX, UserError, log, number_problems
 from reasonforge.models import choose_backend, import_unsloth_first, load_model, resolve_model_for_inference
@@ -283,10 +284,8 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
         engine = "static" if getattr(model, "device", None) is not None and model.device.type == "cuda" else "generate"
     started = time.perf_counter()
     if engine == "static":
-        from tqdm.auto import tqdm
-
         runner = engine_for(model, tokenizer)
-        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None) as bar:
+        with progress.bar(total=len(prompts), desc=desc, unit="prompt", disable=desc is None) as bar:
             replies = runner.generate(prompts, settings, set(stops), batch_size=batch_size,
                                       context=context_length(model), on_batch=bar.update)
         outs = [(r.ids, r.stopped, r.seconds) for r in replies]
@@ -321,14 +320,12 @@ def planned_batch_size(model, tokenizer, conversations: list[list[dict]], settin
 def _generate_hf(model, tokenizer, prompts: list[list[int]], settings, batch_size: int, desc):
     """transformers' generate over left-padded batches: [(ids, stopped, seconds)] per prompt."""
     import torch
-    from tqdm.auto import tqdm
-
     kwargs = settings.generate_kwargs(tokenizer, model)
     stops = set(kwargs["eos_token_id"])
     # Longest first, so that each batch holds prompts of like length and pads little.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     by_index: dict[int, tuple] = {}
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None) as bar:
+    with progress.bar(total=len(prompts), desc=desc, unit="prompt", disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             width = max(len(prompts[i]) for i in idx)

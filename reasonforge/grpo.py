@@ -418,8 +418,8 @@ _LOGGER_CLASS = None
 
 
 def grpo_step_logger(jsonl_path: str | Path):
-    """reasonforge.callbacks.StepLogger (tqdm bar, loss line, JSON lines, step clock) whose JSON
-    lines also carry step_summary's figures, with one reward line per step printed under the loss line."""
+    """reasonforge.callbacks.StepLogger (progress bar, JSON lines, step clock) whose JSON lines also
+    carry step_summary's figures, and whose printed line per step is the rewards' (no loss line)."""
     global _LOGGER_CLASS
     if _LOGGER_CLASS is None:
         from reasonforge.callbacks import StepLogger
@@ -435,7 +435,11 @@ def grpo_step_logger(jsonl_path: str | Path):
                     line = summary_line(summary, state.global_step, state.max_steps)
                 super().on_log(args, state, control, logs=logs, **kw)
                 if line and self.bar is not None:
-                    self.bar.write(line)
+                    lr = logs.get("learning_rate")
+                    self.bar.write(line + (f" | lr {lr:.2e}" if lr is not None and "loss" in logs else ""))
+
+            def step_line(self, state, logs, rate, mem):
+                return None  # GRPO's loss is a surrogate near 0: its line is the rewards' (summary_line)
 
         _LOGGER_CLASS = GRPOStepLogger
     return _LOGGER_CLASS(Path(jsonl_path))
@@ -459,7 +463,7 @@ def running_mean(values, window: int) -> list[float]:
     return out
 
 
-def plot_rewards(history: list[dict], path: str | Path) -> bool:
+def plot_rewards(history: list[dict], path: str | Path, title: str | None = None) -> bool:
     """The reward curve beside the loss curve: mean training reward per function per step, and the
     validation share of correct answers. `history` is trainer.state.log_history or the step log's
     records. False (nothing drawn) where it holds no reward."""
@@ -485,7 +489,7 @@ def plot_rewards(history: list[dict], path: str | Path) -> bool:
         ax.plot(*zip(*val), "o-", label="validation correct (greedy)")
     from reasonforge.outputs import save_step_figure
 
-    save_step_figure(fig, ax, "mean reward", path)
+    save_step_figure(fig, ax, "mean reward", path, title)
     return True
 
 

@@ -89,7 +89,13 @@ def save_merged(model, tokenizer, target: Path, backend: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_losses(history: list[dict], path: Path) -> bool:
+def plot_title(run) -> str:
+    """What a plot is of: run name, model (its folder or Hub name) and method."""
+    c = run.config
+    return f"{c.run_name}: {Path(str(c.model_name)).name}, {c.method}"
+
+
+def plot_losses(history: list[dict], path: Path, title: str | None = None) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,14 +109,18 @@ def plot_losses(history: list[dict], path: Path) -> bool:
     ax.plot(*zip(*train), label="train loss", lw=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
-    save_step_figure(fig, ax, "loss (assistant tokens)", path)
+    save_step_figure(fig, ax, "loss (assistant tokens)", path, title)
     return True
 
 
-def save_step_figure(fig, ax, ylabel: str, path: Path) -> None:
+def save_step_figure(fig, ax, ylabel: str, path: Path, title: str | None = None) -> None:
     """Finish a per-step curve (the loss curve, GRPO's reward curve) the same way and write it."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.5 on a 4-step run
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -125,6 +135,7 @@ def collect_metrics(run, result) -> dict:
     state = result.trainer.state
     history = state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
+    rewards = [h["reward"] for h in history if h.get("reward") is not None]  # grpo: mean total reward of a step
     evals = [h for h in history if "eval_loss" in h]
     tokens, runtime = state.num_input_tokens_seen, result.runtime_s
     trainable, total = run.parameters
@@ -135,6 +146,8 @@ def collect_metrics(run, result) -> dict:
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
         "train_loss_mean": mean_logged_loss(history),
+        "train_reward_first": rewards[0] if rewards else None,
+        "train_reward_last": rewards[-1] if rewards else None,
         "validation_losses": [{"step": h["step"], "loss": h["eval_loss"]} for h in evals],
         # sft chooses on eval_loss, grpo on the validation share of correct answers
         "best_metric_name": result.trainer.args.metric_for_best_model,

@@ -57,8 +57,10 @@ def print_setup(run) -> None:
         if run.backend == "unsloth" and not c.auto_batch:
             # Unsloth keeps packed layers out of its compiled blocks, so each pass pays eager launch cost.
             print("            packed passes are launch-bound: --auto-batch makes them fewer and larger")
+    learns = ("GRPO on the questions, scored by --rewards " + c.rewards if c.method == "grpo" else
+              f"loss on {'assistant tokens' if c.train_on_responses_only else 'all tokens'}")
     print(f"Dataset:    {c.dataset_path}: train {len(run.data.train)} / validation {len(run.data.validation)} rows "
-          f"(template {run.data.template_name}, loss on {'assistant tokens' if c.train_on_responses_only else 'all tokens'})")
+          f"(template {run.data.template_name}, {learns})")
     over = {k: rows[k]["over_max_seq_length"] for k in ("train", "validation") if rows.get(k, {}).get("over_max_seq_length")}
     if over:
         verb = "dropped" if c.long_rows == "drop" else "cut to fit"
@@ -90,7 +92,9 @@ def print_setup(run) -> None:
         print(f"Rollouts:   engine {run.engine} ({how})"
               + (f"; {gen} completions generated per call" if gen else "; one optimizer step's completions per call"))
     print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
-    print(utils.format_memory_stats(utils.gpu_memory_stats()))
+    memory = utils.gpu_memory_stats()
+    if memory:  # on a CPU there is nothing to say, once
+        print(utils.format_memory_stats(memory))
     print("=" * 72)
 
 
@@ -131,10 +135,17 @@ def record_config(run) -> None:
 def print_summary(run, metrics: dict, final: Path, plotted: bool) -> None:
     c = run.config
     print("=" * 72)
-    best = (f"best validation loss {utils.sig4(metrics['best_validation_loss'])}" if c.method == "sft" else
-            f"best {metrics['best_metric_name']} {utils.sig4(metrics['best_metric'])}")
-    print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
-          f"{utils.sig4(metrics['train_loss_last'])}, {best} ({Path(str(metrics['best_checkpoint'])).name})")
+    checkpoint = Path(str(metrics["best_checkpoint"])).name
+    if c.method == "grpo":  # GRPO's loss is a policy-gradient surrogate near 0, not a measure of anything learned
+        first, last = metrics.get("train_reward_first"), metrics.get("train_reward_last")
+        reward = (f"train reward {utils.sig4(first)} -> {utils.sig4(last)} (mean over each step's completions)"
+                  if first is not None else "no reward logged")
+        print(f"Steps: {metrics['global_step']}, {reward}, best {metrics['best_metric_name']} "
+              f"{utils.sig4(metrics['best_metric'])} ({checkpoint})")
+    else:
+        print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
+              f"{utils.sig4(metrics['train_loss_last'])}, best validation loss "
+              f"{utils.sig4(metrics['best_validation_loss'])} ({checkpoint})")
     steady = metrics.get("steady_tokens_per_s")
     if metrics.get("setup_phases_s"):
         print(f"Setup: {Phases.line(metrics['setup_phases_s'])}")
@@ -146,7 +157,9 @@ def print_summary(run, metrics: dict, final: Path, plotted: bool) -> None:
               + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
                  "too few steps for a steady rate")
               + f"; training loop {metrics['runtime_s']:.1f} s in all")
-    print(utils.format_memory_stats(utils.gpu_memory_stats()))
+    memory = utils.gpu_memory_stats()
+    if memory:
+        print(utils.format_memory_stats(memory))
     print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(c.out / 'loss_curve.png').resolve()}" if plotted else ""))
     if (c.out / "reward_curve.png").is_file() and c.method == "grpo":
         print(f"Reward curve: {(c.out / 'reward_curve.png').resolve()}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from reasonforge.progress import bar as progress_bar
 from reasonforge.core import CorruptFile, UserError, describe_os_error, first_line, log, path_kind, to_json
 
 
@@ -262,8 +263,6 @@ def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "uploa
 
     Returns counts of uploaded and skipped files and bytes sent.
     """
-    from tqdm.auto import tqdm
-
     uri = parse_s3_uri(uri) if isinstance(uri, str) else uri
     local_dir = Path(local_dir)
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name not in exclude)
@@ -279,7 +278,7 @@ def upload_directory(local_dir: str | Path, uri: S3Uri | str, desc: str = "uploa
                 continue
             todo.append((path, rel, size))
         total = sum(size for _, _, size in todo)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress or not todo) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress or not todo) as bar:
             for path, rel, _ in todo:
                 client.upload_file(str(path), uri.bucket, uri.join(rel).prefix, Config=_transfer_config(), Callback=bar.update)
     return {"uploaded": len(todo), "skipped": len(files) - len(todo), "bytes": total}
@@ -297,8 +296,6 @@ def safe_local_path(root: Path, rel_key: str) -> Path:
 
 def download_prefix(uri: S3Uri | str, local_dir: str | Path, desc: str = "download", progress: bool = True) -> dict:
     """Fetch every object under s3://bucket/prefix/ into local_dir, skipping unchanged files."""
-    from tqdm.auto import tqdm
-
     uri = parse_s3_uri(uri) if isinstance(uri, str) else uri
     local_dir = Path(local_dir)
     client = s3_client()
@@ -312,7 +309,7 @@ def download_prefix(uri: S3Uri | str, local_dir: str | Path, desc: str = "downlo
             if target.is_file() and target.stat().st_size == meta["size"] and s3_etag_of_file(target, meta["size"]) == meta["etag"]:
                 continue
             todo.append((rel, target, meta["size"]))
-        with tqdm(total=sum(t[2] for t in todo), unit="B", unit_scale=True, desc=desc, disable=not progress or not todo) as bar:
+        with progress_bar(total=sum(t[2] for t in todo), unit="B", unit_scale=True, desc=desc, disable=not progress or not todo) as bar:
             for rel, target, _ in todo:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.part")

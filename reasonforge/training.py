@@ -373,8 +373,9 @@ def load_base_model(config: TrainConfig, backend: str, main_rank: bool):
     set_seed(config.seed)
     model, tokenizer, info = utils.load_model(config.model_name, backend=backend, max_seq_length=config.max_seq_length,
                                               load_in_4bit=config.load_in_4bit, trust_remote_code=config.trust_remote_code)
-    if main_rank:
-        print(f"after model load: {utils.format_memory_stats(utils.gpu_memory_stats())}")
+    memory = utils.gpu_memory_stats()
+    if main_rank and memory:
+        print(f"after model load: {utils.format_memory_stats(memory)}")
     return model, tokenizer, info
 
 
@@ -540,9 +541,11 @@ def finish(run: Run, result: Result) -> None:
         final = outputs.save_final_model(run, result.trainer)
         metrics = outputs.collect_metrics(run, result)
         utils.atomic_write_json(c.out / "training_metrics.json", metrics)
-        plotted = outputs.plot_losses(metrics["history"], c.out / "loss_curve.png")
+        title = outputs.plot_title(run)
+        # GRPO's curve is its rewards: its loss is a surrogate near 0 and its validation measures rewards, not loss
+        plotted = c.method == "sft" and outputs.plot_losses(metrics["history"], c.out / "loss_curve.png", title)
         if c.method == "grpo":
-            grpo.plot_rewards(metrics["history"], c.out / "reward_curve.png")
+            grpo.plot_rewards(metrics["history"], c.out / "reward_curve.png", title)
         if c.run_uri is not None:
             outputs.upload_outputs(c.run_uri, final, c.out)
         if c.push_to_hub:
