@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import utils
-from reasonforge import answers, progress
+from reasonforge import answers, gguf, progress
 from utils import UserError
 
 log = logging.getLogger("reasonforge.eval")
@@ -105,6 +105,15 @@ def perplexity(model, encoded: list[dict], batch_size: int, pad_id: int, desc: s
     import torch
     import torch.nn.functional as F
     total_nll, total_tokens = 0.0, 0
+    if getattr(model, "is_gguf", False):  # llama.cpp scores one row at a time, on the same ids and mask
+        with progress.bar(total=len(encoded), desc=desc, unit="row") as bar:
+            for r in encoded:
+                nll, count = model.nll(r["input_ids"], r["labels"])
+                total_nll, total_tokens = total_nll + nll, total_tokens + count
+                bar.update(1)
+                bar.set_postfix(ppl=f"{math.exp(total_nll / max(total_tokens, 1)):.3f}")
+        loss = total_nll / max(total_tokens, 1)
+        return {"perplexity": math.exp(loss), "avg_loss": loss, "tokens": total_tokens, "samples": len(encoded)}
     device = model.device
     with progress.bar(total=len(encoded), desc=desc, unit="row") as bar, torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
@@ -179,9 +188,12 @@ def dataset_to_evaluate(args) -> tuple[str, str]:
     local folder, or its S3 URI, fetched once into the cache); else data_preparation.py's default."""
     if args.dataset_path:
         return args.dataset_path, "--dataset-path"
-    info = utils.read_adapter_info(args.model_path) if utils.path_kind(args.model_path) == "local" and \
-        Path(args.model_path).is_dir() else None
-    recorded = ((info or {}).get("reasonforge") or {}).get("dataset_path")
+    if gguf.is_gguf(args.model_path):
+        recorded = (gguf.export_info(Path(args.model_path)).get("run_info") or {}).get("dataset_path")
+    else:
+        info = utils.read_adapter_info(args.model_path) if utils.path_kind(args.model_path) == "local" and \
+            Path(args.model_path).is_dir() else None
+        recorded = ((info or {}).get("reasonforge") or {}).get("dataset_path")
     if recorded and (utils.path_kind(recorded) == "s3" or Path(recorded).is_dir()):
         return recorded, "recorded by the adapter"
     if recorded:
@@ -319,15 +331,15 @@ def print_summary(report: dict, output_file: Path) -> None:
 @utils.cli_entry
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    hub = utils.hub_model_problem(args.model_path, "--model-path")  # before any data is fetched
-    if hub:
-        raise UserError(hub)
-    args.dataset_path, args.dataset_source = dataset_to_evaluate(args)
     args.repetition_penalty_given = args.repetition_penalty is not None
     if not args.repetition_penalty_given:
         args.repetition_penalty = utils.GenerationSettings().repetition_penalty
     utils.setup_logging(args.verbose)
     validate_args(args)
+    hub = utils.hub_model_problem(args.model_path, "--model-path")  # before any data is fetched
+    if hub:
+        raise UserError(hub)
+    args.dataset_path, args.dataset_source = dataset_to_evaluate(args)
     if args.dataset_source != "--dataset-path":
         log.info("evaluating on %s (%s)", args.dataset_path, args.dataset_source)
     settings = utils.generation_settings_from_args(args)
@@ -342,7 +354,8 @@ def main(argv=None) -> int:
     sample_speed: dict = {}
     report = {
         "model_path": args.model_path, "base_model": info["base_model"], "adapter": info.get("adapter"),
-        "backend": info["backend"], "engine": args.engine, "dataset_path": args.dataset_path,
+        "backend": info["backend"], "engine": args.engine, "runtime": info.get("runtime"),
+        "quantization": info.get("quantization"), "dataset_path": args.dataset_path,
         "dataset_path_source": args.dataset_source, "split": args.split, "rows": len(rows),
         "dataset_manifest_sha256": manifest.get("content_sha256"),
         "adapter_dataset_manifest_sha256": adapter_info.get("reasonforge", {}).get("dataset_manifest_sha256"),

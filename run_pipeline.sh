@@ -35,6 +35,14 @@ GRPO_GENERATIONS=${GRPO_GENERATIONS:-8}
 GRPO_COMPLETION=${GRPO_COMPLETION:-64}
 GRPO_LR=${GRPO_LR:-2e-4}
 
+case ",$STAGES," in
+  *,sft,*|*,grpo,*) ;;
+  *) echo "error: STAGES=$STAGES names no stage; use sft, grpo or sft,grpo" >&2; exit 2 ;;
+esac
+for stage in ${STAGES//,/ }; do
+  case "$stage" in sft|grpo) ;; *) echo "error: STAGES=$STAGES: unknown stage '$stage'; use sft, grpo or sft,grpo" >&2; exit 2 ;; esac
+done
+
 # the scripts' own kind of error, not bash's "command not found" (127)
 if ! command -v "$PY" > /dev/null 2>&1; then
   echo "error: PYTHON=$PY cannot be run; set PYTHON=.venv/bin/python after the README's install, or put python on PATH" >&2
@@ -44,14 +52,6 @@ if ! "$PY" -c "import utils, datasets, transformers" > /dev/null 2>&1; then
   echo "error: $PY cannot import the suite's packages; install them with: $PY -m pip install -e '.[demo]' (or set PYTHON to the venv's python)" >&2
   exit 2
 fi
-
-case ",$STAGES," in
-  *,sft,*|*,grpo,*) ;;
-  *) echo "error: STAGES=$STAGES names no stage; use sft, grpo or sft,grpo" >&2; exit 2 ;;
-esac
-for stage in ${STAGES//,/ }; do
-  case "$stage" in sft|grpo) ;; *) echo "error: STAGES=$STAGES: unknown stage '$stage'; use sft, grpo or sft,grpo" >&2; exit 2 ;; esac
-done
 
 if [ -z "$MODEL" ]; then
   MODEL=$WORK/base_model

@@ -185,7 +185,13 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: utils.Generat
     kwargs = utils.fit_to_context(model, enc["input_ids"].shape[1], settings.generate_kwargs(tokenizer, model))
     stops = set(kwargs["eos_token_id"])
     try:
-        if engine == "static":
+        if getattr(model, "is_gguf", False):  # llama.cpp, token by token
+            streamer.put(enc["input_ids"][0])
+            room = kwargs["max_new_tokens"]
+            ids, stopped = model.generate(enc["input_ids"][0].tolist(), settings, stops, room,
+                                          on_token=lambda tok: streamer.put(torch.tensor([tok])))
+            streamer.end()
+        elif engine == "static":
             streamer.put(enc["input_ids"][0])  # the prompt, which the streamer skips
 
             def on_step(_row, tok):

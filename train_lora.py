@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume-from-checkpoint", default=None, metavar="PATH|latest",
                    help="a checkpoint folder, or 'latest' (newest complete one, local or on S3)")
     c.add_argument("--save-merged", action="store_true", help="also save a 16-bit merged model beside the adapter")
+    c.add_argument("--save-gguf", default=None, choices=("q8_0", "f16", "bf16"), metavar="TYPE",
+                   help="also export the merged model as GGUF (q8_0, f16 or bf16) with an Ollama Modelfile into "
+                        "final_model_gguf/ (implies --save-merged; needs the gguf extra)")
     c.add_argument("--sigterm-deadline-s", type=float, default=90,
                    help="on SIGTERM a checkpoint is saved at the end of the current step; exit without one if "
                         "none has begun after this many seconds (spot instances get 120) (default: %(default)s)")
@@ -184,6 +187,10 @@ def validate_args(args) -> None:
     if not args.target_modules.strip(","):
         problems.append("--target-modules is empty; e.g. " + DEFAULT_TARGETS)
     problems += filter(None, [run_dir_problem(Path(args.output_dir))])
+    if args.save_gguf:  # the extra is checked now, not after hours of training
+        from reasonforge import gguf
+
+        problems += filter(None, [gguf.converter_problem()])
     if problems:
         raise UserError("; ".join(problems))
     # last and alone: it may wait a few seconds for a name lookup, and a flag mistake should not

@@ -95,7 +95,7 @@ def reply_tokens(row, stops: set[int]) -> tuple[list[int], bool]:
 def add_inference_model_flags(parser) -> None:
     """The model flags evaluate_model.py and test_model.py share."""
     m = parser.add_argument_group("model")
-    m.add_argument("--model-path", required=True, help="adapter or model folder, s3:// URI, or Hub id")
+    m.add_argument("--model-path", required=True, help="adapter or model folder, s3:// URI, Hub id, or a .gguf file")
     m.add_argument("--is-adapter", action="store_true", help="insist that --model-path is an adapter (detected anyway)")
     m.add_argument("--base-model", default=None, help="base model (default: the one recorded with the adapter)")
     m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto", help="(default: %(default)s)")
@@ -104,6 +104,9 @@ def add_inference_model_flags(parser) -> None:
     m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", default=None,
                    help="load the base in 16-bit on GPU (default: as training did, else 4-bit)")
     add_engine_flag(m)
+    m.add_argument("--gguf-runtime", choices=["auto", "llama.cpp", "transformers"], default="auto",
+                   help="what runs a .gguf --model-path: llama.cpp (llama-cpp-python, the gguf extra), or transformers "
+                        "on its weights dequantised; auto: llama.cpp where installed (default: %(default)s)")
 
 
 def load_for_inference(args):
@@ -111,6 +114,13 @@ def load_for_inference(args):
 
     Returns (model, tokenizer, info, adapter metadata); info["load_s"] is the load time.
     """
+    from reasonforge import gguf
+
+    if gguf.is_gguf(args.model_path):  # llama.cpp (or transformers) runs it: no backend choice of ours
+        model, tokenizer, info, recorded = gguf.load(args.model_path, args.max_seq_length, args.gguf_runtime)
+        apply_recorded_settings(args, recorded)
+        args.engine = "llama.cpp" if info["backend"] == "llama.cpp" else "generate"
+        return model, tokenizer, info, {"reasonforge": recorded} if recorded else {}
     args.engine, backend_flag = resolve_engine(args.engine, args.backend)
     backend, backend_reason = choose_backend(backend_flag)
     if backend_flag != args.backend:
@@ -209,6 +219,8 @@ def generation_settings_from_args(args) -> GenerationSettings:
 
 
 def prepare_for_inference(model, backend: str):
+    if backend == "llama.cpp":
+        return model
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -283,7 +295,10 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], settings: 
     if engine == "auto":
         engine = "static" if getattr(model, "device", None) is not None and model.device.type == "cuda" else "generate"
     started = time.perf_counter()
-    if engine == "static":
+    if getattr(model, "is_gguf", False):
+        outs = _generate_gguf(model, prompts, settings, set(stops), desc)
+        figures = {"engine": "llama.cpp", "batch_size": 1}
+    elif engine == "static":
         runner = engine_for(model, tokenizer)
         with progress.bar(total=len(prompts), desc=desc, unit="prompt", disable=desc is None) as bar:
             replies = runner.generate(prompts, settings, set(stops), batch_size=batch_size,
@@ -315,6 +330,19 @@ def planned_batch_size(model, tokenizer, conversations: list[list[dict]], settin
     longest = max(len(tokenizer(render_chat(c, tokenizer=tokenizer, add_generation_prompt=True),
                                 add_special_tokens=False)["input_ids"]) for c in conversations)
     return plan_batch_size(model, len(conversations), longest + settings.max_new_tokens)[0]
+
+
+def _generate_gguf(model, prompts: list[list[int]], settings, stops: set[int], desc):
+    """A GGUF file under llama.cpp, one prompt at a time: [(ids, stopped, seconds)] per prompt."""
+    outs = []
+    with progress.bar(total=len(prompts), desc=desc, unit="prompt", disable=desc is None) as bar:
+        for prompt in prompts:
+            t0 = time.perf_counter()
+            room = fit_to_context(model, len(prompt), {"max_new_tokens": settings.max_new_tokens})["max_new_tokens"]
+            ids, stopped = model.generate(prompt, settings, stops, room)
+            outs.append((ids, stopped, round(time.perf_counter() - t0, 4)))
+            bar.update(1)
+    return outs
 
 
 def _generate_hf(model, tokenizer, prompts: list[list[int]], settings, batch_size: int, desc):

@@ -94,7 +94,7 @@ def hub_model_problem(name: str, flag: str) -> str | None:
     """Why the Hub id `name` cannot be loaded on this machine, found in seconds rather than after a
     minute of retries: offline (HF_HUB_OFFLINE) and not in the local cache, or the Hub's host does
     not resolve. None for local paths, cached ids and a Hub that answers."""
-    if path_kind(name) != "hub":
+    if path_kind(name) != "hub" or str(name).lower().endswith(".gguf"):  # a GGUF file is never a Hub id
         return None
     import concurrent.futures
     import socket

@@ -66,22 +66,28 @@ def save_final_model(run, trainer) -> Path:
         trainer.model.save_pretrained(str(tmp), safe_serialization=True)
         run.tokenizer.save_pretrained(str(tmp))
         utils.atomic_write_json(tmp / utils.RUN_INFO_FILE, run_info(run, trainer))
-    if run.config.save_merged:
-        merged = run.config.out / "merged_16bit"
+    c = run.config
+    if c.save_merged or c.save_gguf:
+        merged = c.out / "merged_16bit"
         with utils.atomic_directory(merged, is_merged_model, "a merged model saved by train_lora.py") as tmp:
-            save_merged(trainer.model, run.tokenizer, tmp, run.backend)
+            save_merged(trainer.model, run.tokenizer, tmp, run.backend, final)
+        if c.save_gguf:
+            from reasonforge import gguf
+
+            gguf.export(final, c.save_gguf, c.out / "final_model_gguf", merged=merged)
     return final
 
 
-def save_merged(model, tokenizer, target: Path, backend: str) -> None:
+def save_merged(model, tokenizer, target: Path, backend: str, final: Path) -> None:
+    """The adapter merged into its base in 16-bit: Unsloth's own merge on its backend; elsewhere the
+    saved adapter `final` merged into the base reloaded in 16-bit (a 4-bit base cannot be merged
+    into, and the live model stays as it is)."""
     if backend == "unsloth":
         model.save_pretrained_merged(str(target), tokenizer, save_method="merged_16bit")
         return
-    merged = model.merge_and_unload() if not getattr(model, "is_loaded_in_4bit", False) else None
-    if merged is None:
-        raise UserError("--save-merged with --backend hf in 4-bit is not supported; use the unsloth backend or --no-4bit")
-    merged.save_pretrained(str(target), safe_serialization=True)
-    tokenizer.save_pretrained(str(target))
+    from reasonforge import gguf
+
+    gguf.merge_adapter(final, target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +200,8 @@ def step_clock(trainer) -> dict:
 
 def upload_outputs(run_uri: utils.S3Uri, final: Path, output_dir: Path) -> None:
     utils.upload_directory(final, run_uri.join("final_model"), desc="upload final_model")
+    if (output_dir / "final_model_gguf").is_dir():
+        utils.upload_directory(output_dir / "final_model_gguf", run_uri.join("final_model_gguf"), desc="upload GGUF")
     for name in ("training_config.json", "training_metrics.json", "loss_curve.png", "reward_curve.png"):
         if (output_dir / name).is_file():
             utils.upload_file(output_dir / name, run_uri.join(name))

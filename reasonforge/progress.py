@@ -10,14 +10,15 @@ run and back on after it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
 from typing import Iterator
 
 MODE_ENV, INTERVAL_ENV = "RF_PROGRESS", "RF_PROGRESS_INTERVAL_S"
-# what the libraries read when they are imported to leave their bars out (transformers follows the Hub's)
-LIBRARY_SWITCHES = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# what the Hub (and transformers, which follows it) reads when imported to leave its bars out
+LIBRARY_SWITCHES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def mode() -> str:
@@ -42,7 +43,7 @@ class LineProgress:
 
     def __init__(self, total=None, desc=None, unit="it", initial=0, disable=False, unit_scale=False, periodic=True,
                  **_ignored):
-        self.total, self.desc, self.unit, self.n, self.disable = total, desc, unit, initial, disable
+        self.total, self.desc, self.unit, self.n, self.disable = total, desc, unit.strip(), initial, disable
         self.periodic = periodic  # False where the caller prints its own line per step (training)
         self.unit_scale = unit_scale
         self._start = self._last = time.monotonic()
@@ -119,26 +120,26 @@ def bar(periodic: bool = True, **kwargs):
 
 @contextlib.contextmanager
 def library_bars_off_in_line_mode() -> Iterator[None]:
-    """In lines mode, the libraries' own bars off for the block (environment and the switches of
-    the libraries already imported), then as they were."""
+    """In lines mode for the duration of the block: datasets' bars (formatting, tokenizing, saving:
+    the long ones) written as LineProgress lines, the Hub's and transformers' bars (downloads, weight
+    loading: short) off; everything as it was afterwards."""
     if mode() != "lines":
         yield
         return
     saved = {k: os.environ.get(k) for k in LIBRARY_SWITCHES}
-    os.environ.update(LIBRARY_SWITCHES)
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     undo = []
-    if "datasets" in sys.modules:
-        import datasets
+    import datasets.arrow_dataset
+    import datasets.builder
 
-        if datasets.is_progress_bar_enabled():
-            datasets.disable_progress_bars()
-            undo.append(datasets.enable_progress_bars)
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    for module in (datasets.arrow_dataset, datasets.builder):
+        undo.append(functools.partial(setattr, module, "hf_tqdm", module.hf_tqdm))
+        module.hf_tqdm = _DatasetsLines
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-        if not are_progress_bars_disabled():
-            disable_progress_bars()
-            undo.append(enable_progress_bars)
+    if not are_progress_bars_disabled():
+        disable_progress_bars()
+        undo.append(enable_progress_bars)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -148,10 +149,37 @@ def library_bars_off_in_line_mode() -> Iterator[None]:
     try:
         yield
     finally:
-        for fn in undo:
+        for fn in reversed(undo):
             fn()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class _DatasetsLines(LineProgress):
+    """datasets' bar class (hf_tqdm) as lines: also the class-level hooks tqdm offers (the lock that
+    thread_map takes) and iteration over an iterable."""
+
+    def __init__(self, iterable=None, *args, **kwargs):
+        super().__init__(**kwargs)
+        self.iterable = iterable
+
+    def __iter__(self):
+        with self:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+
+    @classmethod
+    def get_lock(cls):
+        import threading
+
+        if getattr(cls, "_lock", None) is None:  # tqdm's thread_map deletes it again when it is done
+            cls._lock = threading.RLock()
+        return cls._lock
+
+    @classmethod
+    def set_lock(cls, lock) -> None:
+        cls._lock = lock

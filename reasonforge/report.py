@@ -163,6 +163,9 @@ def print_summary(run, metrics: dict, final: Path, plotted: bool) -> None:
     print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(c.out / 'loss_curve.png').resolve()}" if plotted else ""))
     if (c.out / "reward_curve.png").is_file() and c.method == "grpo":
         print(f"Reward curve: {(c.out / 'reward_curve.png').resolve()}")
+    gguf_file = next((c.out / "final_model_gguf").glob("*.gguf"), None) if c.save_gguf else None
+    if gguf_file is not None:
+        print(f"GGUF: {gguf_file.resolve()} (Ollama: ollama create NAME -f {gguf_file.parent.resolve()}/Modelfile)")
     if c.run_uri is not None:
         print(f"S3 URI: {c.run_uri.join('final_model')}")
     if c.push_to_hub:

@@ -71,6 +71,7 @@ class TrainConfig:
     early_stopping_patience: int | None
     resume_from_checkpoint: str | None
     save_merged: bool
+    save_gguf: str | None
     sigterm_deadline_s: float
     s3_bucket: str | None
     skip_s3_upload: bool

