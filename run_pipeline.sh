@@ -6,6 +6,7 @@
 #     S3_BUCKET=my-bucket EPOCHS=3 MAX_STEPS=-1 bash run_pipeline.sh   # a GPU box with network
 #
 #   STAGES=sft,grpo bash run_pipeline.sh   # SFT, then GRPO from the SFT adapter; accuracy of base, SFT and GRPO side by side
+#   GGUF=q8_0 bash run_pipeline.sh          # also export the adapter to GGUF and compare it with the adapter
 #
 # Every setting below can be overridden from the environment.
 set -euo pipefail
@@ -137,6 +138,18 @@ if [ "${#REPORTS[@]}" -gt 0 ]; then
   $PY -m reasonforge.comparison "${REPORTS[@]}"
 fi
 
+GGUF=${GGUF:-}  # q8_0, f16 or bf16: export the last adapter to GGUF and compare it with the adapter (off by default)
+if [ -n "$GGUF" ]; then
+  GGUF_SETTINGS="$ADAPTER $GGUF $EVAL_ROWS $NEW_TOKENS"
+  if ! skip_stage gguf "$GGUF_SETTINGS" "$ADAPTER"_gguf/model-"$GGUF".gguf; then
+    echo "== GGUF export ($GGUF) and comparison with the adapter"
+    $PY -m reasonforge.gguf export "$ADAPTER" --type "$GGUF"
+    $PY -m reasonforge.gguf compare "$ADAPTER" "$ADAPTER"_gguf/model-"$GGUF".gguf --dataset-path "$WORK/data" \
+      --max-eval-samples "$EVAL_ROWS" --max-new-tokens "$NEW_TOKENS"
+    stage_done gguf "$GGUF_SETTINGS"
+  fi
+fi
+
 BATCH_SETTINGS="$ADAPTER $NEW_TOKENS"
 if ! skip_stage batch "$BATCH_SETTINGS" "$WORK/test_results/inference.json"; then
   echo "== 4/4 batch inference"
@@ -164,4 +177,5 @@ for stage in ${STAGES//,/ }; do
     echo "  evaluation, sft: $WORK/eval_results/evaluation.json"
   fi
 done
+if [ -n "$GGUF" ]; then echo "  GGUF:           ${ADAPTER}_gguf/model-$GGUF.gguf (and its Modelfile)"; fi
 echo "  batch answers:  $WORK/test_results/inference.json"
