@@ -38,6 +38,7 @@ from reasonforge.conversations import (
     split_by_prompt,
     token_stats,
 )
+from reasonforge import configfile
 from reasonforge.sources import load_source
 from utils import UserError
 
@@ -49,6 +50,7 @@ DEFAULT_DATASET = "sample"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configfile.add_config_flag(p)
     src = p.add_argument_group("source")
     src.add_argument("--dataset", default=DEFAULT_DATASET,
                      help="Hub id, a .json/.jsonl/.csv/.parquet file, a folder of them, a save_to_disk folder, "
@@ -198,7 +200,7 @@ def upload(output_dir: Path, args) -> str:
 
 @utils.cli_entry
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = configfile.parse_args(build_parser(), argv)
     utils.setup_logging(args.verbose)
     validate_args(args)
     if not args.skip_upload and not args.s3_bucket:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import utils
-from reasonforge import answers, gguf, progress
+from reasonforge import answers, configfile, gguf, progress
 from utils import UserError
 
 log = logging.getLogger("reasonforge.eval")
@@ -33,6 +33,7 @@ log = logging.getLogger("reasonforge.eval")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configfile.add_config_flag(p)
     utils.add_inference_model_flags(p)
     d = p.add_argument_group("data")
     d.add_argument("--dataset-path", default=None,
@@ -330,7 +331,7 @@ def print_summary(report: dict, output_file: Path) -> None:
 
 @utils.cli_entry
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = configfile.parse_args(build_parser(), argv)
     args.repetition_penalty_given = args.repetition_penalty is not None
     if not args.repetition_penalty_given:
         args.repetition_penalty = utils.GenerationSettings().repetition_penalty
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
         "trained_rows_check": leak,
         "generation": settings.as_dict(), "metrics": measured["metrics"],
         "settings": {name: getattr(args, name) for name in utils.RECORDED_DEFAULTS},
-        "settings_source": args.settings_source,
+        "settings_source": args.settings_source, "config": args.config, "settings_from": args.settings_from,
         "samples": samples(model, tokenizer, rows, args, settings, sample_speed) if args.generate_samples else [],
         "samples_generation_speed": sample_speed or None,
         "timings": {"model_load_s": info["load_s"], **measured["timings"]},

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import utils
-from reasonforge import progress
+from reasonforge import configfile, progress
 from utils import UserError
 
 log = logging.getLogger("reasonforge.chat")
@@ -41,6 +41,7 @@ log = logging.getLogger("reasonforge.chat")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configfile.add_config_flag(p)
     utils.add_inference_model_flags(p)
     mode = p.add_argument_group("mode (one of)")
     mode.add_argument("--interactive", action="store_true", help="chat in the terminal")
@@ -476,7 +477,7 @@ def write_results(output_file: Path, results: list[dict], args, settings, info: 
 
 @utils.cli_entry
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = configfile.parse_args(build_parser(), argv)
     utils.setup_logging(args.verbose)
     validate_args(args)
     settings = utils.generation_settings_from_args(args)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import utils
-from reasonforge import checkpoints, compile_cache, training
+from reasonforge import checkpoints, compile_cache, configfile, training
 from reasonforge.acceleration import CPP_WRAPPER_MIN_STEPS, cuda_graphs_obstacle, refuse_cuda_graphs
 from reasonforge.outputs import run_dir_problem
 from reasonforge.rewards import DEFAULT_REWARDS, REWARDS
@@ -34,6 +34,7 @@ DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configfile.add_config_flag(p)
     m = p.add_argument_group("model")
     m.add_argument("--model-name", default=DEFAULT_MODEL, help="Hub id or local folder (default: %(default)s)")
     m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto",
@@ -249,7 +250,7 @@ def default_run_name(args) -> str:
 
 @utils.cli_entry
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = configfile.parse_args(build_parser(), argv)
     utils.setup_logging(args.verbose)
     validate_args(args)
     run = training.setup(training.TrainConfig.from_args(args), argv)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import utils
-from reasonforge import checkpoints, grpo
+from reasonforge import checkpoints, configfile, grpo
 from reasonforge.rewards import parse_rewards
 
 
@@ -48,6 +48,9 @@ def print_setup(run) -> None:
     eff = batch.batch_size * batch.gradient_accumulation_steps * run.processes
     print("=" * 72)
     print(f"Model:      {c.model_name}  [backend {run.backend}: {run.backend_reason}]")
+    sources = configfile.describe_sources(c.settings_from, c.config)
+    if sources:
+        print(f"Settings:   {sources}")
     print(f"Precision:  {run.dtype}, 4-bit {'on' if run.load_in_4bit else 'off'}; compiled graphs: {run.compiler}")
     if run.backend == "unsloth":
         print(f"CUDA graphs: {run.cuda_graphs.describe()}")

@@ -86,12 +86,16 @@ class TrainConfig:
     engine: str
     prompts_per_generation: int | None
     verbose: bool
+    config: str | None = None
+    # where each value not left at its default came from ({flag: "command line" | "config"})
+    settings_from: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args) -> TrainConfig:
         """From train_lora.build_parser()'s namespace; --run-name defaults to the output folder's name
         and --learning-rate to the method's."""
-        return cls(**{**vars(args), "run_name": args.run_name or Path(args.output_dir).resolve().name,
+        return cls(**{**vars(args), "settings_from": getattr(args, "settings_from", {}),
+                      "run_name": args.run_name or Path(args.output_dir).resolve().name,
                       "learning_rate": args.learning_rate or DEFAULT_LEARNING_RATE[args.method]})
 
     @property

@@ -1,0 +1,123 @@
+"""`--config FILE` for every script: a JSON or YAML file sets any flag, the command line overrides it.
+
+Keys are the flags' names, with dashes or underscores (`learning-rate`, `learning_rate`); values are
+what the flag takes (`true`/`false` for switches). A run's own `training_config.json` is a valid
+config: its `arguments` are read. Every value goes through the flag's own type and choices, and an
+unknown key is refused in one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from reasonforge.core import UserError, first_line
+
+# what training_config.json's `arguments` also records: where the values came from, not values to set
+RECORDED_NOT_FLAGS = ("config", "settings_from")
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="JSON or YAML file of flag values (e.g. a run's training_config.json); "
+                             "flags on the command line override it")
+
+
+def read_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file; pass a JSON or YAML file of flag values")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # json and yaml raise their own kinds, each naming the line
+        raise UserError(f"--config {path} is not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
+                        f"({first_line(exc, 160)}); fix the file") from None
+    if isinstance(data, dict) and isinstance(data.get("arguments"), dict):
+        data = data["arguments"]  # a run's training_config.json
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} holds a {type(data).__name__}, not a mapping of flag names to values")
+    return data
+
+
+def _coerce(action: argparse.Action, key: str, value, path: str):
+    flag = action.option_strings[-1] if action.option_strings else key
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool) and value is not None:
+            raise UserError(f"--config {path}: {key} is a switch ({flag}); give it true or false, not {value!r}")
+        if isinstance(action, argparse._StoreFalseAction) and action.default is None and value is not None:
+            return value  # a tri-state switch (None = decided later): the file states the value itself
+        return value
+    if value is None:
+        return None
+    if action.type is not None and not (isinstance(value, (int, float)) and action.type in (int, float)
+                                        and not isinstance(value, bool)):
+        try:
+            value = action.type(str(value) if not isinstance(value, str) else value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise UserError(f"--config {path}: {key} {value!r} is not valid for {flag} ({first_line(exc, 80)})") from None
+    elif action.type is float and isinstance(value, int):
+        value = float(value)
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"--config {path}: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def given_on_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the flags written in argv (`--flag value` or `--flag=value`)."""
+    by_option = parser._option_string_actions
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            action = by_option.get(token.split("=", 1)[0])
+            if action is not None:
+                given.add(action.dest)
+    return given
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parser.parse_args with --config FILE's values as defaults. The namespace also carries
+    `settings_from` ({dest: "command line" | "config"} for every value not left at its default)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    from_file: dict = {}
+    if known.config:
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        for key, value in read_config(known.config).items():
+            dest = str(key).replace("-", "_")
+            if dest in RECORDED_NOT_FLAGS:
+                continue
+            if dest not in actions:
+                close = [d for d in actions if d.startswith(dest[:4])][:3]
+                raise UserError(f"--config {known.config}: {key!r} is not a flag of this script"
+                                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                                + "; remove it or fix its name")
+            from_file[dest] = _coerce(actions[dest], str(key), value, known.config)
+        parser.set_defaults(**from_file)
+        for dest in from_file:  # a required flag the file gives is given
+            actions[dest].required = False
+    args = parser.parse_args(argv)
+    given = given_on_command_line(parser, argv)
+    args.settings_from = {dest: ("command line" if dest in given else "config")
+                          for dest in sorted(given | set(from_file)) if dest != "config"}
+    return args
+
+
+def describe_sources(settings_from: dict, config: str | None) -> str | None:
+    """One line for a banner: how many values came from where."""
+    if not settings_from:
+        return None
+    files = sum(1 for s in settings_from.values() if s == "config")
+    line = sum(1 for s in settings_from.values() if s == "command line")
+    parts = ([f"{files} from --config {config}"] if files else []) + ([f"{line} from the command line"] if line else [])
+    return ", ".join(parts) + "; the rest are defaults"
