@@ -13,6 +13,7 @@ import evaluate_model
 import test_model as tm
 import train_lora
 import utils
+from reasonforge import chat
 from reasonforge import engine as engine_mod
 from reasonforge.core import UserError
 
@@ -203,7 +204,7 @@ def test_chat_streams_the_engine_reply_as_generate_does(tiny_model, capsys):
     replies = {}
     for engine in ("generate", "static"):
         capsys.readouterr()
-        replies[engine] = tm.stream_reply(model, tok, messages, settings, engine)
+        replies[engine] = chat.stream_reply(model, tok, messages, settings, engine)
         shown[engine] = capsys.readouterr().out
     assert replies["static"]["response"] == replies["generate"]["response"] and replies["static"]["tokens"] == 20
     assert shown["static"] == shown["generate"] and replies["static"]["response"] in shown["static"]

@@ -13,7 +13,9 @@ import data_preparation as dp
 import evaluate_model as ev
 import test_model as tm
 import train_lora
+import reasonforge.generation
 import utils
+from reasonforge import batch, chat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +44,7 @@ def test_accuracy_uses_no_repetition_penalty_unless_asked(adapter_run, tmp_path,
         used.append(settings.repetition_penalty)
         return real(model, tokenizer, prompts, settings, *a, **k)
 
-    monkeypatch.setattr(utils, "generate_batch", spy)
+    monkeypatch.setattr(reasonforge.generation, "generate_batch", spy)
     out = tmp_path / "r.json"
     assert ev.main(["--model-path", str(adapter), "--dataset-path", str(data), "--compute-accuracy", "--generate-samples",
                     "--num-samples", "1", "--max-eval-samples", "2", "--max-new-tokens", "4", "--output-file", str(out),
@@ -161,7 +163,7 @@ def test_batch_resumes_without_redoing(adapter_run, tmp_path, monkeypatch):
         seen.extend(c[-1]["content"] for c in convs)
         return original(model, tok, convs, *a, **k)
 
-    monkeypatch.setattr(utils, "generate_batch", spy)
+    monkeypatch.setattr(reasonforge.generation, "generate_batch", spy)
     assert tm.main(["--model-path", str(adapter), "--batch", "--instructions-file", str(instr), "--max-new-tokens", "3",
                     "--output-file", str(out)]) == 0
     assert sorted(seen) == ["question 0", "question 2", "question 3"]
@@ -187,12 +189,12 @@ def test_batch_resume_with_other_settings_is_refused_before_the_model_loads(adap
         calls.append(1)
         return original(*a, **k)
 
-    monkeypatch.setattr(utils, "generate_batch", killed_after_one)
+    monkeypatch.setattr(reasonforge.generation, "generate_batch", killed_after_one)
     assert tm.main(first) == 130
     partial = tmp_path / "inf.json.partial.jsonl"
     lines = [json.loads(line) for line in partial.read_text().splitlines()]
     assert "batch_of" in lines[0] and [r["index"] for r in lines[1:]] == [0]
-    monkeypatch.setattr(utils, "generate_batch", original)
+    monkeypatch.setattr(reasonforge.generation, "generate_batch", original)
     loaded = []
     monkeypatch.setattr(utils, "load_for_inference", lambda args: loaded.append(1) or 1 / 0)
     capsys.readouterr()
@@ -339,7 +341,7 @@ def test_settings_dialog_as_the_seed_shows_it(adapter_run, tmp_path):
 
 def test_settings_dialog_keeps_refuses_and_cancels(capsys):
     answers = iter(["", "9", "0.2"])
-    new, shown = tm.settings_dialog(utils.GenerationSettings(), ask=lambda prompt: next(answers))
+    new, shown = chat.settings_dialog(utils.GenerationSettings(), ask=lambda prompt: next(answers))
     assert (new.max_new_tokens, new.temperature) == (512, 0.2)
     assert shown == "Settings updated: max_new_tokens=512, temperature=0.2"
     assert "refused: temperature 9.0 must be between 0 (greedy) and 5" in capsys.readouterr().out
@@ -347,7 +349,7 @@ def test_settings_dialog_keeps_refuses_and_cancels(capsys):
     def ctrl_d(prompt):
         raise EOFError
 
-    same, shown = tm.settings_dialog(new, ask=ctrl_d)
+    same, shown = chat.settings_dialog(new, ask=ctrl_d)
     assert same is new and shown.strip() == "settings unchanged"
 
 
@@ -357,7 +359,7 @@ def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, capsys):
     def reply(model, tok, messages, settings, engine="static"):
         seen.append([m["content"] for m in messages])
         if len(seen) == 2:
-            raise tm.ReplyInterrupted({"response": "half a", "tokens": 2, "seconds": 0.1})
+            raise chat.ReplyInterrupted({"response": "half a", "tokens": 2, "seconds": 0.1})
         return {"response": f"r{len(seen)}", "tokens": 1, "seconds": 0.0}
 
     lines = iter(["one", "two", "three"])
@@ -368,9 +370,9 @@ def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, capsys):
         except StopIteration:
             raise EOFError from None
 
-    monkeypatch.setattr(tm, "stream_reply", reply)
+    monkeypatch.setattr(chat, "stream_reply", reply)
     monkeypatch.setattr("builtins.input", fake_input)
-    turns, _ = tm.interactive(None, None, utils.GenerationSettings(), None)
+    turns, _ = chat.interactive(None, None, utils.GenerationSettings(), None)
     assert seen[2] == ["one", "r1", "three"]  # the stopped reply is not in the history
     assert turns[1] == {"instruction": "two", "response": "half a", "tokens": 2, "seconds": 0.1, "interrupted": True,
                         "generation": utils.GenerationSettings().as_dict()}
@@ -413,7 +415,7 @@ def test_chat_history_is_kept_across_turns(adapter_run, tiny_model, monkeypatch,
     _, adapter = adapter_run
     model, tok, _ = utils.load_model(str(tiny_model), backend="hf", adapter_path=adapter)
     seen = []
-    monkeypatch.setattr(tm, "stream_reply", lambda m, t, msgs, s, engine="static": seen.append(msgs) or {"response": f"r{len(seen)}", "tokens": 1, "seconds": 0})
+    monkeypatch.setattr(chat, "stream_reply", lambda m, t, msgs, s, engine="static": seen.append(msgs) or {"response": f"r{len(seen)}", "tokens": 1, "seconds": 0})
     lines = iter(["one", "two", "reset", "three"])
 
     def fake_input(prompt=""):
@@ -423,7 +425,7 @@ def test_chat_history_is_kept_across_turns(adapter_run, tiny_model, monkeypatch,
             raise EOFError from None  # Ctrl-D
 
     monkeypatch.setattr("builtins.input", fake_input)
-    turns, _ = tm.interactive(model, tok, utils.GenerationSettings(), "SYS")
+    turns, _ = chat.interactive(model, tok, utils.GenerationSettings(), "SYS")
     assert [t["instruction"] for t in turns] == ["one", "two", "three"]
     assert [m["content"] for m in seen[1]] == ["SYS", "one", "r1", "two"]
     assert [m["content"] for m in seen[2]] == ["SYS", "three"]  # reset cleared the history; Ctrl-D ended the loop
@@ -644,8 +646,8 @@ def test_the_weights_stamp_follows_the_values_not_the_copy(adapter_run, tmp_path
     shutil.copytree(adapter, copy)
     weights = copy / "adapter_model.safetensors"
     os.utime(weights, ns=(1, 1))
-    assert tm.weights_stamp(str(copy)) == tm.weights_stamp(str(adapter)) is not None
+    assert batch.weights_stamp(str(copy)) == batch.weights_stamp(str(adapter)) is not None
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one value changed, same size
     weights.write_bytes(bytes(data))
-    assert tm.weights_stamp(str(copy)) != tm.weights_stamp(str(adapter))
+    assert batch.weights_stamp(str(copy)) != batch.weights_stamp(str(adapter))

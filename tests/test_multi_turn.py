@@ -72,13 +72,13 @@ def test_single_turn_rows_are_unchanged(qwen_tokenizer):
 
 
 def test_evaluation_perplexity_scores_the_rows_training_trained(qwen_tokenizer):
-    import evaluate_model
+    from reasonforge import evaluation
 
     class Args:
         max_seq_length, train_on_responses_only, long_rows = 512, True, "drop"
 
     tok = qwen_tokenizer
-    encoded, counts = evaluate_model.encode_rows({"messages": [TWO_TURNS]}, tok, Args)
+    encoded, counts = evaluation.encode_rows({"messages": [TWO_TURNS]}, tok, Args)
     train, _ = rows_of([TWO_TURNS], tok, tok.chat_template)
     assert [r["labels"] for r in encoded] == [r["labels"] for r in train]
     assert counts["rows"] == 1 and counts["rows_scored_as"] == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_error_line
+from reasonforge.generation import GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,7 @@ def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(tiny_model, tmp_path):
 def test_ctrl_c_as_a_reply_starts_stops_only_that_reply(monkeypatch, capsys):
     """A Ctrl-C landing before the reply's own handler (as `assistant>` is printed) stopped the whole
     chat with exit 130 and no chat.json."""
-    import test_model as tm
+    from reasonforge import chat
 
     calls = []
 
@@ -101,10 +102,10 @@ def test_ctrl_c_as_a_reply_starts_stops_only_that_reply(monkeypatch, capsys):
             raise KeyboardInterrupt
         return {"instruction": text, "response": "ok", "tokens": 1, "seconds": 0.0, "stopped": True}
 
-    monkeypatch.setattr(tm, "chat_turn", turn)
+    monkeypatch.setattr(chat, "chat_turn", turn)
     answers = iter(["first", "second", "quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
-    turns, _ = tm.interactive(None, None, tm.utils.GenerationSettings(), None)
+    turns, _ = chat.interactive(None, None, GenerationSettings(), None)
     assert [t.get("interrupted", False) for t in turns] == [True, False]
     assert "[reply stopped" in capsys.readouterr().out
 

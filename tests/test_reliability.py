@@ -16,6 +16,7 @@ import reasonforge.s3
 import test_model as tm
 import train_lora
 from reasonforge import checkpoints
+import reasonforge.generation
 import utils
 from conftest import S3Server, S3_KEY_ID, S3_SECRET
 
@@ -230,7 +231,7 @@ def test_batch_of_1000_instructions_streams_and_keeps_memory_flat(tmp_path, tiny
         lines.append(len(partial.read_text().splitlines()) if partial.exists() else 0)
         return result
 
-    monkeypatch.setattr(utils, "generate_batch", watch)
+    monkeypatch.setattr(reasonforge.generation, "generate_batch", watch)
     assert tm.main(["--model-path", str(tiny_model), "--batch", "--instructions-file", str(instr), "--batch-size", "50",
                     "--max-new-tokens", "2", "--temperature", "0", "--output-file", str(out)]) == 0
     assert len(rss) == 20
