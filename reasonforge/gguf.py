@@ -251,8 +251,8 @@ class GGUFModel:
                 return ids, False
         return ids, False
 
-    def nll(self, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
-        """Summed negative log-likelihood of the target tokens and their number (labels -100 are context)."""
+    def logits(self, input_ids: list[int]):
+        """llama.cpp's next-token logits at every position of `input_ids` (a numpy array)."""
         import numpy as np
 
         if self._scorer is None:
@@ -261,7 +261,13 @@ class GGUFModel:
                                            logits_all=True, verbose=False)
         self._scorer.reset()
         self._scorer.eval(input_ids)
-        logits = np.asarray(self._scorer.scores[: len(input_ids)], dtype=np.float64)
+        return np.asarray(self._scorer.scores[: len(input_ids)], dtype=np.float64)
+
+    def nll(self, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
+        """Summed negative log-likelihood of the target tokens and their number (labels -100 are context)."""
+        import numpy as np
+
+        logits = self.logits(input_ids)
         total, count = 0.0, 0
         for pos in range(len(input_ids) - 1):
             target = labels[pos + 1]

@@ -122,6 +122,39 @@ def test_llama_cpp_runs_evaluation_single_and_batch(exported, sample_dataset, tm
 
 
 @needs_converter
+@needs_llama_cpp
+def test_f16_export_of_a_qwen_chooses_the_merged_models_tokens(exported, tmp_path):
+    """The tiny Qwen2 with the real Qwen tokenizer, f16 under llama.cpp against the merged model in
+    transformers, along transformers' own greedy replies: wherever transformers' choice is clear (a
+    top-1 margin over 0.05), llama.cpp chooses the same token. Random weights over 151k tokens leave
+    many near-ties, where f16 rounding alone may pick the other one (the SmolLM2 test compares whole
+    replies)."""
+    import numpy as np
+    import torch
+
+    convs = [[{"role": "user", "content": q}] for q in ("What is 7 + 5?", "Name a colour.", "Capital of France?",
+                                                         "Count to three.", "What is 9 x 3?", "Hello!")]
+    settings = utils.GenerationSettings(temperature=0, max_new_tokens=16, repetition_penalty=1.0)
+    merged, tok, _ = utils.load_model(str(exported / "merged_16bit"), backend="hf")
+    reference = utils.generate_batch(merged, tok, convs, settings, 1, desc=None, engine="generate")
+    model, _, _, _ = gguf.load(gguf.export(exported / "final_model", "f16", tmp_path / "f16"), 2048, "llama.cpp")
+    clear = agree = 0
+    for conv, reply in zip(convs, reference):
+        text = utils.render_chat(conv, tokenizer=tok, add_generation_prompt=True) + reply["response"]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            hf = merged(torch.tensor([ids])).logits[0].double().numpy()
+        cpp = model.logits(ids)
+        for pos in range(len(ids)):
+            top2 = np.sort(hf[pos])[-2:]
+            if top2[1] - top2[0] > 0.05:
+                clear += 1
+                agree += int(hf[pos].argmax() == cpp[pos].argmax())
+    print(f"f16 tiny Qwen: {agree}/{clear} clear choices agree")
+    assert clear > 50 and agree == clear
+
+
+@needs_converter
 def test_compare_states_what_the_export_cost(exported, sample_dataset):
     runtime = "llama.cpp" if importlib.util.find_spec("llama_cpp") else "transformers"
     done = subprocess.run([sys.executable, "-m", "reasonforge.gguf", "compare", str(exported / "final_model"),
