@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
     fmt.add_argument("--system-prompt", default=None, help="system message added to rows that have none")
     fmt.add_argument("--tokenizer", default=None, help="tokenizer (Hub id or folder) to measure token lengths")
-    fmt.add_argument("--max-seq-length", type=int, default=2048, help="token limit checked with --tokenizer (default: %(default)s)")
+    fmt.add_argument("--max-seq-length", type=int, default=utils.MAX_SEQ_LENGTH, help="token limit checked with --tokenizer (default: %(default)s)")
     fmt.add_argument("--long-rows", choices=["drop", "keep"], default="drop",
                      help="what to do with rows over --max-seq-length (default: %(default)s)")
     out = p.add_argument_group("output")

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model-name", default=DEFAULT_MODEL, help="Hub id or local folder (default: %(default)s)")
     m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto",
                    help="unsloth (CUDA) or transformers+PEFT; auto picks and says why (default: %(default)s)")
-    m.add_argument("--max-seq-length", type=int, default=2048, help="tokens per example (default: %(default)s)")
+    m.add_argument("--max-seq-length", type=int, default=utils.MAX_SEQ_LENGTH, help="tokens per example (default: %(default)s)")
     m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="load the base in 16-bit on GPU")
     m.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
     d = p.add_argument_group("data")

@@ -36,6 +36,7 @@ from reasonforge.chat_format import (
 )
 from reasonforge.cli import cli_entry, describe_environment_error, not_utf8, setup_logging
 from reasonforge.core import (
+    MAX_SEQ_LENGTH,
     SEED_MAX,
     CorruptFile,
     Terminated,

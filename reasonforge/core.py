@@ -220,6 +220,8 @@ def parse_key_value_list(spec: str, flag: str) -> dict[str, str]:
     return out
 
 
+# tokens per example, the one default of every script and of model loading
+MAX_SEQ_LENGTH = 2048
 SEED_MAX = 2**32 - 1  # numpy's seeds end here, and transformers.set_seed seeds numpy too
 
 

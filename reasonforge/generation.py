@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from reasonforge import progress
 from reasonforge.chat_format import IM_END, IM_START, render_chat, single_token
-from reasonforge.core import SEED_MAX, UserError, log, number_problems
+from reasonforge.core import MAX_SEQ_LENGTH, SEED_MAX, UserError, log, number_problems
 from reasonforge.models import choose_backend, import_unsloth_first, load_model, resolve_model_for_inference
 
 
@@ -100,7 +100,7 @@ def add_inference_model_flags(parser) -> None:
     m.add_argument("--base-model", default=None, help="base model (default: the one recorded with the adapter)")
     m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto", help="(default: %(default)s)")
     m.add_argument("--max-seq-length", type=int, default=None,
-                   help="token limit (default: the one training recorded beside the adapter, else 2048)")
+                   help=f"token limit (default: the one training recorded beside the adapter, else {MAX_SEQ_LENGTH})")
     m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", default=None,
                    help="load the base in 16-bit on GPU (default: as training did, else 4-bit)")
     add_engine_flag(m)
@@ -146,7 +146,7 @@ def load_for_inference(args):
 
 # What training records beside the adapter that evaluation and chat must use the same way, with
 # the value assumed where nothing is recorded (a plain model, an adapter from elsewhere).
-RECORDED_DEFAULTS = {"max_seq_length": 2048, "load_in_4bit": True, "train_on_responses_only": True, "long_rows": "drop"}
+RECORDED_DEFAULTS = {"max_seq_length": MAX_SEQ_LENGTH, "load_in_4bit": True, "train_on_responses_only": True, "long_rows": "drop"}
 
 
 def apply_recorded_settings(args, run_info: dict) -> None:

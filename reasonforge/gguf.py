@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from reasonforge.chat_format import IM_END, IM_START, render_chat
-from reasonforge.core import UserError, atomic_write_json, first_line, log, read_json
+from reasonforge.core import MAX_SEQ_LENGTH, UserError, atomic_write_json, first_line, log, read_json
 from reasonforge.rundirs import atomic_directory
 
 GGUF_TYPES = ("q8_0", "f16", "bf16")
@@ -337,7 +337,7 @@ def load(path: str | Path, max_seq_length: int | None, runtime: str = "auto"):
     recorded = export_info(path).get("run_info") or {}
     info = {"base_model": str(path), "quantization": quantization_of(path), "load_in_4bit": False, "dtype": None}
     if runtime == "llama.cpp":
-        model = GGUFModel(path, n_ctx=max_seq_length or recorded.get("max_seq_length") or 2048)
+        model = GGUFModel(path, n_ctx=max_seq_length or recorded.get("max_seq_length") or MAX_SEQ_LENGTH)
         info.update(backend="llama.cpp", backend_reason="a GGUF file runs under llama.cpp (llama-cpp-python)",
                     runtime=f"llama-cpp-python {_version('llama_cpp_python') or '?'}")
     else:

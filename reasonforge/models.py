@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from reasonforge.core import UserError, absolute_if_local, first_line, log, path_kind, read_json
+from reasonforge.core import MAX_SEQ_LENGTH, UserError, absolute_if_local, first_line, log, path_kind, read_json
 from reasonforge.rundirs import atomic_directory, output_dir_problem
 from reasonforge.s3 import fetch_if_s3
 
@@ -139,7 +139,7 @@ def load_model(
     model_name: str,
     *,
     backend: str = "auto",
-    max_seq_length: int = 2048,
+    max_seq_length: int = MAX_SEQ_LENGTH,
     load_in_4bit: bool = True,
     adapter_path: str | Path | None = None,
     trainable_adapter: bool = False,
@@ -364,7 +364,7 @@ def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: s
         raise UserError(f"{local} does not record its base model; pass --base-model")
     if base_model and recorded and absolute_if_local(base_model) != absolute_if_local(recorded):
         log.warning("--base-model %s differs from the recorded base %s; the shapes are checked on load", base_model, recorded)
-    problem = hub_model_problem(base, "--base-model" if base_model else f"the adapter's base model (--base-model)")
+    problem = hub_model_problem(base, "--base-model" if base_model else "the adapter's base model (--base-model)")
     if problem:
         raise UserError(problem)
     return base, local, adapter
