@@ -26,6 +26,7 @@ from pathlib import Path
 
 import utils
 from reasonforge.conversations import (
+    CONTROL_TOKEN,
     KEY_COLUMNS,
     TARGETS,
     cell_text,  # noqa: F401  (tests and callers reach it as data_preparation.cell_text)
@@ -102,6 +103,10 @@ def validate_args(args) -> None:
         problems += filter(None, [utils.s3_key_problem(args.s3_prefix, "--s3-prefix")])
         if not args.s3_bucket:  # else it was dropped without a word and nothing went to S3
             problems.append(f"--s3-prefix {args.s3_prefix} needs --s3-bucket BUCKET, the bucket it names a place in")
+    if args.system_prompt and CONTROL_TOKEN.search(args.system_prompt):
+        # else every row would be dropped as holding control tokens, and the split found empty
+        problems.append(f"--system-prompt holds a chat control token ({CONTROL_TOKEN.search(args.system_prompt).group(0)}), "
+                        "which the tokenizer reads as a real turn marker; remove it from --system-prompt")
     if args.column_map:
         bad = {k: v for k, v in utils.parse_key_value_list(args.column_map, "--column-map").items() if v not in TARGETS}
         if bad:

@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     hub = utils.hub_model_problem(args.model_path, "--model-path")  # before any data is fetched
     if hub:
         raise UserError(hub)
+    if utils.path_kind(args.model_path) == "local" and not Path(args.model_path).exists():
+        raise UserError(f"--model-path {args.model_path} does not exist; pass an adapter or model folder (a run's "
+                        "final_model/ once training has finished), a .gguf file, an s3:// URI or a Hub id")
     args.dataset_path, args.dataset_source = dataset_to_evaluate(args)
     if args.dataset_source != "--dataset-path":
         log.info("evaluating on %s (%s)", args.dataset_path, args.dataset_source)

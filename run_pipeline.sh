@@ -82,6 +82,13 @@ skip_stage() {  # skip_stage NAME SETTINGS OUTPUT: NAME completed before with SE
 stage_done() {  # stage_done NAME SETTINGS, written only after the stage succeeded (set -e stops before)
   mkdir -p "$STAMPS" && printf '%s' "$2" > "$STAMPS/.$1.tmp" && mv "$STAMPS/.$1.tmp" "$STAMPS/$1"
 }
+refuse_changed_run() {  # refuse_changed_run NAME SETTINGS FOLDER: a finished training stage is not continued under other settings
+  if [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" != "$2" ] && [ -d "$3" ]; then
+    echo "error: the $1 stage finished in an earlier run with other settings ($(cat "$STAMPS/$1")); to train again with these," \
+      "remove $3 and $STAMPS/$1, or set WORK to a new folder" >&2
+    exit 2
+  fi
+}
 resume_flag() {  # a run folder left by an earlier attempt is continued, never restarted beside its checkpoints
   if [ -d "$1" ] || [ -n "$S3_BUCKET" ]; then echo "--resume-from-checkpoint latest"; fi
 }
@@ -96,6 +103,7 @@ fi
 ADAPTER=""
 if [[ ",$STAGES," == *,sft,* ]]; then
   SFT_SETTINGS="$MODEL $EPOCHS $MAX_STEPS $BATCH $ACCUM $LR $SAVE_STEPS ${TRAIN_S3[*]}"
+  refuse_changed_run sft "$SFT_SETTINGS" "$WORK/checkpoints"
   if ! skip_stage sft "$SFT_SETTINGS" "$WORK/checkpoints/final_model"; then
     echo "== 2/4 training, sft ($MODEL)"
     # shellcheck disable=SC2046  # resume_flag prints a flag and its value, or nothing
@@ -108,6 +116,7 @@ if [[ ",$STAGES," == *,sft,* ]]; then
 fi
 if [[ ",$STAGES," == *,grpo,* ]]; then
   GRPO_SETTINGS="$MODEL ${ADAPTER:-none} $GRPO_STEPS $GRPO_GENERATIONS $GRPO_COMPLETION $GRPO_LR ${TRAIN_S3[*]}"
+  refuse_changed_run grpo "$GRPO_SETTINGS" "$WORK/grpo"
   if ! skip_stage grpo "$GRPO_SETTINGS" "$WORK/grpo/final_model"; then
     echo "== 2/4 training, grpo${ADAPTER:+ from the sft adapter}"
     # shellcheck disable=SC2046

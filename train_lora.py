@@ -164,7 +164,9 @@ def validate_args(args) -> None:
         "--gpu-memory-gib": (args.gpu_memory_gib, lambda v: v > 0, "a positive number of GiB, e.g. 24"),
         "--early-stopping-patience": (args.early_stopping_patience, lambda v: v >= 1, "at least 1"),
     })
-    if args.eval_steps is not None and (args.eval_steps < 1 or args.save_steps % args.eval_steps):
+    if args.eval_steps is not None and args.eval_steps < 1:
+        problems.append(f"--eval-steps {args.eval_steps} must be a positive number of steps")
+    elif args.eval_steps is not None and args.save_steps % args.eval_steps:
         problems.append(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "
                         "(the best checkpoint is chosen among saved ones)")
     # NaN passes a "<= 0" test, and a NaN deadline saves no checkpoint on SIGTERM

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 
 # "answer" counts only as a marker, followed by ':' or '=' or 'is' (markdown emphasis allowed):
 # prose that uses the word ("I hope this answer helps", "to answer the question") states nothing.
 _ANSWER_LINE = re.compile(r"\banswer\b[*_ \t]*(?:is\b[ \t]*:?|[:=])[*_ \t]*(.+)|^#{4}\s*(.+)", re.I | re.M)
-_INNER_ANSWER = re.compile(r"\banswer\s+is\b\s*:?\s*(.+)", re.I)
+# a later statement on the same line wins: "The answer is 5. Answer: 6", "Final Answer: The final answer is 42"
+_INNER_ANSWER = re.compile(r"\banswer\b[*_ \t]*(?:is\b[ \t]*:?|[:=])[*_ \t]*(.+)", re.I)
 # what follows the value on the same line: a new sentence ("42. I hope it is correct") or an aside in
 # parentheses after a space ("42 (the sum)"); "f(x)" and "(1, 2)" have no space before the parenthesis
 _SENTENCE_AFTER = re.compile(r"\.\s+[A-Z].*$")
@@ -70,9 +72,12 @@ def answer_lines(text: str) -> list[str]:
     '#### 42'), in order, each cut to the value itself."""
     out = []
     for a, b in _ANSWER_LINE.findall(text):
-        value = a or b
+        value = (a or b).strip()
+        aside = _ASIDE_AFTER.search(value)  # first: "6 (the answer is not 5)" states 6
+        if aside and not _HEDGE.search(aside.group(0)):
+            value = value[:aside.start()]
         inner = _INNER_ANSWER.search(value)
-        while inner:  # "Final Answer: The final answer is 42."
+        while inner:
             value = inner.group(1)
             inner = _INNER_ANSWER.search(value)
         value = _SENTENCE_AFTER.sub("", value.strip())
@@ -110,7 +115,7 @@ def final_answer(response: str, truncated: bool = False) -> str | None:
 def _as_latex(answer: str) -> str:
     """Spell an answer the way math-verify's LaTeX parser reads it: units that are words dropped,
     1e-3 written as a power of ten."""
-    s = _strip_wrappers(answer)
+    s = _strip_wrappers(_plain(answer))
     s = _MIXED.sub(_mixed_as_fraction, s)
     s = _E_NOTATION.sub(r"\1\\times 10^{\2}", s)
     m = _NUMBER_THEN_UNIT.match(s) if values_stated(s) == 1 else None
@@ -155,8 +160,16 @@ def _parse(answer: str):
         return []
 
 
+def _plain(text: str) -> str:
+    """Compatibility forms folded (full-width digits, ½ as 1/2) and any script's decimal digits
+    (٣, ३) written as ASCII digits, so that the checker compares values, not code points."""
+    text = unicodedata.normalize("NFKC", text).replace("\u2044", "/").replace("\u2212", "-")
+    return "".join(str(unicodedata.decimal(ch)) if not ch.isascii() and unicodedata.decimal(ch, None) is not None
+                   else ch for ch in text)
+
+
 def _text(answer: str) -> str:
-    return " ".join(_strip_wrappers(answer).casefold().split())
+    return " ".join(_strip_wrappers(_plain(answer)).casefold().split())
 
 
 def reference_answer(reference: str) -> str:
@@ -185,6 +198,9 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
     reference = reference_answer(reference)
     if not reference:
         return False
+    if _text(predicted) == _text(reference):  # the same text is the same answer ("True" and "true")
+        return True
+    predicted, reference = _plain(predicted), _plain(reference)
     gold_letter = choice_letter(reference)
     if gold_letter and (_strip_wrappers(reference).strip("()") == gold_letter or choice_letter(predicted)):
         return choice_letter(predicted) == gold_letter

@@ -242,7 +242,8 @@ def load_prepared_dataset(path: Path):
     try:
         dd = datasets.load_from_disk(str(path))
     except Exception as exc:
-        raise UserError(f"cannot load dataset from {path}: {first_line(exc)}") from exc
+        raise UserError(f"cannot load dataset from {path} ({first_line(exc, 160)}); the folder is damaged or "
+                        "incomplete: prepare it again with data_preparation.py") from exc
     missing = [s for s in ("train", "validation") if s not in dd]
     if missing:
         raise UserError(f"dataset {path} lacks split(s) {missing} (has {list(dd)}); re-run data_preparation.py")

@@ -145,10 +145,10 @@ def cli_entry(main_fn):
     @functools.wraps(main_fn)
     def wrapper(argv=None) -> int:
         # the error lines below inside too: stderr may be a closed pipe as well
-        with pipe_safe_output(), progress.library_bars_off_in_line_mode():
+        with pipe_safe_output():
             try:
                 check_utf8_arguments(sys.argv[1:] if argv is None else argv)
-                with sigterm_raises():
+                with sigterm_raises(), progress.library_bars_off_in_line_mode():
                     return main_fn(argv) or 0
             except UserError as exc:
                 log.debug("details of the error below", exc_info=True)

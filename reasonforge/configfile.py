@@ -81,11 +81,38 @@ def given_on_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> s
     return given
 
 
+# int flags past this are refused by name (--seed has its own range): a batch of 10^20 reached
+# itertools.islice deep inside the Trainer as a traceback
+INT_MAX = 2**31 - 1
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse's own mistakes (an invalid int, an unknown choice, a missing argument) as UserError,
+    so that they end in the suite's one `error:` line and exit 2, not a usage block."""
+
+    def error(message: str):
+        raise UserError(f"{message}; see {parser.prog} --help")
+
+    parser.error = error
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                one_line_errors(sub)
+
+
+def int_problems(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    return [f"{a.option_strings[-1]} {getattr(args, a.dest)} is too large (at most {INT_MAX:,})"
+            for a in parser._actions
+            if a.type is int and a.dest != "seed" and isinstance(getattr(args, a.dest, None), int)
+            and abs(getattr(args, a.dest)) > INT_MAX]
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """parser.parse_args with --config FILE's values as defaults. The namespace also carries
     `settings_from` ({dest: "command line" | "config"} for every value not left at its default)."""
     import sys
 
+    one_line_errors(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -107,6 +134,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         for dest in from_file:  # a required flag the file gives is given
             actions[dest].required = False
     args = parser.parse_args(argv)
+    too_large = int_problems(parser, args)
+    if too_large:
+        raise UserError("; ".join(too_large))
     given = given_on_command_line(parser, argv)
     args.settings_from = {dest: ("command line" if dest in given else "config")
                           for dest in sorted(given | set(from_file)) if dest != "config"}

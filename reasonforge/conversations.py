@@ -193,7 +193,8 @@ def row_to_messages(row: dict, mapping: dict[str, str], args) -> tuple[list[dict
         code = cell_text(row.get("code"), "column 'code'").strip() if args.include_code else ""
         if code:
             assistant = f"{assistant}\n\n```python\n{code}\n```"
-        if "reasoning" in by_target and mapping.get("answer") == "assistant":
+        if "reasoning" in by_target and mapping.get("answer") == "assistant" and assistant:
+            # an empty answer stays empty, so the row is dropped as one without an answer (not trained as "Answer: ")
             assistant = f"Answer: {assistant}"
         messages = []
         if by_target.get("system"):

@@ -406,12 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     cp = sub.add_parser("compare", help="evaluate an adapter and its GGUF export on the same rows")
     cp.add_argument("adapter")
     cp.add_argument("gguf_file")
-    args, extra = p.parse_known_args(argv)
-    if args.command == "export" and extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    from reasonforge.configfile import one_line_errors
+
+    one_line_errors(p)
 
     @cli_entry
     def run(_argv=None) -> int:
+        args, extra = p.parse_known_args(argv)
+        if args.command == "export" and extra:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
         setup_logging()
         if args.command == "export":
             path = export(args.adapter, args.type, args.output_dir)

@@ -80,6 +80,10 @@ def check_model_path(name: str, needs: tuple[str, ...] = ("config.json", "adapte
     """A path-looking name must be a folder holding one of `needs`; Hub ids pass through."""
     if path_kind(name) == "local":
         p = Path(name).expanduser()
+        if p.is_file():
+            hint = (" (a GGUF file is for evaluate_model.py and test_model.py; train from the model's Hugging Face "
+                    "folder)" if p.suffix.lower() == ".gguf" else "")
+            raise UserError(f"{what} {name!r} is a file, not a model folder{hint}; pass a folder with {needs[0]}")
         if not p.is_dir():
             raise UserError(f"{what} folder {name!r} does not exist; pass a Hub id or a folder with {needs[0]}")
         if not any((p / n).is_file() for n in needs):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import utils
 from reasonforge import sft
-from reasonforge.checkpoints import local_checkpoints
+from reasonforge.checkpoints import is_checkpoint, local_checkpoints
 from utils import UserError
 
 
@@ -32,6 +32,13 @@ def is_merged_model(folder: Path) -> bool:
 def run_dir_problem(output_dir: Path) -> str | None:
     """Why a run may not write into `output_dir`: only a new, empty or earlier run folder will do,
     and the final_model/ and merged_16bit/ it replaces at the end must be ours too."""
+    for folder in (output_dir, *output_dir.resolve().parents):
+        # a checkpoint holds a copy of training_config.json, so it passes for a run folder: a run written
+        # into it would mix its files into that checkpoint (and overwrite some)
+        if (folder.name.startswith("checkpoint-") and is_checkpoint(folder)) or is_final_model(folder):
+            where = "is" if folder == output_dir else f"is inside {folder}, which is"
+            return (f"--output-dir {output_dir} {where} a checkpoint or adapter of another run; "
+                    "choose a folder outside it, e.g. a new folder beside that run")
     problem = utils.output_dir_problem(output_dir, is_training_run, "a train_lora.py run folder", replaced=False)
     if problem or not output_dir.is_dir():
         return problem

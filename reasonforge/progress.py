@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import time
 from typing import Iterator
+
+from reasonforge.core import UserError
 
 MODE_ENV, INTERVAL_ENV = "RF_PROGRESS", "RF_PROGRESS_INTERVAL_S"
 # what the Hub (and transformers, which follows it) reads when imported to leave its bars out
@@ -26,8 +29,23 @@ def mode() -> str:
     wanted = os.environ.get(MODE_ENV, "auto").strip().lower()
     if wanted in ("bars", "lines"):
         return wanted
+    if wanted not in ("auto", ""):
+        raise UserError(f"{MODE_ENV}={os.environ[MODE_ENV]!r} is not a progress mode; set it to bars, lines or auto")
     stream = sys.stderr
     return "bars" if getattr(stream, "isatty", lambda: False)() else "lines"
+
+
+def check_settings() -> None:
+    """RF_PROGRESS and RF_PROGRESS_INTERVAL_S, refused in one line when they make no sense."""
+    mode()
+    raw = os.environ.get(INTERVAL_ENV)
+    if raw is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{INTERVAL_ENV}={raw!r} is not a number of seconds; set it to 0 or more, e.g. 30")
 
 
 def interval_s() -> float:
@@ -123,6 +141,7 @@ def library_bars_off_in_line_mode() -> Iterator[None]:
     """In lines mode for the duration of the block: datasets' bars (formatting, tokenizing, saving:
     the long ones) written as LineProgress lines, the Hub's and transformers' bars (downloads, weight
     loading: short) off; everything as it was afterwards."""
+    check_settings()
     if mode() != "lines":
         yield
         return

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import utils
@@ -51,16 +53,22 @@ def json_records(path: Path, exact_numbers: bool = False):
 
 def placed_json_records(path: Path, exact_numbers: bool = False):
     """(where, record) pairs of json_records: "line N" of a JSON-lines file, "item N" of an array."""
-    load = functools.partial(json.loads, parse_int=str, parse_float=str) if exact_numbers else json.loads
-    with open(path, encoding="utf-8") as fh:
+    # exact: numbers as the file writes them; NaN (not JSON, but Python writes it) is a missing value
+    load = (functools.partial(json.loads, parse_int=str, parse_float=str, parse_constant=_constant,
+                              object_pairs_hook=_unique_keys) if exact_numbers
+            else functools.partial(json.loads, object_pairs_hook=_unique_keys))
+    with open(path, encoding="utf-8-sig") as fh:  # a UTF-8 byte-order mark is not part of the first record
         head = fh.read(1 << 16).lstrip()
     if not head:
         raise UserError(f"dataset file {path} is empty; point --dataset at a file with records")
     if head.startswith("["):
         try:
-            records = load(path.read_text(encoding="utf-8"))
+            records = load(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as exc:
             raise UserError(f"malformed JSON in {path} at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        except DuplicateKey as exc:
+            raise UserError(f"{path} has a record with the key {exc.args[0]!r} twice; keep one of them "
+                            "(a JSON reader would silently keep the last)") from None
         except RecursionError:
             raise UserError(f"{path} nests JSON arrays/objects deeper than the parser allows (about "
                             f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten the data") from None
@@ -72,7 +80,7 @@ def placed_json_records(path: Path, exact_numbers: bool = False):
                                 "each record must be one {...} object")
             yield f"item {i}", obj
         return
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -80,12 +88,32 @@ def placed_json_records(path: Path, exact_numbers: bool = False):
                 obj = load(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"malformed JSON line in {path} at line {lineno}: {exc.msg}; fix or remove that line") from exc
+            except DuplicateKey as exc:
+                raise UserError(f"{path} line {lineno} has the key {exc.args[0]!r} twice; keep one of them "
+                                "(a JSON reader would silently keep the last)") from None
             except RecursionError:
                 raise UserError(f"{path} line {lineno} nests JSON arrays/objects deeper than the parser allows (about "
                                 f"{sys.getrecursionlimit()} levels); a chat record needs a few: flatten or remove it") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path} line {lineno} is not a JSON object; each line must be one {{...}} record")
             yield f"line {lineno}", obj
+
+
+def _constant(name: str):
+    return None if name == "NaN" else name  # Infinity / -Infinity stay the file's text
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
 
 
 def record_schema(keys) -> str | None:
@@ -147,6 +175,17 @@ def text_as_written(ds, files: list[str], kinds: dict[str, set[str]]):
     for key in text:
         ds = ds.remove_columns(key).add_column(key, values[key])
     return ds
+
+
+def without_bom(path: Path, scratch: Path) -> str:
+    """`path`, or where it starts with a UTF-8 byte-order mark a copy without it in `scratch`."""
+    with open(path, "rb") as fh:
+        if fh.read(3) != b"\xef\xbb\xbf":
+            return str(path)
+        copy = scratch / f"{len(list(scratch.iterdir()))}-{path.name}"
+        with open(copy, "wb") as out:
+            shutil.copyfileobj(fh, out, 1 << 20)
+    return str(copy)
 
 
 def local_data_files(path: Path) -> tuple[str, list[str]]:
@@ -237,9 +276,25 @@ def load_local(path: Path, split: str, check_schemas: bool = True):
         for f in files:
             check_utf8(Path(f))
     options = csv_as_text(files) if kind == "csv" else {}
+    scratch = tempfile.TemporaryDirectory(prefix="rf-json-") if kind == "json" else None
+    if scratch is not None:  # datasets' JSON reader fails on a UTF-8 byte-order mark in some files
+        files = [without_bom(Path(f), Path(scratch.name)) for f in files]
+    try:
+        return _read_files(kind, files, options, kinds, path)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _read_files(kind: str, files: list[str], options: dict, kinds: dict, path: Path):
+    import datasets
+
     try:
         ds = datasets.load_dataset(kind, data_files=files, split="train", **options)
     except Exception as exc:
-        raise UserError(f"cannot read {path} as {kind}: {utils.first_line(exc)}") from exc
+        hint = {"json": ("; a field whose values have different structures (a list in one record, an object in "
+                         "another) or a number beyond float range (1e400: write it as a string) stops the reader"),
+                "csv": "; check that every row has the header's number of columns and that the file has data rows"}
+        raise UserError(f"cannot read {path} as {kind}: {utils.first_line(exc)}{hint.get(kind, '')}") from exc
     return text_as_written(ds, files, kinds) if kinds else ds
 

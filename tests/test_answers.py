@@ -169,3 +169,17 @@ def test_grpo_trainer_marks_completions_the_length_limit_cut(monkeypatch):
     trainer.model = type("M", (), {"training": True})()
     trainer._calculate_rewards([{"answer": "7"}] * 3, ["p"] * 3, ["a", "b", "c"], [[5, 2], [5, 6], [5, 0]])
     assert seen["truncated"] == [False, True, False]
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("The answer is 5. Answer: 6", "5", False),  # the later statement on the line wins
+    ("so the answer is 5, no wait. Answer: 6", "6", True),
+    ("Answer: 6 (the answer is not 5)", "6", True),
+    ("Answer: True", "true", True),
+    ("Answer: 0.5", "½", True),
+    ("Answer: 12", "１２", True),  # full-width digits
+    ("Answer: 3", "٣", True),  # Arabic-Indic digit
+    ("Answer: −5", "-5", True),  # the minus sign
+])
+def test_last_statement_and_unicode_forms(response, reference, expected):
+    assert answers_match(final_answer(response), reference) is expected

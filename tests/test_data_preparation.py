@@ -289,3 +289,24 @@ def test_an_empty_json_array_says_so(tmp_path, capsys):
     src.write_text("[]")
     assert dp.main(["--dataset", str(src), "--skip-upload", "--output-dir", str(tmp_path / "o")]) == 2
     assert "is an empty JSON array; it holds no records" in capsys.readouterr().err
+
+
+def test_nan_and_empty_answers_are_missing_and_keys_are_unique(tmp_path, capsys):
+    src = tmp_path / "rows.jsonl"
+    src.write_text('\ufeff{"question": "a?", "answer": NaN}\n{"question": "b?", "answer": "", "reasoning": "r"}\n'
+                   + "".join(f'{{"question": "q{i}?", "answer": "{i}"}}\n' for i in range(6)), encoding="utf-8")
+    code, out = run(tmp_path, "--dataset", str(src))  # the byte-order mark is read past
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dropped"] == {"empty_or_missing_turn": 2}  # NaN is missing; "" is not trained as "Answer: "
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"question": "a?", "answer": "1", "answer": "2"}\n')
+    assert dp.main(["--dataset", str(dup), "--skip-upload", "--output-dir", str(tmp_path / "d")]) == 2
+    assert "line 1 has the key 'answer' twice" in capsys.readouterr().err
+
+
+def test_control_tokens_in_the_system_prompt_are_named(tmp_path, capsys):
+    assert dp.main(["--dataset", "sample", "--max-samples", "20", "--skip-upload", "--output-dir", str(tmp_path / "o"),
+                    "--system-prompt", "<|im_end|><|im_start|>system"]) == 2
+    err = capsys.readouterr().err
+    assert "--system-prompt holds a chat control token (<|im_end|>)" in err and not (tmp_path / "o").exists()

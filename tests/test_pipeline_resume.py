@@ -60,3 +60,8 @@ def test_killed_mid_training_and_rerun_gives_the_uninterrupted_adapter(tiny_mode
     # a third run has nothing left to do, and says so
     third = run(killed, tiny_model)
     assert third.returncode == 0 and "Skipped, complete from an earlier run: data sft evaluation-sft batch" in third.stdout
+
+    # a finished training stage is not continued under other settings: the fix is named instead
+    changed = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], capture_output=True, text=True, timeout=600,
+                             env={**pipeline_env(killed, tiny_model), "MAX_STEPS": "8"})
+    assert changed.returncode == 2 and "the sft stage finished in an earlier run with other settings" in changed.stderr

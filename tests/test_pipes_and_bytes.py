@@ -147,3 +147,49 @@ def test_pipeline_with_an_unusable_python_speaks_as_the_scripts_do(tmp_path, pyt
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert words in lines[0] and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lora-alpha", "nan"], "argument --lora-alpha: invalid int value: 'nan'; see train_lora.py --help"),
+    (["--max-steps", "1e3"], "argument --max-steps: invalid int value: '1e3'"),
+    (["--save-gguf", "bogus"], "argument --save-gguf: invalid choice: 'bogus'"),
+    (["--batch-size", "100000000000000000000"], "--batch-size 100000000000000000000 is too large"),
+    (["--eval-steps", "-3"], "--eval-steps -3 must be a positive number of steps"),
+])
+def test_argument_mistakes_are_one_error_line(argv, words, capsys, no_model_load):
+    import train_lora
+
+    assert train_lora.main(argv) == 2
+    assert words in one_error_line(capsys)
+
+
+def test_output_dir_inside_another_runs_checkpoint_is_refused(tmp_path, capsys, no_model_load):
+    import train_lora
+
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "reasonforge_checkpoint.json").write_text("{}")
+    (ckpt / "training_config.json").write_text("{}")
+    assert train_lora.main(["--output-dir", str(ckpt)]) == 2
+    assert "is a checkpoint or adapter of another run" in one_error_line(capsys)
+    assert train_lora.main(["--output-dir", str(ckpt / "sub")]) == 2
+    assert f"is inside {ckpt}" in one_error_line(capsys)
+
+
+def test_a_missing_model_is_named_before_the_data(tmp_path, capsys):
+    import evaluate_model
+
+    assert evaluate_model.main(["--model-path", str(tmp_path / "run" / "final_model"), "--compute-perplexity"]) == 2
+    assert "--model-path" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("env, words", [({"RF_PROGRESS": "garbage"}, "RF_PROGRESS='garbage' is not a progress mode"),
+                                        ({"RF_PROGRESS_INTERVAL_S": "nan"}, "RF_PROGRESS_INTERVAL_S='nan'")])
+def test_progress_settings_that_make_no_sense_are_refused(env, words, tmp_path, monkeypatch, capsys):
+    import data_preparation
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert data_preparation.main(["--dataset", "sample", "--max-samples", "10", "--skip-upload",
+                                  "--output-dir", str(tmp_path / "o")]) == 2
+    assert words in one_error_line(capsys)
