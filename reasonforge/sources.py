@@ -87,6 +87,8 @@ def placed_json_records(path: Path, exact_numbers: bool = False):
             try:
                 obj = load(line)
             except json.JSONDecodeError as exc:
+                if lineno == 1:
+                    whole_object_problem(path)
                 raise UserError(f"malformed JSON line in {path} at line {lineno}: {exc.msg}; fix or remove that line") from exc
             except DuplicateKey as exc:
                 raise UserError(f"{path} line {lineno} has the key {exc.args[0]!r} twice; keep one of them "
@@ -114,6 +116,23 @@ def _unique_keys(pairs):
             raise DuplicateKey(key)
         seen[key] = value
     return seen
+
+
+def whole_object_problem(path: Path) -> None:
+    """A file that is one pretty-printed JSON object (a wrapper like {"data": [...]}, or a config file)
+    is not records: say so, and where the records are if a field holds them."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError):
+        return
+    if not isinstance(obj, dict):
+        return
+    lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if lists:
+        raise UserError(f"{path} is one JSON object whose records are under {lists[0]!r}; save that list as the file "
+                        f"(e.g. jq '.{lists[0]}' {path} > records.json) and pass it to --dataset")
+    raise UserError(f"{path} is one JSON object, not records (a JSON array of objects, or one object per line); "
+                    "is it the file you meant to pass to --dataset?")
 
 
 def record_schema(keys) -> str | None:
@@ -245,6 +264,11 @@ def csv_as_text(files: list[str]) -> dict:
         header = next(csv.reader(fh), [])
     if not header or len(set(header)) != len(header):
         return {}  # no header or repeated names: left to pandas, whose error names the problem
+    if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+        sep = next(s for s in ";\t|" if s in header[0])
+        raise UserError(f"{files[0]} has one column {header[0]!r}: it looks {sep!r}-separated, and CSV files here are "
+                        "comma-separated; convert it (e.g. python -c \"import csv,sys; csv.writer(sys.stdout).writerows("
+                        f"csv.reader(sys.stdin, delimiter='{sep}'))\" < IN > OUT.csv)")
     return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
             "keep_default_na": False, "na_values": [""]}
 

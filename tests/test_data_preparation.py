@@ -310,3 +310,16 @@ def test_control_tokens_in_the_system_prompt_are_named(tmp_path, capsys):
                     "--system-prompt", "<|im_end|><|im_start|>system"]) == 2
     err = capsys.readouterr().err
     assert "--system-prompt holds a chat control token (<|im_end|>)" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("wrap.json", '{\n  "data": [{"question": "a", "answer": "1"}]\n}\n', "records are under 'data'"),
+    ("config.json", '{\n  "arguments": {"lora_r": 16}\n}\n', "is one JSON object, not records"),
+    ("semi.csv", "question;answer\na;1\nb;2\n", "it looks ';'-separated"),
+])
+def test_files_of_another_shape_say_what_they_are(tmp_path, capsys, name, content, words):
+    src = tmp_path / name
+    src.write_text(content)
+    assert dp.main(["--dataset", str(src), "--skip-upload", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
