@@ -367,6 +367,9 @@ def compare(adapter: str, gguf_file: str, extra: list[str]) -> int:
     difference: what the export (merging, conversion, quantisation, llama.cpp) cost."""
     from reasonforge.comparison import paired, verdict
 
+    gguf_path = Path(gguf_file)
+    if not gguf_path.is_file() or gguf_path.open("rb").read(4) != b"GGUF":
+        raise UserError(f"{gguf_file} is not a GGUF file; export one with python -m reasonforge.gguf export {adapter}")
     root = Path(__file__).resolve().parent.parent
     out = Path(gguf_file).parent
     reports = {}
