@@ -276,7 +276,7 @@ def repeated_dataset(tmp_path_factory):
     return out
 
 
-# Shared by test_reliability_two.py and test_output_folder_safety.py.
+# Shared by test_environment_and_settings_errors.py and test_output_folder_safety.py.
 
 
 def one_error_line(capsys) -> str:

@@ -14,7 +14,7 @@ import utils
 
 def test_a_nan_sigterm_deadline_is_refused_in_one_line(tmp_path, capsys):
     """The one float flag whose check was a comparison NaN passes ("<= 0"); the others' checks
-    (number_problems, GenerationSettings) already refuse NaN and infinity, see test_reliability_two."""
+    (number_problems, GenerationSettings) already refuse NaN and infinity, see test_environment_and_settings_errors."""
     for value in ("nan", "inf"):
         out = tmp_path / value
         assert train_lora.main(["--model-name", "x", "--output-dir", str(out), f"--sigterm-deadline-s={value}"]) == 2

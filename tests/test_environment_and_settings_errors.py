@@ -1,4 +1,4 @@
-"""Issue 17, round two: environment failures and bad settings end in one `error:` line; diverged or damaged runs are named."""
+"""Environment failures and bad settings end in one `error:` line; diverged or damaged runs are named."""
 
 import json
 import os
