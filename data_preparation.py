@@ -149,6 +149,10 @@ def prepare(args):
     template_name, template_source = preview_template(args, tokenizer)
     formatted, kept_meta = format_dataset(raw, mapping, args, template_source, tokenizer)
     filtered, dropped, n_dupes = filter_rows(formatted, args, tokenizer)
+    if len(filtered) == 0:  # say why, rather than an empty split
+        reasons = ", ".join(f"{n} {why}" for why, n in dropped.items())
+        raise UserError(f"no row of {args.dataset} is usable: {len(formatted)} read, all dropped ({reasons}); "
+                        "empty_or_missing_turn means a question or an answer is empty (check --column-map)")
     train_idx, val_idx, split_stats = split_by_prompt(filtered["_prompt"], filtered["_prompt_raw"], args.val_size,
                                                       args.seed)
     filtered = filtered.remove_columns(list(KEY_COLUMNS))

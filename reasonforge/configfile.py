@@ -18,14 +18,26 @@ from reasonforge.core import UserError, first_line
 RECORDED_NOT_FLAGS = ("config", "settings_from")
 
 
-def add_config_flag(parser: argparse.ArgumentParser) -> None:
+def add_config_flag(parser: argparse.ArgumentParser, example: str = "") -> None:
     parser.add_argument("--config", default=None, metavar="FILE",
-                        help="JSON or YAML file of flag values (e.g. a run's training_config.json); "
-                             "flags on the command line override it")
+                        help=f"JSON or YAML file of this script's flag values{example}; flags on the command line "
+                             "override it")
 
 
-def read_config(path: str) -> dict:
+def _unique(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise UserError(f"the key {key!r} appears twice; keep one of them")
+        out[key] = value
+    return out
+
+
+def read_config(path: str) -> tuple[dict, bool]:
+    """(flag values, whether the file is a training run's training_config.json)."""
     file = Path(path)
+    if file.is_dir():
+        raise UserError(f"--config {path} is a folder; pass a JSON or YAML file of flag values")
     if not file.is_file():
         raise UserError(f"--config {path}: no such file; pass a JSON or YAML file of flag values")
     text = file.read_text(encoding="utf-8")
@@ -35,15 +47,18 @@ def read_config(path: str) -> dict:
 
             data = yaml.safe_load(text)
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique)
+    except UserError as exc:
+        raise UserError(f"--config {path}: {exc}") from None
     except Exception as exc:  # json and yaml raise their own kinds, each naming the line
         raise UserError(f"--config {path} is not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
                         f"({first_line(exc, 160)}); fix the file") from None
-    if isinstance(data, dict) and isinstance(data.get("arguments"), dict):
+    run_config = isinstance(data, dict) and isinstance(data.get("arguments"), dict)
+    if run_config:
         data = data["arguments"]  # a run's training_config.json
     if not isinstance(data, dict):
         raise UserError(f"--config {path} holds a {type(data).__name__}, not a mapping of flag names to values")
-    return data
+    return data, run_config
 
 
 def _coerce(action: argparse.Action, key: str, value, path: str):
@@ -55,7 +70,20 @@ def _coerce(action: argparse.Action, key: str, value, path: str):
             return value  # a tri-state switch (None = decided later): the file states the value itself
         return value
     if value is None:
-        return None
+        if action.default is None:
+            return None
+        raise UserError(f"--config {path}: {key} is null; give {flag} a value, or leave the key out for its default")
+    if isinstance(value, float) and action.type is int:
+        if not value.is_integer():
+            raise UserError(f"--config {path}: {key} {value!r} is not a whole number, as {flag} needs")
+        value = int(value)
+    if action.type in (None, str) and isinstance(value, (list, tuple, dict)):
+        # the flag's own text form: target_modules [q_proj, v_proj] is "q_proj,v_proj"; column_map a mapping is "a=b,c=d"
+        if not all(isinstance(v, (str, int, float)) for v in (value.values() if isinstance(value, dict) else value)):
+            raise UserError(f"--config {path}: {key} holds nested values; write it as {flag} takes it on the command line")
+        value = ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else ",".join(map(str, value))
+    elif action.type in (None, str) and not isinstance(value, str):
+        value = str(value).lower() if isinstance(value, bool) else str(value)
     if action.type is not None and not (isinstance(value, (int, float)) and action.type in (int, float)
                                         and not isinstance(value, bool)):
         try:
@@ -120,11 +148,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     from_file: dict = {}
     if known.config:
         actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-        for key, value in read_config(known.config).items():
+        values, run_config = read_config(known.config)
+        for key, value in values.items():
             dest = str(key).replace("-", "_")
-            if dest in RECORDED_NOT_FLAGS:
-                continue
+            if dest in RECORDED_NOT_FLAGS and run_config:
+                continue  # what the run recorded about its own settings, not a setting
+            if dest == "config":
+                raise UserError(f"--config {known.config} names another config file; put its values in this one")
             if dest not in actions:
+                if run_config:
+                    raise UserError(f"--config {known.config} is a training run's config, whose settings are "
+                                    f"train_lora.py's ({key!r} is not a flag of this script); pass it to train_lora.py")
                 close = [d for d in actions if d.startswith(dest[:4])][:3]
                 raise UserError(f"--config {known.config}: {key!r} is not a flag of this script"
                                 + (f" (did you mean {', '.join(close)}?)" if close else "")

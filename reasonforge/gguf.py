@@ -370,8 +370,14 @@ def compare(adapter: str, gguf_file: str, extra: list[str]) -> int:
     gguf_path = Path(gguf_file)
     if not gguf_path.is_file() or gguf_path.open("rb").read(4) != b"GGUF":
         raise UserError(f"{gguf_file} is not a GGUF file; export one with python -m reasonforge.gguf export {adapter}")
+    exported_from = export_info(gguf_path).get("adapter")
+    if exported_from and Path(exported_from).resolve() != Path(adapter).resolve():
+        log.warning("%s was exported from %s, not from %s: the comparison is of two different adapters",
+                    gguf_file, exported_from, adapter)
     root = Path(__file__).resolve().parent.parent
-    out = Path(gguf_file).parent
+    # beside the export folder, not in it: a new export replaces that folder whole
+    out = gguf_path.parent.with_name(gguf_path.parent.name + "_comparison")
+    out.mkdir(parents=True, exist_ok=True)
     reports = {}
     for name, model in (("adapter", adapter), ("gguf", gguf_file)):
         report = out / f"evaluation_{name}.json"
@@ -406,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("adapter", help="an adapter folder (final_model/ or checkpoint-N/)")
     ex.add_argument("--type", default="q8_0", choices=GGUF_TYPES, help="weight type (default: %(default)s)")
     ex.add_argument("--output-dir", default=None, help="default: the adapter folder's name + _gguf beside it")
-    cp = sub.add_parser("compare", help="evaluate an adapter and its GGUF export on the same rows")
+    cp = sub.add_parser("compare", help="evaluate an adapter and its GGUF export on the same rows; other flags go "
+                                        "to evaluate_model.py (e.g. --dataset-path, --max-eval-samples)")
     cp.add_argument("adapter")
     cp.add_argument("gguf_file")
     from reasonforge.configfile import one_line_errors

@@ -44,6 +44,10 @@ def test_training_config_json_reproduces_the_run(tiny_model, sample_dataset, tmp
     ("max_steps: [1\n", ".yaml", "is not valid YAML"),
     ('{"max_steps": 2,}', ".json", "is not valid JSON"),
     ("[1, 2]", ".json", "holds a list, not a mapping"),
+    ('{"batch_size": 2.5}', ".json", "batch_size 2.5 is not a whole number"),
+    ('{"lora_r": 8, "lora_r": 4}', ".json", "the key 'lora_r' appears twice"),
+    ('{"dataset_path": null}', ".json", "dataset_path is null; give --dataset-path a value"),
+    ('{"config": "other.json"}', ".json", "names another config file"),
 ])
 def test_a_bad_config_file_is_one_error_line(tmp_path, capsys, content, suffix, words, no_model_load):
     cfg = tmp_path / f"c{suffix}"
@@ -73,3 +77,23 @@ def test_every_script_takes_a_config(tmp_path, capsys):
         args = configfile.parse_args(parser, ["--config", str(e), "--temperature", "0.5"])
         assert args.model_path == "some/model" and args.max_new_tokens == 7 and args.temperature == 0.5
         assert args.settings_from == {"model_path": "config", "max_new_tokens": "config", "temperature": "command line"}
+
+
+def test_config_values_in_their_natural_form(tmp_path):
+    """A YAML list or mapping, or 2.0 for an int flag, is what the flag takes on the command line."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("target_modules: [q_proj, v_proj]\nmax_steps: 2.0\n")
+    args = configfile.parse_args(train_lora.build_parser(), ["--config", str(cfg)])
+    assert args.target_modules == "q_proj,v_proj" and args.max_steps == 2 and isinstance(args.max_steps, int)
+    cm = tmp_path / "cm.yaml"
+    cm.write_text("column_map:\n  question: user\n  answer: assistant\n")
+    assert configfile.parse_args(dp.build_parser(), ["--config", str(cm)]).column_map == "question=user,answer=assistant"
+
+
+def test_a_training_config_given_to_another_script_says_so(tmp_path, capsys):
+    run = tmp_path / "training_config.json"
+    run.write_text(json.dumps({"arguments": {"model_name": "m", "lora_r": 8}}))
+    assert ev.main(["--config", str(run), "--model-path", "m"]) == 2
+    assert "is a training run's config, whose settings are train_lora.py's" in one_error_line(capsys)
+    assert dp.main(["--config", str(tmp_path)]) == 2
+    assert "is a folder" in one_error_line(capsys)

@@ -323,3 +323,9 @@ def test_files_of_another_shape_say_what_they_are(tmp_path, capsys, name, conten
     assert dp.main(["--dataset", str(src), "--skip-upload", "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
+
+
+def test_a_file_whose_rows_are_all_dropped_says_why(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "empty.jsonl", [{"question": f"q{i}?", "answer": ""} for i in range(5)])
+    assert dp.main(["--dataset", str(src), "--skip-upload", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "5 read, all dropped (5 empty_or_missing_turn)" in capsys.readouterr().err

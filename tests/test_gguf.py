@@ -163,6 +163,8 @@ def test_compare_states_what_the_export_cost(exported, sample_dataset):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Adapter against its GGUF export (model-q8_0.gguf) on the same 4 rows:" in done.stdout
+    # beside the export folder, so that exporting again (which replaces the folder whole) keeps them
+    assert (exported / "final_model_gguf_comparison" / "evaluation_gguf.json").is_file()
     assert "perplexity       adapter" in done.stdout and "greedy replies" in done.stdout
 
 
