@@ -34,7 +34,6 @@ DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    configfile.add_config_flag(p, ", e.g. a run's training_config.json to repeat it")
     m = p.add_argument_group("model")
     m.add_argument("--model-name", default=DEFAULT_MODEL, help="Hub id or local folder (default: %(default)s)")
     m.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto",
@@ -143,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the next optimizer steps (its generation_batch_size). Default: 8 on a GPU, one optimizer "
                         "step's worth on a CPU")
     p.add_argument("--verbose", action="store_true")
+    # last, as its TrainConfig field is: the dataclass's fields follow the parser's order
+    configfile.add_config_flag(p, ", e.g. a run's training_config.json to repeat it")
     return p
 
 

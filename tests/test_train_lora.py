@@ -269,7 +269,8 @@ def test_config_holds_every_flag_in_the_parsers_order(tmp_path):
 
     args = train_lora.build_parser().parse_args(["--output-dir", str(tmp_path / "my-run")])
     cfg = training.TrainConfig.from_args(args)
-    assert [f.name for f in dataclasses.fields(cfg)] == list(vars(args))
-    assert dataclasses.asdict(cfg) == {**vars(args), "run_name": "my-run", "learning_rate": 2e-4}
+    # plus where each value came from, which --config's parser adds (none here: plain parse_args)
+    assert [f.name for f in dataclasses.fields(cfg)] == [*vars(args), "settings_from"]
+    assert dataclasses.asdict(cfg) == {**vars(args), "run_name": "my-run", "learning_rate": 2e-4, "settings_from": {}}
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.batch_size = 8
