@@ -50,7 +50,7 @@ DEFAULT_DATASET = "sample"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="data_preparation.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     configfile.add_config_flag(p)
     src = p.add_argument_group("source")
     src.add_argument("--dataset", default=DEFAULT_DATASET,

@@ -32,7 +32,7 @@ log = logging.getLogger("reasonforge.eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="evaluate_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     configfile.add_config_flag(p)
     utils.add_inference_model_flags(p)
     d = p.add_argument_group("data")

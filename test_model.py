@@ -40,7 +40,7 @@ log = logging.getLogger("reasonforge.chat")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="test_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     configfile.add_config_flag(p)
     utils.add_inference_model_flags(p)
     mode = p.add_argument_group("mode (one of)")
