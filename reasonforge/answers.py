@@ -67,23 +67,23 @@ def _strip_wrappers(s: str) -> str:
     return s.rstrip(".").strip()
 
 
+def _without_aside(value: str) -> str:
+    """`value` without a closing remark in parentheses, unless the remark is a hedge ("3 (or 4)")."""
+    aside = _ASIDE_AFTER.search(value)
+    return value[:aside.start()] if aside and not _HEDGE.search(aside.group(0)) else value
+
+
 def answer_lines(text: str) -> list[str]:
     """The values of the reply's explicit answer statements ('Answer: 42', 'the answer is 42',
     '#### 42'), in order, each cut to the value itself."""
     out = []
     for a, b in _ANSWER_LINE.findall(text):
-        value = (a or b).strip()
-        aside = _ASIDE_AFTER.search(value)  # first: "6 (the answer is not 5)" states 6
-        if aside and not _HEDGE.search(aside.group(0)):
-            value = value[:aside.start()]
+        value = _without_aside((a or b).strip())  # first: "6 (the answer is not 5)" states 6
         inner = _INNER_ANSWER.search(value)
         while inner:
             value = inner.group(1)
             inner = _INNER_ANSWER.search(value)
-        value = _SENTENCE_AFTER.sub("", value.strip())
-        aside = _ASIDE_AFTER.search(value)
-        if aside and not _HEDGE.search(aside.group(0)):
-            value = value[:aside.start()]
+        value = _without_aside(_SENTENCE_AFTER.sub("", value.strip()))
         value = _strip_wrappers(value)
         if value:
             out.append(value)

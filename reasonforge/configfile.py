@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from reasonforge.core import UserError, first_line
+from reasonforge.core import DuplicateKey, UserError, first_line, unique_keys
 
 # what training_config.json's `arguments` also records: where the values came from, not values to set
 RECORDED_NOT_FLAGS = ("config", "settings_from")
@@ -22,15 +22,6 @@ def add_config_flag(parser: argparse.ArgumentParser, example: str = "") -> None:
     parser.add_argument("--config", default=None, metavar="FILE",
                         help=f"JSON or YAML file of this script's flag values{example}; flags on the command line "
                              "override it")
-
-
-def _unique(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise UserError(f"the key {key!r} appears twice; keep one of them")
-        out[key] = value
-    return out
 
 
 def read_config(path: str) -> tuple[dict, bool]:
@@ -47,9 +38,9 @@ def read_config(path: str) -> tuple[dict, bool]:
 
             data = yaml.safe_load(text)
         else:
-            data = json.loads(text, object_pairs_hook=_unique)
-    except UserError as exc:
-        raise UserError(f"--config {path}: {exc}") from None
+            data = json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:
+        raise UserError(f"--config {path}: the key {exc.args[0]!r} appears twice; keep one of them") from None
     except Exception as exc:  # json and yaml raise their own kinds, each naming the line
         raise UserError(f"--config {path} is not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
                         f"({first_line(exc, 160)}); fix the file") from None

@@ -220,6 +220,20 @@ def parse_key_value_list(spec: str, flag: str) -> dict[str, str]:
     return out
 
 
+class DuplicateKey(ValueError):
+    """A JSON object with one key twice (json.loads would silently keep the last)."""
+
+
+def unique_keys(pairs):
+    """json.loads' object_pairs_hook that raises DuplicateKey instead of keeping the last value."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 # tokens per example, the one default of every script and of model loading
 MAX_SEQ_LENGTH = 2048
 SEED_MAX = 2**32 - 1  # numpy's seeds end here, and transformers.set_seed seeds numpy too

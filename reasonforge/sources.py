@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import utils
+from reasonforge.core import DuplicateKey, unique_keys
 from utils import UserError
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -55,8 +56,8 @@ def placed_json_records(path: Path, exact_numbers: bool = False):
     """(where, record) pairs of json_records: "line N" of a JSON-lines file, "item N" of an array."""
     # exact: numbers as the file writes them; NaN (not JSON, but Python writes it) is a missing value
     load = (functools.partial(json.loads, parse_int=str, parse_float=str, parse_constant=_constant,
-                              object_pairs_hook=_unique_keys) if exact_numbers
-            else functools.partial(json.loads, object_pairs_hook=_unique_keys))
+                              object_pairs_hook=unique_keys) if exact_numbers
+            else functools.partial(json.loads, object_pairs_hook=unique_keys))
     with open(path, encoding="utf-8-sig") as fh:  # a UTF-8 byte-order mark is not part of the first record
         head = fh.read(1 << 16).lstrip()
     if not head:
@@ -103,19 +104,6 @@ def placed_json_records(path: Path, exact_numbers: bool = False):
 
 def _constant(name: str):
     return None if name == "NaN" else name  # Infinity / -Infinity stay the file's text
-
-
-class DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise DuplicateKey(key)
-        seen[key] = value
-    return seen
 
 
 def whole_object_problem(path: Path) -> None:
