@@ -8,7 +8,9 @@ test_model.py load it, unmerged. Each variant runs in its own process on the sam
 
 - generate-unsloth: the CLIs' path before the engine (Unsloth's loader and fast decode, `generate`);
 - generate-hf: transformers' `generate` on the model the engine uses (--backend hf);
-- static: reasonforge.engine on that model (static KV cache, the decode step replayed as a CUDA graph);
+- static: reasonforge.engine on that model (static KV cache, the decode step replayed as a CUDA graph,
+  decode attention on the grouped KV heads);
+- static-repeat-kv: the same with transformers' SDPA attention, which copies KV heads to every query head;
 - static-bf16: the same with the base in 16 bits (--no-4bit), the explicit faster-but-larger option;
 - continuous: transformers' continuous batching (`generate_batch`), for comparison.
 
@@ -33,7 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ("generate-unsloth", "generate-hf", "static", "static-bf16", "static-compiled", "continuous")
+VARIANTS = ("generate-unsloth", "generate-hf", "static", "static-repeat-kv", "static-bf16", "static-compiled",
+            "continuous")
 WORDS = ["train", "price", "apple", "garden", "runner", "machine", "ticket", "answer", "total", "step", "river",
          "number", "seven", "twelve", "speed", "hour", "metre", "cost", "share", "people"]
 
@@ -109,6 +112,10 @@ def worker(opts) -> dict:
         from reasonforge.engine import Engine
 
         model._reasonforge_engine = Engine(model, tok.pad_token_id, compile_step=True)
+    if variant == "static-repeat-kv":
+        from reasonforge.engine import Engine
+
+        model._reasonforge_engine = Engine(model, tok.pad_token_id, grouped_attention=False)
     rows = prompts(opts.rows)
     out: dict = {"variant": variant, "load_s": round(load_s, 1), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
@@ -122,13 +129,13 @@ def worker(opts) -> dict:
         out[name] = {"rows": len(convs), "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_s": round(tokens / seconds, 1), "stats": stats}
         print(f"[{variant}] {name}: {len(convs)} rows, {tokens} tokens in {seconds:.2f} s "
-              f"= {tokens / seconds:,.0f} tok/s  {json.dumps({k: stats.get(k) for k in ('batch_size', 'decode_ms_per_step', 'capture_s', 'prefill_s')})}",
+              f"= {tokens / seconds:,.0f} tok/s  {json.dumps({k: stats.get(k) for k in ('batch_size', 'decode_ms_per_step', 'replay_ms', 'grouped_attention', 'capture_s', 'prefill_s')})}",
               flush=True)
         return res
 
-    if opts.profile and variant == "static":
+    if opts.profile and variant in ("static", "static-repeat-kv"):
         try:
-            out["profile"] = profile_steps(model, tok, rows, greedy)
+            out["profile"] = profile_steps(model, tok, rows, greedy, grouped=variant == "static")
         except Exception as exc:  # the timings below matter more than the profile
             out["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(f"[{variant}] profile failed: {out['profile']['error']}", flush=True)
@@ -158,7 +165,7 @@ def worker(opts) -> dict:
     return out
 
 
-def profile_steps(model, tok, rows, greedy) -> dict:
+def profile_steps(model, tok, rows, greedy, grouped: bool = True) -> dict:
     """Kernels and GPU time of eager decode steps at batch --rows (16 new tokens), by kernel name:
     what a replayed graph still has to run, launch overhead aside."""
     import torch
@@ -167,7 +174,7 @@ def profile_steps(model, tok, rows, greedy) -> dict:
     import utils
     from reasonforge.engine import Engine
 
-    engine = Engine(model, tok.pad_token_id, cuda_graphs=False)
+    engine = Engine(model, tok.pad_token_id, cuda_graphs=False, grouped_attention=grouped)
     convs = [[{"role": "user", "content": r[0]["content"]}] for r in rows]
     ids = [tok(utils.render_chat(c, tokenizer=tok, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
            for c in convs]

@@ -26,6 +26,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from reasonforge.decode_attention import grouped_decode
+
 # Share of the free GPU memory the KV cache of one batch may take; the rest holds the prefill's
 # activations, the graph's pool and the logits.
 CACHE_SHARE = 0.6
@@ -47,6 +49,7 @@ class EngineStats:
     """What the last `generate` call did: for reports and benchmarks."""
     engine: str = "static"
     cuda_graphs: bool = False
+    grouped_attention: bool = False
     batches: int = 0
     batch_size: int = 0
     tokens: int = 0
@@ -115,10 +118,14 @@ class Engine:
     on or off (evaluation's base pass), since the graph would replay the other path.
     """
 
-    def __init__(self, model, pad_id: int, *, cuda_graphs: bool | None = None, compile_step: bool = False):
+    def __init__(self, model, pad_id: int, *, cuda_graphs: bool | None = None, compile_step: bool = False,
+                 grouped_attention: bool = True):
         import torch
 
         self.model = model
+        # decode attention on the grouped KV heads as cached (reasonforge.decode_attention); False is
+        # transformers' SDPA path, which copies them to every query head
+        self.grouped_attention = grouped_attention
         # torch.compile fuses the step's small kernels before it is captured; costs a compile per shape
         self._step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
         self.pad_id = int(pad_id)
@@ -153,7 +160,8 @@ class Engine:
         self.stats.batch_size = size
         self.stats.notes.append(f"batch {size} ({why})")
         replies: dict[int, Reply] = {}
-        with torch.no_grad():
+        with torch.no_grad(), grouped_decode(self.model, self.grouped_attention) as grouped:
+            self.stats.grouped_attention = grouped
             for start in range(0, len(order), size):
                 idx = order[start:start + size]
                 rows = [prompts[i] for i in idx]
@@ -252,7 +260,7 @@ class Engine:
         import torch
         from transformers import StaticCache
 
-        key = (batch, cache_len, dtype, adapter_state(self.model))
+        key = (batch, cache_len, dtype, adapter_state(self.model), self.grouped_attention)
         if self._slot is not None and self._slot.key == key:
             self._slot.reset()
             return self._slot

@@ -243,3 +243,57 @@ def test_grpo_generation_batch_holds_whole_groups_and_batches():
     assert grpo.generation_batch_size(default, 2, on_gpu=False) is None  # a CPU keeps TRL's default
     asked = SimpleNamespace(prompts_per_generation=2, num_generations=4)
     assert grpo.generation_batch_size(asked, 4, on_gpu=False) == 8
+
+
+def test_grouped_decode_attention_equals_sdpa_without_copying_heads(monkeypatch):
+    """One query position: the grouped view gives SDPA's result with repeated heads, masked rows
+    included; any other shape is handed to SDPA itself."""
+    import torch
+    from transformers.integrations import sdpa_attention
+
+    from reasonforge import decode_attention
+
+    class Module:
+        num_key_value_groups = 4
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False
+    mask[2, ..., 7:] = False
+    want, _ = sdpa_attention.sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.25)
+    calls = []
+    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got, _ = decode_attention.grouped_decode_attention(Module(), q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (3, 1, 8, 16) and not calls
+    assert torch.allclose(got, want, atol=1e-6)
+    prefill_q = torch.randn(3, 8, 10, 16)
+    decode_attention.grouped_decode_attention(Module(), prefill_q, k, v, None, scaling=0.25)
+    assert calls == [1]
+
+
+def test_engine_decodes_with_grouped_attention_and_restores_the_model(tiny_model, monkeypatch):
+    """The step runs the grouped path (counted), replies equal the engine on transformers' own SDPA,
+    and the model's attention setting is SDPA again after each call."""
+    from reasonforge import decode_attention
+
+    model, tok = load(tiny_model)
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    real, grouped_calls = decode_attention.grouped_decode_attention, []
+
+    def counting(module, query, *args, **kwargs):
+        grouped_calls.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(decode_attention, "grouped_decode_attention", counting)
+    convs = conversations(5, seed=4)
+    settings = utils.GenerationSettings(temperature=0, max_new_tokens=12, repetition_penalty=1.0)
+    stats: dict = {}
+    grouped = utils.generate_batch(model, tok, convs, settings, 5, desc=None, engine="static", stats=stats)
+    assert stats["grouped_attention"] and grouped_calls.count(1) == 11 * model.config.num_hidden_layers
+    assert {c._attn_implementation for c in decode_attention.text_configs(model)} == {"sdpa"}
+    model._reasonforge_engine = engine_mod.Engine(model, tok.pad_token_id, grouped_attention=False)
+    grouped_calls.clear()
+    plain = utils.generate_batch(model, tok, convs, settings, 5, desc=None, engine="static")
+    assert not grouped_calls and same_replies(plain, grouped) == len(convs)
