@@ -13,8 +13,7 @@ from typing import Callable
 
 from transformers import TrainerCallback
 
-import utils
-from reasonforge import progress
+from reasonforge import core, models, progress, rundirs
 from utils import UserError
 
 
@@ -44,8 +43,8 @@ class StepLogger(TrainerCallback):
             self.bar.update(state.global_step - self.bar.n)
             if first:
                 c = self.clock.summary()
-                self.bar.write(f"first step done {utils.sig4(c['time_to_first_step_s'])} s after start "
-                               f"(setup {utils.sig4(c['setup_s'])} s, the step itself {utils.sig4(c['first_step_s'])} s "
+                self.bar.write(f"first step done {core.sig4(c['time_to_first_step_s'])} s after start "
+                               f"(setup {core.sig4(c['setup_s'])} s, the step itself {core.sig4(c['first_step_s'])} s "
                                "with any compiling)")
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -56,7 +55,7 @@ class StepLogger(TrainerCallback):
         if "loss" in logs:
             rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
             self.last = (now, tokens)
-            mem = utils.gpu_memory_stats()
+            mem = models.gpu_memory_stats()
             record.update(tokens_per_s=round(rate, 1), peak_gpu_gib=round(mem.get("peak_gib", 0.0), 3))
             line = self.step_line(state, logs, rate, mem)
             if line:
@@ -68,7 +67,7 @@ class StepLogger(TrainerCallback):
         if bad:
             record["non_finite"] = bad
         with open(self.jsonl_path, "a", encoding="utf-8") as fh:
-            fh.write(utils.to_json(record) + "\n")
+            fh.write(core.to_json(record) + "\n")
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:
@@ -89,7 +88,7 @@ class StepClock:
     SKIP = 2  # steps left out of the steady rate: the first compiles, the second may still recompile
 
     def __init__(self):
-        self.started = utils.process_start_time()
+        self.started = rundirs.process_start_time()
         self.begun = self.step_started = None
         self.first_end = self.last_end = None
         self.tokens_before = 0
@@ -240,7 +239,7 @@ class StopOnSigterm(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step == self.first_step and self.guard.stop_requested():
             # Nothing trained in this process yet: the checkpoint resumed from (if any) is the state.
-            raise utils.Terminated(self.guard.message(None, f"before step {state.global_step + 1} began"))
+            raise core.Terminated(self.guard.message(None, f"before step {state.global_step + 1} began"))
 
     def on_step_end(self, args, state, control, **kw):
         if self.guard.stop_requested():
@@ -264,4 +263,4 @@ class StopOnSigterm(TrainerCallback):
         if self.guard.stop_requested():
             # Raised rather than should_training_stop: the Trainer's wrap-up would reload the best
             # checkpoint and, with --save-total-limit 1, delete the one just written.
-            raise utils.Terminated(self.guard.message(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+            raise core.Terminated(self.guard.message(Path(args.output_dir) / f"checkpoint-{state.global_step}"))

@@ -7,7 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
-import utils
+from reasonforge import core, rundirs, s3
 from utils import UserError
 
 log = logging.getLogger("reasonforge.train")
@@ -35,7 +35,7 @@ def write_checkpoint_marker(ckpt: Path) -> None:
         shutil.copyfile(config, ckpt / "training_config.json")
     files = {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in sorted(ckpt.rglob("*"))
              if p.is_file() and p.name != CHECKPOINT_MARKER}
-    utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, {"step": checkpoint_step(ckpt), "files": files})
+    core.atomic_write_json(ckpt / CHECKPOINT_MARKER, {"step": checkpoint_step(ckpt), "files": files})
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
@@ -44,9 +44,9 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     if not marker.is_file():
         return "no completion marker (interrupted while saving)"
     try:
-        files = utils.read_json(marker, "completion marker").get("files")
-        utils.read_json(ckpt / "trainer_state.json", "trainer state")
-    except utils.CorruptFile as exc:
+        files = core.read_json(marker, "completion marker").get("files")
+        core.read_json(ckpt / "trainer_state.json", "trainer state")
+    except core.CorruptFile as exc:
         return str(exc).split(";")[0]
     if not isinstance(files, dict) or not all(isinstance(s, int) for s in files.values()):
         return f"{CHECKPOINT_MARKER} has no valid file list (damaged)"
@@ -66,7 +66,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             # A run that diverged saves NaN weights as readily as good ones; resuming them goes nowhere.
             diverged = [k for k in fh.keys() if not fh.get_tensor(k).isfinite().all()]
     except Exception as exc:
-        return f"adapter_model.safetensors is unreadable ({utils.first_line(exc, 120)})"
+        return f"adapter_model.safetensors is unreadable ({core.first_line(exc, 120)})"
     if diverged:
         return f"adapter weights hold NaN or inf ({len(diverged)} tensors, e.g. {diverged[0]}): the run had diverged"
     return None
@@ -85,7 +85,7 @@ def last_good_checkpoint(output_dir: Path) -> Path | None:
     return good[-1] if good else None
 
 
-def previous_run_problem(output_dir: Path, run_uri: utils.S3Uri | None, resume: str | None) -> str | None:
+def previous_run_problem(output_dir: Path, run_uri: s3.S3Uri | None, resume: str | None) -> str | None:
     """Why a new run may not start here, or None: --output-dir (or the --run-name prefix on S3)
     holds the checkpoints or final model of a run that this one does not resume. Started there,
     the new run's checkpoints would sit beside the old run's, `latest` would pick the old run's
@@ -102,9 +102,9 @@ def previous_run_problem(output_dir: Path, run_uri: utils.S3Uri | None, resume: 
                 "--resume-from-checkpoint latest; to start a new one choose a fresh --output-dir (or remove the old run)")
     if run_uri is None:
         return None
-    remote = [n for n in utils.list_s3_subfolders(run_uri) if n in ("checkpoints", "final_model")]
+    remote = [n for n in s3.list_s3_subfolders(run_uri) if n in ("checkpoints", "final_model")]
     if "checkpoints" in remote:
-        remote = utils.list_s3_subfolders(run_uri.join("checkpoints")) + [n for n in remote if n != "checkpoints"]
+        remote = s3.list_s3_subfolders(run_uri.join("checkpoints")) + [n for n in remote if n != "checkpoints"]
     if remote:
         return (f"--run-name {run_uri.prefix.rsplit('/', 1)[-1]}: {run_uri} holds another run's {_names(remote)}: to "
                 "continue that run pass --resume-from-checkpoint latest; to start a new one choose another --run-name")
@@ -120,23 +120,23 @@ def _names(found: list[str], limit: int = 3) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def upload_checkpoint(ckpt: Path, run_uri: utils.S3Uri) -> None:
+def upload_checkpoint(ckpt: Path, run_uri: s3.S3Uri) -> None:
     """Upload a checkpoint with its marker last, so a listing never shows a half-uploaded one as complete."""
     dest = run_uri.join("checkpoints", ckpt.name)
-    marker = utils.read_json(ckpt / CHECKPOINT_MARKER, "completion marker")
-    utils.upload_directory(ckpt, dest, desc=f"s3 {ckpt.name}", progress=False, exclude={CHECKPOINT_MARKER})
-    utils.s3_put_json(dest.join(CHECKPOINT_MARKER), marker)
+    marker = core.read_json(ckpt / CHECKPOINT_MARKER, "completion marker")
+    s3.upload_directory(ckpt, dest, desc=f"s3 {ckpt.name}", progress=False, exclude={CHECKPOINT_MARKER})
+    s3.s3_put_json(dest.join(CHECKPOINT_MARKER), marker)
 
 
-def s3_complete_checkpoints(run_uri: utils.S3Uri) -> list[int]:
+def s3_complete_checkpoints(run_uri: s3.S3Uri) -> list[int]:
     steps = []
-    for name in utils.list_s3_subfolders(run_uri.join("checkpoints")):
+    for name in s3.list_s3_subfolders(run_uri.join("checkpoints")):
         step = checkpoint_step(Path(name))
         if step < 0:
             continue
         try:
-            marker = utils.s3_get_json(run_uri.join("checkpoints", name, CHECKPOINT_MARKER))
-        except utils.CorruptFile as exc:
+            marker = s3.s3_get_json(run_uri.join("checkpoints", name, CHECKPOINT_MARKER))
+        except core.CorruptFile as exc:
             log.warning("skipping %s on S3: %s", name, exc)
             continue
         if marker is not None:
@@ -144,10 +144,10 @@ def s3_complete_checkpoints(run_uri: utils.S3Uri) -> list[int]:
     return sorted(steps)
 
 
-def download_checkpoint(run_uri: utils.S3Uri, step: int, output_dir: Path) -> Path:
+def download_checkpoint(run_uri: s3.S3Uri, step: int, output_dir: Path) -> Path:
     final = output_dir / f"checkpoint-{step}"
-    with utils.atomic_directory(final, is_checkpoint, "a checkpoint folder") as tmp:
-        utils.download_prefix(run_uri.join("checkpoints", final.name), tmp, desc=f"fetch {final.name}")
+    with rundirs.atomic_directory(final, is_checkpoint, "a checkpoint folder") as tmp:
+        s3.download_prefix(run_uri.join("checkpoints", final.name), tmp, desc=f"fetch {final.name}")
     return final
 
 
@@ -164,7 +164,7 @@ def resume_flag_problem(spec: str | None) -> str | None:
     return f"--resume-from-checkpoint {spec!r} is not a folder; pass a checkpoint-N folder or 'latest'"
 
 
-def resolve_resume(spec: str | None, output_dir: Path, run_uri: utils.S3Uri | None) -> str | None:
+def resolve_resume(spec: str | None, output_dir: Path, run_uri: s3.S3Uri | None) -> str | None:
     """Turn --resume-from-checkpoint `spec` into a complete local checkpoint folder (or None to start
     fresh); 'latest' also looks on S3 under `run_uri` and downloads what it picks from there."""
     if spec is None:
@@ -198,7 +198,7 @@ def resolve_resume(spec: str | None, output_dir: Path, run_uri: utils.S3Uri | No
 
 def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
     """The Trainer reloads the best checkpoint at the end; on a fresh instance it must be fetched too."""
-    state = utils.read_json(ckpt / "trainer_state.json", "trainer state")
+    state = core.read_json(ckpt / "trainer_state.json", "trainer state")
     best = state.get("best_model_checkpoint")
     if not best:
         return
@@ -206,13 +206,13 @@ def fetch_best_checkpoint(ckpt: Path, run_uri, output_dir: Path) -> None:
     if not local.is_dir() and run_uri is not None:
         download_checkpoint(run_uri, checkpoint_step(local), output_dir)
     state["best_model_checkpoint"] = str(local)
-    utils.atomic_write_json(ckpt / "trainer_state.json", state)
-    marker = utils.read_json(ckpt / CHECKPOINT_MARKER, "completion marker")
+    core.atomic_write_json(ckpt / "trainer_state.json", state)
+    marker = core.read_json(ckpt / CHECKPOINT_MARKER, "completion marker")
     marker["files"]["trainer_state.json"] = (ckpt / "trainer_state.json").stat().st_size
-    utils.atomic_write_json(ckpt / CHECKPOINT_MARKER, marker)
+    core.atomic_write_json(ckpt / CHECKPOINT_MARKER, marker)
 
 
-def resume_on_all_ranks(spec: str | None, output_dir: Path, run_uri: utils.S3Uri | None, state) -> str | None:
+def resume_on_all_ranks(spec: str | None, output_dir: Path, run_uri: s3.S3Uri | None, state) -> str | None:
     """Rank 0 finds (and, from S3, downloads) the checkpoint; the others wait and take the same one."""
     resume = resolve_resume(spec, output_dir, run_uri) if state.is_main_process else None
     state.wait_for_everyone()

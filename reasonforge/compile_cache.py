@@ -141,12 +141,12 @@ class Mirror:
 
     def restore(self) -> str:
         """Fill an empty local folder from the S3 copy built under the same versions and GPU."""
-        import utils
+        from reasonforge import core, s3
 
         if self.before[0]:
             return "kept locally; S3 copy not needed"
         try:
-            manifest = utils.s3_get_json(self.uri.join(MANIFEST))
+            manifest = s3.s3_get_json(self.uri.join(MANIFEST))
             if manifest is None:
                 return f"none yet at {self.uri}"
             if manifest.get("environment") != self.env:
@@ -155,7 +155,7 @@ class Mirror:
                 return f"the copy at {self.uri} was built for another environment ({differ}); compiling afresh"
             self._download()
         except Exception as e:  # noqa: BLE001 - a cache must never stop the run
-            log.warning("compile cache: could not restore from %s (%s); compiling afresh", self.uri, utils.first_line(str(e)))
+            log.warning("compile cache: could not restore from %s (%s); compiling afresh", self.uri, core.first_line(str(e)))
             return f"restore from {self.uri} failed; compiling afresh"
         self.before = footprint(self.root)
         return f"restored {self.before[0]} files, {self.before[1] / 2**20:.0f} MiB, from {self.uri}"
@@ -164,11 +164,11 @@ class Mirror:
         import tarfile
         import tempfile
 
-        import utils
+        from reasonforge import core, s3
 
         with tempfile.TemporaryDirectory(dir=self.root.parent, prefix=".compile-cache-") as tmp:
             tar = Path(tmp) / TAR
-            utils.download_file(self.uri.join(TAR), tar)
+            s3.download_file(self.uri.join(TAR), tar)
             staging = Path(tmp) / "files"
             with tarfile.open(tar) as fh:
                 # "data" refuses absolute paths, links out of the folder and device files
@@ -184,7 +184,7 @@ class Mirror:
         import tarfile
         import tempfile
 
-        import utils
+        from reasonforge import core, s3
 
         if self.published or footprint(self.root) == self.before:
             return None
@@ -195,11 +195,11 @@ class Mirror:
                 with tarfile.open(tar, "w") as fh:
                     fh.add(self.root, arcname=".", filter=lambda info: None if _skipped(Path(info.name).name) else info)
                 size = tar.stat().st_size
-                utils.upload_file(tar, self.uri.join(TAR))
+                s3.upload_file(tar, self.uri.join(TAR))
             # the manifest last: a reader that finds it finds the tar it describes
-            utils.s3_put_json(self.uri.join(MANIFEST), {"environment": self.env, "bytes": size})
+            s3.s3_put_json(self.uri.join(MANIFEST), {"environment": self.env, "bytes": size})
         except Exception as e:  # noqa: BLE001
-            log.warning("compile cache: could not copy to %s (%s)", self.uri, utils.first_line(str(e)))
+            log.warning("compile cache: could not copy to %s (%s)", self.uri, core.first_line(str(e)))
             return None
         log.info("compile cache: %.0f MiB copied to %s", size / 2**20, self.uri)
         return f"{size / 2**20:.0f} MiB copied to {self.uri}"

@@ -11,7 +11,7 @@ import re
 import statistics
 import unicodedata
 
-import utils
+from reasonforge import chat_format
 from utils import UserError
 
 log = logging.getLogger("reasonforge.data")
@@ -139,7 +139,7 @@ def conversation_to_messages(turns) -> list[dict]:
             role, content = t["role"], t.get("content")
         else:
             role, content = SHAREGPT_ROLES.get(str(t.get("from", "")).lower()), t.get("value")
-        if role not in utils.ROLES:
+        if role not in chat_format.ROLES:
             raise UserError(f"conversation turn with unknown role {t.get('role') or t.get('from')!r}; use system/user/assistant")
         reasoning = t.get("reasoning_content")
         out.append({"role": role, "content": content_text(content, f"a {role} turn's content"),
@@ -230,7 +230,7 @@ def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
             reason = "empty_or_missing_turn"
         elif has_control_tokens(messages):
             reason = "control_tokens"
-        text = utils.render_chat(messages, tokenizer=tokenizer, source=template) if not reason else ""
+        text = chat_format.render_chat(messages, tokenizer=tokenizer, source=template) if not reason else ""
         n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None and text else -1
         return {"messages": messages, "text": text, "answer": reference, "n_tokens": n_tokens, "_drop": reason,
                 **row_keys(messages)}
@@ -238,7 +238,7 @@ def format_dataset(ds, mapping: dict[str, str], args, template: str, tokenizer):
     drop_cols = [c for c in ds.column_names if c not in keep]
     settings = sorted((k, str(v)) for k, v in vars(args).items())
     out = ds.map(convert, remove_columns=drop_cols, desc="formatting",
-                 new_fingerprint=utils.map_fingerprint(ds, tokenizer, "prepare", mapping, settings, template, keep))
+                 new_fingerprint=chat_format.map_fingerprint(ds, tokenizer, "prepare", mapping, settings, template, keep))
     refuse_non_text(out["_drop"])
     return out, keep
 
@@ -259,7 +259,7 @@ def row_keys(messages: list[dict]) -> dict[str, str]:
     """Short keys computed once per row, so that deduplication and the split never hold every
     conversation in memory at once: the whole row's digest, its prompt key and its raw prompt's digest."""
     raw = first_user_turn(messages)
-    whole = json.dumps(utils.clean_messages(messages), sort_keys=True)
+    whole = json.dumps(chat_format.clean_messages(messages), sort_keys=True)
     return {"_digest": hashlib.sha1(whole.encode()).hexdigest(), "_prompt": prompt_key(messages),
             "_prompt_raw": hashlib.sha1(raw.encode()).hexdigest()}
 
@@ -297,9 +297,9 @@ def preview_template(args, tokenizer) -> tuple[str, str]:
     """The template of the `text` preview: the tokenizer's own where one is given, else the one named,
     else qwen2.5 (the seed model's family). A named one that does not fit the tokenizer is warned about."""
     if args.chat_template == "auto" and tokenizer is None:
-        return "qwen2.5 (preview only)", utils.QWEN25_TEMPLATE
-    name, source = utils.resolve_chat_template(args.chat_template, tokenizer)
-    misfit = utils.template_misfit(source, tokenizer) if tokenizer is not None else None
+        return "qwen2.5 (preview only)", chat_format.QWEN25_TEMPLATE
+    name, source = chat_format.resolve_chat_template(args.chat_template, tokenizer)
+    misfit = chat_format.template_misfit(source, tokenizer) if tokenizer is not None else None
     if misfit:
         log.warning("--chat-template %s does not fit --tokenizer %s: %s", name, args.tokenizer, misfit)
     return name, source
@@ -362,6 +362,6 @@ def content_hash(dd) -> str:
     for split in ("train", "validation"):
         for batch in dd[split].select_columns(["messages", "answer"]).iter(batch_size=2000):
             for messages, answer in zip(batch["messages"], batch["answer"]):
-                h.update(json.dumps([utils.clean_messages(messages), answer], sort_keys=True).encode())
+                h.update(json.dumps([chat_format.clean_messages(messages), answer], sort_keys=True).encode())
                 h.update(b"\0")
     return h.hexdigest()

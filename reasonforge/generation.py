@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from reasonforge import progress
+from reasonforge import models, progress
 from reasonforge.chat_format import IM_END, IM_START, render_chat, single_token
 from reasonforge.core import MAX_SEQ_LENGTH, SEED_MAX, UserError, log, number_problems
-from reasonforge.models import choose_backend, import_unsloth_first, load_model, resolve_model_for_inference
 
 
 @dataclass
@@ -122,19 +121,19 @@ def load_for_inference(args):
         args.engine = "llama.cpp" if info["backend"] == "llama.cpp" else "generate"
         return model, tokenizer, info, {"reasonforge": recorded} if recorded else {}
     args.engine, backend_flag = resolve_engine(args.engine, args.backend)
-    backend, backend_reason = choose_backend(backend_flag)
+    backend, backend_reason = models.choose_backend(backend_flag)
     if backend_flag != args.backend:
         backend_reason = ("--engine static runs transformers' own forward with a static KV cache "
                           "(Unsloth's patched attention keeps a cache of its own)")
     if backend == "unsloth":
-        import_unsloth_first()
-    base, adapter_dir, adapter_info = resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
+        models.import_unsloth_first()
+    base, adapter_dir, adapter_info = models.resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
     apply_recorded_settings(args, adapter_info.get("reasonforge", {}))
     from transformers import set_seed
 
     set_seed(args.seed)
     t0 = time.perf_counter()
-    model, tokenizer, info = load_model(base, backend=backend, max_seq_length=args.max_seq_length,
+    model, tokenizer, info = models.load_model(base, backend=backend, max_seq_length=args.max_seq_length,
                                         load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
     info.update(load_s=round(time.perf_counter() - t0, 2), backend_reason=backend_reason)
     context = context_length(model)

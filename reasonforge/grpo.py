@@ -15,8 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import utils
-from reasonforge import rewards as rewards_mod
+from reasonforge import chat_format, core, generation, rewards as rewards_mod
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -70,13 +69,13 @@ def grpo_rows(split, template_source: str, tokenizer=None, *, enable_thinking: b
         answer = str(row["answer"] or "").strip()
         if asked is None or not answer:
             return {"prompt": "", "answer": answer, "_keep": False}
-        prompt = utils.render_chat(asked, tokenizer=tokenizer, source=template_source, add_generation_prompt=True,
+        prompt = chat_format.render_chat(asked, tokenizer=tokenizer, source=template_source, add_generation_prompt=True,
                                    enable_thinking=enable_thinking)
         keep = max_prompt_tokens is None or len(tokenizer.encode(prompt, add_special_tokens=False)) <= max_prompt_tokens
         return {"prompt": prompt, "answer": answer, "_keep": keep}
 
     rows = split.map(convert, remove_columns=split.column_names, desc=f"GRPO prompts ({split_name})",
-                     keep_in_memory=True, new_fingerprint=utils.map_fingerprint(
+                     keep_in_memory=True, new_fingerprint=chat_format.map_fingerprint(
                          split, tokenizer, "grpo", template_source, enable_thinking, max_prompt_tokens))
     kept = rows.filter(lambda r: r["_keep"], keep_in_memory=True).select_columns(["prompt", "answer"])
     answered = sum(1 for a in rows["answer"] if a)
@@ -133,7 +132,7 @@ class GRPOSettings:
 
     def problems(self, batch_size: int, gradient_accumulation_steps: int, processes: int = 1) -> list[str]:
         """Every invalid setting, named by its flag, with the fix."""
-        out = utils.number_problems({
+        out = core.number_problems({
             "--num-generations": (self.num_generations, lambda v: isinstance(v, int) and v >= 2, "2 or more"),
             "--max-completion-length": (self.max_completion_length, lambda v: isinstance(v, int) and v >= 1, "1 or more"),
             "--beta": (self.beta, lambda v: v >= 0, "0 (no reference model) or more"),
@@ -321,8 +320,8 @@ def grpo_trainer_class():
             """Completions as TRL's generate path returns them: the ids up to and including the
             stop token. The policy runs in eval mode (no LoRA dropout, as vLLM would sample it);
             the captured graph and cache are freed afterwards for the backward pass."""
-            engine = utils.engine_for(self.model, self._tokenizer)
-            settings = utils.GenerationSettings(
+            engine = generation.engine_for(self.model, self._tokenizer)
+            settings = generation.GenerationSettings(
                 temperature=0.0 if greedy else self.temperature, top_p=1.0 if greedy else self.top_p,
                 top_k=0 if greedy else (self.top_k or 0), max_new_tokens=self.max_completion_length,
                 repetition_penalty=self.repetition_penalty)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import utils
-from reasonforge import sft
+from reasonforge import core, models, rundirs, s3, sft
 from reasonforge.checkpoints import is_checkpoint, local_checkpoints
 from utils import UserError
 
@@ -17,12 +16,12 @@ from utils import UserError
 
 def is_training_run(folder: Path) -> bool:
     """An earlier (or a running) train_lora.py output folder, which a new run may write into."""
-    return (any((folder / name).is_file() for name in ("training_config.json", utils.RunLock.NAME))
+    return (any((folder / name).is_file() for name in ("training_config.json", rundirs.RunLock.NAME))
             or bool(local_checkpoints(folder)) or is_final_model(folder / "final_model"))
 
 
 def is_final_model(folder: Path) -> bool:
-    return utils.holds_json(folder, utils.RUN_INFO_FILE, "base_model")
+    return core.holds_json(folder, models.RUN_INFO_FILE, "base_model")
 
 
 def is_merged_model(folder: Path) -> bool:
@@ -39,11 +38,11 @@ def run_dir_problem(output_dir: Path) -> str | None:
             where = "is" if folder == output_dir else f"is inside {folder}, which is"
             return (f"--output-dir {output_dir} {where} a checkpoint or adapter of another run; "
                     "choose a folder outside it, e.g. a new folder beside that run")
-    problem = utils.output_dir_problem(output_dir, is_training_run, "a train_lora.py run folder", replaced=False)
+    problem = rundirs.output_dir_problem(output_dir, is_training_run, "a train_lora.py run folder", replaced=False)
     if problem or not output_dir.is_dir():
         return problem
-    return (utils.output_dir_problem(output_dir / "final_model", is_final_model, "an adapter saved by train_lora.py")
-            or utils.output_dir_problem(output_dir / "merged_16bit", is_merged_model, "a merged model saved by train_lora.py"))
+    return (rundirs.output_dir_problem(output_dir / "final_model", is_final_model, "an adapter saved by train_lora.py")
+            or rundirs.output_dir_problem(output_dir / "merged_16bit", is_merged_model, "a merged model saved by train_lora.py"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +54,7 @@ def run_info(run, trainer) -> dict:
     """reasonforge.json beside the adapter: what evaluation and chat read back as their defaults."""
     c = run.config
     # local paths absolute: evaluation and chat load the base from wherever they are started
-    return {"base_model": utils.absolute_if_local(c.model_name), "backend": run.backend, "chat_template": run.data.template_name,
+    return {"base_model": core.absolute_if_local(c.model_name), "backend": run.backend, "chat_template": run.data.template_name,
             "max_seq_length": c.max_seq_length, "train_on_responses_only": c.train_on_responses_only,
             "long_rows": c.long_rows, "dataset_manifest_sha256": run.data.manifest.get("content_sha256"),
             # where the training rows are, so evaluation can tell whether its rows were among them
@@ -69,14 +68,14 @@ def run_info(run, trainer) -> dict:
 def save_final_model(run, trainer) -> Path:
     """Write final_model/ (adapter, tokenizer with the training template, run info) atomically."""
     final = run.config.out / "final_model"
-    with utils.atomic_directory(final, is_final_model, "an adapter saved by train_lora.py") as tmp:
+    with rundirs.atomic_directory(final, is_final_model, "an adapter saved by train_lora.py") as tmp:
         trainer.model.save_pretrained(str(tmp), safe_serialization=True)
         run.tokenizer.save_pretrained(str(tmp))
-        utils.atomic_write_json(tmp / utils.RUN_INFO_FILE, run_info(run, trainer))
+        core.atomic_write_json(tmp / models.RUN_INFO_FILE, run_info(run, trainer))
     c = run.config
     if c.save_merged or c.save_gguf:
         merged = c.out / "merged_16bit"
-        with utils.atomic_directory(merged, is_merged_model, "a merged model saved by train_lora.py") as tmp:
+        with rundirs.atomic_directory(merged, is_merged_model, "a merged model saved by train_lora.py") as tmp:
             save_merged(trainer.model, run.tokenizer, tmp, run.backend, final)
         if c.save_gguf:
             from reasonforge import gguf
@@ -173,7 +172,7 @@ def collect_metrics(run, result) -> dict:
         **clock,
         # process start to the training loop, by part; the first step's own time is first_step_s
         "setup_phases_s": run.phases.spans(until=clock.get("loop_start_at")),
-        "peak_gpu_memory_gib": round(utils.gpu_memory_stats().get("peak_gib", 0.0), 3),
+        "peak_gpu_memory_gib": round(models.gpu_memory_stats().get("peak_gib", 0.0), 3),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_percent": round(100 * trainable / max(total, 1), 4),
@@ -205,13 +204,13 @@ def step_clock(trainer) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def upload_outputs(run_uri: utils.S3Uri, final: Path, output_dir: Path) -> None:
-    utils.upload_directory(final, run_uri.join("final_model"), desc="upload final_model")
+def upload_outputs(run_uri: s3.S3Uri, final: Path, output_dir: Path) -> None:
+    s3.upload_directory(final, run_uri.join("final_model"), desc="upload final_model")
     if (output_dir / "final_model_gguf").is_dir():
-        utils.upload_directory(output_dir / "final_model_gguf", run_uri.join("final_model_gguf"), desc="upload GGUF")
+        s3.upload_directory(output_dir / "final_model_gguf", run_uri.join("final_model_gguf"), desc="upload GGUF")
     for name in ("training_config.json", "training_metrics.json", "loss_curve.png", "reward_curve.png"):
         if (output_dir / name).is_file():
-            utils.upload_file(output_dir / name, run_uri.join(name))
+            s3.upload_file(output_dir / name, run_uri.join(name))
 
 
 def preflight_hub(repo: str | None) -> None:

@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-import utils
+from reasonforge import core, s3
 from reasonforge.checkpoints import checkpoint_step, last_good_checkpoint
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
@@ -34,7 +34,7 @@ def resume_command(argv: list[str] | None) -> str:
 class PreemptionGuard:
     """What SIGTERM does to this process.
 
-    Outside the training loop it raises utils.Terminated at once (nothing is half-written there
+    Outside the training loop it raises core.Terminated at once (nothing is half-written there
     that a scratch folder does not clean up). Inside it, the handler only records the request:
     tensors and files are mid-update, so StopOnSigterm asks the Trainer to save at the next safe
     point (end of the step, end or inside of a validation pass, right after a checkpoint upload)
@@ -42,7 +42,7 @@ class PreemptionGuard:
     GPU instance), so a watchdog exits on its own once `deadline_s` passes with no save begun.
     """
 
-    def __init__(self, argv: list[str] | None, output_dir: Path, deadline_s: float, run_uri: utils.S3Uri | None,
+    def __init__(self, argv: list[str] | None, output_dir: Path, deadline_s: float, run_uri: s3.S3Uri | None,
                  main_rank: bool = True):
         self.argv, self.output_dir, self.deadline_s, self.main_rank = argv, output_dir, deadline_s, main_rank
         self.run_uri = run_uri
@@ -60,9 +60,9 @@ class PreemptionGuard:
 
     def handle(self, signum, frame):
         if self.phase == "setup":
-            raise utils.Terminated(self.message(None, "before the training loop began"))
+            raise core.Terminated(self.message(None, "before the training loop began"))
         if self.phase == "finishing":
-            raise utils.Terminated(self.message(None, "after the last step, before the final outputs were complete"))
+            raise core.Terminated(self.message(None, "after the last step, before the final outputs were complete"))
         if self.requested:
             return
         self.requested = True
@@ -121,7 +121,7 @@ class PreemptionGuard:
 
 
 def train_or_stop(trainer, resume: str | None, guard: PreemptionGuard):
-    """trainer.train(), with SIGTERM served as a checkpoint and utils.Terminated, and Ctrl-C
+    """trainer.train(), with SIGTERM served as a checkpoint and core.Terminated, and Ctrl-C
     naming the checkpoint to resume from."""
     import time
 
@@ -149,5 +149,5 @@ def train_or_stop(trainer, resume: str | None, guard: PreemptionGuard):
     if guard.requested:
         # The signal came after the last step (while the Trainer wrapped up); the final outputs
         # might not finish within the notice, and the newest checkpoint is the resume point.
-        raise utils.Terminated(guard.message(None, "after the last step, before the final outputs were complete"))
+        raise core.Terminated(guard.message(None, "after the last step, before the final outputs were complete"))
     return result

@@ -7,8 +7,7 @@ import hashlib
 import time
 from pathlib import Path
 
-import utils
-from reasonforge import checkpoints, configfile, grpo
+from reasonforge import checkpoints, configfile, core, grpo, models, rundirs
 from reasonforge.rewards import parse_rewards
 
 
@@ -20,7 +19,7 @@ class Phases:
     """
 
     def __init__(self, started: float | None = None):
-        self.started = started if started is not None else (utils.process_start_time() or time.time())
+        self.started = started if started is not None else (rundirs.process_start_time() or time.time())
         self.marks: list[tuple[str, float]] = []
 
     def mark(self, name: str) -> None:
@@ -39,7 +38,7 @@ class Phases:
 
     @staticmethod
     def line(spans: dict[str, float]) -> str:
-        return ", ".join(f"{name} {utils.sig4(s)} s" for name, s in spans.items())
+        return ", ".join(f"{name} {core.sig4(s)} s" for name, s in spans.items())
 
 
 def print_setup(run) -> None:
@@ -95,9 +94,9 @@ def print_setup(run) -> None:
         print(f"Rollouts:   engine {run.engine} ({how})"
               + (f"; {gen} completions generated per call" if gen else "; one optimizer step's completions per call"))
     print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
-    memory = utils.gpu_memory_stats()
+    memory = models.gpu_memory_stats()
     if memory:  # on a CPU there is nothing to say, once
-        print(utils.format_memory_stats(memory))
+        print(models.format_memory_stats(memory))
     print("=" * 72)
 
 
@@ -120,8 +119,8 @@ def training_config(run) -> dict:
            "rows": run.data.rows, "chat_template": run.data.template_name,
            "multi_turn_policy": MULTI_TURN_POLICY if run.config.method == "sft" else None,
            "dataset_manifest_sha256": manifest.get("content_sha256"), "dataset_source": manifest.get("source"),
-           "versions": utils.library_versions(), "gpu": utils.gpu_memory_stats()}
-    cfg = utils.redact_secrets(cfg)
+           "versions": core.library_versions(), "gpu": models.gpu_memory_stats()}
+    cfg = core.redact_secrets(cfg)
     cfg.update(auto_batch_plan=batch.auto, processes=run.processes,
                chat_template_sha256=hashlib.sha256(run.data.template_source.encode()).hexdigest())
     return cfg
@@ -132,7 +131,7 @@ def record_config(run) -> None:
     if run.resume:  # every rank checks, so that all of them refuse together
         config = checkpoints.check_resume_settings(config, Path(run.resume), run.config.out, announce=run.main_rank)
     if run.main_rank:
-        utils.atomic_write_json(run.config.out / "training_config.json", config)
+        core.atomic_write_json(run.config.out / "training_config.json", config)
 
 
 def print_summary(run, metrics: dict, final: Path, plotted: bool) -> None:
@@ -141,28 +140,28 @@ def print_summary(run, metrics: dict, final: Path, plotted: bool) -> None:
     checkpoint = Path(str(metrics["best_checkpoint"])).name
     if c.method == "grpo":  # GRPO's loss is a policy-gradient surrogate near 0, not a measure of anything learned
         first, last = metrics.get("train_reward_first"), metrics.get("train_reward_last")
-        reward = (f"train reward {utils.sig4(first)} -> {utils.sig4(last)} (mean over each step's completions)"
+        reward = (f"train reward {core.sig4(first)} -> {core.sig4(last)} (mean over each step's completions)"
                   if first is not None else "no reward logged")
         print(f"Steps: {metrics['global_step']}, {reward}, best {metrics['best_metric_name']} "
-              f"{utils.sig4(metrics['best_metric'])} ({checkpoint})")
+              f"{core.sig4(metrics['best_metric'])} ({checkpoint})")
     else:
-        print(f"Steps: {metrics['global_step']}, train loss {utils.sig4(metrics['train_loss_first'])} -> "
-              f"{utils.sig4(metrics['train_loss_last'])}, best validation loss "
-              f"{utils.sig4(metrics['best_validation_loss'])} ({checkpoint})")
+        print(f"Steps: {metrics['global_step']}, train loss {core.sig4(metrics['train_loss_first'])} -> "
+              f"{core.sig4(metrics['train_loss_last'])}, best validation loss "
+              f"{core.sig4(metrics['best_validation_loss'])} ({checkpoint})")
     steady = metrics.get("steady_tokens_per_s")
     if metrics.get("setup_phases_s"):
         print(f"Setup: {Phases.line(metrics['setup_phases_s'])}")
     if metrics.get("time_to_first_step_s") is None:
         print(f"Time: no step trained in this run; training loop {metrics['runtime_s']:.1f} s in all")
     else:
-        print(f"Time: first step {utils.sig4(metrics['time_to_first_step_s'])} s after start "
-              f"(the step itself {utils.sig4(metrics.get('first_step_s'))} s); then "
+        print(f"Time: first step {core.sig4(metrics['time_to_first_step_s'])} s after start "
+              f"(the step itself {core.sig4(metrics.get('first_step_s'))} s); then "
               + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
                  "too few steps for a steady rate")
               + f"; training loop {metrics['runtime_s']:.1f} s in all")
-    memory = utils.gpu_memory_stats()
+    memory = models.gpu_memory_stats()
     if memory:
-        print(utils.format_memory_stats(memory))
+        print(models.format_memory_stats(memory))
     print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(c.out / 'loss_curve.png').resolve()}" if plotted else ""))
     if (c.out / "reward_curve.png").is_file() and c.method == "grpo":
         print(f"Reward curve: {(c.out / 'reward_curve.png').resolve()}")

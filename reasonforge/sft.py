@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import utils
+from reasonforge import chat_format, core, s3
 from utils import UserError
 
 log = logging.getLogger("reasonforge.train")
@@ -42,14 +42,14 @@ def dataset_location(config) -> str:
     """Where --dataset-path is: an s3:// URI (also a bucket-relative path under --from-s3) or an
     absolute local folder. reasonforge.json records it, so evaluation can find the same rows."""
     path = config.dataset_path
-    if config.from_s3 and utils.path_kind(path) != "s3":
+    if config.from_s3 and core.path_kind(path) != "s3":
         return f"s3://{config.s3_bucket}/{path.strip('/')}"
-    return utils.absolute_if_local(path)
+    return core.absolute_if_local(path)
 
 
 def load_dataset(config):
     """(DatasetDict, manifest) of --dataset-path, fetched first when it is on S3."""
-    return utils.load_prepared_dataset(utils.fetch_if_s3(dataset_location(config)))
+    return chat_format.load_prepared_dataset(s3.fetch_if_s3(dataset_location(config)))
 
 
 def choose_template(config, manifest: dict, tokenizer) -> tuple[str, str]:
@@ -58,7 +58,7 @@ def choose_template(config, manifest: dict, tokenizer) -> tuple[str, str]:
     if requested == "dataset":
         recorded = manifest.get("chat_template", {})
         if recorded.get("source") and "preview" not in str(recorded.get("name")):
-            misfit = utils.template_misfit(recorded["source"], tokenizer)
+            misfit = chat_format.template_misfit(recorded["source"], tokenizer)
             if misfit:
                 raise UserError(
                     f"the dataset's recorded template {recorded.get('name')!r} does not fit {config.model_name}: {misfit}; "
@@ -66,9 +66,9 @@ def choose_template(config, manifest: dict, tokenizer) -> tuple[str, str]:
             return recorded.get("name", "dataset"), recorded["source"]
         log.info("the dataset records no template of its own (only a preview's); using the model's")
         requested = "auto"
-    name, source = utils.resolve_chat_template(requested, tokenizer)
-    misfit = utils.template_misfit(source, tokenizer)
-    if misfit and requested in utils.BUILTIN_TEMPLATES:
+    name, source = chat_format.resolve_chat_template(requested, tokenizer)
+    misfit = chat_format.template_misfit(source, tokenizer)
+    if misfit and requested in chat_format.BUILTIN_TEMPLATES:
         log.warning("--chat-template %s does not fit %s (%s); using it because it was named", name, config.model_name, misfit)
     return name, source
 
@@ -76,7 +76,7 @@ def choose_template(config, manifest: dict, tokenizer) -> tuple[str, str]:
 def tokenize_splits(dd, tokenizer, template_source: str, config):
     """Render with the chosen template, tokenize and mask; rows over --max-seq-length are dropped
     (or cut with --long-rows truncate) and rows left with no target are dropped. A multi-turn row
-    whose template rewrites earlier turns becomes one row per assistant turn (utils.encode_rows).
+    whose template rewrites earlier turns becomes one row per assistant turn (chat_format.encode_rows).
 
     Returns (train, validation, counts per split for the banner and training_config.json).
     """
@@ -85,7 +85,7 @@ def tokenize_splits(dd, tokenizer, template_source: str, config):
     def encode(batch):
         out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "n_target": [], "turns": []}
         for messages in batch["messages"]:
-            rows = utils.encode_rows(messages, tokenizer, config.train_on_responses_only, limit, template_source)
+            rows = chat_format.encode_rows(messages, tokenizer, config.train_on_responses_only, limit, template_source)
             for i, row in enumerate(rows):
                 for key in ("input_ids", "labels", "n_tokens", "n_target"):
                     out[key].append(row[key])
@@ -99,12 +99,12 @@ def tokenize_splits(dd, tokenizer, template_source: str, config):
         # In memory: no cache files written into the prepared dataset folder (shared by every rank).
         ds = ds.map(encode, batched=True, batch_size=64, remove_columns=ds.column_names, desc=f"tokenizing {split}",
                     keep_in_memory=True,
-                    new_fingerprint=utils.map_fingerprint(ds, tokenizer, "sft", template_source, limit,
+                    new_fingerprint=chat_format.map_fingerprint(ds, tokenizer, "sft", template_source, limit,
                                                           config.train_on_responses_only))
         lengths = ds.select_columns(["n_tokens", "n_target", "turns"]).to_list()
         over = [r["n_tokens"] > limit for r in lengths]
         no_target = [r["n_target"] == 0 for r in lengths]
-        keep = [utils.keeps_row(r, limit, config.long_rows) for r in lengths]
+        keep = [chat_format.keeps_row(r, limit, config.long_rows) for r in lengths]
         per_turn = [r["turns"] for r in lengths if r["turns"] > 1]
         counts[split] = {"rows": len(ds), "over_max_seq_length": sum(over), "kept": sum(keep),
                          "longest_tokens": max(ds["n_tokens"]), "no_answer_tokens": sum(no_target),

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import utils
+from reasonforge import core
 from reasonforge.core import DuplicateKey, unique_keys
 from utils import UserError
 
@@ -216,25 +216,25 @@ def load_source(args):
 
     name = args.dataset
     if name in ("sample", "sample-easy"):
-        import sample_data
+        from reasonforge import sample_data
 
         n = args.max_samples or 3000
         return datasets.Dataset.from_list(sample_data.sample_rows(n, seed=1234, level=name)), f"builtin:{name}"
-    if utils.path_kind(name) == "s3":
+    if core.path_kind(name) == "s3":
         raise UserError(f"--dataset {name} is on S3, which data preparation does not read; copy it here first "
                         f"(aws s3 cp --recursive {name} ./raw_data/) and pass --dataset ./raw_data")
     path = Path(name).expanduser()
-    if utils.path_kind(name) == "local" or path.suffix.lower() in FILE_TYPES:
+    if core.path_kind(name) == "local" or path.suffix.lower() in FILE_TYPES:
         if not path.exists():
             raise UserError(f"dataset path {name!r} does not exist; pass a file, a folder, a Hub id or 'sample'")
         return load_local(path, args.split, check_schemas=not args.column_map), f"local:{path.resolve()}"
     try:
         ds = datasets.load_dataset(name, split=args.split)
     except ValueError as exc:
-        raise UserError(f"dataset {name!r} has no split {args.split!r}: {utils.first_line(exc)}") from exc
+        raise UserError(f"dataset {name!r} has no split {args.split!r}: {core.first_line(exc)}") from exc
     except Exception as exc:  # the Hub raises many kinds: offline, gated, missing
         raise UserError(
-            f"cannot load {name!r} from the Hugging Face Hub ({type(exc).__name__}: {utils.first_line(exc, 200)}); "
+            f"cannot load {name!r} from the Hugging Face Hub ({type(exc).__name__}: {core.first_line(exc, 200)}); "
             "check the id and network, or pass a local file / 'sample'"
         ) from exc
     return ds, f"hub:{name}"
@@ -271,7 +271,7 @@ def load_local(path: Path, split: str, check_schemas: bool = True):
             loaded = datasets.load_from_disk(str(path))
         except Exception as exc:  # datasets raises file, JSON and arrow errors for a damaged folder
             raise UserError(f"cannot load the save_to_disk folder {path} ({type(exc).__name__}: "
-                            f"{utils.first_line(exc, 160)}); save it again or point --dataset at the source files") from exc
+                            f"{core.first_line(exc, 160)}); save it again or point --dataset at the source files") from exc
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise UserError(f"{path} has splits {list(loaded)}, not {split!r}; pass --split NAME")
@@ -307,6 +307,6 @@ def _read_files(kind: str, files: list[str], options: dict, kinds: dict, path: P
         hint = {"json": ("; a field whose values have different structures (a list in one record, an object in "
                          "another) or a number beyond float range (1e400: write it as a string) stops the reader"),
                 "csv": "; check that every row has the header's number of columns and that the file has data rows"}
-        raise UserError(f"cannot read {path} as {kind}: {utils.first_line(exc)}{hint.get(kind, '')}") from exc
+        raise UserError(f"cannot read {path} as {kind}: {core.first_line(exc)}{hint.get(kind, '')}") from exc
     return text_as_written(ds, files, kinds) if kinds else ds
 

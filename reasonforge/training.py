@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import utils
-from reasonforge import acceleration, checkpoints, compile_cache, grpo, outputs, preemption, report, sft
+from reasonforge import acceleration, checkpoints, compile_cache, core, generation, grpo, models, outputs, preemption, report, rundirs, s3, sft
 from utils import UserError
 
 log = logging.getLogger("reasonforge.train")
@@ -112,11 +111,11 @@ class TrainConfig:
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
     @property
-    def run_uri(self) -> utils.S3Uri | None:
+    def run_uri(self) -> s3.S3Uri | None:
         """s3://BUCKET/adapters/RUN/, the mirror of checkpoints and outputs; None when nothing is uploaded."""
         if not self.s3_bucket or self.skip_s3_upload:
             return None
-        return utils.S3Uri(self.s3_bucket, f"adapters/{self.run_name}")
+        return s3.S3Uri(self.s3_bucket, f"adapters/{self.run_name}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ def rollout_engine_and_backend(config: TrainConfig) -> tuple[str, str]:
     on a GPU, so it is asked for with --engine static, which brings --backend hf with it."""
     if config.method != "grpo" or config.engine != "static":
         return "generate", config.backend
-    return utils.resolve_engine("static", config.backend)
+    return generation.resolve_engine("static", config.backend)
 
 
 def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tuple | None = None) -> Run:
@@ -188,7 +187,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     """
     phases = report.Phases()
     engine, backend_flag = rollout_engine_and_backend(config)
-    backend, backend_reason = utils.choose_backend(backend_flag)
+    backend, backend_reason = models.choose_backend(backend_flag)
     if backend_flag != config.backend:
         backend_reason = ("grpo's rollouts through the static engine run transformers' forward (Unsloth's patched "
                           "attention keeps a KV cache of its own)")
@@ -205,7 +204,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     if mirror is not None:
         cache += f"; S3 copy: {restored}"
     if backend == "unsloth":
-        utils.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
+        models.import_unsloth_first()  # before datasets/transformers/peft are imported, so its patches apply
     check_trainer_names(config)
     state = distributed_state()
     guard = preemption.PreemptionGuard(argv, config.out, config.sigterm_deadline_s, config.run_uri,
@@ -362,9 +361,9 @@ def claim_output_dir(config: TrainConfig) -> None:
     # One run per folder: two would interleave checkpoints and metrics. Released by cli_entry.
     created = not config.out.exists()
     config.out.mkdir(parents=True, exist_ok=True)
-    utils.RunLock(config.out, remove_if_empty=created).acquire()
+    rundirs.RunLock(config.out, remove_if_empty=created).acquire()
     if config.run_uri is not None:
-        utils.check_s3_bucket(config.s3_bucket, "upload")
+        s3.check_s3_bucket(config.s3_bucket, "upload")
     # a checkpoint belongs to its run: a new run never starts among another run's checkpoints
     problem = checkpoints.previous_run_problem(config.out, config.run_uri, config.resume_from_checkpoint)
     if problem:
@@ -376,11 +375,11 @@ def load_base_model(config: TrainConfig, backend: str, main_rank: bool):
     from transformers import set_seed
 
     set_seed(config.seed)
-    model, tokenizer, info = utils.load_model(config.model_name, backend=backend, max_seq_length=config.max_seq_length,
+    model, tokenizer, info = models.load_model(config.model_name, backend=backend, max_seq_length=config.max_seq_length,
                                               load_in_4bit=config.load_in_4bit, trust_remote_code=config.trust_remote_code)
-    memory = utils.gpu_memory_stats()
+    memory = models.gpu_memory_stats()
     if main_rank and memory:
-        print(f"after model load: {utils.format_memory_stats(memory)}")
+        print(f"after model load: {models.format_memory_stats(memory)}")
     return model, tokenizer, info
 
 
@@ -439,9 +438,9 @@ def load_init_adapter(model, config: TrainConfig) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    folder = utils.fetch_if_s3(config.init_adapter)
-    utils.check_model_path(str(folder), needs=("adapter_config.json",), what="--init-adapter adapter")
-    saved = utils.read_json(folder / "adapter_config.json", "--init-adapter's adapter_config.json")
+    folder = s3.fetch_if_s3(config.init_adapter)
+    models.check_model_path(str(folder), needs=("adapter_config.json",), what="--init-adapter adapter")
+    saved = core.read_json(folder / "adapter_config.json", "--init-adapter's adapter_config.json")
     wanted = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.targets)}
     found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "target_modules": sorted(saved.get("target_modules") or [])}
     if found != wanted:
@@ -449,7 +448,7 @@ def load_init_adapter(model, config: TrainConfig) -> None:
                         f"{','.join(found['target_modules'])}; pass --lora-r {found['r']} --lora-alpha {found['lora_alpha']} "
                         f"--target-modules {','.join(found['target_modules'])} to continue it")
     recorded = init_adapter_base(folder, saved)
-    if recorded and utils.absolute_if_local(recorded) != utils.absolute_if_local(config.model_name):
+    if recorded and core.absolute_if_local(recorded) != core.absolute_if_local(config.model_name):
         # as evaluation does for --base-model: the same model under another path or id is common; the shapes are checked below
         log.warning("--init-adapter %s was trained on %s, not --model-name %s; continuing it on %s",
                     config.init_adapter, recorded, config.model_name, config.model_name)
@@ -467,8 +466,8 @@ def load_init_adapter(model, config: TrainConfig) -> None:
 
 def init_adapter_base(folder: Path, adapter_config: dict) -> str | None:
     """The base model an adapter folder records: train_lora's run info, else PEFT's config."""
-    info = folder / utils.RUN_INFO_FILE
-    recorded = utils.read_json(info, "the adapter's run info").get("base_model") if info.is_file() else None
+    info = folder / models.RUN_INFO_FILE
+    recorded = core.read_json(info, "the adapter's run info").get("base_model") if info.is_file() else None
     return recorded or adapter_config.get("base_model_name_or_path")
 
 
@@ -545,7 +544,7 @@ def finish(run: Run, result: Result) -> None:
         c = run.config
         final = outputs.save_final_model(run, result.trainer)
         metrics = outputs.collect_metrics(run, result)
-        utils.atomic_write_json(c.out / "training_metrics.json", metrics)
+        core.atomic_write_json(c.out / "training_metrics.json", metrics)
         title = outputs.plot_title(run)
         # GRPO's curve is its rewards: its loss is a surrogate near 0 and its validation measures rewards, not loss
         plotted = c.method == "sft" and outputs.plot_losses(metrics["history"], c.out / "loss_curve.png", title)

@@ -290,14 +290,12 @@ def one_error_line(capsys) -> str:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if a script gets as far as loading a model: its check came too late."""
-    import reasonforge.generation
-    import utils
+    import reasonforge.models
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(utils, "load_model", refuse)  # training's call
-    monkeypatch.setattr(reasonforge.generation, "load_model", refuse)  # evaluation's and chat's, via load_for_inference
+    monkeypatch.setattr(reasonforge.models, "load_model", refuse)  # training's, evaluation's and chat's
 
 
 def train_argv(model, data, out, *extra):

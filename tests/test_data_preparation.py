@@ -47,7 +47,7 @@ def test_sample_default_outputs(tmp_path):
 
 
 def test_sample_answers_follow_from_worked_steps():
-    import sample_data
+    from reasonforge import sample_data
 
     rows = sample_data.sample_rows(70, seed=3)
     assert len({r["sub-domain"] for r in rows}) == len(sample_data.FAMILIES)

@@ -19,7 +19,7 @@ import pytest
 
 import data_preparation as dp
 import train_lora
-from reasonforge import callbacks, checkpoints, preemption
+from reasonforge import callbacks, checkpoints, models, preemption
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def test_sigterm_before_training_stops_at_once_with_the_resume_command(tmp_path,
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM should have stopped the model load")
 
-    monkeypatch.setattr(utils, "load_model", load_then_signal)
+    monkeypatch.setattr(models, "load_model", load_then_signal)
     code = train_lora.main(train_argv(tiny_model, sample_dataset, tmp_path / "run"))
     err = capsys.readouterr().err
     assert code == 143 and "stopped by SIGTERM before the training loop began" in err

@@ -26,14 +26,12 @@ def test_a_new_run_is_refused_in_a_finished_runs_folder(tiny_model, sample_datas
     before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     metrics = (out / "training_metrics.json").read_text()
 
-    import reasonforge.generation
-    import utils
+    import reasonforge.models
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the run was refused")
 
-    monkeypatch.setattr(utils, "load_model", refuse)
-    monkeypatch.setattr(reasonforge.generation, "load_model", refuse)
+    monkeypatch.setattr(reasonforge.models, "load_model", refuse)
     code = train_lora.main(argv(tiny_model, sample_dataset, out, "--max-steps", "2", "--learning-rate", "1e-3"))
     line = one_error_line(capsys)
     assert code == 2
