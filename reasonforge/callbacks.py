@@ -14,7 +14,7 @@ from typing import Callable
 from transformers import TrainerCallback
 
 from reasonforge import core, models, progress, rundirs
-from utils import UserError
+from reasonforge.core import UserError
 
 
 class StepLogger(TrainerCallback):

@@ -7,8 +7,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from reasonforge import core, rundirs, s3
-from utils import UserError
+from reasonforge import core, rundirs, s3, train_config
+from reasonforge.core import UserError
 
 log = logging.getLogger("reasonforge.train")
 
@@ -226,36 +226,25 @@ def resume_on_all_ranks(spec: str | None, output_dir: Path, run_uri: s3.S3Uri | 
 # Settings a resume may and may not change
 # ---------------------------------------------------------------------------------------------
 
-# What a resume cannot change: the adapter's shape, the tokens the checkpoint was trained on, and
-# the optimizer whose state it holds. Loading it under other values crashes (shapes, optimizer
-# state) or quietly trains on other data than the first part of the run.
-FIXED_ON_RESUME = {"model_name": "--model-name", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha",
-                   "lora_dropout": "--lora-dropout", "target_modules": "--target-modules",
-                   "max_seq_length": "--max-seq-length", "packing": "--packing"}
-# What a resume can change, and what the change does. In transformers 5.17 the restored optimizer
-# brings back its param groups (learning rate, weight decay) and the restored LambdaLR its base
-# learning rates, while the schedule's shape (warmup, decay, total steps) is rebuilt from this run's
-# arguments; the data position is recomputed as global_step % steps-per-epoch.
-RESHAPED = ("; the schedule's shape is rebuilt on the checkpoint's base learning rate from the second resumed step "
-            "on (the first uses the rate the checkpoint's schedule had reached)")
-CHANGEABLE_ON_RESUME = {
-    "learning_rate": ("--learning-rate", "kept", "the restored optimizer and scheduler keep {old}'s schedule"),
-    "weight_decay": ("--weight-decay", "kept", "the restored optimizer keeps weight decay {old}"),
-    "warmup_steps": ("--warmup-steps", "applied", "takes effect" + RESHAPED),
-    "lr_scheduler": ("--lr-scheduler", "applied", "takes effect" + RESHAPED),
-    "max_steps": ("--max-steps", "applied", "takes effect: training ends at the new length" + RESHAPED),
-    "num_epochs": ("--num-epochs", "applied", "takes effect: training ends at the new length" + RESHAPED),
-    "seed": ("--seed", "applied", "takes effect on the data order: the shuffle follows --seed, so rows of the "
-                                  "current epoch are repeated or skipped"),
-    "train_on_responses_only": ("--train-on-responses-only", "applied", "takes effect: the loss now covers other tokens"),
-    "save_steps": ("--save-steps", "applied", "takes effect"),
-    "eval_steps": ("--eval-steps", "applied", "takes effect"),
-    "logging_steps": ("--logging-steps", "applied", "takes effect"),
-    "save_total_limit": ("--save-total-limit", "applied", "takes effect"),
-    "early_stopping_patience": ("--early-stopping-patience", "applied", "takes effect"),
-    "gradient_checkpointing": ("--gradient-checkpointing", "applied", "takes effect (memory and speed only)"),
-    "load_in_4bit": ("4-bit loading", "applied", "takes effect: the base weights are loaded at the new precision"),
-}
+# What a resume may change and what not is each flag's `resume` rule in train_config.py: "fixed"
+# flags fix the adapter's shape, its data or its optimizer state; loading a checkpoint under other
+# values crashes (shapes, optimizer state) or quietly trains on other data than the first part of
+# the run. In transformers 5.17 the restored optimizer brings back its param groups (learning rate,
+# weight decay) and the restored LambdaLR its base learning rates ("kept"), while the schedule's
+# shape (warmup, decay, total steps) is rebuilt from this run's arguments; the data position is
+# recomputed as global_step % steps-per-epoch.
+def fixed_on_resume() -> dict[str, str]:
+    """{field: how messages name it} of the flags a resume cannot change."""
+    return {name: train_config.shown_name(f) for name, f in train_config.resume_rules("fixed").items()}
+
+
+def changeable_on_resume() -> dict[str, tuple[str, str, str]]:
+    """{field: (name, "kept" | "applied", what the change does)} of the flags a resume may change."""
+    out = {}
+    for rule in ("kept", "applied"):
+        for name, f in train_config.resume_rules(rule).items():
+            out[name] = (train_config.shown_name(f), rule, f.metadata.get("effect") or "takes effect")
+    return out
 
 
 def _setting(config: dict, key: str):
@@ -279,8 +268,10 @@ def recorded_config(ckpt: Path, output_dir: Path) -> dict | None:
 
 def resume_differences(config: dict, recorded: dict) -> tuple[list[str], list[dict]]:
     """(settings that forbid the resume, notes on settings that differ but may), each in words."""
+    # a flag newer than the checkpoint's record is not compared: its value then is unknown
     refused = [f"{flag} {_shown(_setting(config, key))} (checkpoint: {_shown(_setting(recorded, key))})"
-               for key, flag in FIXED_ON_RESUME.items() if _setting(config, key) != _setting(recorded, key)]
+               for key, flag in fixed_on_resume().items()
+               if key in recorded.get("arguments", {}) and _setting(config, key) != _setting(recorded, key)]
     for key, flag in (("optim", "--optim"), ("dataset_manifest_sha256", "dataset content"),
                       ("chat_template_sha256" if "chat_template_sha256" in recorded else "chat_template", "chat template")):
         now, then = config.get(key), recorded.get(key)
@@ -302,7 +293,7 @@ def resume_differences(config: dict, recorded: dict) -> tuple[list[str], list[di
         notes.append({"setting": "effective batch", "checkpoint": old_effective, "now": new_effective, "effect": effect,
                       "text": f"batch (--batch-size x --gradient-accumulation-steps x processes) {new_shown} differs "
                               f"from the checkpoint's {old_shown}: {effect}"})
-    for key, (flag, kind, effect) in CHANGEABLE_ON_RESUME.items():
+    for key, (flag, kind, effect) in changeable_on_resume().items():
         now, then = _setting(config, key), _setting(recorded, key)
         if key not in recorded.get("arguments", {}) or now == then:
             continue
@@ -310,6 +301,23 @@ def resume_differences(config: dict, recorded: dict) -> tuple[list[str], list[di
         notes.append({"setting": key, "checkpoint": then, "now": now, "kept": kind == "kept", "effect": effect,
                       "text": f"{flag} {now} differs from the checkpoint's {then}: {effect}"})
     return refused, notes
+
+
+def refuse(ckpt: Path, refused: list[str]) -> None:
+    if refused:
+        raise UserError(
+            f"cannot resume from {ckpt}: {'; '.join(refused)}. These fix the adapter's shape, its data or its "
+            "optimizer state: resume with the checkpoint's values, or start a new run (a new --output-dir "
+            "without --resume-from-checkpoint)"
+        )
+
+
+def refuse_resume_early(config: dict, ckpt: Path, output_dir: Path) -> None:
+    """check_resume_settings' refusals on what is known before the model loads (the flags, the
+    optimizer, the dataset); the notes on changed settings come with the full check."""
+    recorded = recorded_config(ckpt, output_dir)
+    if recorded is not None:
+        refuse(ckpt, resume_differences(config, recorded)[0])
 
 
 def check_resume_settings(config: dict, ckpt: Path, output_dir: Path, announce: bool = True) -> dict:
@@ -324,12 +332,7 @@ def check_resume_settings(config: dict, ckpt: Path, output_dir: Path, announce: 
             log.warning("%s records no settings (training_config.json): resuming without comparing them", ckpt)
         return config
     refused, notes = resume_differences(config, recorded)
-    if refused:
-        raise UserError(
-            f"cannot resume from {ckpt}: {'; '.join(refused)}. These fix the adapter's shape, its data or its "
-            "optimizer state: resume with the checkpoint's values, or start a new run (a new --output-dir "
-            "without --resume-from-checkpoint)"
-        )
+    refuse(ckpt, refused)
     config = json.loads(json.dumps(config, default=str))
     for note in notes:
         if announce:

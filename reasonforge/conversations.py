@@ -12,7 +12,7 @@ import statistics
 import unicodedata
 
 from reasonforge import chat_format
-from utils import UserError
+from reasonforge.core import UserError
 
 log = logging.getLogger("reasonforge.data")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from reasonforge import core, models, rundirs, s3, sft
 from reasonforge.checkpoints import is_checkpoint, local_checkpoints
-from utils import UserError
+from reasonforge.core import UserError
 
 
 # ---------------------------------------------------------------------------------------------

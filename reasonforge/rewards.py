@@ -12,7 +12,7 @@ import math
 from typing import Callable
 
 from reasonforge.answers import answer_lines, answers_match, final_answer
-from utils import UserError
+from reasonforge.core import UserError
 
 DEFAULT_REWARDS = "correctness=1,format=0.2"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonforge import chat_format, core, s3
-from utils import UserError
+from reasonforge.core import UserError
 
 log = logging.getLogger("reasonforge.train")
 

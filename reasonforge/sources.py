@@ -11,7 +11,7 @@ from pathlib import Path
 
 from reasonforge import core
 from reasonforge.core import DuplicateKey, unique_keys
-from utils import UserError
+from reasonforge.core import UserError
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

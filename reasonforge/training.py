@@ -13,109 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from reasonforge import acceleration, checkpoints, compile_cache, core, generation, grpo, models, outputs, preemption, report, rundirs, s3, sft
-from utils import UserError
+from reasonforge.core import UserError
+from reasonforge.train_config import TrainConfig
 
 log = logging.getLogger("reasonforge.train")
-
-# GRPO's updates come from sampled rewards, far noisier than SFT's token targets; Unsloth's and
-# TRL's GRPO recipes for LoRA on 1-8B models use 5e-6, SFT's usual LoRA rate 2e-4.
-DEFAULT_LEARNING_RATE = {"sft": 2e-4, "grpo": 5e-6}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """train_lora.py's flags, one field each in the parser's order, built once after validation.
-
-    Never changed afterwards: what setup learns (the batch --auto-batch picks, the template, row
-    counts, precision) goes on the Run.
-    """
-
-    model_name: str
-    backend: str
-    max_seq_length: int
-    load_in_4bit: bool
-    trust_remote_code: bool
-    dataset_path: str
-    from_s3: bool
-    chat_template: str
-    long_rows: str
-    train_on_responses_only: bool
-    packing: bool
-    num_epochs: float
-    max_steps: int
-    batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    weight_decay: float
-    warmup_steps: int
-    lr_scheduler: str
-    optim: str
-    seed: int
-    auto_batch: bool
-    gpu_memory_gib: float | None
-    gradient_checkpointing: str
-    logging_steps: int
-    graph_wrapper: str
-    cuda_graphs: str
-    compile_cache_dir: str
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    target_modules: str
-    output_dir: str
-    run_name: str
-    save_steps: int
-    save_total_limit: int | None
-    eval_steps: int | None
-    early_stopping_patience: int | None
-    resume_from_checkpoint: str | None
-    save_merged: bool
-    save_gguf: str | None
-    sigterm_deadline_s: float
-    s3_bucket: str | None
-    skip_s3_upload: bool
-    push_to_hub: str | None
-    method: str
-    init_adapter: str | None
-    rewards: str
-    num_generations: int
-    max_completion_length: int
-    beta: float
-    temperature: float
-    engine: str
-    prompts_per_generation: int | None
-    verbose: bool
-    config: str | None = None
-    # where each value not left at its default came from ({flag: "command line" | "config"})
-    settings_from: dict = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_args(cls, args) -> TrainConfig:
-        """From train_lora.build_parser()'s namespace; --run-name defaults to the output folder's name
-        and --learning-rate to the method's."""
-        return cls(**{**vars(args), "settings_from": getattr(args, "settings_from", {}),
-                      "run_name": args.run_name or Path(args.output_dir).resolve().name,
-                      "learning_rate": args.learning_rate or DEFAULT_LEARNING_RATE[args.method]})
-
-    @property
-    def out(self) -> Path:
-        return Path(self.output_dir)
-
-    @property
-    def method_module(self):
-        """The module of --method: its prepare_data(config, dataset, tokenizer) and build_trainer(run, callbacks)."""
-        return grpo if self.method == "grpo" else sft
-
-    @property
-    def targets(self) -> list[str]:
-        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
-
-    @property
-    def run_uri(self) -> s3.S3Uri | None:
-        """s3://BUCKET/adapters/RUN/, the mirror of checkpoints and outputs; None when nothing is uploaded."""
-        if not self.s3_bucket or self.skip_s3_upload:
-            return None
-        return s3.S3Uri(self.s3_bucket, f"adapters/{self.run_name}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +70,11 @@ class Result:
 # ---------------------------------------------------------------------------------------------
 
 
+def method_module(config: TrainConfig):
+    """The module of --method: its prepare_data(config, dataset, tokenizer) and build_trainer(run, callbacks)."""
+    return grpo if config.method == "grpo" else sft
+
+
 def rollout_engine_and_backend(config: TrainConfig) -> tuple[str, str]:
     """(what generates grpo's rollouts, the --backend to load with). sft generates nothing. grpo's
     auto keeps TRL's generate on the backend chosen for training: the static engine needs
@@ -216,6 +122,15 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
     phases.mark("imports")
     dataset = sft.load_dataset(config) if pretokenized is None else None
     phases.mark("dataset load")
+    optim, optim_reason = choose_optim(config.optim)
+    # the checkpoint is found and its settings compared before minutes of model loading; only the
+    # template's hash waits for the tokenizer (report.record_config)
+    resume = checkpoints.resume_on_all_ranks(config.resume_from_checkpoint, config.out, config.run_uri, state)
+    if resume:
+        manifest = dataset[1] if dataset is not None else {}
+        checkpoints.refuse_resume_early({"arguments": dataclasses.asdict(config), "optim": optim,
+                                         "dataset_manifest_sha256": manifest.get("content_sha256")}, Path(resume),
+                                        config.out)
     model, tokenizer, info = load_base_model(config, backend, state.is_main_process)
     phases.mark("model load")
     cleanup = contextlib.ExitStack()
@@ -225,7 +140,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         cleanup.callback(undo)
         batch = acceleration.choose_batch(config, model, backend)
         data = (sft.Data.given(*pretokenized) if dataset is None
-                else config.method_module.prepare_data(config, dataset, tokenizer))
+                else method_module(config).prepare_data(config, dataset, tokenizer))
         tokenizer = sft.run_tokenizer(tokenizer, data)
         phases.mark("tokenise")
         lengths = train_lengths(config, data)
@@ -238,8 +153,6 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         if config.init_adapter:
             load_init_adapter(model, config)
         phases.mark("LoRA attach")
-        optim, optim_reason = choose_optim(config.optim)
-        resume = checkpoints.resume_on_all_ranks(config.resume_from_checkpoint, config.out, config.run_uri, state)
         total = acceleration.planned_steps(len(data.train), batch, epochs=config.num_epochs,
                                            max_steps=config.max_steps, processes=state.num_processes)
         done = checkpoints.checkpoint_step(Path(resume)) if resume else 0
@@ -521,7 +434,7 @@ def train(run: Run, callbacks: list = ()) -> Result:
     from reasonforge.callbacks import StopOnSigterm
 
     try:
-        trainer = run.config.method_module.build_trainer(run, [*standard_callbacks(run), *callbacks])
+        trainer = method_module(run.config).build_trainer(run, [*standard_callbacks(run), *callbacks])
         run.phases.mark("trainer build")
         trainer.add_callback(StopOnSigterm(run.guard))  # last, so that its on_save follows CheckpointSync's upload
         if torch.cuda.is_available():

@@ -8,7 +8,7 @@ import pytest
 
 import train_lora
 import utils
-from reasonforge import training
+from reasonforge import train_config, training
 
 
 def argv(model, data, out, *extra):
@@ -46,7 +46,7 @@ def test_sft_then_grpo_from_its_adapter(tiny_qwen25, sample_dataset, tmp_path):
     assert any("eval_share_correct" in r for r in records)
     assert (grpo / "reward_curve.png").stat().st_size > 0
     config = json.loads((grpo / "training_config.json").read_text())["arguments"]
-    assert config["learning_rate"] == training.DEFAULT_LEARNING_RATE["grpo"] and config["init_adapter"]
+    assert config["learning_rate"] == train_config.DEFAULT_LEARNING_RATE["grpo"] and config["init_adapter"]
 
     # Fresh LoRA starts with B = 0, and two steps at 5e-6 barely move it; the SFT run's B is far
     # from 0. A GRPO adapter that kept the SFT weights therefore keeps most of their size.

@@ -43,7 +43,8 @@ def test_checkpoint_carries_the_run_settings(finished_run):
         assert "training_config.json" in json.loads((finished_run / ckpt / checkpoints.CHECKPOINT_MARKER).read_text())["files"]
 
 
-def test_adapter_shape_change_refused_before_config_is_written(run_copy, tiny_model, sample_dataset, capsys):
+def test_adapter_shape_change_refused_before_config_is_written(run_copy, tiny_model, sample_dataset, capsys,
+                                                              no_model_load):
     before = (run_copy / "training_config.json").read_bytes()
     code = resume(tiny_model, sample_dataset, run_copy, "--lora-r", "8", "--target-modules", "q_proj,v_proj",
                   "--max-seq-length", "1024", "--max-steps", "6")
@@ -65,7 +66,7 @@ def test_refused_from_the_checkpoint_copy_alone(run_copy, tiny_model, sample_dat
     assert not (run_copy / "training_config.json").exists()
 
 
-def test_other_dataset_refused(run_copy, tiny_model, tmp_path, capsys):
+def test_other_dataset_refused(run_copy, tiny_model, tmp_path, capsys, no_model_load):
     other = tmp_path / "other-data"
     assert dp.main(["--dataset", "sample", "--max-samples", "60", "--skip-upload", "--output-dir", str(other)]) == 0
     capsys.readouterr()
@@ -120,3 +121,15 @@ def test_resume_differences_sorts_refusals_from_notes():
     assert "--learning-rate 0.0001 differs from the checkpoint's 0.0002: the restored optimizer and scheduler keep 0.0002's schedule" in text
     assert "--weight-decay 0.0 differs from the checkpoint's 0.01: the restored optimizer keeps weight decay 0.01" in text
     assert any(t.startswith("--seed 1 differs from the checkpoint's 3407: takes effect on the data order") for t in text)
+
+
+@pytest.mark.parametrize("change,shown", [(("--method", "grpo", "--num-generations", "4"), "--method grpo (checkpoint: sft)"),
+                                          (("--long-rows", "truncate"), "--long-rows truncate (checkpoint: drop)")])
+def test_method_and_long_rows_are_compared_before_the_model_loads(run_copy, tiny_model, sample_dataset, capsys,
+                                                                  no_model_load, change, shown):
+    """Every flag has a resume rule (train_config.py); the ones known without the model are checked
+    before it loads (no_model_load fails the test otherwise)."""
+    code = resume(tiny_model, sample_dataset, run_copy, *change)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and shown in err[-1] and err[-1].startswith("error: cannot resume from"), err[-3:]
+
