@@ -13,6 +13,7 @@ from typing import Iterator
 
 from reasonforge import progress
 from reasonforge.core import _PATH_ERRNO_FIXES, Terminated, UserError, describe_os_error, log
+from reasonforge.process_state import environment_restored
 from reasonforge.rundirs import RunLock
 
 
@@ -139,13 +140,14 @@ def pipe_safe_output() -> Iterator[None]:
 def cli_entry(main_fn):
     """Wrap a script's main(argv): user mistakes and an environment in the way (full disk,
     read-only folder, a file where a folder should be) become one line on stderr and exit code 2.
-    Run locks taken during the call are released however it ends."""
+    Run locks taken during the call are released however it ends, and the environment variables it
+    set are put back (a notebook or test calling main() keeps its own)."""
     import functools
 
     @functools.wraps(main_fn)
     def wrapper(argv=None) -> int:
         # the error lines below inside too: stderr may be a closed pipe as well
-        with pipe_safe_output():
+        with pipe_safe_output(), environment_restored():
             try:
                 check_utf8_arguments(sys.argv[1:] if argv is None else argv)
                 with sigterm_raises(), progress.library_bars_off_in_line_mode():

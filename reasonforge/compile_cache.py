@@ -25,8 +25,9 @@ FOLDERS = {
 }
 
 
-def use(folder: str | None, backend: str) -> str:
-    """Point the compile caches at `folder` (made if missing); returns the banner's account of it.
+def use(folder: str | None, backend: str, changes) -> str:
+    """Point the compile caches at `folder` (made if missing), through `changes` (the run's
+    ProcessChanges, which puts the variables back); returns the banner's account of it.
 
     Must run before Unsloth is imported, which reads its folder once. A variable the user set
     already wins. Folders are made owner-only because Unsloth refuses to load its bundle from a
@@ -38,6 +39,7 @@ def use(folder: str | None, backend: str) -> str:
         return "torch's and Unsloth's own defaults (--compile-cache-dir none)"
     root = Path(folder).expanduser().resolve()
     # a value that is already this folder's was set by an earlier setup in this process, not by the user
+    # (a run's ProcessChanges puts the variables back when it ends, but a failed one may not have run)
     kept = [var for var, sub in FOLDERS.items() if os.environ.get(var) and os.environ[var] != str(root / sub)]
     if len(kept) == len(FOLDERS):
         return "where the environment puts each cache (" + ", ".join(kept) + "); --compile-cache-dir not used"
@@ -55,7 +57,7 @@ def use(folder: str | None, backend: str) -> str:
         return f"the libraries' own folders ({root} could not be made: {e.strerror})"
     for var, sub in FOLDERS.items():  # only once every folder exists, so a failure changes nothing
         if var not in kept:
-            os.environ[var] = str(root / sub)
+            changes.setenv(var, str(root / sub))
     files, size = footprint(root)
     state = f"holds {files} files, {size / 2**20:.0f} MiB" if files else "empty: this run fills it"
     return f"{root} ({state})" + (f"; {', '.join(kept)} kept as set" if kept else "")

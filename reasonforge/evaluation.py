@@ -9,7 +9,7 @@ import math
 import time
 from pathlib import Path
 
-from reasonforge import answers, chat_format, core, generation, gguf, models, progress, s3
+from reasonforge import answers, chat_format, core, generation, gguf, gguf_runtime, models, progress, s3
 from reasonforge.core import UserError
 
 log = logging.getLogger("reasonforge.eval")
@@ -126,7 +126,7 @@ def dataset_to_evaluate(args) -> tuple[str, str]:
     if args.dataset_path:
         return args.dataset_path, "--dataset-path"
     if gguf.is_gguf(args.model_path):
-        recorded = (gguf.export_info(Path(args.model_path)).get("run_info") or {}).get("dataset_path")
+        recorded = (gguf_runtime.export_info(Path(args.model_path)).get("run_info") or {}).get("dataset_path")
     else:
         info = models.read_adapter_info(args.model_path) if core.path_kind(args.model_path) == "local" and \
             Path(args.model_path).is_dir() else None

