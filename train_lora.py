@@ -23,7 +23,8 @@ from pathlib import Path
 
 import utils
 from reasonforge import checkpoints, compile_cache, configfile, training
-from reasonforge.acceleration import CPP_WRAPPER_MIN_STEPS, cuda_graphs_obstacle, refuse_cuda_graphs
+from reasonforge.cuda_graphs import cuda_graphs_obstacle, refuse_cuda_graphs
+from reasonforge.graph_wrapper import CPP_WRAPPER_MIN_STEPS
 from reasonforge.outputs import run_dir_problem
 from reasonforge.rewards import DEFAULT_REWARDS, REWARDS
 from utils import UserError
