@@ -22,7 +22,7 @@ from pathlib import Path
 
 import utils
 from reasonforge import checkpoints, configfile, train_config, training
-from reasonforge.acceleration import cuda_graphs_obstacle, refuse_cuda_graphs
+from reasonforge.cuda_graphs import cuda_graphs_obstacle, refuse_cuda_graphs
 from reasonforge.outputs import run_dir_problem
 from utils import UserError
 

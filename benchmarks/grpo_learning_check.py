@@ -9,7 +9,8 @@ from the training ones by construction. Accuracy is greedy decoding scored by th
 evaluation uses (reasonforge.answers), before GRPO and after it with the trained LoRA adapter.
 
 Training goes through the functions train_lora.py --method grpo calls (reasonforge.grpo:
-grpo_rows, grpo_config, build_grpo_trainer; reasonforge.rewards), with LoRA attached by PEFT.
+grpo_rows, grpo_config; reasonforge.grpo_trainer.build_grpo_trainer; reasonforge.rewards), with
+LoRA attached by PEFT.
 The model runs in bf16, which halves CPU time on a machine with AVX-512 BF16 or AMX.
 """
 
@@ -103,10 +104,11 @@ def accuracy(model, tokenizer, rows, max_new_tokens: int, engine: str = "auto") 
 
 
 def train(model, tokenizer, train_rows, args) -> tuple[object, dict]:
-    """GRPO with LoRA through reasonforge.grpo; returns the trained model and the run's figures."""
+    """GRPO with LoRA through reasonforge.grpo and grpo_trainer; returns the trained model and the run's figures."""
     from peft import LoraConfig, get_peft_model
 
-    from reasonforge import grpo, rewards
+    from reasonforge import grpo, grpo_logs, grpo_trainer, rewards
+    from reasonforge.process_state import ProcessChanges
 
     weights = rewards.parse_rewards(args.rewards)
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
@@ -124,15 +126,18 @@ def train(model, tokenizer, train_rows, args) -> tuple[object, dict]:
                               lr_scheduler="constant_with_warmup", mask_truncated=args.mask_truncated)
     log_path = Path(args.run_dir) / "logs" / "metrics.jsonl"
     log_path.unlink(missing_ok=True)
-    trainer = grpo.build_grpo_trainer(model, tokenizer, train_ds, None, config, weights,
-                                      callbacks=[grpo.grpo_step_logger(log_path)], engine=args.engine == "static")
+    changes = ProcessChanges()
+    trainer = grpo_trainer.build_grpo_trainer(model, tokenizer, train_ds, None, config, weights,
+                                              callbacks=[grpo_logs.grpo_step_logger(log_path)],
+                                              engine=args.engine == "static", changes=changes)
     started = time.perf_counter()
-    trainer.train()
+    with changes:
+        trainer.train()
     seconds = time.perf_counter() - started
-    history = [h for h in trainer.state.log_history if grpo.reward_metric("correctness") in h]
-    grpo.plot_rewards(trainer.state.log_history, Path(args.run_dir) / "reward_curve.png")
+    history = [h for h in trainer.state.log_history if grpo_logs.reward_metric("correctness") in h]
+    grpo_logs.plot_rewards(trainer.state.log_history, Path(args.run_dir) / "reward_curve.png")
     trainer.save_model(str(Path(args.run_dir) / "final_model"))
-    correct = [h[grpo.reward_metric("correctness")] for h in history]
+    correct = [h[grpo_logs.reward_metric("correctness")] for h in history]
     quarter = max(len(correct) // 4, 1)
     return trainer.model, {"train_seconds": round(seconds, 1), "steps": trainer.state.global_step,
                            "train_correct_first_quarter": round(sum(correct[:quarter]) / quarter, 4),

@@ -24,7 +24,7 @@ utils.import_unsloth_first()
 import torch  # noqa: E402
 from unsloth.utils import attention_dispatch as dispatch  # noqa: E402
 
-from reasonforge import acceleration  # noqa: E402
+from reasonforge import packed_attention  # noqa: E402
 from bench_train import chat_length  # noqa: E402
 
 HEADS, KV_HEADS, DIM, LAYERS, ROW = 16, 2, 128, 36, 4096
@@ -53,7 +53,7 @@ def main() -> int:
     print("lengths", lengths)
     q = torch.randn(1, HEADS, ROW, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, KV_HEADS, ROW, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
-    route, undo = acceleration.route_packed_attention(dispatch, acceleration.flash_varlen_available())
+    route, undo = packed_attention.route_packed_attention(dispatch, packed_attention.flash_varlen_available())
     print("route", route)
     groups = HEADS // KV_HEADS
     print("takes", dispatch._torch_varlen_takes(q, k, v, {}, True, None),

@@ -166,7 +166,7 @@ class Mirror:
         import tarfile
         import tempfile
 
-        from reasonforge import core, s3
+        from reasonforge import s3
 
         with tempfile.TemporaryDirectory(dir=self.root.parent, prefix=".compile-cache-") as tmp:
             tar = Path(tmp) / TAR

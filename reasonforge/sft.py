@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reasonforge import chat_format, core, s3
+from reasonforge import chat_format, core, s3, training_args
 from reasonforge.core import UserError
 
 log = logging.getLogger("reasonforge.train")
@@ -198,33 +197,32 @@ def sft_trainer_class():
     return ReasonForgeSFTTrainer
 
 
-def build_trainer(run, callbacks: list):
-    """The SFT trainer for `run`, with `callbacks` (the stock console printers removed)."""
+def trainer_config(run):
+    """The SFTConfig of `run`: the training settings GRPO shares (training_args.shared_training_args),
+    validation on the token-weighted eval_loss, and SFT's own length, packing and padding."""
     from trl import SFTConfig
 
-    c, batch, precision = run.config, run.batch, run.precision
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(c.output_dir) / "logs")
-    config = SFTConfig(
-        output_dir=c.output_dir, run_name=c.run_name, seed=c.seed, data_seed=c.seed,
-        num_train_epochs=c.num_epochs, max_steps=c.max_steps,
-        per_device_train_batch_size=batch.batch_size, per_device_eval_batch_size=batch.batch_size,
+    c, batch = run.config, run.batch
+    shared = training_args.shared_training_args(
+        output_dir=c.output_dir, run_name=c.run_name, seed=c.seed, num_epochs=c.num_epochs, max_steps=c.max_steps,
+        batch_size=batch.batch_size, eval_batch_size=batch.batch_size,
         gradient_accumulation_steps=batch.gradient_accumulation_steps, learning_rate=c.learning_rate,
-        weight_decay=c.weight_decay, warmup_steps=c.warmup_steps, lr_scheduler_type=c.lr_scheduler,
-        optim=run.optim, logging_steps=c.logging_steps, report_to=["tensorboard"],
-        eval_strategy="steps", eval_steps=c.eval_steps or c.save_steps, save_strategy="steps", save_steps=c.save_steps,
-        save_total_limit=c.save_total_limit, load_best_model_at_end=True, metric_for_best_model="eval_loss",
-        greater_is_better=False, max_length=c.max_seq_length, packing=c.packing,
+        weight_decay=c.weight_decay, warmup_steps=c.warmup_steps, lr_scheduler=c.lr_scheduler, optim=run.optim,
+        logging_steps=c.logging_steps, save_steps=c.save_steps, save_total_limit=c.save_total_limit,
+        eval_steps=c.eval_steps, best_metric="eval_loss", greater_is_better=False, precision=run.precision)
+    return SFTConfig(
+        **shared, max_length=c.max_seq_length, packing=c.packing,
         padding_free=c.packing, dataset_kwargs={"skip_prepare_dataset": not c.packing},
-        gradient_checkpointing=precision["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False} if precision["gradient_checkpointing"] else None,
-        bf16=precision["bf16"], fp16=precision["fp16"], use_cpu=precision["use_cpu"],
-        include_num_input_tokens_seen="non_padding", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, save_only_model=False, ddp_find_unused_parameters=False,
-        # The default replaces a NaN loss by the running mean in the logs, hiding a diverged run from StopOnNonFinite.
-        logging_nan_inf_filter=False,
+        include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         # Under CUDA graphs every new batch shape is a new recording: a few padded lengths keep them few.
         pad_to_multiple_of=run.cuda_graphs.pad_to_multiple_of,
     )
+
+
+def build_trainer(run, callbacks: list):
+    """The SFT trainer for `run`, with `callbacks` (the stock console printers removed)."""
+    run.changes.setenv("TENSORBOARD_LOGGING_DIR", str(Path(run.config.output_dir) / "logs"))
+    config = trainer_config(run)
     trainer = sft_trainer_class()(model=run.model, args=config, train_dataset=run.data.train,
                                   eval_dataset=run.data.validation, processing_class=run.tokenizer, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reasonforge import core, s3
-from reasonforge.acceleration import CPP_WRAPPER_MIN_STEPS
+from reasonforge.graph_wrapper import CPP_WRAPPER_MIN_STEPS
 from reasonforge.compile_cache import DEFAULT as COMPILE_CACHE_DEFAULT
 from reasonforge.rewards import DEFAULT_REWARDS, REWARDS
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reasonforge import acceleration, checkpoints, compile_cache, core, generation, grpo, models, outputs, preemption, report, rundirs, s3, sft
+from reasonforge import (batch_plan, checkpoints, compile_cache, core, cuda_graphs, generation, graph_wrapper, grpo, grpo_logs,
+                         models, outputs, packed_attention, preemption, report, rundirs, s3, sft)
 from reasonforge.core import UserError
 from reasonforge.process_state import ProcessChanges
 from reasonforge.train_config import TrainConfig
@@ -33,15 +34,15 @@ class Run:
     model: Any  # the base with fresh LoRA adapters
     tokenizer: Any
     data: sft.Data
-    batch: acceleration.BatchPlan
+    batch: batch_plan.BatchPlan
     precision: dict  # the Trainer's bf16/fp16/use_cpu and checkpointing switches
     parameters: tuple[int, int]  # (trainable, total)
     optim: str
     optim_reason: str
     packed_attention: str
     compiler: str
-    cuda_graphs: acceleration.GraphPlan
-    kept_layers: acceleration.KeepPlan  # layers that skip gradient checkpointing
+    cuda_graphs: cuda_graphs.GraphPlan
+    kept_layers: batch_plan.KeepPlan  # layers that skip gradient checkpointing
     compile_cache: str  # where compiled graphs and kernels are kept between runs, and whether it was warm
     cache_mirror: compile_cache.Mirror | None  # its copy beside the run on S3
     resume: str | None  # the checkpoint folder training continues from
@@ -108,9 +109,9 @@ def _setup(config: TrainConfig, argv: list[str] | None, pretokenized: tuple | No
         backend_reason = ("grpo's rollouts through the static engine run transformers' forward (Unsloth's patched "
                           "attention keeps a KV cache of its own)")
     # train_lora.py refused what it could; the backend "auto" becomes is known only now, before the model loads
-    why = acceleration.cuda_graphs_obstacle(backend, config.method, config.packing)
+    why = cuda_graphs.cuda_graphs_obstacle(backend, config.method, config.packing)
     if config.cuda_graphs == "on" and why:
-        raise UserError(acceleration.refuse_cuda_graphs(f"{why} (backend {backend}: {backend_reason})"))
+        raise UserError(cuda_graphs.refuse_cuda_graphs(f"{why} (backend {backend}: {backend_reason})"))
     mirror = compile_cache.Mirror.for_run(config.compile_cache_dir, backend, config.run_uri)
     if mirror is not None:  # first, so that the banner's account of the folder includes what it brought
         phases.mark("start-up")
@@ -143,10 +144,10 @@ def _setup(config: TrainConfig, argv: list[str] | None, pretokenized: tuple | No
                                         config.out)
     model, tokenizer, info = load_base_model(config, backend, state.is_main_process)
     phases.mark("model load")
-    acceleration.check_packing(config.packing, backend, model)
-    route, undo = acceleration.configure_packed_attention(config.packing, backend, model)
+    packed_attention.check_packing(config.packing, backend, model)
+    route, undo = packed_attention.configure_packed_attention(config.packing, backend, model)
     changes.callback(undo, what="packed-attention routing")
-    batch = acceleration.choose_batch(config, model, backend)
+    batch = batch_plan.choose_batch(config, model, backend, changes)
     data = (sft.Data.given(*pretokenized) if dataset is None
             else method_module(config).prepare_data(config, dataset, tokenizer))
     tokenizer = sft.run_tokenizer(tokenizer, data)
@@ -155,14 +156,14 @@ def _setup(config: TrainConfig, argv: list[str] | None, pretokenized: tuple | No
     graphs = plan_cuda_graphs(config, backend, lengths, batch, len(data.train), state.num_processes)
     keep = plan_kept_layers(config, backend, model, batch, graphs, lengths, state.num_processes)
     # before get_peft_model wraps the decoder blocks
-    changes.callback(acceleration.install_cuda_graphs(graphs, backend, model), what="CUDA graphs of the decoder blocks")
+    changes.callback(cuda_graphs.install_cuda_graphs(graphs, backend, model), what="CUDA graphs of the decoder blocks")
     model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
                         checkpointing=batch.gradient_checkpointing, keep_layers=keep.kept)
-    graphs = acceleration.confirm_cuda_graphs(graphs, model)
+    graphs = cuda_graphs.confirm_cuda_graphs(graphs, model)
     if config.init_adapter:
         load_init_adapter(model, config)
     phases.mark("LoRA attach")
-    total = acceleration.planned_steps(len(data.train), batch, epochs=config.num_epochs,
+    total = batch_plan.planned_steps(len(data.train), batch, epochs=config.num_epochs,
                                        max_steps=config.max_steps, processes=state.num_processes)
     done = checkpoints.checkpoint_step(Path(resume)) if resume else 0
     steps = max(total - done, 0)
@@ -171,10 +172,11 @@ def _setup(config: TrainConfig, argv: list[str] | None, pretokenized: tuple | No
                     "the final outputs come from its best checkpoint", resume, done, total)
     run = Run(config=config, state=state, guard=guard, backend=backend, backend_reason=backend_reason,
               dtype=info.get("dtype"), load_in_4bit=info.get("load_in_4bit"), model=model, tokenizer=tokenizer,
-              data=data, batch=batch, precision=acceleration.precision_plan(backend, batch.gradient_checkpointing),
+              data=data, batch=batch, precision=batch_plan.precision_plan(backend, batch.gradient_checkpointing),
               parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
               packed_attention=route, cuda_graphs=graphs, kept_layers=keep,
-              compiler=acceleration.configure_compiler(backend, config.graph_wrapper, steps, graphs.on),
+              compiler=graph_wrapper.configure_compiler(backend, config.graph_wrapper, steps, graphs.on,
+                                                       changes=changes),
               compile_cache=cache, cache_mirror=mirror, resume=resume, changes=changes, phases=phases,
               engine=engine)
     if run.main_rank:
@@ -196,36 +198,36 @@ def train_lengths(config: TrainConfig, data: sft.Data) -> list[int]:
     return sorted({min(n, config.max_seq_length) for n in pc.unique(pc.list_value_length(ids)).to_pylist()})
 
 
-def plan_cuda_graphs(config: TrainConfig, backend: str, lengths: list[int], batch: acceleration.BatchPlan,
-                     train_rows: int, processes: int) -> acceleration.GraphPlan:
+def plan_cuda_graphs(config: TrainConfig, backend: str, lengths: list[int], batch: batch_plan.BatchPlan,
+                     train_rows: int, processes: int) -> cuda_graphs.GraphPlan:
     """--cuda-graphs for this run: the padding follows the lengths of the train rows actually kept."""
     import torch
 
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     if capability is None:
         backend = "cpu"  # no compiled blocks, whatever was asked
-    return acceleration.plan_cuda_graphs(
+    return cuda_graphs.plan_cuda_graphs(
         config.cuda_graphs, backend=backend, method=config.method, packing=config.packing, lengths=lengths,
         max_length=config.max_seq_length,
-        batch_sizes=acceleration.micro_batch_sizes(train_rows, batch.batch_size, processes), capability=capability)
+        batch_sizes=batch_plan.micro_batch_sizes(train_rows, batch.batch_size, processes), capability=capability)
 
 
-def plan_kept_layers(config: TrainConfig, backend: str, model, batch: acceleration.BatchPlan,
-                     graphs: acceleration.GraphPlan, lengths: list[int], processes: int = 1) -> acceleration.KeepPlan:
+def plan_kept_layers(config: TrainConfig, backend: str, model, batch: batch_plan.BatchPlan,
+                     graphs: cuda_graphs.GraphPlan, lengths: list[int], processes: int = 1) -> batch_plan.KeepPlan:
     """--gradient-checkpointing auto for this run: sized at its longest padded batch, against what this
     process holds plus what is free on the GPU (or --gpu-memory-gib where lower); under several
     processes, the smallest count any rank can keep."""
     import torch
 
     # Under graphs the plan's multiple keeps every padded length within --max-seq-length (length_bucket).
-    longest = acceleration.padded_length(max(lengths), graphs.pad_to_multiple_of) if graphs.on else max(lengths)
+    longest = cuda_graphs.padded_length(max(lengths), graphs.pad_to_multiple_of) if graphs.on else max(lengths)
     budget = used = None
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
         used = torch.cuda.memory_allocated() / 2**30
         # --gpu-memory-gib may name more than this card has, or than other processes leave it.
         budget = min(config.gpu_memory_gib or math.inf, used + free / 2**30)
-    plan = acceleration.plan_kept_layers(
+    plan = batch_plan.plan_kept_layers(
         batch.gradient_checkpointing, backend=backend, method=config.method, model_config=model.config,
         micro=batch.batch_size, seq_len=longest, budget_gib=budget, used_gib=used or 0.0,
         graph_shapes=graphs.shapes if graphs.on else 0,
@@ -419,7 +421,7 @@ def standard_callbacks(run: Run) -> list:
 
     c = run.config
     log_path = c.out / "logs" / "metrics.jsonl"
-    callbacks = [grpo.grpo_step_logger(log_path) if c.method == "grpo" else StepLogger(log_path),
+    callbacks = [grpo_logs.grpo_step_logger(log_path) if c.method == "grpo" else StepLogger(log_path),
                  StopOnNonFinite(checkpoints.last_good_checkpoint),
                  EvalAtEpochEnd(),
                  CheckpointSync(c.run_uri, checkpoints.write_checkpoint_marker, checkpoints.upload_checkpoint)]
@@ -468,7 +470,7 @@ def finish(run: Run, result: Result) -> None:
         # GRPO's curve is its rewards: its loss is a surrogate near 0 and its validation measures rewards, not loss
         plotted = c.method == "sft" and outputs.plot_losses(metrics["history"], c.out / "loss_curve.png", title)
         if c.method == "grpo":
-            grpo.plot_rewards(metrics["history"], c.out / "reward_curve.png", title)
+            grpo_logs.plot_rewards(metrics["history"], c.out / "reward_curve.png", title)
         if c.run_uri is not None:
             outputs.upload_outputs(c.run_uri, final, c.out)
         if c.push_to_hub:

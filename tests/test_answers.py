@@ -152,7 +152,7 @@ def test_grpo_trainer_marks_completions_the_length_limit_cut(monkeypatch):
     """The trainer hands the rewards a `truncated` column by TRL's own rule: no stop or pad token at the end."""
     from trl import GRPOTrainer
 
-    from reasonforge import grpo
+    from reasonforge import grpo_trainer
 
     seen = {}
 
@@ -161,7 +161,7 @@ def test_grpo_trainer_marks_completions_the_length_limit_cut(monkeypatch):
         return None
 
     monkeypatch.setattr(GRPOTrainer, "_calculate_rewards", fake)
-    cls = grpo.grpo_trainer_class()
+    cls = grpo_trainer.grpo_trainer_class()
     trainer = cls.__new__(cls)
     trainer.eos_token_ids = [2]
     trainer._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import utils
-from reasonforge import grpo, rewards
+from reasonforge import grpo, grpo_logs, grpo_trainer, rewards
+from reasonforge.process_state import ProcessChanges
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +205,7 @@ def test_config_chooses_the_best_checkpoint_on_validation_correctness(tmp_path):
 
 
 def test_importing_the_modules_loads_nothing_heavy():
-    code = ("import sys; from reasonforge import grpo, rewards; "
+    code = ("import sys; from reasonforge import grpo, grpo_logs, grpo_trainer, rewards, training_args; "
             "print(','.join(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -218,32 +219,32 @@ def test_importing_the_modules_loads_nothing_heavy():
 def test_step_summary_names_the_figures():
     logs = {"loss": 0.0, "rewards/correctness/mean": 0.25, "rewards/format/mean": 0.8,
             "completions/mean_length": 40.0, "generation/tokens_per_s": 122.96, "step_time": 2.0}
-    summary = grpo.step_summary(logs, completions_per_step=8)
+    summary = grpo_logs.step_summary(logs, completions_per_step=8)
     assert summary == {"reward_correctness": 0.25, "reward_format": 0.8, "share_correct": 0.25,
                        "completion_length_mean": 40.0, "generation_tokens_per_s": 123.0}
-    line = grpo.summary_line(summary, 3, 10)
+    line = grpo_logs.summary_line(summary, 3, 10)
     assert line == "step 3/10 | reward correctness 0.250 format 0.800 | correct 25.0% | completion 40 tok | generation 123 tok/s"
     # A trainer that does not time generation: estimated from the step time.
     del logs["generation/tokens_per_s"]
-    estimated = grpo.step_summary(logs, completions_per_step=8)
+    estimated = grpo_logs.step_summary(logs, completions_per_step=8)
     assert estimated["generation_tokens_per_s"] == 160.0 and estimated["generation_tokens_per_s_estimated"]
-    evals = grpo.step_summary({"eval_loss": 0.0, "eval_rewards/correctness/mean": 0.5}, 8)
+    evals = grpo_logs.step_summary({"eval_loss": 0.0, "eval_rewards/correctness/mean": 0.5}, 8)
     assert evals == {"eval_reward_correctness": 0.5, "eval_share_correct": 0.5}
-    assert "validation" in grpo.summary_line(evals, 4, 10)
-    assert grpo.summary_line(grpo.step_summary({"loss": 1.0}, 8), 1, 2) is None
+    assert "validation" in grpo_logs.summary_line(evals, 4, 10)
+    assert grpo_logs.summary_line(grpo_logs.step_summary({"loss": 1.0}, 8), 1, 2) is None
 
 
 def test_running_mean():
-    assert grpo.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
-    assert grpo.running_mean([2.0], 5) == [2.0]
+    assert grpo_logs.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert grpo_logs.running_mean([2.0], 5) == [2.0]
 
 
 def test_reward_curve_png(tmp_path):
     history = [{"step": s, "rewards/correctness/mean": s / 10, "rewards/format/mean": 0.5} for s in range(1, 6)]
     history.append({"step": 5, "eval_rewards/correctness/mean": 0.4})
-    assert grpo.plot_rewards(history, tmp_path / "reward_curve.png")
+    assert grpo_logs.plot_rewards(history, tmp_path / "reward_curve.png")
     assert (tmp_path / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert not grpo.plot_rewards([{"step": 1, "loss": 1.0}], tmp_path / "none.png")
+    assert not grpo_logs.plot_rewards([{"step": 1, "loss": 1.0}], tmp_path / "none.png")
 
 
 def test_torch_logprobs_match_log_softmax_and_carry_gradients():
@@ -253,7 +254,7 @@ def test_torch_logprobs_match_log_softmax_and_carry_gradients():
     hidden = torch.randn(5, 8, requires_grad=True)
     weight = torch.randn(11, 8, requires_grad=True)
     targets = torch.tensor([0, 3, 10, 4, 4])
-    logp, entropy, sq, mean, top1 = grpo.TorchLogProbs.apply(
+    logp, entropy, sq, mean, top1 = grpo_trainer.TorchLogProbs.apply(
         hidden, weight, None, targets, 0.7, 4, None, 1.0, ("log_probs", "entropy", "is_top1"))
     full = torch.log_softmax((hidden @ weight.t()) / 0.7, dim=-1)
     assert torch.allclose(logp, full.gather(-1, targets[:, None]).squeeze(-1), atol=1e-6)
@@ -303,11 +304,13 @@ def _tiny_run(model_dir, dataset_dir, out: Path, stop_after: int | None = None, 
     settings = grpo.GRPOSettings(num_generations=4, max_completion_length=16, learning_rate=5e-3)
     config = grpo.grpo_config(settings, weights, output_dir=out, max_steps=4, batch_size=4, save_steps=2,
                               eval_batch_size=4, seed=3, report_to=())
-    callbacks = [grpo.grpo_step_logger(out / "logs" / "metrics.jsonl")]
+    callbacks = [grpo_logs.grpo_step_logger(out / "logs" / "metrics.jsonl")]
     if stop_after:
         callbacks.append(_stop_after(stop_after))
-    trainer = grpo.build_grpo_trainer(model, tokenizer, train, val, config, weights, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=resume)
+    with ProcessChanges() as changes:  # TRL's log-prob kernel, where Triton is missing, is put back after
+        trainer = grpo_trainer.build_grpo_trainer(model, tokenizer, train, val, config, weights, callbacks=callbacks,
+                                                  changes=changes)
+        trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -335,7 +338,7 @@ def test_tiny_grpo_run_trains_logs_every_reward_and_saves_a_reloadable_adapter(
     lora_before, base_before = _lora_and_base(initial)
     trainer = _tiny_run(tiny_qwen25, sample_dataset, tmp_path)
 
-    records = grpo.read_jsonl(tmp_path / "logs" / "metrics.jsonl")
+    records = grpo_logs.read_jsonl(tmp_path / "logs" / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
@@ -346,7 +349,7 @@ def test_tiny_grpo_run_trains_logs_every_reward_and_saves_a_reloadable_adapter(
     evals = [r for r in records if "eval_share_correct" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert trainer.state.best_model_checkpoint in (str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-4"))
-    assert grpo.plot_rewards(trainer.state.log_history, tmp_path / "reward_curve.png")
+    assert grpo_logs.plot_rewards(trainer.state.log_history, tmp_path / "reward_curve.png")
 
     lora_after, base_after = _lora_and_base(trainer.model)
     assert lora_after.keys() == lora_before.keys()

@@ -12,7 +12,10 @@ HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "unsloth", "boto3")
 
 
 @pytest.mark.parametrize("script", ["data_preparation", "train_lora", "evaluate_model", "test_model", "utils",
-                                    "reasonforge.training", "reasonforge.sft", "reasonforge.acceleration",
+                                    "reasonforge.training", "reasonforge.sft", "reasonforge.packed_attention",
+                                    "reasonforge.batch_plan", "reasonforge.cuda_graphs", "reasonforge.graph_wrapper",
+                                    "reasonforge.training_args", "reasonforge.grpo", "reasonforge.grpo_trainer",
+                                    "reasonforge.grpo_logs",
                                     "reasonforge.checkpoints", "reasonforge.outputs", "reasonforge.preemption",
                                     "reasonforge.sources", "reasonforge.conversations"])
 def test_importing_a_script_loads_nothing_heavy(script):

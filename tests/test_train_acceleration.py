@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 import train_lora
-from reasonforge import acceleration
 import utils
+from reasonforge import batch_plan, cuda_graphs, graph_wrapper, packed_attention
+from reasonforge.process_state import ProcessChanges
 from conftest import train
 
 
@@ -49,12 +50,12 @@ def test_flash_varlen_matches_attention_per_document(window):
     causal and with a sliding window as Unsloth spells it ((window - 1, 0))."""
     import torch
 
-    if not acceleration.flash_varlen_available():
+    if not packed_attention.flash_varlen_available():
         pytest.skip("torch has no flash kernel for this GPU")
     lengths = [300, 57, 1024, 300, 411, 1]
     q, k, v, cu = _packed_attention_inputs(lengths)
     spelled = (-1, 0) if window is None else (window - 1, 0)
-    out = acceleration.flash_varlen_attention()(q, k, v, cu, cu, max(lengths), max(lengths), window_size=spelled,
+    out = packed_attention.flash_varlen_attention()(q, k, v, cu, cu, max(lengths), max(lengths), window_size=spelled,
                                               enable_gqa=True)
     grad = torch.randn_like(out)
     got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
@@ -86,13 +87,13 @@ def test_packed_unsloth_training_runs_one_varlen_call_per_layer(tmp_path, sample
         pytest.skip("this torch/Unsloth already has a varlen route of its own")
     for name in ("_TORCH_VARLEN_ATTN", "_LEAN_VARLEN"):  # put Unsloth back as it was afterwards
         monkeypatch.setattr(dispatch, name, getattr(dispatch, name))
-    calls, make_kernel = [], acceleration.flash_varlen_attention
+    calls, make_kernel = [], packed_attention.flash_varlen_attention
 
     def counted():
         kernel = make_kernel()
         return lambda *a, **kw: calls.append(a[3].numel() - 1) or kernel(*a, **kw)
 
-    monkeypatch.setattr(acceleration, "flash_varlen_attention", counted)
+    monkeypatch.setattr(packed_attention, "flash_varlen_attention", counted)
     code, out = train(tmp_path, model, sample_dataset, "--backend", "unsloth", "--packing", "--max-seq-length", "512",
                       "--max-steps", "3", "--batch-size", "1")
     assert code == 0
@@ -109,7 +110,7 @@ def test_packed_unsloth_training_runs_one_varlen_call_per_layer(tmp_path, sample
 def test_packed_attention_route_installs_a_kernel_only_where_unsloth_would_split():
     from types import SimpleNamespace
 
-    route = acceleration.route_packed_attention
+    route = packed_attention.route_packed_attention
 
     def dispatch(**kw):
         return SimpleNamespace(**{"HAS_FLASH_ATTENTION": False, "HAS_XFORMERS": False, "_TORCH_VARLEN_ATTN": None,
@@ -158,7 +159,7 @@ def test_packed_attention_route_respects_unsloth_switch(monkeypatch):
     d = SimpleNamespace(HAS_FLASH_ATTENTION=False, HAS_XFORMERS=False, _TORCH_VARLEN_ATTN=None,
                         _SDPA_PACKED_SEGMENTS=True)
     monkeypatch.setenv("UNSLOTH_TORCH_VARLEN", "0")
-    assert "UNSLOTH_TORCH_VARLEN=0" in acceleration.route_packed_attention(d, True, object)[0]
+    assert "UNSLOTH_TORCH_VARLEN=0" in packed_attention.route_packed_attention(d, True, object)[0]
     assert d._TORCH_VARLEN_ATTN is None
 
 
@@ -167,13 +168,13 @@ def test_what_setup_changes_outside_the_run_is_undone_however_it_ends(tmp_path, 
     """The packed-attention routing writes Unsloth's module state; it is put back when the training
     loop ends (before the outputs are written), and at once when setup fails after it."""
     undone = []
-    real = acceleration.configure_packed_attention
+    real = packed_attention.configure_packed_attention
 
     def recorded(packing, backend, model):
         route, undo = real(packing, backend, model)
         return route, lambda: (undo(), undone.append((tmp_path / "ok" / "final_model").exists()))
 
-    monkeypatch.setattr(acceleration, "configure_packed_attention", recorded)
+    monkeypatch.setattr(packed_attention, "configure_packed_attention", recorded)
     code, _ = train(tmp_path, tiny_model, repeated_dataset, "--max-steps", "2", out="ok")
     assert code == 0 and undone == [False] and (tmp_path / "ok" / "final_model").is_dir()
     code, _ = train(tmp_path, tiny_model, repeated_dataset, "--max-steps", "2", "--max-seq-length", "16", out="bad")
@@ -201,9 +202,9 @@ def test_auto_batch_plan_keeps_effective_batch_and_budget():
 
     shape = Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                         num_key_value_heads=2)
-    roomy = acceleration.plan_auto_batch(shape, 2048, 8, budget_gib=79, base_gib=2.5)
-    small = acceleration.plan_auto_batch(shape, 2048, 8, budget_gib=24, base_gib=2.5)
-    tiny = acceleration.plan_auto_batch(shape, 2048, 8, budget_gib=6, base_gib=2.5)
+    roomy = batch_plan.plan_auto_batch(shape, 2048, 8, budget_gib=79, base_gib=2.5)
+    small = batch_plan.plan_auto_batch(shape, 2048, 8, budget_gib=24, base_gib=2.5)
+    tiny = batch_plan.plan_auto_batch(shape, 2048, 8, budget_gib=6, base_gib=2.5)
     assert (roomy["batch_size"], roomy["gradient_checkpointing"]) == (8, "off")
     # At 24 GB only micro-batch 2 fits without checkpointing; one checkpointed pass of 8 is cheaper.
     assert (small["batch_size"], small["gradient_checkpointing"]) == (8, "unsloth")
@@ -222,7 +223,7 @@ def _shape(layers, hidden, inter):
 
 def test_kept_layers_fill_the_budget_and_never_pass_it(monkeypatch):
     monkeypatch.delenv("UNSLOTH_GC_KEEP_LAYERS", raising=False)
-    keep = functools.partial(acceleration.plan_kept_layers, "auto", backend="unsloth", method="sft", micro=2,
+    keep = functools.partial(batch_plan.plan_kept_layers, "auto", backend="unsloth", method="sft", micro=2,
                              seq_len=2048)
     qwen3b, qwen7b = _shape(36, 2048, 11008), _shape(28, 3584, 18944)
     h100 = keep(model_config=qwen3b, budget_gib=79.2, used_gib=2.2, graph_shapes=8)
@@ -240,15 +241,15 @@ def test_kept_layers_fill_the_budget_and_never_pass_it(monkeypatch):
     # A larger batch, or a graph pool, the larger the more shapes it records, leaves room for fewer.
     pooled = [keep(model_config=qwen7b, budget_gib=22.0, used_gib=5.5, graph_shapes=n).kept for n in (1, 8)]
     assert a10g_7b.kept > pooled[0] > pooled[1]
-    assert acceleration.plan_kept_layers("auto", backend="unsloth", method="sft", micro=4, seq_len=2048,
+    assert batch_plan.plan_kept_layers("auto", backend="unsloth", method="sft", micro=4, seq_len=2048,
                                          model_config=qwen7b, budget_gib=22.0, used_gib=5.5).kept < a10g_7b.kept
-    assert "14 of 28 layers" in acceleration.KeepPlan(14, 28, "x", 20.0).describe()
+    assert "14 of 28 layers" in batch_plan.KeepPlan(14, 28, "x", 20.0).describe()
     assert "every layer keeps its activations, none recomputed" in h100.describe()
 
 
 def test_kept_layers_only_where_asked_and_measured(monkeypatch):
     monkeypatch.delenv("UNSLOTH_GC_KEEP_LAYERS", raising=False)
-    keep = functools.partial(acceleration.plan_kept_layers, micro=2, seq_len=2048, model_config=_shape(36, 2048, 11008),
+    keep = functools.partial(batch_plan.plan_kept_layers, micro=2, seq_len=2048, model_config=_shape(36, 2048, 11008),
                              budget_gib=79.0, used_gib=2.2)
     assert keep("unsloth", backend="unsloth", method="sft").kept == 0
     assert keep("on", backend="unsloth", method="sft").kept == 0
@@ -257,7 +258,7 @@ def test_kept_layers_only_where_asked_and_measured(monkeypatch):
     off = keep("off", backend="unsloth", method="sft")
     assert off.kept == 36 and "every layer keeps" in off.describe()
     assert "every layer recomputed" in keep("unsloth", backend="unsloth", method="sft").describe()
-    no_gpu = acceleration.plan_kept_layers("auto", backend="unsloth", method="sft", micro=2, seq_len=2048,
+    no_gpu = batch_plan.plan_kept_layers("auto", backend="unsloth", method="sft", micro=2, seq_len=2048,
                                            model_config=_shape(36, 2048, 11008), budget_gib=None, used_gib=0.0)
     assert no_gpu.kept == 0
     # Off Unsloth, the Trainer's switch: on the CPU no checkpointing unless asked for plainly.
@@ -310,41 +311,46 @@ def inductor():
     config.cpp_wrapper = before
 
 
+def configure(*args, **kwargs) -> str:
+    """configure_compiler with a recorder of its own (the inductor fixture puts the setting back)."""
+    return graph_wrapper.configure_compiler(*args, changes=ProcessChanges(), **kwargs)
+
+
 def test_configure_compiler_takes_the_cpp_wrapper_only_where_it_can_and_pays(monkeypatch, inductor):
-    long_run = acceleration.CPP_WRAPPER_MIN_STEPS
+    long_run = graph_wrapper.CPP_WRAPPER_MIN_STEPS
     monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
     monkeypatch.delenv("CXX", raising=False)
-    assert acceleration.configure_compiler("hf", "auto", long_run) == "no compiled graphs on this backend"
+    assert configure("hf", "auto", long_run) == "no compiled graphs on this backend"
     assert inductor.cpp_wrapper is False
 
-    monkeypatch.setattr(acceleration.shutil, "which", lambda name: None)
-    assert "no C++ compiler found" in acceleration.configure_compiler("unsloth", "auto", long_run)
+    monkeypatch.setattr(graph_wrapper.shutil, "which", lambda name: None)
+    assert "no C++ compiler found" in configure("unsloth", "auto", long_run)
     assert inductor.cpp_wrapper is False
 
-    monkeypatch.setattr(acceleration.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang++" else None)
-    note = acceleration.configure_compiler("unsloth", "auto", long_run)
+    monkeypatch.setattr(graph_wrapper.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang++" else None)
+    note = configure("unsloth", "auto", long_run)
     assert note.startswith(f"C++ wrapper ({long_run} planned steps repay its build; clang++")
     assert inductor.cpp_wrapper is True
 
     # A short run (a quick experiment, a resume near the end) is not worth the build.
-    note = acceleration.configure_compiler("unsloth", "auto", long_run - 1)
+    note = configure("unsloth", "auto", long_run - 1)
     assert note.startswith(f"Python wrapper ({long_run - 1} planned steps, fewer than the {long_run}")
     assert inductor.cpp_wrapper is False
-    assert acceleration.configure_compiler("unsloth", "cpp", 5).startswith("C++ wrapper (--graph-wrapper cpp")
-    assert acceleration.configure_compiler("unsloth", "python", 10_000) == "Python wrapper (--graph-wrapper python)"
+    assert configure("unsloth", "cpp", 5).startswith("C++ wrapper (--graph-wrapper cpp")
+    assert configure("unsloth", "python", 10_000) == "Python wrapper (--graph-wrapper python)"
     assert inductor.cpp_wrapper is False
 
     monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "1")  # the user's choice wins
-    assert acceleration.configure_compiler("unsloth", "auto", 1) == "TORCHINDUCTOR_CPP_WRAPPER=1 as set"
+    assert configure("unsloth", "auto", 1) == "TORCHINDUCTOR_CPP_WRAPPER=1 as set"
     assert inductor.cpp_wrapper is False
 
 
 def test_configure_compiler_keeps_the_python_wrapper_under_cuda_graphs(monkeypatch, inductor):
     monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
-    monkeypatch.setattr(acceleration.shutil, "which", lambda name: f"/usr/bin/{name}")
-    note = acceleration.configure_compiler("unsloth", "auto", 10_000, graphs=True)
+    monkeypatch.setattr(graph_wrapper.shutil, "which", lambda name: f"/usr/bin/{name}")
+    note = configure("unsloth", "auto", 10_000, graphs=True)
     assert note.startswith("Python wrapper (CUDA graphs replay the kernels") and inductor.cpp_wrapper is False
-    assert acceleration.configure_compiler("unsloth", "cpp", 5, graphs=True).startswith("C++ wrapper (--graph-wrapper cpp")
+    assert configure("unsloth", "cpp", 5, graphs=True).startswith("C++ wrapper (--graph-wrapper cpp")
     assert inductor.cpp_wrapper is True
 
 
@@ -357,27 +363,27 @@ def test_length_buckets_keep_padded_lengths_under_unsloths_shape_cap():
     caps = {"one": 2048, "narrow": 2048, "wide": 2048, "long": 32768}  # --max-seq-length
     for name, lengths in spreads.items():
         cap = caps[name]
-        multiple, padded = acceleration.length_bucket(lengths, cap)
+        multiple, padded = cuda_graphs.length_bucket(lengths, cap)
         shapes = {-(-n // multiple) * multiple for n in lengths}
-        assert multiple % acceleration.BUCKET_ALIGN == 0 and len(shapes) == padded <= acceleration.LENGTH_BUCKETS, name
+        assert multiple % cuda_graphs.BUCKET_ALIGN == 0 and len(shapes) == padded <= cuda_graphs.LENGTH_BUCKETS, name
         assert max(shapes) <= cap, name  # never past --max-seq-length: Unsloth would cut the ids but not the labels
-        for finer in range(acceleration.BUCKET_ALIGN, multiple, acceleration.BUCKET_ALIGN):  # the smallest that fits
+        for finer in range(cuda_graphs.BUCKET_ALIGN, multiple, cuda_graphs.BUCKET_ALIGN):  # the smallest that fits
             over = {-(-n // finer) * finer for n in lengths}
-            assert len(over) > acceleration.LENGTH_BUCKETS or max(over) > cap, (name, finer)
+            assert len(over) > cuda_graphs.LENGTH_BUCKETS or max(over) > cap, (name, finer)
     # rows of similar length pad by little; a wide spread needs about longest / 8
-    assert acceleration.length_bucket(spreads["narrow"], 2048)[0] <= 32
-    assert acceleration.length_bucket(spreads["wide"], 2048)[0] == 256
-    assert acceleration.length_bucket([2048], 2048) == (8, 1)
+    assert cuda_graphs.length_bucket(spreads["narrow"], 2048)[0] <= 32
+    assert cuda_graphs.length_bucket(spreads["wide"], 2048)[0] == 256
+    assert cuda_graphs.length_bucket([2048], 2048) == (8, 1)
     # rows cut to a --max-seq-length of 2000: 2048 would fit 8 lengths of 256 but overrun the cap
-    assert acceleration.length_bucket([*range(30, 2000), 2000], 2000) == (400, 5)
-    assert acceleration.length_bucket([2001], 2001) is None  # no multiple of 8 ends at 2001
+    assert cuda_graphs.length_bucket([*range(30, 2000), 2000], 2000) == (400, 5)
+    assert cuda_graphs.length_bucket([2001], 2001) is None  # no multiple of 8 ends at 2001
 
 
 def test_micro_batch_sizes_include_the_epochs_remainder():
-    assert acceleration.micro_batch_sizes(100, 2) == {2}
-    assert acceleration.micro_batch_sizes(101, 2) == {2, 1}
-    assert acceleration.micro_batch_sizes(101, 4, processes=2) == {4}  # accelerate evens out the ranks' last batch
-    assert acceleration.micro_batch_sizes(3, 8) == {3}
+    assert batch_plan.micro_batch_sizes(100, 2) == {2}
+    assert batch_plan.micro_batch_sizes(101, 2) == {2, 1}
+    assert batch_plan.micro_batch_sizes(101, 4, processes=2) == {4}  # accelerate evens out the ranks' last batch
+    assert batch_plan.micro_batch_sizes(3, 8) == {3}
 
 
 def test_cuda_graph_plan(monkeypatch):
@@ -385,7 +391,7 @@ def test_cuda_graph_plan(monkeypatch):
 
     import torch
     monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS", raising=False)
-    plan = functools.partial(acceleration.plan_cuda_graphs, lengths=range(1, 2049), max_length=2048, batch_sizes={2, 1})
+    plan = functools.partial(cuda_graphs.plan_cuda_graphs, lengths=range(1, 2049), max_length=2048, batch_sizes={2, 1})
     on = plan("auto", backend="unsloth", method="sft", packing=False)
     assert on.on and on.pad_to_multiple_of == 256 and on.max_shapes == on.shapes == 16  # 8 lengths x 2 batch sizes
     assert "padded to a multiple of 256 tokens" in on.describe()
@@ -404,10 +410,10 @@ def test_cuda_graph_plan(monkeypatch):
     assert plan("on", backend="unsloth", method="sft", packing=False, capability=(8, 6)).on
     # Unsloth left the blocks stock (UNSLOTH_BLOCK_COMPILE=0): nothing would record, so the plan says off
     stock = SimpleNamespace(modules=lambda: [torch.nn.Linear(1, 1)])
-    assert not acceleration.confirm_cuda_graphs(hopper, stock).on
+    assert not cuda_graphs.confirm_cuda_graphs(hopper, stock).on
     compiled = type("Block", (torch.nn.Module,), {"forward": lambda self, x: x})
     compiled.forward._unsloth_block_compiled = True
-    assert acceleration.confirm_cuda_graphs(hopper, SimpleNamespace(modules=lambda: [compiled()])) is hopper
+    assert cuda_graphs.confirm_cuda_graphs(hopper, SimpleNamespace(modules=lambda: [compiled()])) is hopper
     short = plan("on", backend="unsloth", method="sft", packing=False, lengths=[2001], max_length=2001)
     assert not short.on and "--max-seq-length 2001" in short.reason
     monkeypatch.setenv("UNSLOTH_BLOCK_CUDAGRAPHS", "0")  # the user's own setting wins over auto
@@ -428,8 +434,8 @@ def test_length_buckets_leave_the_loss_curve_unchanged(tmp_path, tiny_model, sam
     for bucket in (None, 64):
         if bucket:  # a CPU run has no compiled blocks, so ask for the padding alone
             monkeypatch.setattr(training, "plan_cuda_graphs",
-                                lambda *a: acceleration.GraphPlan(True, "test", bucket, 16))
-            monkeypatch.setattr(acceleration, "confirm_cuda_graphs", lambda plan, model: plan)
+                                lambda *a: cuda_graphs.GraphPlan(True, "test", bucket, 16))
+            monkeypatch.setattr(cuda_graphs, "confirm_cuda_graphs", lambda plan, model: plan)
         else:
             monkeypatch.setattr(training, "plan_cuda_graphs", real)
         lengths.clear()
@@ -469,7 +475,7 @@ def test_unsloth_cuda_graphs_replay_and_keep_the_losses(tmp_path, sample_dataset
     model = os.environ.get("RF_GPU_TEST_MODEL")
     if not model:
         pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
-    if torch.cuda.get_device_capability() < acceleration.GRAPHS_MIN_CAPABILITY:
+    if torch.cuda.get_device_capability() < cuda_graphs.GRAPHS_MIN_CAPABILITY:
         pytest.skip("auto records CUDA graphs on compute capability 9.0+ only")
     replays, replay = [], torch.cuda.graphs.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
@@ -543,11 +549,11 @@ def test_unsloth_kept_layers_skip_the_recompute_and_keep_the_losses(tmp_path, sa
 
 
 def test_planned_steps():
-    batch = acceleration.BatchPlan(batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing="auto")
-    assert acceleration.planned_steps(100, batch, epochs=3) == 3 * 13  # 50 micro-batches -> 13 steps an epoch
-    assert acceleration.planned_steps(100, batch, epochs=3, done=30) == 9
-    assert acceleration.planned_steps(100, batch, epochs=3, max_steps=30) == 30
-    assert acceleration.planned_steps(100, batch, epochs=3, max_steps=30, processes=2) == 30
+    batch = batch_plan.BatchPlan(batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing="auto")
+    assert batch_plan.planned_steps(100, batch, epochs=3) == 3 * 13  # 50 micro-batches -> 13 steps an epoch
+    assert batch_plan.planned_steps(100, batch, epochs=3, done=30) == 9
+    assert batch_plan.planned_steps(100, batch, epochs=3, max_steps=30) == 30
+    assert batch_plan.planned_steps(100, batch, epochs=3, max_steps=30, processes=2) == 30
 
 
 @pytest.mark.gpu
@@ -582,3 +588,12 @@ def test_unsloth_micro_batching_keeps_losses_token_weighted(tmp_path, sample_dat
     trainer = json.loads((runs[1] / "training_metrics.json").read_text())["best_validation_loss"]
     print("validation loss: trainer", trainer, "evaluate_model", reported)
     assert trainer == pytest.approx(reported, rel=2e-3)
+
+
+def test_configure_compiler_setting_is_put_back_by_the_recorder(monkeypatch, inductor):
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
+    monkeypatch.setattr(graph_wrapper.shutil, "which", lambda name: f"/usr/bin/{name}")
+    with ProcessChanges() as changes:
+        graph_wrapper.configure_compiler("unsloth", "cpp", 5, changes=changes)
+        assert inductor.cpp_wrapper is True
+    assert inductor.cpp_wrapper is False
