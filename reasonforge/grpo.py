@@ -217,7 +217,8 @@ def trainer_config(run):
     gen_batch = generation_batch_size(c, batch.batch_size, run.processes)
     weights = rewards_mod.parse_rewards(c.rewards)
     settings = GRPOSettings(num_generations=c.num_generations, max_completion_length=c.max_completion_length,
-                            beta=c.beta, temperature=c.temperature, learning_rate=c.learning_rate)
+                            beta=c.beta, temperature=c.temperature, learning_rate=c.learning_rate,
+                            **({"max_grad_norm": c.max_grad_norm} if c.max_grad_norm else {}))
     return grpo_config(settings, weights, output_dir=c.output_dir, max_steps=c.max_steps, num_epochs=c.num_epochs,
                        batch_size=batch.batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
                        # Validation decodes one greedy reply per prompt; with the engine as many

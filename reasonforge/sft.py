@@ -214,6 +214,7 @@ def trainer_config(run):
         **shared, max_length=c.max_seq_length, packing=c.packing,
         padding_free=c.packing, dataset_kwargs={"skip_prepare_dataset": not c.packing},
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        max_grad_norm=c.max_grad_norm or 1.0,
         # Under CUDA graphs every new batch shape is a new recording: a few padded lengths keep them few.
         pad_to_multiple_of=run.cuda_graphs.pad_to_multiple_of,
     )

@@ -101,6 +101,10 @@ class TrainConfig:
                                   resume="kept", effect="the restored optimizer keeps weight decay {old}")
     warmup_steps: int = setting(5, "(default: %(default)s)", group=T, check=(lambda v: v >= 0, "0 or more"),
                                 resume="applied", effect="takes effect" + RESHAPED)
+    max_grad_norm: float | None = setting(
+        None, "clip the gradient to this norm before each update (default: 1.0 for sft, as TRL's; 0.1 for grpo, whose "
+        "sampled rewards make noisier gradients)", group=T, check=(lambda v: v > 0, "positive, e.g. 1.0"),
+        resume="applied", effect="takes effect from the next step")
     lr_scheduler: str = setting("linear", "transformers scheduler name (default: %(default)s)", group=T,
                                 resume="applied", effect="takes effect" + RESHAPED)
     optim: str = setting("auto", "optimizer; auto = adamw_8bit where bitsandbytes works, else adamw_torch", group=T,

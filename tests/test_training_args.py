@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 import train_lora
-from reasonforge import batch_plan, cuda_graphs, grpo, sft, training, training_args
+import utils
+from reasonforge import batch_plan, cuda_graphs, grpo, sft, train_config, training, training_args
 
 CPU = {"bf16": False, "fp16": False, "use_cpu": True, "gradient_checkpointing": False}
 FLAGS = ["--eval-steps", "3", "--save-steps", "6", "--save-total-limit", "2", "--warmup-steps", "5",
@@ -98,5 +99,15 @@ def test_grpo_without_validation_rows_saves_without_evaluating(tmp_path, validat
         assert (g["eval_strategy"], g["eval_steps"], g["load_best_model_at_end"], g["metric_for_best_model"],
                 g["greater_is_better"]) == ("no", None, False, None, None)
     assert (s["per_device_eval_batch_size"], g["per_device_eval_batch_size"]) == (2, 6)
-    assert s["learning_rate"] == training.DEFAULT_LEARNING_RATE["sft"]
-    assert g["learning_rate"] == training.DEFAULT_LEARNING_RATE["grpo"]
+    assert s["learning_rate"] == train_config.DEFAULT_LEARNING_RATE["sft"]
+    assert g["learning_rate"] == train_config.DEFAULT_LEARNING_RATE["grpo"]
+
+
+def test_max_grad_norm_flag_reaches_both_methods_and_keeps_their_defaults(tmp_path):
+    """--max-grad-norm, added as one TrainConfig field (plus the line where each method hands it to TRL)."""
+    s, g = both(tmp_path)
+    assert (s["max_grad_norm"], g["max_grad_norm"]) == (1.0, 0.1)
+    s, g = both(tmp_path, [*FLAGS, "--max-grad-norm", "0.5"])
+    assert (s["max_grad_norm"], g["max_grad_norm"]) == (0.5, 0.5)
+    with pytest.raises(utils.UserError, match="--max-grad-norm nan is not a finite number"):
+        train_lora.validate_args(train_lora.build_parser().parse_args(["--max-grad-norm", "nan"]))
