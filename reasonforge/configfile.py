@@ -31,7 +31,12 @@ def read_config(path: str) -> tuple[dict, bool]:
         raise UserError(f"--config {path} is a folder; pass a JSON or YAML file of flag values")
     if not file.is_file():
         raise UserError(f"--config {path}: no such file; pass a JSON or YAML file of flag values")
-    text = file.read_text(encoding="utf-8")
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is not content
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--config {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "save it as UTF-8") from None
     try:
         if file.suffix.lower() in (".yaml", ".yml"):
             import yaml

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,16 @@ def _attach_saved_adapter(model, tokenizer, adapter_path: Path, base_name: str, 
 
     tolerate_old_torchao()
 
+    problem = safetensors_problem(adapter_path / "adapter_model.safetensors", "adapter file")
+    if problem:
+        raise UserError(problem)
+    # the file's own values, checked before a failure would be blamed on the base model
+    saved = read_json(adapter_path / "adapter_config.json", "adapter_config.json")
+    bad = [f"{key} {saved.get(key)!r}" for key in ("r", "lora_alpha")
+           if not isinstance(saved.get(key), (int, float)) or isinstance(saved.get(key), bool) or saved.get(key) <= 0]
+    if bad:
+        raise UserError(f"{adapter_path / 'adapter_config.json'} is not a valid adapter config ({', '.join(bad)}: "
+                        "must be positive); copy the adapter folder again")
     depth_problem = _adapter_depth_problem(model, adapter_path, base_name)
     if depth_problem:
         raise UserError(depth_problem)
@@ -280,6 +291,28 @@ def _torch_dtype(dtype: str):
         return torch.float32
     return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
             "fp32": torch.float32, "float32": torch.float32}[dtype]
+
+
+def safetensors_problem(path: Path, what: str) -> str | None:
+    """A .safetensors file that cannot be read (empty, cut, a header that is not one), named with the
+    fix, before a library fails on it with a traceback; None when its header and size agree."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            header = json.loads(fh.read(length)) if length is not None and 8 + length <= size else None
+    except (OSError, ValueError) as exc:
+        header, size = None, getattr(exc, "strerror", None) or first_line(exc, 80)
+    if isinstance(header, dict):
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+                and len(v.get("data_offsets") or []) == 2]
+        if 8 + length + max(ends, default=0) <= size:
+            return None
+    shown = f"{size} bytes" if isinstance(size, int) else size
+    return f"{what} {path} is damaged or incomplete ({shown}, no readable safetensors header or data); copy it again"
 
 
 def damaged_model_error(model_name: str, exc: BaseException) -> Exception:
@@ -371,6 +404,9 @@ def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: s
     problem = hub_model_problem(base, "--base-model" if base_model else "the adapter's base model (--base-model)")
     if problem:
         raise UserError(problem)
+    if not base_model and path_kind(base) == "local" and not Path(base).is_dir():
+        raise UserError(f"{local} records its base model as {base!r}, which does not exist here; pass --base-model with "
+                        "that model's folder or Hub id")
     return base, local, adapter
 
 

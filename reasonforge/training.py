@@ -377,6 +377,9 @@ def load_init_adapter(model, config: TrainConfig) -> None:
     if not weights.is_file():
         raise UserError(f"--init-adapter {config.init_adapter} has no adapter_model.safetensors; give a final_model/ "
                         "or checkpoint-N/ folder written by train_lora.py")
+    problem = models.safetensors_problem(weights, "--init-adapter's file")
+    if problem:
+        raise UserError(problem)
     result = set_peft_model_state_dict(model, load_file(str(weights)))
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

@@ -97,3 +97,17 @@ def test_a_training_config_given_to_another_script_says_so(tmp_path, capsys):
     assert "is a training run's config, whose settings are train_lora.py's" in one_error_line(capsys)
     assert dp.main(["--config", str(tmp_path)]) == 2
     assert "is a folder" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("script", ["data_preparation", "train_lora", "evaluate_model", "test_model"])
+def test_a_config_file_that_is_not_utf8_is_one_line_and_a_bom_is_read(script, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(script).main
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"verbose: caf\xe9\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "is not UTF-8 text (byte 0xe9 at offset 12); save it as UTF-8" in one_error_line(capsys)
+    cfg.write_bytes(b"\xef\xbb\xbfnot_a_flag: 1\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "'not_a_flag' is not a flag of this script" in one_error_line(capsys)  # the key, not '\ufeffnot_a_flag'

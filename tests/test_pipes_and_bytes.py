@@ -193,3 +193,46 @@ def test_progress_settings_that_make_no_sense_are_refused(env, words, tmp_path, 
     assert data_preparation.main(["--dataset", "sample", "--max-samples", "10", "--skip-upload",
                                   "--output-dir", str(tmp_path / "o")]) == 2
     assert words in one_error_line(capsys)
+
+
+@pytest.fixture
+def saved_adapter(tiny_model, tmp_path):
+    """An untrained LoRA adapter on the tiny model, saved as training saves one (recorded base included)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+                           LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(str(folder))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model)
+    return folder
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("empty", "adapter file {weights} is damaged or incomplete (0 bytes"),
+    ("cut", "adapter file {weights} is damaged or incomplete"),
+    ("bad_rank", "is not a valid adapter config"),
+    ("moved_base", "records its base model as '/nonexistent/base', which does not exist here; pass --base-model"),
+])
+def test_a_damaged_adapter_is_one_error_line(saved_adapter, tmp_path, capsys, damage, words):
+    import json
+
+    import test_model as tm
+
+    weights = saved_adapter / "adapter_model.safetensors"
+    if damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "cut":
+        weights.write_bytes(weights.read_bytes()[:300])
+    else:
+        config = json.loads((saved_adapter / "adapter_config.json").read_text())
+        config.update({"r": -3} if damage == "bad_rank" else {"base_model_name_or_path": "/nonexistent/base"})
+        (saved_adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert tm.main(["--model-path", str(saved_adapter), "--instruction", "hi", "--max-new-tokens", "2",
+                    "--output-file", str(tmp_path / "o.json")]) == 2
+    assert words.format(weights=weights) in one_error_line(capsys)
+    assert not (tmp_path / "o.json").exists()
