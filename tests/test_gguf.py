@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,16 @@ def test_a_real_models_export_answers_as_the_adapter_did(demo_model, tmp_path):
         q8_nll += q8.nll(row["input_ids"], row["labels"])[0]
     print(f"q8_0: NLL of transformers' replies {q8_nll:.2f} against {hf_nll:.2f}")
     assert q8_nll == pytest.approx(hf_nll, rel=0.05)
+
+
+def test_a_second_type_keeps_the_first_and_another_adapter_replaces_them(exported, tmp_path, caplog):
+    both = tmp_path / "both"
+    q8 = gguf.export(exported / "final_model", "q8_0", both)
+    f16 = gguf.export(exported / "final_model", "f16", both)
+    assert q8.is_file() and f16.is_file() and gguf_runtime.quantization_of(q8) == "q8_0"
+    info = json.loads((both / gguf.EXPORT_INFO).read_text())
+    assert info["gguf"] == "model-f16.gguf" and info["other_types"] == ["model-q8_0.gguf"]
+    other = tmp_path / "other_adapter"
+    shutil.copytree(exported / "final_model", other)
+    gguf.export(other, "q8_0", both)
+    assert not f16.exists() and "holds an export of" in caplog.text and "model-f16.gguf" in caplog.text
