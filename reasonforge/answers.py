@@ -10,7 +10,12 @@ Rules on top of math-verify's (TRAINING_GUIDE, "How answers are checked"):
 - a hedged or multi-valued answer in prose ("3 or 4", "12 and 13", "10 minus 3") is wrong against a
   reference that is one value; a list written as math ("3, 4") is a set and compared as one;
 - a mixed number ("2 1/2", "2\\frac{1}{2}") is its value, 5/2;
-- a lettered choice ("(B) 12", "B.", "Option B") is compared by its letter where the reference is one.
+- a range ("3-4", "3–4") is no single value either; "3 - 4", spaced, is a subtraction;
+- a lettered choice ("(B) 12", "B.", "Option B") is compared by its letter where the reference is one,
+  and a hedge or list over letters ("A or B", "(A) or (C)", "A (or maybe B)") is wrong against it;
+- "approximately 7" states 7; a currency sign is dropped like a unit ("€5", "5€", "£1,000");
+  "√2" is \\sqrt{2}; digits grouped by spaces in threes ("1 234", thin spaces too) are one number;
+- units are dropped, except that two different unit symbols ("10 m" against "10 cm") never match.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ _SENTENCE_AFTER = re.compile(r"\.\s+[A-Z].*$")
 _ASIDE_AFTER = re.compile(r"(?<=\S)\s+\([^()]*\)$")
 # an aside that offers another value is a hedge ("3 (or 4)"), not a remark to strip
 _HEDGE = re.compile(r"\b(?:or|either|maybe|perhaps|possibly)\b", re.I)
+# parentheses right after "or", "and" or a comma are the list's next value ("(A) or (C)", "(A), (B)"), not a remark
+_LISTED_BEFORE = re.compile(r"(?:\b(?:or|and)|[,/&])\s*$", re.I)
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # words of prose; \frac and other LaTeX commands are not
 _TRAILING_WORDS = re.compile(r"(?:\s+[A-Za-z]{2,}[.,]?)+\s*$")
 _NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -43,6 +50,24 @@ _ONE_VALUE = re.compile(r"\\[dt]?frac\{[^{}]*\}\{[^{}]*\}|\s*\\times\s*10\^\{?[-
                         r"|(?<=\d)[eE][-+]?\d+\b")
 # a lettered choice: "B", "(B)", "B)", "B.", "B: 12", "Option B" (a lone capital, so the article "a" is not one)
 _CHOICE = re.compile(r"^(?:(?:[Oo]ption|[Cc]hoice)\s+)?(?:\(([A-Ja-j])\)|([A-J])(?=$|[.):]|\s))")
+# a second letter joined to the first choice by a hedge or a list: "A or B", "(A) or (C)", "A (or maybe B)";
+# a choice whose own text holds words or letters ("(C) A and B", "(B) red or blue") is not one
+_MORE_CHOICES = re.compile(r"\s*\(?\s*(?:(?:or|and|maybe|perhaps|possibly)\b\s*|[,/&]\s*)+"
+                           r"(?:\([A-Ja-j]\)|[A-J](?![A-Za-z]))")
+# two numbers joined by a hyphen (unspaced) or a dash: a range, which is no single value
+_RANGE = re.compile(r"^[-+]?\d[\d,.]*(?:-|\s*[–—]\s*)\d[\d,.]*$")
+# "approximately 7" states 7; a bound ("at least 7", "nearly 7") states no value and is left alone
+_APPROX = re.compile(r"^(?:approximately|approx\.?|about|around|roughly|\\approx|≈|~)\s*", re.I)
+# a currency sign beside a number is its unit, dropped as "$" and "dollars" are: "€5", "5€", "£1,000"
+_CURRENCY = re.compile(r"[€£¥₹¢](?=\s*[-+]?\d)|(?<=\d)\s*[€£¥₹¢]")
+# the root sign: "√2", "√(2)", "√x", written as the LaTeX math-verify reads
+_ROOT_SIGN = re.compile(r"√\s*(?:\(([^()]*)\)|\{([^{}]*)\}|(\d+(?:\.\d+)?|[A-Za-z]))")
+# digits grouped by single spaces (thin and narrow no-break spaces are spaces after NFKC): "1 234 567".
+# Only a first group of one to three digits and then groups of exactly three, so "1 2", "12 34" and the
+# mixed number "2 100/300" stay as they are
+_SPACED_GROUPS = re.compile(r"(?<![\d.,])(?<!\d )\d{1,3}(?: \d{3})+(?![\d/]| \d)")
+# a unit symbol, with an SI prefix where it takes one ("m", "cm", "km", "kg", "ms", "mL")
+_UNIT_SYMBOL = re.compile(r"(?:[kcmunMG]|da)?(?:m|g|s|L|l|A|K|N|J|W|V|Pa|Hz|B)|h|min")
 _NUMBER_THEN_UNIT = re.compile(r"^([-+]?\d[\d,]*(?:\.\d+)?(?:\s*\\times\s*10\^\{?[-+]?\d+\}?)?)\s+([A-Za-z][A-Za-z/^\d.\s-]*)$")
 
 
@@ -70,7 +95,9 @@ def _strip_wrappers(s: str) -> str:
 def _without_aside(value: str) -> str:
     """`value` without a closing remark in parentheses, unless the remark is a hedge ("3 (or 4)")."""
     aside = _ASIDE_AFTER.search(value)
-    return value[:aside.start()] if aside and not _HEDGE.search(aside.group(0)) else value
+    if not aside or _HEDGE.search(aside.group(0)) or _LISTED_BEFORE.search(value[:aside.start()]):
+        return value
+    return value[:aside.start()]
 
 
 def answer_lines(text: str) -> list[str]:
@@ -116,6 +143,7 @@ def _as_latex(answer: str) -> str:
     """Spell an answer the way math-verify's LaTeX parser reads it: units that are words dropped,
     1e-3 written as a power of ten."""
     s = _strip_wrappers(_plain(answer))
+    s = _CURRENCY.sub("", _APPROX.sub("", s))
     s = _MIXED.sub(_mixed_as_fraction, s)
     s = _E_NOTATION.sub(r"\1\\times 10^{\2}", s)
     m = _NUMBER_THEN_UNIT.match(s) if values_stated(s) == 1 else None
@@ -151,6 +179,20 @@ def choice_letter(answer: str) -> str | None:
     return (m.group(1) or m.group(2)).upper() if m else None
 
 
+def hedged_choice(answer: str) -> bool:
+    """Whether a lettered choice is followed by another one it hedges with or lists ("A or B")."""
+    s = _strip_wrappers(answer)
+    m = _CHOICE.match(s)
+    return bool(m and _MORE_CHOICES.match(s, m.end()))
+
+
+def _unit_symbol(answer: str) -> str | None:
+    """The unit symbol a number is followed by ("10 cm" -> "cm"), else None ("10", "10 apples")."""
+    m = _NUMBER_THEN_UNIT.match(_strip_wrappers(answer))
+    unit = m.group(2).strip() if m else ""
+    return unit if _UNIT_SYMBOL.fullmatch(unit) else None
+
+
 def _parse(answer: str):
     from math_verify import LatexExtractionConfig, parse
 
@@ -161,11 +203,14 @@ def _parse(answer: str):
 
 
 def _plain(text: str) -> str:
-    """Compatibility forms folded (full-width digits, ½ as 1/2) and any script's decimal digits
-    (٣, ३) written as ASCII digits, so that the checker compares values, not code points."""
+    """Compatibility forms folded (full-width digits, ½ as 1/2), any script's decimal digits (٣, ३)
+    written as ASCII digits, √ as \\sqrt and "1 234" as 1234, so that the checker compares values,
+    not code points."""
     text = unicodedata.normalize("NFKC", text).replace("\u2044", "/").replace("\u2212", "-")
-    return "".join(str(unicodedata.decimal(ch)) if not ch.isascii() and unicodedata.decimal(ch, None) is not None
+    text = "".join(str(unicodedata.decimal(ch)) if not ch.isascii() and unicodedata.decimal(ch, None) is not None
                    else ch for ch in text)
+    text = _ROOT_SIGN.sub(lambda m: "\\sqrt{%s}" % "".join(g or "" for g in m.groups()), text)
+    return _SPACED_GROUPS.sub(lambda m: m.group(0).replace(" ", ""), text)
 
 
 def _text(answer: str) -> str:
@@ -203,7 +248,10 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
     predicted, reference = _plain(predicted), _plain(reference)
     gold_letter = choice_letter(reference)
     if gold_letter and (_strip_wrappers(reference).strip("()") == gold_letter or choice_letter(predicted)):
-        return choice_letter(predicted) == gold_letter
+        return choice_letter(predicted) == gold_letter and not hedged_choice(predicted)
+    units = _unit_symbol(predicted), _unit_symbol(reference)
+    if all(units) and units[0] != units[1]:
+        return False  # "10 m" against "10 cm": both name a unit, and not the same one
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     gold = _parse(str(reference))
     if not gold:
@@ -211,8 +259,9 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
     from math_verify import verify
 
     several = values_stated(predicted) > 1
-    if several and is_prose(predicted) and getattr(gold[0], "is_number", False):
-        return False  # a hedge or a list in words, against one value
+    if several and (is_prose(predicted) or _RANGE.match(_strip_wrappers(predicted))) \
+            and getattr(gold[0], "is_number", False):
+        return False  # a hedge, a list in words or a range ("3-4"), against one value
     candidates = [predicted]
     numbers = _NUMBER.findall(predicted)
     if not several and len(numbers) == 1 and len(_WORD.findall(predicted.replace("\\", " \\"))) >= 2:

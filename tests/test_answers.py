@@ -183,3 +183,53 @@ def test_grpo_trainer_marks_completions_the_length_limit_cut(monkeypatch):
 ])
 def test_last_statement_and_unicode_forms(response, reference, expected):
     assert answers_match(final_answer(response), reference) is expected
+
+
+# Round three (hostile review S6): a hedge or a list over choice letters is wrong against one letter,
+# as it is over numbers; a choice whose own text carries words is still read by its letter.
+@pytest.mark.parametrize("response, reference, expected", [
+    ("Answer: A or B", "A", False), ("Answer: A and B", "A", False), ("Answer: (A) or (C)", "A", False),
+    ("Answer: A (or maybe B)", "A", False), ("Answer: A/B", "A", False), ("Answer: (B) or (C)", "C", False),
+    ("Answer: Either A or B", "A", False), ("Answer: B, C", "B", False),
+    ("Answer: A", "A", True), ("Answer: (A) 12", "A", True), ("Answer: (C) A and B", "C", True),
+    ("Answer: (B) red or blue", "B", True), ("Answer: A or B", "A or B", True),
+])
+def test_hedged_choices_are_wrong(response, reference, expected):
+    assert answers_match(final_answer(response), reference) is expected
+
+
+def test_a_parenthesised_alternative_is_not_cut_as_an_aside():
+    assert final_answer("Answer: (A) or (C)") == "(A) or (C)"
+    assert final_answer("Answer: 3 or (4)") == "3 or (4)"
+    assert final_answer("Answer: (A), (B)") == "(A), (B)" and not answers_match("(A), (B)", "A")
+    assert final_answer("Answer: 42 (the sum)") == "42"
+
+
+# Round three (S7): correct answers the checker missed, and their wrong neighbours.
+@pytest.mark.parametrize("response, reference, expected", [
+    ("Answer: approximately 7", "7", True), ("Answer: about 7", "7", True), ("Answer: roughly 7", "7", True),
+    ("Answer: \\approx 7", "7", True), ("Answer: approximately 8", "7", False),
+    ("Answer: €5", "5", True), ("Answer: 5€", "5", True), ("Answer: £1,000", "1000", True),
+    ("Answer: ¥300", "300", True), ("Answer: $5", "5", True), ("Answer: €6", "5", False),
+    ("Answer: √2", "\\sqrt{2}", True), ("Answer: √(2)", "\\sqrt{2}", True), ("Answer: 3√2", "3\\sqrt{2}", True),
+    ("Answer: √3", "\\sqrt{2}", False), ("Answer: √2", "2", False),
+    ("Answer: 1 234", "1234", True), ("Answer: 1\u2009234", "1234", True), ("Answer: 1\u202f234 567", "1234567", True),
+    ("Answer: 12 345.5", "12345.5", True), ("Answer: 1 234", "1,234", True),
+    ("Answer: 1 2", "12", False), ("Answer: 12 34", "1234", False), ("Answer: 1 2345", "12345", False),
+    ("Answer: 2 1/2", "2.5", True),  # a mixed number is not a thousands group
+])
+def test_approximate_currency_root_and_grouped_digits(response, reference, expected):
+    assert answers_match(final_answer(response), reference) is expected
+
+
+# Questionable items: a range is no single value; different unit symbols on both sides are different quantities.
+@pytest.mark.parametrize("response, reference, expected", [
+    ("Answer: 3-4", "-1", False), ("Answer: 3-4", "3", False), ("Answer: 3–4", "4", False),
+    ("Answer: 3-4", "3-4", True), ("Answer: 3 - 4", "-1", True),  # with spaces it is a subtraction
+    ("Answer: -4", "-4", True),
+    ("Answer: 10 m", "10 cm", False), ("Answer: 10 cm", "10 m", False), ("Answer: 5 kg", "5 g", False),
+    ("Answer: 10 m", "10 m", True), ("Answer: 10 m", "10", True), ("Answer: 10", "10 m", True),
+    ("Answer: 10 meters", "10 m", True), ("Answer: 120 km", "120", True),
+])
+def test_ranges_and_different_units(response, reference, expected):
+    assert answers_match(final_answer(response), reference) is expected
