@@ -71,11 +71,10 @@ def validate_args(args) -> None:
 def method_problems(args) -> list[str]:
     """What --method grpo needs of the other flags; --init-adapter's folder is checked when it is fetched."""
     if args.method != "grpo":
-        given = [flag for flag, unset in (("--engine", args.engine == "auto"),
-                                          ("--prompts-per-generation", args.prompts_per_generation is None)) if not unset]
+        given = [train_config.flag_name(f) for f in train_config.grpo_only() if getattr(args, f.name) != f.default]
         verb, them = ("set", "them") if len(given) > 1 else ("sets", "it")
-        return ([f"{' and '.join(given)} {verb} how grpo generates its rollouts; --method {args.method} generates "
-                 f"nothing, so drop {them} (or pass --method grpo)"] if given else [])
+        return ([f"{', '.join(given)} {verb} how grpo samples and rewards its replies; --method {args.method} "
+                 f"samples nothing, so drop {them} (or pass --method grpo)"] if given else [])
     from reasonforge.grpo import GRPOSettings
     from reasonforge.rewards import parse_rewards
 

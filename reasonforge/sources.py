@@ -250,8 +250,12 @@ def csv_as_text(files: list[str]) -> dict:
 
     with open(files[0], newline="", encoding="utf-8-sig") as fh:
         header = next(csv.reader(fh), [])
-    if not header or len(set(header)) != len(header):
-        return {}  # no header or repeated names: left to pandas, whose error names the problem
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:  # pandas would keep one of them and drop the other's cells without a word
+        raise UserError(f"{files[0]} names the column {', '.join(map(repr, repeated))} more than once in its header; "
+                        "rename the columns so that each name is used once")
+    if not header:
+        return {}  # no header: left to pandas, whose error names the problem
     if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
         sep = next(s for s in ";\t|" if s in header[0])
         raise UserError(f"{files[0]} has one column {header[0]!r}: it looks {sep!r}-separated, and CSV files here are "
@@ -276,7 +280,12 @@ def load_local(path: Path, split: str, check_schemas: bool = True):
             if split not in loaded:
                 raise UserError(f"{path} has splits {list(loaded)}, not {split!r}; pass --split NAME")
             return loaded[split]
+        if split != "train":
+            raise UserError(f"{path} holds one dataset without named splits; drop --split {split}")
         return loaded
+    if split != "train":  # a file is one split: reading it whole under another name would be a silent mix-up
+        raise UserError(f"{path} is read whole (files have no splits); drop --split {split}, which names a split of a "
+                        "Hub dataset or a save_to_disk folder")
     kind, files = local_data_files(path)
     kinds: dict[str, set[str]] = {}
     if kind == "json":

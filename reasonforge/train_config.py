@@ -287,6 +287,11 @@ def value_problems(args) -> list[str]:
     return core.number_problems(ranges)
 
 
+def grpo_only() -> list[dataclasses.Field]:
+    """The flags that only grpo reads (its group, less --method and --init-adapter, which sft reads too)."""
+    return [f for f in flags() if f.metadata.get("group") == GROUPS[6] and f.name not in ("method", "init_adapter")]
+
+
 def resume_rules(rule: str) -> dict[str, dataclasses.Field]:
     """{field name: field} of the flags under one resume rule."""
     return {f.name: f for f in flags() if f.metadata.get("resume", "free") == rule}

@@ -329,3 +329,20 @@ def test_a_file_whose_rows_are_all_dropped_says_why(tmp_path, capsys):
     src = write_jsonl(tmp_path / "empty.jsonl", [{"question": f"q{i}?", "answer": ""} for i in range(5)])
     assert dp.main(["--dataset", str(src), "--skip-upload", "--output-dir", str(tmp_path / "o")]) == 2
     assert "5 read, all dropped (5 empty_or_missing_turn)" in capsys.readouterr().err
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, capsys):
+    src = tmp_path / "dup.csv"
+    src.write_text("question,question,answer\n" + "".join(f"Q{i}?,R{i}?,00{i}.50\n" for i in range(20)))
+    code, out = run(tmp_path, "--dataset", str(src))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: {src} names the column 'question' more than once"), err[-2:]
+    assert not out.exists()
+
+
+def test_split_of_a_local_file_is_refused(tmp_path, capsys):
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"question": f"q{i}?", "answer": str(i)}) + "\n" for i in range(20)))
+    code, out = run(tmp_path, "--dataset", str(src), "--split", "test")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "files have no splits); drop --split test" in err[-1] and not out.exists()

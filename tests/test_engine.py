@@ -213,7 +213,7 @@ def test_chat_streams_the_engine_reply_as_generate_does(tiny_model, capsys):
 def test_rollout_flags_are_refused_for_sft(tmp_path, capsys):
     assert train_lora.main(["--model-name", "x", "--output-dir", str(tmp_path / "o"), "--engine", "static"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --engine sets how grpo generates") and len(err.splitlines()) == 1
+    assert err.startswith("error: --engine sets how grpo samples and rewards its replies") and len(err.splitlines()) == 1
 
 
 def test_a_long_prompt_limits_only_its_own_reply(tiny_model):

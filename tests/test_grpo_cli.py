@@ -112,3 +112,12 @@ def test_pipeline_refuses_an_unknown_stage_before_doing_anything(tmp_path, stage
                           env={**os.environ, "STAGES": stages, "WORK": str(tmp_path / "work")})
     assert proc.returncode == 2 and "STAGES=" in proc.stderr and "use sft, grpo or sft,grpo" in proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_grpo_only_flags_are_refused_for_sft_by_name(tmp_path, capsys):
+    code = train_lora.main(["--output-dir", str(tmp_path / "o"), "--num-generations", "3", "--rewards", "bogus",
+                            "--temperature", "0.5", "--beta", "0.1", "--max-completion-length", "64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --rewards, --num-generations, --max-completion-length, --beta, --temperature set "
+                             "how grpo samples and rewards its replies; --method sft samples nothing")
