@@ -56,6 +56,10 @@ def validate_args(args) -> None:
     if not args.target_modules.strip(","):
         problems.append("--target-modules is empty; e.g. " + train_config.DEFAULT_TARGETS)
     problems += filter(None, [run_dir_problem(Path(args.output_dir))])
+    try:  # a local folder's files, before the data is read and minutes before the model loads
+        utils.check_model_path(args.model_name)
+    except UserError as exc:
+        problems.append(str(exc))
     if args.save_gguf:  # the extra is checked now, not after hours of training
         from reasonforge import gguf
 

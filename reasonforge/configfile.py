@@ -131,6 +131,16 @@ def int_problems(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
             and abs(getattr(args, a.dest)) > INT_MAX]
 
 
+# Flags naming a file, folder, model or dataset: "" would be read as the working folder.
+PATH_WORDS = ("path", "dir", "file", "model", "dataset", "adapter")
+
+
+def empty_path_problems(parser: argparse.ArgumentParser, args) -> list[str]:
+    return [f"{a.option_strings[0]} is empty; give it a path (or leave the flag out for its default)"
+            for a in parser._actions
+            if a.option_strings and any(w in a.dest for w in PATH_WORDS) and getattr(args, a.dest, None) == ""]
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """parser.parse_args with --config FILE's values as defaults. The namespace also carries
     `settings_from` ({dest: "command line" | "config"} for every value not left at its default)."""
@@ -164,7 +174,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         for dest in from_file:  # a required flag the file gives is given
             actions[dest].required = False
     args = parser.parse_args(argv)
-    too_large = int_problems(parser, args)
+    too_large = int_problems(parser, args) + empty_path_problems(parser, args)
     if too_large:
         raise UserError("; ".join(too_large))
     given = given_on_command_line(parser, argv)

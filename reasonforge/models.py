@@ -77,6 +77,9 @@ def import_unsloth_first() -> None:
     import unsloth  # noqa: F401
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def check_model_path(name: str, needs: tuple[str, ...] = ("config.json", "adapter_config.json"), what: str = "model") -> None:
     """A path-looking name must be a folder holding one of `needs`; Hub ids pass through."""
     if path_kind(name) == "local":
@@ -89,7 +92,14 @@ def check_model_path(name: str, needs: tuple[str, ...] = ("config.json", "adapte
             raise UserError(f"{what} folder {name!r} does not exist; pass a Hub id or a folder with {needs[0]}")
         if not any((p / n).is_file() for n in needs):
             found = ", ".join(sorted(x.name for x in p.iterdir())[:10]) or "nothing"
-            raise UserError(f"{what} folder {name!r} has no {' or '.join(needs)} (found: {found})")
+            inner = next((sub for sub in ("final_model", "merged_16bit") if (p / sub / needs[-1]).is_file()
+                          or (p / sub / needs[0]).is_file()), None)
+            hint = f"; for the run's model pass {p / inner}" if inner else ""
+            raise UserError(f"{what} folder {name!r} has no {' or '.join(needs)} (found: {found}){hint}")
+        if (p / "config.json").is_file() and not any((p / n).is_file() for n in TOKENIZER_FILES):
+            # transformers would fall back to an empty tokenizer, and every row would be 0 tokens long
+            raise UserError(f"{what} folder {name!r} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); copy the "
+                            "tokenizer files from where the model came from into it")
 
 
 HUB_LOOKUP_S = 3.0  # a resolver that does not answer in this long is as good as none
@@ -388,6 +398,8 @@ def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: s
         found = ", ".join(sorted(p.name for p in local.iterdir())[:12]) if looks_local else "a Hub id"
         raise UserError(f"--is-adapter given but {model_path} has no adapter_config.json (found: {found or 'nothing'})")
     if adapter is None:
+        if looks_local:  # before the dataset and the model load
+            check_model_path(str(local))
         return (str(local) if looks_local else model_path), None, {}
     weights = [n for n in ("adapter_model.safetensors",) if (local / n).is_file()]
     if not weights:

@@ -111,3 +111,13 @@ def test_a_config_file_that_is_not_utf8_is_one_line_and_a_bom_is_read(script, tm
     cfg.write_bytes(b"\xef\xbb\xbfnot_a_flag: 1\n")
     assert main(["--config", str(cfg)]) == 2
     assert "'not_a_flag' is not a flag of this script" in one_error_line(capsys)  # the key, not '\ufeffnot_a_flag'
+
+
+@pytest.mark.parametrize("script, flag", [("train_lora", "--model-name"), ("train_lora", "--dataset-path"),
+                                          ("evaluate_model", "--model-path"), ("data_preparation", "--dataset"),
+                                          ("test_model", "--model-path")])
+def test_an_empty_path_flag_is_named(script, flag, capsys):
+    import importlib
+
+    assert importlib.import_module(script).main([flag, ""]) == 2
+    assert f"{flag} is empty; give it a path" in one_error_line(capsys)

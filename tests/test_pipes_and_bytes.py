@@ -236,3 +236,24 @@ def test_a_damaged_adapter_is_one_error_line(saved_adapter, tmp_path, capsys, da
                     "--output-file", str(tmp_path / "o.json")]) == 2
     assert words.format(weights=weights) in one_error_line(capsys)
     assert not (tmp_path / "o.json").exists()
+
+
+def test_a_model_folder_without_a_tokenizer_and_a_run_folder_are_named(tiny_model, sample_dataset, tmp_path, capsys,
+                                                                       no_model_load):
+    import shutil
+
+    import evaluate_model
+    import train_lora
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*",
+                                                                    "special_tokens*", "added_tokens*", "chat_template*"))
+    assert train_lora.main(["--model-name", str(bare), "--dataset-path", str(sample_dataset),
+                            "--output-dir", str(tmp_path / "o")]) == 2
+    assert f"model folder {str(bare)!r} has no tokenizer" in one_error_line(capsys)
+    run = tmp_path / "run"
+    (run / "final_model").mkdir(parents=True)
+    (run / "final_model" / "adapter_config.json").write_text("{}")
+    assert evaluate_model.main(["--model-path", str(run), "--dataset-path", str(sample_dataset),
+                                "--output-file", str(tmp_path / "e.json")]) == 2
+    assert f"for the run's model pass {run / 'final_model'}" in one_error_line(capsys)
