@@ -142,6 +142,7 @@ def test_envpair_needs_a_variant_and_its_own_call(tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before building a model or writing results
 
 
+@pytest.mark.slow
 def test_suite_worker_is_train_lora_own_run(tmp_path, tiny_model):
     """The suite's numbers are the product's: its worker parses train_lora.py's flags and runs
     reasonforge.training's setup, train and finish (here on CPU, with the hf backend)."""

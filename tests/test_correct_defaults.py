@@ -35,6 +35,7 @@ def train(tmp_path, model, data, *extra, out="run"):
     return code, target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
 def test_training_renders_with_the_models_own_template(tmp_path, seed_prepared, tiny_qwen25, tiny_model, family):
     """The adapter keeps the base's template byte for byte, and every training row is exactly what
@@ -65,6 +66,7 @@ def test_training_renders_with_the_models_own_template(tmp_path, seed_prepared, 
         base_tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+@pytest.mark.slow
 def test_a_recorded_template_that_does_not_fit_is_refused(tmp_path, tiny_qwen25, capsys):
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in seed_style_rows(12)))
@@ -79,6 +81,7 @@ def test_a_recorded_template_that_does_not_fit_is_refused(tmp_path, tiny_qwen25,
     assert code == 0 and (out / "final_model" / "chat_template.jinja").read_text() == utils.QWEN3_TEMPLATE
 
 
+@pytest.mark.slow
 def test_long_rows_are_dropped_and_counted(tmp_path, tiny_model, capsys):
     rows = [{"question": f"q{i} " + "word " * (150 if i % 4 == 0 else 3), "answer": str(i)} for i in range(24)]
     src = tmp_path / "d.jsonl"

@@ -216,6 +216,7 @@ def test_rollout_flags_are_refused_for_sft(tmp_path, capsys):
     assert err.startswith("error: --engine sets how grpo samples and rewards its replies") and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_long_prompt_limits_only_its_own_reply(tiny_model):
     """Near the end of the context, a row gets what its own prompt leaves; its batch-mates keep
     their --max-new-tokens (positions are per row)."""

@@ -48,6 +48,7 @@ def test_s3_settings_that_cannot_work(s3_env, tmp_path, monkeypatch, capsys, env
     assert not out.exists()  # refused before the work
 
 
+@pytest.mark.slow
 def test_an_endpoint_that_never_answers_fails_within_a_minute(tmp_path, monkeypatch):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -108,6 +109,7 @@ def test_full_disk_while_saving_is_one_line(small_mount, capsys):
     assert not out.exists() and not list(small_mount.iterdir())  # the scratch folder went too
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_is_one_line(small_mount, tiny_model, sample_dataset, capsys):
     out = small_mount / "run"
     assert train_lora.main(train_argv(tiny_model, sample_dataset, out, "--max-steps", "4")) == 2
@@ -213,6 +215,7 @@ def checkpointed_run(tmp_path_factory, tiny_model, sample_dataset):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adapter_config.json", utils.RUN_INFO_FILE])
 def test_garbage_adapter_metadata(tmp_path, checkpointed_run, name, capsys):
     adapter = tmp_path / "adapter"
@@ -293,6 +296,7 @@ def test_inference_settings(tmp_path, sample_dataset, no_model_load, capsys, ext
     assert message in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_max_new_tokens_beyond_the_context(tmp_path, checkpointed_run, sample_dataset, capsys):
     out = tmp_path / "o.json"
     # The tiny model's positions end at 2048.
@@ -337,6 +341,7 @@ def poison_after_step(monkeypatch, step: int):
     monkeypatch.setattr(sft, "sft_trainer_class", patched)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_names_the_last_good_checkpoint(tmp_path, tiny_model, sample_dataset,
                                                                    monkeypatch, capsys):
     poison_after_step(monkeypatch, 5)  # steps are counted from 0 inside the step: step 6 is the first NaN
@@ -397,6 +402,7 @@ def adapter_tensors(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_trains_no_step_past_its_end(tmp_path, checkpointed_run, tiny_model, sample_dataset,
                                                                 capsys):
     """The Trainer checks --max-steps only after a step: resumed from its last checkpoint (preempted
@@ -428,6 +434,7 @@ def test_resuming_a_finished_run_trains_no_step_past_its_end(tmp_path, checkpoin
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path, tiny_model, sample_dataset, capsys, monkeypatch):
     from reasonforge.callbacks import StepLogger
 

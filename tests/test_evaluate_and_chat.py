@@ -32,6 +32,7 @@ def adapter_run(tmp_path_factory, tiny_model):
     return data, out / "final_model"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, penalty", [((), 1.0), (("--repetition-penalty", "1.3"), 1.3)])
 def test_accuracy_uses_no_repetition_penalty_unless_asked(adapter_run, tmp_path, monkeypatch, extra, penalty):
     """A penalty keeps a model from repeating the digits an answer needs (11 + 11 = 22): accuracy is
@@ -55,6 +56,7 @@ def test_accuracy_uses_no_repetition_penalty_unless_asked(adapter_run, tmp_path,
     assert settings["repetition_penalty"] == penalty and settings["temperature"] == 0.0
 
 
+@pytest.mark.slow
 def test_perplexity_matches_independent_computation(adapter_run, tiny_model, tmp_path):
     import datasets
     import torch
@@ -94,6 +96,7 @@ def test_perplexity_matches_independent_computation(adapter_run, tiny_model, tmp
     assert report["base_model"] == str(tiny_model) and report["dataset_manifest_sha256"]
 
 
+@pytest.mark.slow
 def test_base_pass_equals_plain_base_model(adapter_run, tiny_model, tmp_path):
     """The adapter-disabled pass gives what the base model alone gives."""
     data, _ = adapter_run
@@ -107,6 +110,7 @@ def test_base_pass_equals_plain_base_model(adapter_run, tiny_model, tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_accuracy_and_samples_report(adapter_run, tmp_path):
     data, adapter = adapter_run
     out = tmp_path / "r.json"
@@ -213,6 +217,7 @@ def test_batch_resume_with_other_settings_is_refused_before_the_model_loads(adap
     assert results[0] == {k: v for k, v in lines[1].items()} and [r["index"] for r in results] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_chat_and_one_instruction_never_replace_a_batch_report(adapter_run, tmp_path, capsys):
     _, adapter = adapter_run
     instr = tmp_path / "i.json"
@@ -247,6 +252,7 @@ def spawn_chat(adapter, tmp_path, *extra):
                          env=env, encoding="utf-8", timeout=120)
 
 
+@pytest.mark.slow
 def test_interactive_through_a_pty(adapter_run, tmp_path):
     """Drive the chat in a pseudo-terminal: settings NAME VALUE (bad and good), two turns, reset, quit."""
     import pexpect
@@ -278,6 +284,7 @@ def test_interactive_through_a_pty(adapter_run, tmp_path):
     assert json.loads((tmp_path / "chat.json").read_text())["generation"]["temperature"] == 0.0
 
 
+@pytest.mark.slow
 def test_settings_dialog_as_the_seed_shows_it(adapter_run, tmp_path):
     """The seed's `settings` dialog in a pseudo-terminal; its values drive the next reply, no library
     warning lands inside that reply, Ctrl-C stops a reply but not the session, Ctrl-D cancels."""
@@ -524,6 +531,7 @@ def test_chat_bad_input(adapter_run, tmp_path, capsys, extra, message):
     assert err[-1].startswith("error: ") and message in err[-1], err[-2:]
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_s3_model_and_dataset_paths(adapter_run, s3_env, tmp_path, monkeypatch):
     data, adapter = adapter_run
@@ -573,6 +581,7 @@ def test_a_mistyped_relative_model_path_says_it_does_not_exist(adapter_run, tmp_
     assert err.startswith("error: ") and "does not exist" in err and "run/checkpoints/nope" in err
 
 
+@pytest.mark.slow
 def test_rows_the_adapter_trained_on_are_counted_and_warned(adapter_run, tmp_path, capsys):
     """The same source prepared with another --seed splits differently: most of its validation
     prompts were training prompts of the adapter, and their scores would pass for generalisation."""

@@ -34,6 +34,7 @@ def train_args(model, data, out):
             "--batch-size", "4", "--gradient-accumulation-steps", "1", "--learning-rate", "5e-3", "--seed", "5"]
 
 
+@pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_matches(tmp_path, tiny_model, sample_dataset):
     full = tmp_path / "full"
     proc = script("train_lora.py", *train_args(tiny_model, sample_dataset, full))
@@ -63,6 +64,7 @@ def test_sigkill_after_checkpoint_then_resume_matches(tmp_path, tiny_model, samp
     assert b["best_validation_loss"] == pytest.approx(a["best_validation_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_interrupted_adapter_save_leaves_no_final_model(tmp_path, tiny_model, sample_dataset, monkeypatch):
     from transformers import PreTrainedTokenizerBase
 
@@ -127,6 +129,7 @@ def test_s3_outage_during_upload_then_retry_completes(tmp_path, own_s3, monkeypa
         assert remote[rel]["etag"] == utils.s3_etag_of_file(path, path.stat().st_size), rel
 
 
+@pytest.mark.slow
 def test_no_secret_reaches_any_output(tmp_path, tiny_model, s3_env, monkeypatch, capsys):
     hf_token = "hf_TESTSECRETtoken0123456789"
     monkeypatch.setenv("HF_TOKEN", hf_token)

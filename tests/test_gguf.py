@@ -63,6 +63,7 @@ def test_llama_cpp_runtime_without_the_extra_names_it(tmp_path, capsys, monkeypa
     assert code == 2 and "needs the gguf extra" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 @needs_converter
 def test_export_folder_holds_what_ollama_and_llama_cpp_need(exported):
     folder = exported / "final_model_gguf"
@@ -88,6 +89,7 @@ def _evaluate(model_path, data, out, *extra) -> dict:
     return json.loads(Path(out).read_text())
 
 
+@pytest.mark.slow
 @needs_converter
 def test_evaluation_on_the_gguf_weights_matches_the_adapter(exported, sample_dataset, tmp_path):
     """The CI path: transformers on the file's dequantised q8_0 weights, same rows, masks and checker."""
@@ -102,6 +104,7 @@ def test_evaluation_on_the_gguf_weights_matches_the_adapter(exported, sample_dat
     assert on_file["metrics"]["accuracy"]["model"]["total"] == 4
 
 
+@pytest.mark.slow
 @needs_converter
 @needs_llama_cpp
 def test_llama_cpp_runs_evaluation_single_and_batch(exported, sample_dataset, tmp_path, capsys):
@@ -122,6 +125,7 @@ def test_llama_cpp_runs_evaluation_single_and_batch(exported, sample_dataset, tm
     assert len(json.loads((tmp_path / "b.json").read_text())["results"]) == 3
 
 
+@pytest.mark.slow
 @needs_converter
 @needs_llama_cpp
 def test_f16_export_of_a_qwen_chooses_the_merged_models_tokens(exported, tmp_path):
@@ -155,6 +159,7 @@ def test_f16_export_of_a_qwen_chooses_the_merged_models_tokens(exported, tmp_pat
     assert clear > 50 and agree == clear
 
 
+@pytest.mark.slow
 @needs_converter
 def test_compare_states_what_the_export_cost(exported, sample_dataset):
     runtime = "llama.cpp" if importlib.util.find_spec("llama_cpp") else "transformers"

@@ -89,6 +89,7 @@ def test_init_adapter_of_another_shape_is_refused(tiny_qwen25, sample_dataset, t
     assert not (tmp_path / "grpo" / "final_model").exists()
 
 
+@pytest.mark.slow
 def test_init_adapter_of_another_base_is_named_in_one_warning(tiny_qwen25, tiny_model, sample_dataset, tmp_path, capsys):
     """Same shape, other base model: the weights load, and one line says whose adapter it was."""
     sft = tmp_path / "sft"

@@ -1,5 +1,6 @@
 """Console output: each log line printed once, library warnings kept out of replies."""
 
+import pytest
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ sys.exit(train_lora.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_warning_is_printed_once(tmp_path, tiny_model):
     data = tmp_path / "data"
     assert dp.main(["--dataset", "sample", "--max-samples", "24", "--skip-upload", "--output-dir", str(data)]) == 0

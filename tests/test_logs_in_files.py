@@ -45,6 +45,7 @@ def test_a_training_and_evaluation_log_file_holds_plain_lines(tiny_model, sample
     assert len(lines) == len(set(lines)) or all(l.startswith("=") for l in lines if lines.count(l) > 1)
 
 
+@pytest.mark.slow
 def test_rf_progress_bars_keeps_the_bars_in_a_file(tiny_model, tmp_path):
     text = logged(tmp_path, "test_model.py", "--model-path", str(tiny_model), "--batch", "--instructions-file",
                   str(_instructions(tmp_path)), "--max-new-tokens", "2", "--output-file", "b.json",

@@ -147,6 +147,7 @@ def test_evaluate_and_chat_refuse_an_output_file_before_loading(tmp_path, sample
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_run_into_the_same_folder_is_refused(tmp_path, tiny_model, sample_dataset, capsys):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

@@ -52,6 +52,7 @@ def test_training_into_a_pipe_that_closes_keeps_training(tiny_model, sample_data
     ("evaluate_model.py", ["--dataset-path", "{data}", "--compute-perplexity", "--max-eval-samples", "2",
                            "--output-file", "{tmp}/e.json"]),
 ])
+@pytest.mark.slow
 def test_inference_into_a_closed_pipe_ends_quietly(tiny_model, sample_dataset, tmp_path, name, args):
     """`... | head -c1`: the reader is gone before the script has said anything much."""
     args = [a.format(data=sample_dataset, tmp=tmp_path) for a in args]

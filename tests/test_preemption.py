@@ -64,6 +64,7 @@ def train_argv(model, data, out, *extra):
 TRAIN = "import sys, train_lora; sys.exit(train_lora.main(sys.argv[1:]))"
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_sigterm_mid_training_checkpoints_locally_and_on_s3_and_resumes_to_same_losses(tmp_path, tiny_model,
                                                                                          sample_dataset, s3_env):
@@ -115,6 +116,7 @@ sys.exit(train_lora.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigterm_during_evaluation_checkpoints_that_step(tmp_path, tiny_model, sample_dataset):
     run, marker = tmp_path / "run", tmp_path / "evaluating"
     proc = launch(SLOW_EVALUATION, marker, *train_argv(tiny_model, sample_dataset, run, "--save-steps", "4"))
@@ -131,6 +133,7 @@ def test_sigterm_during_evaluation_checkpoints_that_step(tmp_path, tiny_model, s
     assert checkpoints.resolve_resume("latest", run, run_uri=None) == str(run / "checkpoint-4")
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_sigterm_during_checkpoint_upload_stops_on_that_checkpoint(tmp_path, tiny_model, sample_dataset, s3_env,
                                                                     monkeypatch, capsys):
@@ -169,6 +172,7 @@ sys.exit(train_lora.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_watchdog_exits_when_the_first_step_outlasts_the_deadline(tmp_path, tiny_model, sample_dataset):
     run, marker = tmp_path / "run", tmp_path / "compiling"
     proc = launch(SLOW_FIRST_STEP, marker, *train_argv(tiny_model, sample_dataset, run, "--sigterm-deadline-s", "2"))

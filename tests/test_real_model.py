@@ -14,6 +14,7 @@ from reasonforge import sft, training
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.slow
 def test_smollm2_keeps_its_template_and_stops_cleanly(tmp_path, demo_model):
     from transformers import AutoTokenizer
 

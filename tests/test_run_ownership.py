@@ -42,6 +42,7 @@ def test_a_new_run_is_refused_in_a_finished_runs_folder(tiny_model, sample_datas
     assert (out / "training_metrics.json").read_text() == metrics
 
 
+@pytest.mark.slow
 def test_a_resume_continues_the_run_the_folder_holds(tiny_model, sample_dataset, tmp_path):
     out = tmp_path / "OUT"
     assert train_lora.main(argv(tiny_model, sample_dataset, out, "--max-steps", "2")) == 0
@@ -53,6 +54,7 @@ def test_a_resume_continues_the_run_the_folder_holds(tiny_model, sample_dataset,
     assert config["resumed_from"]["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_second_run_under_one_s3_run_name_is_refused(tiny_model, sample_dataset, tmp_path, s3_env, capsys):
     """Other output folder, same --run-name: the second run would overwrite the first's adapter,
     metrics and checkpoints on S3, and a fresh instance's resume would pick the other run's."""

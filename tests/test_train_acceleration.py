@@ -181,6 +181,7 @@ def test_what_setup_changes_outside_the_run_is_undone_however_it_ends(tmp_path, 
     assert code == 2 and len(undone) == 2
 
 
+@pytest.mark.slow
 def test_micro_batching_does_not_change_the_loss_curve(tmp_path, tiny_model, sample_dataset):
     """What --auto-batch changes (micro-batch x accumulation at the same product) leaves the
     per-step losses as they were: the loss is a token-level mean over the whole effective batch."""
@@ -420,6 +421,7 @@ def test_cuda_graph_plan(monkeypatch):
     assert plan("auto", backend="unsloth", method="sft", packing=False).reason == "UNSLOTH_BLOCK_CUDAGRAPHS=0 as set"
 
 
+@pytest.mark.slow
 def test_length_buckets_leave_the_loss_curve_unchanged(tmp_path, tiny_model, sample_dataset, monkeypatch):
     """The padding CUDA graphs ask for adds only masked tokens: per-step and validation losses stay
     as they were, and every padded batch is a multiple of the bucket."""

@@ -41,6 +41,7 @@ def trained_run(tmp_path_factory, tiny_model, repeated_dataset):
     return out, captured
 
 
+@pytest.mark.slow
 def test_output_layout_and_contents(trained_run, tiny_model):
     out, _ = trained_run
     names = {p.name for p in out.iterdir()}
@@ -144,6 +145,7 @@ def interrupt_after_step(monkeypatch, step: int):
     return lambda: monkeypatch.setattr(callbacks.StepLogger, "on_step_end", original)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_same_result(tmp_path, tiny_model, repeated_dataset, monkeypatch):
     common = ("--max-steps", "10", "--seed", "11")
     code, full = train(tmp_path, tiny_model, repeated_dataset, *common, out="full")
@@ -176,6 +178,7 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, tiny_model, repeated_d
     assert "skipping" in err and "truncated" in err
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_checkpoints_sync_to_s3_and_resume_into_empty_folder(tmp_path, tiny_model, repeated_dataset, s3_env, monkeypatch):
     common = ("--max-steps", "8", "--s3-bucket", s3_env, "--run-name", "drill")
