@@ -73,14 +73,12 @@ from reasonforge.generation import (
     reply_tokens,
     stop_token_ids,
 )
+from reasonforge.demo_model import DEMO_MODEL_PACKAGE, export_demo_model
+from reasonforge.gpu_memory import format_memory_stats, gpu_memory_stats
 from reasonforge.models import (
-    DEMO_MODEL_PACKAGE,
     RUN_INFO_FILE,
     check_model_path,
     choose_backend,
-    export_demo_model,
-    format_memory_stats,
-    gpu_memory_stats,
     hub_model_problem,
     import_unsloth_first,
     load_model,

@@ -38,9 +38,9 @@ def activation_bytes_per_token(config, checkpointing: bool) -> float:
 
 # Cost of one optimizer step, in token-equivalents: every micro-batch pass pays a fixed price (mostly
 # kernel-launch time), twice with checkpointing since the recompute is a second forward, and the
-# recompute adds to the per-token work. Both constants are fitted to the measured grid in
-# benchmarks/RESULTS.md with Python launchers; the C++ ones (graph_wrapper.configure_compiler) make passes
-# cheaper, and the alternatives have not been re-timed with them.
+# recompute adds to the per-token work. Both constants are fitted to a grid measured with Python
+# launchers (benchmarks/RESULTS.md); the C++ ones (graph_wrapper) make a pass cheaper, so under them
+# the planner leans towards fewer, larger passes than it needs to.
 PASS_COST_TOKENS, RECOMPUTE_FACTOR = 5500, 1.33
 
 # Memory plans (--auto-batch's and the kept layers') fill this share of their budget, leaving the rest
@@ -103,8 +103,8 @@ def choose_batch(config, model, backend: str, changes) -> BatchPlan:
 # ---------------------------------------------------------------------------------------------
 
 # What a CUDA graph pool adds to peak memory, in units of one layer's activations at the micro-batch:
-# fitted to runs 23-24 (benchmarks/RESULTS.md; 3B shape, 2 x 2,048 tokens, 0.28 GiB a layer), where
-# the pool added 1.07-1.2 GiB at one padded length and 2.6 GiB once 8 lengths were recorded.
+# fitted to the measured pool sizes (benchmarks/RESULTS.md, CUDA graphs: about 4 layers' worth at one
+# padded length, and three quarters of a layer more for each further length recorded).
 GRAPH_POOL_LAYERS, GRAPH_POOL_LAYERS_PER_SHAPE = 4.0, 0.75
 
 

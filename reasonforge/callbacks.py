@@ -13,7 +13,7 @@ from typing import Callable
 
 from transformers import TrainerCallback
 
-from reasonforge import core, models, progress, rundirs
+from reasonforge import core, gpu_memory, progress, rundirs
 from reasonforge.core import UserError
 
 
@@ -55,7 +55,7 @@ class StepLogger(TrainerCallback):
         if "loss" in logs:
             rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
             self.last = (now, tokens)
-            mem = models.gpu_memory_stats()
+            mem = gpu_memory.gpu_memory_stats()
             record.update(tokens_per_s=round(rate, 1), peak_gpu_gib=round(mem.get("peak_gib", 0.0), 3))
             line = self.step_line(state, logs, rate, mem)
             if line:

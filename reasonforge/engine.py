@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from reasonforge import generation
 from reasonforge.decode_attention import grouped_decode
 
 # Share of the free GPU memory the KV cache of one batch may take; the rest holds the prefill's
@@ -198,7 +199,7 @@ class Engine:
         t0 = time.perf_counter()
         slot, first_logits, prompt_ids = self._prefill(padded_rows, width, cache_len)
         self.stats.prefill_s += time.perf_counter() - t0
-        processors = logits_processors(settings)
+        processors = generation.logits_processors(settings)
         sample = settings.temperature > 0
         history = torch.full((len(padded_rows), width + max_new), self.pad_id, dtype=torch.long, device=self.device)
         history[:, :width] = prompt_ids
@@ -390,23 +391,3 @@ def adapter_state(model) -> bool:
         if hasattr(module, "disable_adapters") and hasattr(module, "lora_A"):
             return not module.disable_adapters
     return False
-
-
-def logits_processors(settings):
-    """transformers' processors for these settings, in `generate`'s order (repetition penalty,
-    then temperature, top-k, top-p for sampling); None where the raw logits are used as they are."""
-    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
-    procs = LogitsProcessorList()
-    if settings.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-    if settings.temperature > 0:
-        if settings.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(settings.temperature))
-        if settings.top_k:
-            procs.append(TopKLogitsWarper(settings.top_k))
-        if settings.top_p < 1.0:
-            procs.append(TopPLogitsWarper(settings.top_p))
-    return procs or None
-

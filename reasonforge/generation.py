@@ -372,3 +372,22 @@ def _generate_hf(model, tokenizer, prompts: list[list[int]], settings, batch_siz
                 by_index[i] = (reply, stopped, round(seconds * len(reply) / total, 4))
             bar.update(len(idx))
     return [by_index[i] for i in range(len(prompts))]
+
+
+def logits_processors(settings):
+    """transformers' processors for these settings, in `generate`'s order (repetition penalty,
+    then temperature, top-k, top-p for sampling); None where the raw logits are used as they are."""
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    procs = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.temperature > 0:
+        if settings.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            procs.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            procs.append(TopPLogitsWarper(settings.top_p))
+    return procs or None

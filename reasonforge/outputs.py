@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reasonforge import core, models, rundirs, s3, sft
+from reasonforge import core, gpu_memory, models, rundirs, s3, sft
 from reasonforge.checkpoints import is_checkpoint, local_checkpoints
 from reasonforge.core import UserError
 
@@ -172,7 +172,7 @@ def collect_metrics(run, result) -> dict:
         **clock,
         # process start to the training loop, by part; the first step's own time is first_step_s
         "setup_phases_s": run.phases.spans(until=clock.get("loop_start_at")),
-        "peak_gpu_memory_gib": round(models.gpu_memory_stats().get("peak_gib", 0.0), 3),
+        "peak_gpu_memory_gib": round(gpu_memory.gpu_memory_stats().get("peak_gib", 0.0), 3),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_percent": round(100 * trainable / max(total, 1), 4),

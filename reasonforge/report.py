@@ -7,7 +7,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from reasonforge import checkpoints, configfile, core, grpo, models, rundirs
+from reasonforge import checkpoints, configfile, core, gpu_memory, grpo, rundirs
 from reasonforge.rewards import parse_rewards
 
 
@@ -94,9 +94,9 @@ def print_setup(run) -> None:
         print(f"Rollouts:   engine {run.engine} ({how})"
               + (f"; {gen} completions generated per call" if gen else "; one optimizer step's completions per call"))
     print(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
-    memory = models.gpu_memory_stats()
+    memory = gpu_memory.gpu_memory_stats()
     if memory:  # on a CPU there is nothing to say, once
-        print(models.format_memory_stats(memory))
+        print(gpu_memory.format_memory_stats(memory))
     print("=" * 72)
 
 
@@ -119,7 +119,7 @@ def training_config(run) -> dict:
            "rows": run.data.rows, "chat_template": run.data.template_name,
            "multi_turn_policy": MULTI_TURN_POLICY if run.config.method == "sft" else None,
            "dataset_manifest_sha256": manifest.get("content_sha256"), "dataset_source": manifest.get("source"),
-           "versions": core.library_versions(), "gpu": models.gpu_memory_stats()}
+           "versions": core.library_versions(), "gpu": gpu_memory.gpu_memory_stats()}
     cfg = core.redact_secrets(cfg)
     cfg.update(auto_batch_plan=batch.auto, processes=run.processes,
                chat_template_sha256=hashlib.sha256(run.data.template_source.encode()).hexdigest())
@@ -159,9 +159,9 @@ def print_summary(run, metrics: dict, final: Path, plotted: bool) -> None:
               + (f"{steady:,.0f} tokens/s steady over {metrics['steady_steps']} steps" if steady else
                  "too few steps for a steady rate")
               + f"; training loop {metrics['runtime_s']:.1f} s in all")
-    memory = models.gpu_memory_stats()
+    memory = gpu_memory.gpu_memory_stats()
     if memory:
-        print(models.format_memory_stats(memory))
+        print(gpu_memory.format_memory_stats(memory))
     print(f"Adapter: {final.resolve()}" + (f"\nLoss curve: {(c.out / 'loss_curve.png').resolve()}" if plotted else ""))
     if (c.out / "reward_curve.png").is_file() and c.method == "grpo":
         print(f"Reward curve: {(c.out / 'reward_curve.png').resolve()}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonforge import (batch_plan, checkpoints, compile_cache, core, cuda_graphs, generation, graph_wrapper, grpo, grpo_logs,
-                         models, outputs, packed_attention, preemption, report, rundirs, s3, sft)
+                         lora, models, outputs, packed_attention, preemption, report, rundirs, s3, sft)
 from reasonforge.core import UserError
 from reasonforge.process_state import ProcessChanges
 from reasonforge.train_config import TrainConfig
@@ -142,7 +142,7 @@ def _setup(config: TrainConfig, argv: list[str] | None, pretokenized: tuple | No
         checkpoints.refuse_resume_early({"arguments": dataclasses.asdict(config), "optim": optim,
                                          "dataset_manifest_sha256": manifest.get("content_sha256")}, Path(resume),
                                         config.out)
-    model, tokenizer, info = load_base_model(config, backend, state.is_main_process)
+    model, tokenizer, info = lora.load_base_model(config, backend, state.is_main_process)
     phases.mark("model load")
     packed_attention.check_packing(config.packing, backend, model)
     route, undo = packed_attention.configure_packed_attention(config.packing, backend, model)
@@ -157,11 +157,11 @@ def _setup(config: TrainConfig, argv: list[str] | None, pretokenized: tuple | No
     keep = plan_kept_layers(config, backend, model, batch, graphs, lengths, state.num_processes)
     # before get_peft_model wraps the decoder blocks
     changes.callback(cuda_graphs.install_cuda_graphs(graphs, backend, model), what="CUDA graphs of the decoder blocks")
-    model = attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
+    model = lora.attach_lora(model, config, backend=backend, load_in_4bit=info.get("load_in_4bit"),
                         checkpointing=batch.gradient_checkpointing, keep_layers=keep.kept)
     graphs = cuda_graphs.confirm_cuda_graphs(graphs, model)
     if config.init_adapter:
-        load_init_adapter(model, config)
+        lora.load_init_adapter(model, config)
     phases.mark("LoRA attach")
     total = batch_plan.planned_steps(len(data.train), batch, epochs=config.num_epochs,
                                        max_steps=config.max_steps, processes=state.num_processes)
@@ -173,7 +173,7 @@ def _setup(config: TrainConfig, argv: list[str] | None, pretokenized: tuple | No
     run = Run(config=config, state=state, guard=guard, backend=backend, backend_reason=backend_reason,
               dtype=info.get("dtype"), load_in_4bit=info.get("load_in_4bit"), model=model, tokenizer=tokenizer,
               data=data, batch=batch, precision=batch_plan.precision_plan(backend, batch.gradient_checkpointing),
-              parameters=count_parameters(model), optim=optim, optim_reason=optim_reason,
+              parameters=lora.count_parameters(model), optim=optim, optim_reason=optim_reason,
               packed_attention=route, cuda_graphs=graphs, kept_layers=keep,
               compiler=graph_wrapper.configure_compiler(backend, config.graph_wrapper, steps, graphs.on,
                                                        changes=changes),
@@ -289,116 +289,6 @@ def claim_output_dir(config: TrainConfig) -> None:
     problem = checkpoints.previous_run_problem(config.out, config.run_uri, config.resume_from_checkpoint)
     if problem:
         raise UserError(problem)
-
-
-def load_base_model(config: TrainConfig, backend: str, main_rank: bool):
-    """(model, tokenizer, info) of the base model, seeded first so that the adapters start the same."""
-    from transformers import set_seed
-
-    set_seed(config.seed)
-    model, tokenizer, info = models.load_model(config.model_name, backend=backend, max_seq_length=config.max_seq_length,
-                                              load_in_4bit=config.load_in_4bit, trust_remote_code=config.trust_remote_code)
-    memory = models.gpu_memory_stats()
-    if main_rank and memory:
-        print(f"after model load: {models.format_memory_stats(memory)}")
-    return model, tokenizer, info
-
-
-def linear_module_names(model) -> list[str]:
-    import torch
-
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf != "lm_head":
-                names.add(leaf)
-    return sorted(names)
-
-
-def attach_lora(model, config: TrainConfig, *, backend: str, load_in_4bit: bool | None, checkpointing: str,
-                keep_layers: int = 0):
-    """Wrap the base model with fresh LoRA adapters (Unsloth's or PEFT's path); on Unsloth's,
-    `keep_layers` decoder layers, evenly spaced, skip gradient checkpointing."""
-    targets = config.targets
-    available = linear_module_names(model)
-    unknown = [t for t in targets if t not in available]
-    if unknown:
-        raise UserError(f"--target-modules {unknown} not in this model; its linear modules are: {', '.join(available)}")
-    if backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        return FastLanguageModel.get_peft_model(
-            model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=targets, bias="none",
-            use_gradient_checkpointing={"auto": "unsloth", "unsloth": "unsloth", "on": True, "off": False}[checkpointing],
-            random_state=config.seed, max_seq_length=config.max_seq_length,
-            # 0 leaves Unsloth to read UNSLOTH_GC_KEEP_LAYERS, where a user set it
-            checkpoint_skip_layers=keep_layers if checkpointing != "off" else 0,
-        )
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from reasonforge.models import tolerate_old_torchao
-
-    tolerate_old_torchao()
-
-    if load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing != "off",
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
-
-
-def load_init_adapter(model, config: TrainConfig) -> None:
-    """Copy a saved adapter's weights (--init-adapter, local or s3://) into the fresh LoRA layers.
-
-    The layers are attached first, by Unsloth where it runs, so its fast LoRA path and offloaded
-    checkpointing serve a continued adapter exactly as a new one; the saved shape must match.
-    """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    folder = s3.fetch_if_s3(config.init_adapter)
-    models.check_model_path(str(folder), needs=("adapter_config.json",), what="--init-adapter adapter")
-    saved = core.read_json(folder / "adapter_config.json", "--init-adapter's adapter_config.json")
-    wanted = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.targets)}
-    found = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"), "target_modules": sorted(saved.get("target_modules") or [])}
-    if found != wanted:
-        raise UserError(f"--init-adapter {config.init_adapter} has r {found['r']}, alpha {found['lora_alpha']}, targets "
-                        f"{','.join(found['target_modules'])}; pass --lora-r {found['r']} --lora-alpha {found['lora_alpha']} "
-                        f"--target-modules {','.join(found['target_modules'])} to continue it")
-    recorded = init_adapter_base(folder, saved)
-    if recorded and core.absolute_if_local(recorded) != core.absolute_if_local(config.model_name):
-        # as evaluation does for --base-model: the same model under another path or id is common; the shapes are checked below
-        log.warning("--init-adapter %s was trained on %s, not --model-name %s; continuing it on %s",
-                    config.init_adapter, recorded, config.model_name, config.model_name)
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"--init-adapter {config.init_adapter} has no adapter_model.safetensors; give a final_model/ "
-                        "or checkpoint-N/ folder written by train_lora.py")
-    problem = models.safetensors_problem(weights, "--init-adapter's file")
-    if problem:
-        raise UserError(problem)
-    result = set_peft_model_state_dict(model, load_file(str(weights)))
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    if unexpected:
-        raise UserError(f"--init-adapter {config.init_adapter}: {len(unexpected)} saved tensors fit no layer of "
-                        f"{config.model_name} (e.g. {unexpected[0]}); was it trained on another base model?")
-    log.info("LoRA weights loaded from %s", config.init_adapter)
-
-
-def init_adapter_base(folder: Path, adapter_config: dict) -> str | None:
-    """The base model an adapter folder records: train_lora's run info, else PEFT's config."""
-    info = folder / models.RUN_INFO_FILE
-    recorded = core.read_json(info, "the adapter's run info").get("base_model") if info.is_file() else None
-    return recorded or adapter_config.get("base_model_name_or_path")
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
-    return trainable, total
 
 
 def choose_optim(requested: str) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import evaluate_model
 import test_model as tm
 import train_lora
 import utils
-from reasonforge import chat
+from reasonforge import chat, generation
 from reasonforge import engine as engine_mod
 from reasonforge.core import UserError
 
@@ -113,10 +113,10 @@ def test_sampling_follows_the_seed_and_the_settings(tiny_model):
         runs.append([r["response"] for r in utils.generate_batch(model, tok, convs, settings, 3, desc=None,
                                                                   engine="static")])
     assert runs[0] == runs[1]
-    procs = engine_mod.logits_processors(settings)
+    procs = generation.logits_processors(settings)
     assert [type(p).__name__ for p in procs] == ["RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper",
                                                  "TopKLogitsWarper", "TopPLogitsWarper"]
-    assert engine_mod.logits_processors(utils.GenerationSettings(temperature=0, repetition_penalty=1.0)) is None
+    assert generation.logits_processors(utils.GenerationSettings(temperature=0, repetition_penalty=1.0)) is None
 
 
 def test_batch_plan_fills_free_memory_within_limits():

@@ -9,7 +9,7 @@ import pytest
 
 import train_lora
 import utils
-from reasonforge import batch_plan, cuda_graphs, graph_wrapper, packed_attention
+from reasonforge import batch_plan, cuda_graphs, graph_wrapper, lora, packed_attention
 from reasonforge.process_state import ProcessChanges
 from conftest import train
 
@@ -294,7 +294,7 @@ def test_kept_layers_reach_unsloths_get_peft_model(tmp_path, tiny_model, monkeyp
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     for checkpointing, keep in (("auto", 3), ("unsloth", 0), ("off", 2)):
-        training.attach_lora(model, config, backend="unsloth", load_in_4bit=True, checkpointing=checkpointing,
+        lora.attach_lora(model, config, backend="unsloth", load_in_4bit=True, checkpointing=checkpointing,
                              keep_layers=keep)
     assert [(kw["use_gradient_checkpointing"], kw["checkpoint_skip_layers"]) for kw in seen] == [
         ("unsloth", 3), ("unsloth", 0), (False, 0)]
@@ -514,16 +514,16 @@ def test_unsloth_kept_layers_skip_the_recompute_and_keep_the_losses(tmp_path, sa
     model = os.environ.get("RF_GPU_TEST_MODEL")
     if not model:
         pytest.skip("set RF_GPU_TEST_MODEL to a local Qwen folder")
-    calls, attach = [], training.attach_lora
+    calls, attach = [], lora.attach_lora
 
     def counted(*a, **kw):
-        lora = attach(*a, **kw)
-        for m in lora.modules():
+        wrapped = attach(*a, **kw)
+        for m in wrapped.modules():
             if type(m).__name__.endswith("DecoderLayer"):
                 m.register_forward_pre_hook(lambda mod, args: calls.append(1) if mod.training else None)
-        return lora
+        return wrapped
 
-    monkeypatch.setattr(training, "attach_lora", counted)
+    monkeypatch.setattr(lora, "attach_lora", counted)
     curves, counts, kept, norms = {}, {}, {}, {}
     for mode in ("unsloth", "auto"):
         calls.clear()
