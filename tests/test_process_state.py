@@ -74,7 +74,7 @@ def process_state() -> dict:
 PATCHED = [
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "forward"),
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention", "forward"),
-    ("trl.trainer.grpo_trainer", "", "selective_log_softmax"),
+    ("trl.trainer.utils", "", "_ChunkedLogProbFunction"),  # None without Triton; grpo_trainer stands in for it
     ("trl.trainer.utils", "", "selective_log_softmax"),
 ]
 
