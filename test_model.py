@@ -10,14 +10,16 @@ Interactive commands: `settings` asks for max_new_tokens and temperature in turn
 a value, Ctrl-D cancels), `settings NAME VALUE` changes any one (temperature, top_p, top_k,
 max_new_tokens, repetition_penalty), `reset` clears the conversation, `quit` / `exit` / Ctrl-D
 leave. Ctrl-C while a reply is being written stops that reply and keeps it out of the
-conversation. Each session's turns are written as they happen to
+conversation; Ctrl-C at the prompt ends the chat (exit 130) and writes its report as `quit` does.
+Each session's turns are written as they happen to
 OUTPUT_FOLDER/chat_<UTC stamp>.jsonl (OUTPUT_FOLDER: the folder of --output-file).
 The instructions file is a JSON list of strings or of objects with an "instruction" field (and an
 optional Alpaca "input", joined after it as training data joins it).
 Batch results are appended to OUTPUT.partial.jsonl as they complete, so an interrupted batch
 resumes where it stopped; the final JSON is written when all are done. That file's first line
 records the model and generation settings, and a resume with others is refused, so one report
-never mixes answers of two models. The chat and a single instruction never replace a batch's
+never mixes answers of two models. A batch holds OUTPUT.lock while it runs, so a second batch into
+the same --output-file is refused. The chat and a single instruction never replace a batch's
 report: by default each mode writes its own file under ./test_results/, and an --output-file that
 names a batch's report is refused for them before the model loads.
 """
@@ -33,7 +35,7 @@ import utils
 from reasonforge import configfile
 from reasonforge.batch import (DEFAULT_OUTPUT, batch_identity, batch_report_problem, partial_path, read_instructions,
                                read_partial, run_batch, write_results)
-from reasonforge.chat import conversation, run_interactive, stream_reply
+from reasonforge.chat import ChatInterrupted, conversation, run_interactive, stream_reply
 from utils import UserError
 
 log = logging.getLogger("reasonforge.chat")
@@ -63,13 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 REPORT_KEYS = ("results", "generation", "created_at")  # how an earlier report of ours is recognised
 
-
+MODES = "choose exactly one of --interactive, --instruction TEXT, --batch --instructions-file FILE"
 
 
 def validate_args(args) -> None:
-    modes = [bool(args.interactive), args.instruction is not None, bool(args.batch)]
-    if sum(modes) != 1:
-        raise UserError("choose exactly one of --interactive, --instruction TEXT, --batch --instructions-file FILE")
+    given = [flag for flag, on in (("--interactive", args.interactive), ("--instruction", args.instruction is not None),
+                                   ("--batch", args.batch)) if on]
+    if len(given) != 1:
+        raise UserError(f"{', '.join(given[:-1])} and {given[-1]} are separate modes; {MODES}" if given else MODES)
+    if args.instructions_file is not None and not args.batch:  # it would be silently ignored
+        raise UserError(f"{given[0]} and --instructions-file conflict: the file is read only by --batch; drop "
+                        f"--instructions-file, or pass --batch --instructions-file FILE instead of {given[0]}")
     if args.output_file is None:
         args.output_file = DEFAULT_OUTPUT["batch" if args.batch else "interactive" if args.interactive else "instruction"]
     if args.batch and not args.instructions_file:
@@ -88,6 +94,15 @@ def validate_args(args) -> None:
         raise UserError("; ".join(problems))
 
 
+def claim_output_file(output_file: Path) -> None:
+    """A batch holds OUT.lock while it runs: a second batch into the same --output-file would append to
+    the first one's partial file and replace its report. Released when main returns (cli_entry)."""
+    created = not output_file.parent.exists()
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    utils.RunLock(output_file.parent, "--output-file", remove_if_empty=created, name=output_file.name + ".lock",
+                  target=f"--output-file {output_file}").acquire()
+
+
 @utils.cli_entry
 def main(argv=None) -> int:
     args = configfile.parse_args(build_parser(), argv)
@@ -97,11 +112,17 @@ def main(argv=None) -> int:
     instructions = read_instructions(args.instructions_file) if args.batch else None
     output_file = Path(args.output_file)
     if args.batch:  # before the model loads: a resume with other settings is refused at once
+        claim_output_file(output_file)
         identity = batch_identity(args, settings)
         done = read_partial(partial_path(output_file), instructions, identity)
     model, tokenizer, info, _ = utils.load_for_inference(args)
     if args.interactive:
-        results, settings = run_interactive(model, tokenizer, settings, args, info, output_file)
+        try:
+            results, settings = run_interactive(model, tokenizer, settings, args, info, output_file)
+        except ChatInterrupted as stop:  # Ctrl-C at the prompt: the chat so far is as complete as after `quit`
+            write_results(output_file, stop.turns, args, stop.settings, info)
+            raise KeyboardInterrupt(f"the chat so far is saved in {output_file.resolve()} "
+                                    f"(transcript: {stop.transcript})") from None
     elif args.batch:
         results = run_batch(model, tokenizer, instructions, settings, args, output_file, done, identity)
     else:

@@ -32,23 +32,54 @@ def batch_report_problem(path: Path, mode: str) -> str | None:
             f"--output-file for {what}, e.g. --output-file {path.with_name(Path(DEFAULT_OUTPUT[mode]).name)}")
 
 
+class _RepeatedKey(dict):
+    """An object of the instructions file that gives a key twice; `key` is the first such key."""
+
+    key = ""
+
+
+def _keys_once(pairs):
+    """object_pairs_hook: core.unique_keys, except that the object comes back marked rather than
+    the whole parse failing, so the refusal can name the entry it is in."""
+    try:
+        return core.unique_keys(pairs)
+    except core.DuplicateKey as exc:
+        marked = _RepeatedKey(pairs)
+        marked.key = exc.args[0]
+        return marked
+
+
+def _repeated_key(value) -> str | None:
+    if isinstance(value, _RepeatedKey):
+        return value.key
+    inner = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next(filter(None, map(_repeated_key, inner)), None)
+
+
 def read_instructions(path: str) -> list[str]:
     """Parse the instructions file; errors name the position of the offending entry."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"instructions file {path!r} " + ("is a folder, not a file" if file.is_dir() else "does not exist"))
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"instructions file {path} is not UTF-8 text; save it as a JSON list of strings") from None
+        data = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_keys_once)
+    except UnicodeDecodeError as exc:
+        converted = file.with_name(file.stem + ".utf8.json")
+        raise UserError(f"instructions file {path} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at byte offset "
+                        f"{exc.start}); save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {converted}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"instructions file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
     if not isinstance(data, list):
-        raise UserError(f"instructions file {path} must hold a JSON list, found a {type(data).__name__}")
+        found = "dict" if isinstance(data, dict) else type(data).__name__
+        raise UserError(f"instructions file {path} must hold a JSON list, found a {found}")
     if not data:
         raise UserError(f"instructions file {path} is an empty list")
     out = []
     for i, item in enumerate(data):
+        repeated = _repeated_key(item)
+        if repeated is not None:
+            raise UserError(f"instructions file {path}: entry {i} has the key {repeated!r} twice; keep one of them "
+                            "(a JSON reader would silently keep the last)")
         text = item.get("instruction") if isinstance(item, dict) else item
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"instructions file {path}: entry {i} is not a non-empty string or an object with "

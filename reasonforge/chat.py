@@ -29,6 +29,15 @@ class ReplyInterrupted(KeyboardInterrupt):
         self.result = result
 
 
+class ChatInterrupted(KeyboardInterrupt):
+    """Ctrl-C at the prompt, which ends the chat; `turns`, `settings` and `transcript` (its path) are
+    the chat's until then."""
+
+    def __init__(self, turns: list[dict], settings, transcript: Path | None):
+        super().__init__()
+        self.turns, self.settings, self.transcript = turns, settings, transcript
+
+
 def collecting_streamer(tokenizer):
     """A TextStreamer that also keeps the text and token count, so a stopped reply is not lost."""
     from transformers import TextStreamer
@@ -170,7 +179,8 @@ def chat_turn(model, tokenizer, text: str, system_prompt: str | None, history: l
 
 def interactive(model, tokenizer, settings: generation.GenerationSettings, system_prompt: str | None,
                 transcript: Transcript | None = None, engine: str = "static"):
-    """Run the chat loop; returns (turns, the settings in force at the end)."""
+    """Run the chat loop; returns (turns, the settings in force at the end). Ctrl-C at the prompt
+    ends the chat with ChatInterrupted, which holds both."""
     history: list[dict] = []
     turns: list[dict] = []
     saved = f" (transcript: {transcript.path})" if transcript else ""
@@ -181,6 +191,9 @@ def interactive(model, tokenizer, settings: generation.GenerationSettings, syste
         except EOFError:
             print()
             break
+        except KeyboardInterrupt:  # at the prompt; one while a reply is written stops only the reply (chat_turn)
+            print(flush=True)
+            raise ChatInterrupted(turns, settings, transcript.path if transcript else None) from None
         except UnicodeDecodeError:  # stdin is strict UTF-8 under a UTF-8 locale
             line = "\udcff"
         if cli.not_utf8(line) is not None:  # under a C locale the bytes arrive as surrogates instead

@@ -219,8 +219,16 @@ def compare(adapter: str, gguf_file: str, extra: list[str]) -> int:
     from reasonforge.gguf_runtime import export_info
 
     gguf_path = Path(gguf_file)
-    if not gguf_path.is_file() or gguf_path.open("rb").read(4) != b"GGUF":
-        raise UserError(f"{gguf_file} is not a GGUF file; export one with python -m reasonforge.gguf export {adapter}")
+    if not gguf_path.exists():
+        problem = "does not exist"
+    elif gguf_path.is_dir():
+        problem = "is a folder, not a GGUF file"
+    elif not gguf_path.is_file() or gguf_path.open("rb").read(4) != b"GGUF":
+        problem = "is not a GGUF file"
+    else:
+        problem = None
+    if problem:
+        raise UserError(f"{gguf_file} {problem}; export one with python -m reasonforge.gguf export {adapter}")
     exported_from = export_info(gguf_path).get("adapter")
     if exported_from and Path(exported_from).resolve() != Path(adapter).resolve():
         log.warning("%s was exported from %s, not from %s: the comparison is of two different adapters",

@@ -132,7 +132,8 @@ def load(path: str | Path, max_seq_length: int | None, runtime: str = "auto"):
     GGUFModel under llama.cpp, or (runtime transformers) a torch model of its dequantised weights."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"GGUF file {str(path)!r} does not exist; export one with python -m reasonforge.gguf export ADAPTER")
+        problem = "is a folder, not a GGUF file" if path.is_dir() else "does not exist"
+        raise UserError(f"GGUF file {str(path)!r} {problem}; export one with python -m reasonforge.gguf export ADAPTER")
     from transformers import AutoTokenizer
 
     runtime = runtime_for(runtime)

@@ -195,7 +195,8 @@ def report_file_problem(path: str | Path, flag: str, written_by: str, keys: tupl
 
 
 class RunLock:
-    """A lock file in an output folder, so that two runs never write into the same one.
+    """A lock file in an output folder, so that two runs never write into the same one (or, with
+    `name` and `target`, beside an output file: test_model.py's batch report).
 
     Created with O_CREAT|O_EXCL, so of two processes exactly one gets it. It holds pid and host:
     a refusal names the holder, and a lock left by a killed process on this host is taken over.
@@ -206,9 +207,11 @@ class RunLock:
     STALE_UNREADABLE_S = 30  # a lock still empty after this long was left by a process killed while writing it
     _held: list["RunLock"] = []
 
-    def __init__(self, folder: str | Path, flag: str = "--output-dir", remove_if_empty: bool = False):
-        self.path = Path(folder) / self.NAME
+    def __init__(self, folder: str | Path, flag: str = "--output-dir", remove_if_empty: bool = False,
+                 name: str | None = None, target: str | None = None):
+        self.path = Path(folder) / (name or self.NAME)
         self.flag = flag
+        self.target = target or str(self.path.parent)  # what the refusal says is in use
         # a folder this run created is removed again where the run ended before writing anything into it
         self.remove_if_empty = remove_if_empty
         self.me = {"pid": os.getpid(), "hostname": socket.gethostname(),
@@ -278,7 +281,7 @@ class RunLock:
     def _take_over(self, holder: dict | None) -> None:
         # Renamed aside, not deleted: if another process took it over in between, what we moved is
         # their fresh lock, and it goes back.
-        aside = self.path.with_name(f"{self.NAME}.stale-{os.getpid()}")
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
         try:
             os.replace(self.path, aside)
         except FileNotFoundError:
@@ -295,5 +298,5 @@ class RunLock:
     def _held_message(self, holder: dict | None) -> str:
         who = (f"pid {holder.get('pid')} on {holder.get('hostname')}, since {holder.get('started')}" if holder
                else "a process that is starting")
-        return (f"{self.path.parent} is in use by another run ({who}); wait for it to finish or choose another "
+        return (f"{self.target} is in use by another run ({who}); wait for it to finish or choose another "
                 f"{self.flag}; if that run is gone, delete {self.path}")

@@ -512,6 +512,11 @@ BAD_CHAT = [
     (["--batch", "--instructions-file", "{broken}"], "is not valid JSON (line 2"),
     (["--batch"], "--batch needs --instructions-file"),
     (["--instruction", "x", "--interactive"], "choose exactly one of"),
+    (["--batch", "--instructions-file", "{good}", "--instruction", "x"], "--instruction and --batch are separate modes; choose exactly one of"),
+    (["--instruction", "x", "--instructions-file", "{good}"], "--instruction and --instructions-file conflict"),
+    (["--interactive", "--instructions-file", "{good}"], "--interactive and --instructions-file conflict"),
+    (["--batch", "--instructions-file", "{dupkey}"], "instructions file {dupkey}: entry 1 has the key 'instruction' twice; keep one"),
+    (["--batch", "--instructions-file", "{latin}"], "instructions file {latin} is not UTF-8 (byte 0xe9 at byte offset 5); save it as UTF-8"),
     (["--instruction", "x", "--temperature", "-1"], "--temperature -1.0 must be between 0"),
     (["--instruction", "x", "--temperature", "1e-300"], "--temperature 1e-300 must be between 0 (greedy) and 5, and 0 or at least 0.0001"),
     (["--instruction", "x", "--max-new-tokens", "0"], "--max-new-tokens 0 must be between 1"),
@@ -521,14 +526,77 @@ BAD_CHAT = [
 @pytest.mark.parametrize("extra,message", BAD_CHAT)
 def test_chat_bad_input(adapter_run, tmp_path, capsys, extra, message):
     _, adapter = adapter_run
-    files = {"notlist": tmp_path / "a.json", "badentry": tmp_path / "b.json", "broken": tmp_path / "c.json"}
+    files = {"notlist": tmp_path / "a.json", "badentry": tmp_path / "b.json", "broken": tmp_path / "c.json",
+             "good": tmp_path / "d.json", "dupkey": tmp_path / "e.json", "latin": tmp_path / "f.json"}
     files["notlist"].write_text('{"instruction": "x"}')
+    files["good"].write_text('["a question"]')
+    files["dupkey"].write_text('["ok", {"instruction": "x", "instruction": "y"}]')  # a JSON reader keeps "y" silently
+    files["latin"].write_bytes(b'["caf\xe9"]')
     files["badentry"].write_text('["ok", {"prompt": "wrong key"}]')
     files["broken"].write_text('[\n"a",,\n]')
     argv = ["--model-path", str(adapter), "--output-file", str(tmp_path / "o.json")] + [e.format(**files) for e in extra]
     assert tm.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1], err[-2:]
+    assert err[-1].startswith("error: ") and message.format(**files) in err[-1], err[-2:]
+    assert len(err) == 1
+
+
+def test_a_batch_into_an_output_file_another_batch_is_writing_is_refused(adapter_run, tmp_path, monkeypatch, capsys):
+    """Two batches into one --output-file: the later one's report would replace the other's answers."""
+    import socket
+    import subprocess
+
+    _, adapter = adapter_run
+    instr = tmp_path / "i.json"
+    instr.write_text(json.dumps(["question 0", "question 1"]))
+    out = tmp_path / "inf.json"
+    lock = tmp_path / "inf.json.lock"
+    argv = ["--model-path", str(adapter), "--batch", "--instructions-file", str(instr), "--max-new-tokens", "2",
+            "--output-file", str(out)]
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "hostname": socket.gethostname(), "started": "2026-01-01T00:00:00Z"}))
+        original_load = utils.load_for_inference
+        monkeypatch.setattr(utils, "load_for_inference", lambda args: 1 / 0)
+        assert tm.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --output-file {out} is in use by another run (pid {holder.pid} on ")
+        assert "wait for it to finish or choose another --output-file" in err[0] and f"delete {lock}" in err[0]
+        assert lock.exists() and not out.exists() and not batch.partial_path(out).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    monkeypatch.setattr(utils, "load_for_inference", original_load)
+    # the holder is gone: its lock is taken over; while the batch runs, the lock is ours, and it goes at the end
+    holders = []
+    original = utils.generate_batch
+    monkeypatch.setattr(reasonforge.generation, "generate_batch",
+                        lambda *a, **k: holders.append(json.loads(lock.read_text())["pid"]) or original(*a, **k))
+    assert tm.main(argv) == 0
+    assert holders and set(holders) == {os.getpid()} and not lock.exists()
+    # a finished report is ours: a new batch with other settings replaces it (and a resume still resumes)
+    assert tm.main([*argv, "--temperature", "0"]) == 0
+    assert json.loads(out.read_text())["generation"]["temperature"] == 0.0 and not lock.exists()
+
+
+def test_ctrl_c_at_the_chat_prompt_saves_the_chat_so_far(adapter_run, tmp_path, monkeypatch, capsys):
+    _, adapter = adapter_run
+    out = tmp_path / "results" / "chat.json"
+    lines = iter(["first question"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt from None  # Ctrl-C at the prompt, not during a reply
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert tm.main(["--model-path", str(adapter), "--interactive", "--max-new-tokens", "2", "--output-file", str(out)]) == 130
+    transcript = next(out.parent.glob("chat_*.jsonl"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"interrupted; the chat so far is saved in {out.resolve()} (transcript: {transcript})"
+    report = json.loads(out.read_text())
+    assert report["mode"] == "chat" and [r["instruction"] for r in report["results"]] == ["first question"]
 
 
 @pytest.mark.slow

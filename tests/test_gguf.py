@@ -55,6 +55,20 @@ def test_save_gguf_without_the_extra_is_refused_before_anything_loads(tiny_model
     assert not (tmp_path / "run").exists()
 
 
+def test_a_missing_gguf_file_is_said_to_be_missing(tmp_path, capsys):
+    folder = tmp_path / "model.gguf"
+    folder.mkdir()
+    for path, words in ((tmp_path / "nonexistent.gguf", "does not exist"), (folder, "is a folder, not a GGUF file")):
+        assert gguf.main(["compare", str(tmp_path), str(path)]) == 2
+        assert f"{path} {words}; export one with python -m reasonforge.gguf export" in one_error_line(capsys)
+        assert tm.main(["--model-path", str(path), "--instruction", "hi", "--output-file", str(tmp_path / "o.json")]) == 2
+        assert f"{path}' {words}" in one_error_line(capsys)
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello")
+    assert gguf.main(["compare", str(tmp_path), str(not_gguf)]) == 2
+    assert f"{not_gguf} is not a GGUF file" in one_error_line(capsys)
+
+
 def test_llama_cpp_runtime_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
     fake = tmp_path / "m.gguf"
     fake.write_bytes(b"GGUF")
