@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(args) -> None:
     problems = train_config.value_problems(args)  # each flag's own rule, from its field
+    problems += utils.number_problems({"--num-epochs": (args.num_epochs, lambda v: v > 0 or args.max_steps > 0,
+                                                        "> 0 (or give --max-steps)")})  # a rule over two flags
     problems += method_problems(args)
     if args.eval_steps is not None and args.eval_steps >= 1 and args.save_steps >= 1 and args.save_steps % args.eval_steps:
         problems.append(f"--save-steps {args.save_steps} must be a multiple of --eval-steps {args.eval_steps} "

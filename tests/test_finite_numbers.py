@@ -30,7 +30,7 @@ def test_every_float_flag_is_range_checked_against_nan(tmp_path, capsys):
                                 ["--val-size"]),
         train_lora.main: (["--model-name", "x", "--output-dir", str(tmp_path / "t")],
                           ["--num-epochs", "--learning-rate", "--weight-decay", "--gpu-memory-gib", "--lora-dropout",
-                           "--sigterm-deadline-s"]),
+                           "--sigterm-deadline-s", "--max-grad-norm"]),
         evaluate_model.main: (["--model-path", "x"], ["--temperature", "--top-p", "--repetition-penalty"]),
         tm.main: (["--model-path", "x", "--instruction", "hi"], ["--temperature", "--top-p", "--repetition-penalty"]),
     }

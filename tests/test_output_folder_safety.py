@@ -48,7 +48,7 @@ def test_data_preparation_refuses_a_folder_it_did_not_write(tmp_path, capsys):
 @pytest.mark.parametrize("target,message", [
     ("file", "is an existing file"),
     (".", "is the working folder"),
-    ("", "is the working folder"),
+    ("", "--output-dir is empty"),
     ("file/sub", "is a file, not a folder"),
     ("loop", "symlink loop"),
     ("loop/sub", "symlink loop"),
