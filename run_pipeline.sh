@@ -44,6 +44,13 @@ for stage in ${STAGES//,/ }; do
   case "$stage" in sft|grpo) ;; *) echo "error: STAGES=$STAGES: unknown stage '$stage'; use sft, grpo or sft,grpo" >&2; exit 2 ;; esac
 done
 
+# settings checked before anything runs: a typo found after training would cost the whole run
+case "${GGUF:-}" in ""|q8_0|f16|bf16) ;; *) echo "error: GGUF=$GGUF is not a GGUF type; use q8_0, f16 or bf16 (or leave it unset)" >&2; exit 2 ;; esac
+for name in MAX_SAMPLES BATCH ACCUM SAVE_STEPS EVAL_ROWS NEW_TOKENS GRPO_STEPS GRPO_GENERATIONS GRPO_COMPLETION; do
+  value=${!name}
+  case "$value" in ''|*[!0-9]*|0) echo "error: $name=$value must be a positive whole number" >&2; exit 2 ;; esac
+done
+
 # the scripts' own kind of error, not bash's "command not found" (127)
 if ! command -v "$PY" > /dev/null 2>&1; then
   echo "error: PYTHON=$PY cannot be run; set PYTHON=.venv/bin/python after the README's install, or put python on PATH" >&2

@@ -150,6 +150,18 @@ def test_pipeline_with_an_unusable_python_speaks_as_the_scripts_do(tmp_path, pyt
     assert words in lines[0] and not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("setting, words", [("GGUF=q4", "GGUF=q4 is not a GGUF type"),
+                                            ("EVAL_ROWS=0", "EVAL_ROWS=0 must be a positive whole number"),
+                                            ("BATCH=two", "BATCH=two must be a positive whole number")])
+def test_pipeline_settings_are_checked_before_anything_runs(tmp_path, setting, words):
+    name, value = setting.split("=")
+    env = {**os.environ, name: value, "WORK": str(tmp_path / "w")}
+    done = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: {words}" + (
+        "; use q8_0, f16 or bf16 (or leave it unset)" if name == "GGUF" else ""), done.stderr
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--lora-alpha", "nan"], "argument --lora-alpha: invalid int value: 'nan'; see train_lora.py --help"),
     (["--max-steps", "1e3"], "argument --max-steps: invalid int value: '1e3'"),
