@@ -74,16 +74,17 @@ def validate_args(args) -> None:
                                                         REPORT_KEYS)])
     if problems:
         raise UserError("; ".join(problems))
-    if not (args.compute_perplexity or args.compute_accuracy or args.generate_samples):
-        args.compute_perplexity = args.generate_samples = True
 
 
 @utils.cli_entry
 def main(argv=None) -> int:
     args = configfile.parse_args(build_parser(), argv)
-    args.repetition_penalty_given = args.repetition_penalty is not None
-    if not args.repetition_penalty_given:
-        args.repetition_penalty = utils.GenerationSettings().repetition_penalty
+    given = args.repetition_penalty is not None
+    nothing_asked = not (args.compute_perplexity or args.compute_accuracy or args.generate_samples)
+    args = utils.frozen(args, repetition_penalty_given=given,
+                        repetition_penalty=args.repetition_penalty if given else utils.GenerationSettings().repetition_penalty,
+                        compute_perplexity=args.compute_perplexity or nothing_asked,
+                        generate_samples=args.generate_samples or nothing_asked)
     utils.setup_logging(args.verbose)
     validate_args(args)
     hub = utils.hub_model_problem(args.model_path, "--model-path")  # before any data is fetched
@@ -92,12 +93,14 @@ def main(argv=None) -> int:
     if utils.path_kind(args.model_path) == "local" and not Path(args.model_path).exists():
         raise UserError(f"--model-path {args.model_path} does not exist; pass an adapter or model folder (a run's "
                         "final_model/ once training has finished), a .gguf file, an s3:// URI or a Hub id")
-    args.dataset_path, args.dataset_source = dataset_to_evaluate(args)
+    dataset_path, dataset_source = dataset_to_evaluate(args)
+    args = utils.frozen(args, dataset_path=dataset_path, dataset_source=dataset_source)
     if args.dataset_source != "--dataset-path":
         log.info("evaluating on %s (%s)", args.dataset_path, args.dataset_source)
     settings = utils.generation_settings_from_args(args)
     rows, manifest = load_eval_split(args)
     model, tokenizer, info, adapter_info = utils.load_for_inference(args)
+    args = utils.frozen(args, **info.pop("resolved"))
     has_adapter = "adapter" in info
     if args.compare_base and not has_adapter:
         log.warning("--compare-base: %s is a plain model, not an adapter, so there is no base to compare; "

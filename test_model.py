@@ -76,8 +76,6 @@ def validate_args(args) -> None:
     if args.instructions_file is not None and not args.batch:  # it would be silently ignored
         raise UserError(f"{given[0]} and --instructions-file conflict: the file is read only by --batch; drop "
                         f"--instructions-file, or pass --batch --instructions-file FILE instead of {given[0]}")
-    if args.output_file is None:
-        args.output_file = DEFAULT_OUTPUT["batch" if args.batch else "interactive" if args.interactive else "instruction"]
     if args.batch and not args.instructions_file:
         raise UserError("--batch needs --instructions-file FILE (a JSON list of instructions)")
     if args.instruction is not None and not args.instruction.strip():
@@ -106,6 +104,8 @@ def claim_output_file(output_file: Path) -> None:
 @utils.cli_entry
 def main(argv=None) -> int:
     args = configfile.parse_args(build_parser(), argv)
+    mode = "batch" if args.batch else "interactive" if args.interactive else "instruction"
+    args = utils.frozen(args, output_file=args.output_file or DEFAULT_OUTPUT[mode])
     utils.setup_logging(args.verbose)
     validate_args(args)
     settings = utils.generation_settings_from_args(args)
@@ -116,6 +116,7 @@ def main(argv=None) -> int:
         identity = batch_identity(args, settings)
         done = read_partial(partial_path(output_file), instructions, identity)
     model, tokenizer, info, _ = utils.load_for_inference(args)
+    args = utils.frozen(args, **info.pop("resolved"))
     if args.interactive:
         try:
             results, settings = run_interactive(model, tokenizer, settings, args, info, output_file)

@@ -44,6 +44,7 @@ from reasonforge.core import (
     absolute_if_local,
     atomic_write_json,
     first_line,
+    frozen,
     holds_json,
     library_versions,
     number_problems,

@@ -257,3 +257,14 @@ def number_problems(ranges: dict[str, tuple[float | int | None, Callable[[Any], 
 
 def utc_stamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S", time.gmtime())
+
+
+def frozen(namespace, **resolved):
+    """A script's settings as a frozen object: the parsed flags (an argparse Namespace or an earlier
+    frozen one) with `resolved` values in place of what was given. Changing a setting later is an
+    error, so what a report records is what ran; frozen(settings, **more) makes the next version."""
+    import dataclasses
+
+    values = {**vars(namespace), **resolved}
+    cls = dataclasses.make_dataclass("Settings", list(values), frozen=True)
+    return cls(**values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from reasonforge import models, progress
+from reasonforge import core, models, progress
 from reasonforge.chat_format import IM_END, IM_START, render_chat, single_token
 from reasonforge.core import MAX_SEQ_LENGTH, SEED_MAX, UserError, log, number_problems
 
@@ -111,16 +111,18 @@ def add_inference_model_flags(parser) -> None:
 def load_for_inference(args):
     """Resolve --model-path (adapter, base, s3://) and load it ready for generation.
 
-    Returns (model, tokenizer, info, adapter metadata); info["load_s"] is the load time.
+    Returns (model, tokenizer, info, adapter metadata); info["load_s"] is the load time and
+    info["resolved"] the settings the load decided (the engine, the recorded ones the flags left
+    unset, where each came from), for the caller's next frozen settings (core.frozen).
     """
     from reasonforge import gguf, gguf_runtime
 
     if gguf.is_gguf(args.model_path):  # llama.cpp (or transformers) runs it: no backend choice of ours
         model, tokenizer, info, recorded = gguf_runtime.load(args.model_path, args.max_seq_length, args.gguf_runtime)
-        apply_recorded_settings(args, recorded)
-        args.engine = "llama.cpp" if info["backend"] == "llama.cpp" else "generate"
+        info["resolved"] = {**recorded_settings(args, recorded),
+                            "engine": "llama.cpp" if info["backend"] == "llama.cpp" else "generate"}
         return model, tokenizer, info, {"reasonforge": recorded} if recorded else {}
-    args.engine, backend_flag = resolve_engine(args.engine, args.backend)
+    engine, backend_flag = resolve_engine(args.engine, args.backend)
     backend, backend_reason = models.choose_backend(backend_flag)
     if backend_flag != args.backend:
         backend_reason = ("--engine static runs transformers' own forward with a static KV cache "
@@ -128,14 +130,15 @@ def load_for_inference(args):
     if backend == "unsloth":
         models.import_unsloth_first()
     base, adapter_dir, adapter_info = models.resolve_model_for_inference(args.model_path, args.is_adapter, args.base_model)
-    apply_recorded_settings(args, adapter_info.get("reasonforge", {}))
+    resolved = {**recorded_settings(args, adapter_info.get("reasonforge", {})), "engine": engine}
+    args = core.frozen(args, **resolved)
     from transformers import set_seed
 
     set_seed(args.seed)
     t0 = time.perf_counter()
     model, tokenizer, info = models.load_model(base, backend=backend, max_seq_length=args.max_seq_length,
                                         load_in_4bit=args.load_in_4bit, adapter_path=adapter_dir)
-    info.update(load_s=round(time.perf_counter() - t0, 2), backend_reason=backend_reason)
+    info.update(load_s=round(time.perf_counter() - t0, 2), backend_reason=backend_reason, resolved=resolved)
     context = context_length(model)
     if context and args.max_new_tokens >= context:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {context} tokens, "
@@ -148,17 +151,18 @@ def load_for_inference(args):
 RECORDED_DEFAULTS = {"max_seq_length": MAX_SEQ_LENGTH, "load_in_4bit": True, "train_on_responses_only": True, "long_rows": "drop"}
 
 
-def apply_recorded_settings(args, run_info: dict) -> None:
-    """Fill the flags the user left unset from the adapter's run info, so evaluation measures the
-    rows, mask and precision training used; a flag given on the command line wins."""
-    chosen = {}
+def recorded_settings(args, run_info: dict) -> dict:
+    """Values for the flags the user left unset, from the adapter's run info, so evaluation measures
+    the rows, mask and precision training used (a flag given on the command line wins), and
+    `settings_source`: where each came from."""
+    values, chosen = {}, {}
     for name, fallback in RECORDED_DEFAULTS.items():
         if getattr(args, name, None) is None:
-            setattr(args, name, run_info.get(name, fallback))
+            values[name] = run_info.get(name, fallback)
             chosen[name] = "recorded" if name in run_info else "default"
         else:
             chosen[name] = "flag"
-    args.settings_source = chosen
+    return {**values, "settings_source": chosen}
 
 
 def context_length(model) -> int | None:

@@ -57,3 +57,21 @@ def test_parser_defaults_are_the_fields_defaults(monkeypatch):
     args = vars(train_lora.build_parser().parse_args([]))
     fields = {f.name: f.default for f in train_config.flags()}
     assert args == fields
+
+
+def test_evaluate_and_chat_settings_are_frozen_once_resolved():
+    """evaluate_model.py and test_model.py resolve their settings into frozen objects (core.frozen)
+    rather than writing into argparse's namespace, so a report records what ran."""
+    import argparse
+    import re
+
+    settings = train_config.core.frozen(argparse.Namespace(a=1, b=None), b=2)
+    assert (settings.a, settings.b) == (1, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.a = 3
+    later = train_config.core.frozen(settings, c=3)
+    assert (later.a, later.b, later.c, settings.b) == (1, 2, 3, 2)
+    for name in ("evaluate_model.py", "test_model.py", "reasonforge/evaluation.py", "reasonforge/chat.py",
+                 "reasonforge/batch.py", "reasonforge/generation.py"):
+        text = (ROOT / name).read_text()
+        assert not re.search(r"setattr\(args|^\s*args\.\w+(, args\.\w+)* = ", text, re.M), name
