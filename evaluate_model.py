@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     if utils.path_kind(args.model_path) == "local" and not Path(args.model_path).exists():
         raise UserError(f"--model-path {args.model_path} does not exist; pass an adapter or model folder (a run's "
                         "final_model/ once training has finished), a .gguf file, an s3:// URI or a Hub id")
+    if Path(args.model_path).is_dir() and not args.is_adapter:  # its files, before the dataset it names is looked for
+        utils.check_model_path(args.model_path)
     dataset_path, dataset_source = dataset_to_evaluate(args)
     args = utils.frozen(args, dataset_path=dataset_path, dataset_source=dataset_source)
     if args.dataset_source != "--dataset-path":

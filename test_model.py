@@ -18,7 +18,7 @@ optional Alpaca "input", joined after it as training data joins it).
 Batch results are appended to OUTPUT.partial.jsonl as they complete, so an interrupted batch
 resumes where it stopped; the final JSON is written when all are done. That file's first line
 records the model and generation settings, and a resume with others is refused, so one report
-never mixes answers of two models. A batch holds OUTPUT.lock while it runs, so a second batch into
+never mixes answers of two models. Every mode holds OUTPUT.lock while it runs, so a second run into
 the same --output-file is refused. The chat and a single instruction never replace a batch's
 report: by default each mode writes its own file under ./test_results/, and an --output-file that
 names a batch's report is refused for them before the model loads.
@@ -93,7 +93,7 @@ def validate_args(args) -> None:
 
 
 def claim_output_file(output_file: Path) -> None:
-    """A batch holds OUT.lock while it runs: a second batch into the same --output-file would append to
+    """A run holds OUT.lock while it runs: a second batch into the same --output-file would append to
     the first one's partial file and replace its report. Released when main returns (cli_entry)."""
     created = not output_file.parent.exists()
     output_file.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +111,9 @@ def main(argv=None) -> int:
     settings = utils.generation_settings_from_args(args)
     instructions = read_instructions(args.instructions_file) if args.batch else None
     output_file = Path(args.output_file)
+    # every mode holds the lock: an instruction's or chat's report would replace a running batch's
+    claim_output_file(output_file)
     if args.batch:  # before the model loads: a resume with other settings is refused at once
-        claim_output_file(output_file)
         identity = batch_identity(args, settings)
         done = read_partial(partial_path(output_file), instructions, identity)
     model, tokenizer, info, _ = utils.load_for_inference(args)

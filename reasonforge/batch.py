@@ -62,7 +62,7 @@ def read_instructions(path: str) -> list[str]:
     if not file.is_file():
         raise UserError(f"instructions file {path!r} " + ("is a folder, not a file" if file.is_dir() else "does not exist"))
     try:
-        data = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_keys_once)
+        data = json.loads(file.read_text(encoding="utf-8-sig"), object_pairs_hook=_keys_once)  # a BOM is not content
     except UnicodeDecodeError as exc:
         converted = file.with_name(file.stem + ".utf8.json")
         raise UserError(f"instructions file {path} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at byte offset "

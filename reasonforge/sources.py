@@ -215,6 +215,8 @@ def load_source(args):
     import datasets
 
     name = args.dataset
+    if name in ("sample", "sample-easy") and args.split != "train":
+        raise UserError(f"the built-in {name} has no splits (data preparation makes its own); drop --split {args.split}")
     if name in ("sample", "sample-easy"):
         from reasonforge import sample_data
 

@@ -346,3 +346,8 @@ def test_split_of_a_local_file_is_refused(tmp_path, capsys):
     code, out = run(tmp_path, "--dataset", str(src), "--split", "test")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "files have no splits); drop --split test" in err[-1] and not out.exists()
+
+
+def test_split_of_the_built_in_sample_is_refused(tmp_path, capsys):
+    code, out = run(tmp_path, "--dataset", "sample", "--split", "test")
+    assert code == 2 and "the built-in sample has no splits" in capsys.readouterr().err and not out.exists()

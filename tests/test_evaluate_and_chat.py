@@ -563,6 +563,9 @@ def test_a_batch_into_an_output_file_another_batch_is_writing_is_refused(adapter
         assert len(err) == 1 and err[0].startswith(f"error: --output-file {out} is in use by another run (pid {holder.pid} on ")
         assert "wait for it to finish or choose another --output-file" in err[0] and f"delete {lock}" in err[0]
         assert lock.exists() and not out.exists() and not batch.partial_path(out).exists()
+        # a single instruction into the running batch's file would replace its report as well
+        assert tm.main(["--model-path", str(adapter), "--instruction", "hi", "--output-file", str(out)]) == 2
+        assert f"--output-file {out} is in use by another run" in capsys.readouterr().err
     finally:
         holder.kill()
         holder.wait()
@@ -728,3 +731,18 @@ def test_the_weights_stamp_follows_the_values_not_the_copy(adapter_run, tmp_path
     data[-1] ^= 0xFF  # one value changed, same size
     weights.write_bytes(bytes(data))
     assert batch.weights_stamp(str(copy)) != batch.weights_stamp(str(adapter))
+
+
+def test_an_instructions_file_with_a_byte_order_mark_is_read(tmp_path):
+    file = tmp_path / "i.json"
+    file.write_bytes(b"\xef\xbb\xbf" + json.dumps(["one", "two"]).encode())
+    assert batch.read_instructions(str(file)) == ["one", "two"]
+
+
+def test_a_run_folder_without_a_dataset_flag_names_its_final_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data_cache here: the model path must be named first
+    run = tmp_path / "run"
+    (run / "final_model").mkdir(parents=True)
+    (run / "final_model" / "adapter_config.json").write_text("{}")
+    assert ev.main(["--model-path", str(run), "--output-file", str(tmp_path / "e.json")]) == 2
+    assert f"for the run's model pass {run / 'final_model'}" in capsys.readouterr().err

@@ -184,7 +184,7 @@ def test_compare_states_what_the_export_cost(exported, sample_dataset):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Adapter against its GGUF export (model-q8_0.gguf) on the same 4 rows:" in done.stdout
     # beside the export folder, so that exporting again (which replaces the folder whole) keeps them
-    assert (exported / "final_model_gguf_comparison" / "evaluation_gguf.json").is_file()
+    assert (exported / "final_model_gguf_comparison" / "evaluation_model-q8_0_gguf.json").is_file()
     assert "perplexity       adapter" in done.stdout and "greedy replies" in done.stdout
 
 
@@ -236,6 +236,16 @@ def test_a_second_type_keeps_the_first_and_another_adapter_replaces_them(exporte
     assert q8.is_file() and f16.is_file() and gguf_runtime.quantization_of(q8) == "q8_0"
     info = json.loads((both / gguf.EXPORT_INFO).read_text())
     assert info["gguf"] == "model-f16.gguf" and info["other_types"] == ["model-q8_0.gguf"]
+    # the same folder retrained (other weights): its old files are not this adapter's other types
+    retrained = tmp_path / "retrained"
+    shutil.copytree(exported / "final_model", retrained)
+    gguf.export(retrained, "f16", tmp_path / "r")
+    from safetensors.torch import load_file, save_file
+
+    weights = retrained / "adapter_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(str(weights)).items()}, str(weights))
+    gguf.export(retrained, "q8_0", tmp_path / "r")
+    assert not (tmp_path / "r" / "model-f16.gguf").exists() and "with other weights" in caplog.text
     other = tmp_path / "other_adapter"
     shutil.copytree(exported / "final_model", other)
     gguf.export(other, "q8_0", both)
