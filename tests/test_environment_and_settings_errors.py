@@ -202,7 +202,7 @@ def test_garbage_manifest(tmp_path, sample_dataset, tiny_model, no_model_load, c
     assert train_lora.main(train_argv(tiny_model, data, tmp_path / "run")) == 2
     line = one_error_line(capsys)
     assert f"dataset manifest {data / 'manifest.json'}" in line and "prepare the dataset again" in line
-    assert ev.main(["--model-path", str(tmp_path), "--dataset-path", str(data), "--output-file", str(tmp_path / "e.json")]) == 2
+    assert ev.main(["--model-path", str(tiny_model), "--dataset-path", str(data), "--output-file", str(tmp_path / "e.json")]) == 2
     assert "dataset manifest" in one_error_line(capsys)
 
 
